@@ -1,0 +1,164 @@
+"""What every stage flow shares: run bookkeeping in the lineage, and fanning shards out to tasks.
+
+Flows only wire: they pick the work (from the lineage), submit one task per shard, and ingest each finished
+shard's result files into DuckDB as it completes (the flow process is the only writer).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lineage.store import LineageStore
+from polite.workspace import Workspace
+
+
+def code_version() -> str:
+    """The git SHA of this checkout when there is one, else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode == 0 and sha.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+            return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from polite import __version__
+
+    return __version__
+
+
+def _prefect_flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        value = flow_run.id
+        return str(value) if value else None
+    except Exception:  # outside a flow run
+        return None
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def logger():
+    """Prefect's run logger inside a flow or task, a plain logger elsewhere."""
+    import logging
+
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("polite")
+
+
+@dataclass
+class StageRun:
+    """One flow run of one stage: where it works, where it records, and what it counted."""
+
+    flow: str
+    workspace: Workspace
+    store: LineageStore
+    run_id: str
+    parent_run_id: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.summary[key] = self.summary.get(key, 0) + n
+
+
+@contextmanager
+def stage_run(
+    flow: str, config: dict[str, Any], workspace: str | Workspace | None, parent_run_id: str | None = None
+) -> Iterator[StageRun]:
+    """Record a ``runs`` row around a stage: ``running`` now, ``completed``/``failed`` at the end."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
+    ws.ensure()
+    store = LineageStore(ws.db_path)
+    store.migrate()
+    prefect_id = _prefect_flow_run_id()
+    run_id = "run_" + (prefect_id.replace("-", "")[:16] if prefect_id else uuid.uuid4().hex[:16])
+    run = StageRun(flow=flow, workspace=ws, store=store, run_id=run_id, parent_run_id=parent_run_id)
+    with store.writer() as con:
+        con.execute(
+            "INSERT OR REPLACE INTO runs (run_id, flow, status, started_at, config, code_version, "
+            "prefect_flow_run_id, parent_run_id) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
+            [run_id, flow, utcnow(), json.dumps(config, default=str, sort_keys=True), code_version(), prefect_id, parent_run_id],
+        )
+    status = "failed"
+    try:
+        yield run
+        status = "completed"
+    finally:
+        with store.writer() as con:
+            con.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, summary = ? WHERE run_id = ?",
+                [status, utcnow(), json.dumps(run.summary, default=str, sort_keys=True), run_id],
+            )
+
+
+class ShardFailures(RuntimeError):
+    """Some shards failed as a whole (not sample by sample); the rest were ingested. Re-run to resume."""
+
+
+def map_shards(
+    task: Any,
+    items: Sequence[Any],
+    ingest: Callable[[Any], None],
+    description: str,
+    **task_kwargs: Any,
+) -> list[Any]:
+    """Submit ``task(item, **task_kwargs)`` per shard; ingest each result in the flow as it completes.
+
+    Shows progress on the terminal and as a Prefect progress artifact. A shard whose task raised does
+    not stop the others: every finished shard is ingested first, then ``ShardFailures`` names the rest.
+    """
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from prefect.futures import as_completed
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not items:
+        return []
+    futures = [task.submit(item, **task_kwargs) for item in items]
+    artifact_id = None
+    try:
+        artifact_id = create_progress_artifact(progress=0.0, description=description)
+    except Exception:  # artifacts need an API; never fail the work for want of a progress bar
+        artifact_id = None
+    results: list[Any] = []
+    failures: list[str] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        bar = progress.add_task(description, total=len(futures))
+        for done, future in enumerate(as_completed(futures), start=1):
+            try:
+                result = future.result()
+            except Exception as exc:
+                failures.append(f"{type(exc).__name__}: {exc}")
+                logger().error("shard failed in %s: %s", description, exc)
+            else:
+                ingest(result)
+                results.append(result)
+            progress.update(bar, advance=1)
+            if artifact_id is not None:
+                try:
+                    update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / len(futures))
+                except Exception:
+                    artifact_id = None
+    if failures:
+        raise ShardFailures(
+            f"{len(failures)} of {len(futures)} shards failed in {description} (the rest were recorded; "
+            f"run the same command again to resume): " + "; ".join(failures[:5])
+        )
+    return results

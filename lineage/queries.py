@@ -1,0 +1,64 @@
+"""Canned read-only queries behind `polite explain` and `polite runs`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lineage.store import LineageStore
+
+_EXPLAIN_PARTS: dict[str, str] = {
+    "sample": "SELECT * FROM samples WHERE sample_id = $id",
+    "images": "SELECT i.* FROM samples s, unnest(s.images) AS u(image_id) JOIN images i USING (image_id) "
+    "WHERE s.sample_id = $id",
+    "pairs": "SELECT * FROM pairs WHERE sample_id = $id ORDER BY created_at, pair_id",
+    "rewrites": "SELECT * FROM rewrites WHERE sample_id = $id ORDER BY created_at, attempt",
+    "scores": "SELECT sc.* FROM scores sc JOIN rewrites r USING (rewrite_id) WHERE r.sample_id = $id "
+    "ORDER BY sc.created_at, sc.scorer",
+    "decisions": "SELECT d.* FROM decisions d JOIN rewrites r USING (rewrite_id) WHERE r.sample_id = $id "
+    "ORDER BY d.decided_at",
+    "exports": "SELECT e.*, ei.rewrite_id FROM export_items ei JOIN exports e USING (export_id) "
+    "WHERE ei.sample_id = $id ORDER BY e.created_at",
+    "runs": "SELECT * FROM runs WHERE run_id IN ("
+    "SELECT run_id FROM samples WHERE sample_id = $id UNION SELECT run_id FROM pairs WHERE sample_id = $id "
+    "UNION SELECT run_id FROM rewrites WHERE sample_id = $id) ORDER BY started_at",
+}
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, str) and key in {"meta", "params", "settings", "details", "thresholds", "config", "summary"}:
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        out[key] = value
+    return out
+
+
+def explain(store: LineageStore, sample_id: str) -> dict[str, Any]:
+    """Everything known about one sample, stage by stage. Raises KeyError for an unknown id."""
+    report: dict[str, Any] = {}
+    with store.reader() as con:
+        for part, sql in _EXPLAIN_PARTS.items():
+            rows = con.execute(sql, {"id": sample_id}).to_arrow_table().to_pylist()
+            report[part] = [_decode(r) for r in rows]
+    if not report["sample"]:
+        raise KeyError(f"no sample with id {sample_id!r} in {store.db_path}")
+    report["sample"] = report["sample"][0]
+    return report
+
+
+RECENT_RUNS_SQL = """
+SELECT r.run_id, r.flow, r.status, r.started_at, r.finished_at,
+       round(epoch(coalesce(r.finished_at, now()::TIMESTAMP) - r.started_at), 1) AS seconds,
+       r.code_version, r.summary
+FROM runs r ORDER BY r.started_at DESC LIMIT $limit
+"""
+
+
+def recent_runs(store: LineageStore, limit: int = 20) -> list[dict[str, Any]]:
+    with store.reader() as con:
+        rows = con.execute(RECENT_RUNS_SQL, {"limit": limit}).to_arrow_table().to_pylist()
+    return [_decode(r) for r in rows]

@@ -1,0 +1,236 @@
+"""The DuckDB provenance store.
+
+DuckDB locks its file per process: while one process holds it read-write, no other process can open it at
+all. So the single writer (the flow process) opens the file only for each short ingest and closes it
+again, and every connection, reader or writer, retries with backoff while another process holds the lock.
+That lets ``polite sql`` run while a long flow is going; see bench/lineage_concurrency.py for the figures.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from polite.workspace import is_local
+
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "runs": ("run_id",),
+    "images": ("image_id",),
+    "samples": ("sample_id",),
+    "pairs": ("pair_id",),
+    "models": ("model_id",),
+    "rewrites": ("rewrite_id",),
+    "scores": ("rewrite_id", "scorer", "scorer_version"),
+    "decisions": ("decision_id",),
+    "exports": ("export_id",),
+    "export_items": ("export_id", "sample_id"),
+}
+
+
+class LineageLockedError(RuntimeError):
+    """Another process held the database for longer than the caller was willing to wait."""
+
+
+class ReadOnlyQueryError(ValueError):
+    """A user query tried to write, attach, copy, install or read outside the database."""
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text and ("conflicting" in text or "could not set" in text)
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("lineage") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:3].isdigit():
+            found.append((int(name[:3]), name, entry.read_text()))
+    return sorted(found)
+
+
+def _views_sql() -> str:
+    return (resources.files("lineage") / "views.sql").read_text()
+
+
+class LineageStore:
+    """Handle on one ``lineage.duckdb`` file. Cheap to create; holds no connection between calls."""
+
+    def __init__(self, db_path: str | Path, lock_timeout_s: float = 120.0):
+        self.db_path = Path(db_path)
+        self.lock_timeout_s = lock_timeout_s
+
+    # -- connections -------------------------------------------------------------------------------
+    def _connect(self, read_only: bool, timeout_s: float | None, config: dict | None = None):
+        deadline = time.monotonic() + (self.lock_timeout_s if timeout_s is None else timeout_s)
+        delay = 0.005
+        while True:
+            try:
+                return duckdb.connect(str(self.db_path), read_only=read_only, config=config or {})
+            except (duckdb.IOException, duckdb.ConnectionException) as exc:
+                if not _is_lock_error(exc) or time.monotonic() >= deadline:
+                    if _is_lock_error(exc):
+                        raise LineageLockedError(
+                            f"{self.db_path} stayed locked by another process for "
+                            f"{timeout_s or self.lock_timeout_s:.0f}s; try again when it finishes"
+                        ) from exc
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.25)
+
+    @contextmanager
+    def writer(self, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived read-write connection. Only flow processes use it, never workers."""
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        con = self._connect(read_only=False, timeout_s=timeout_s)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def reader(self, timeout_s: float | None = None, sandboxed: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection; ``sandboxed`` also denies file access (for user-supplied SQL)."""
+        if not self.db_path.exists():
+            raise FileNotFoundError(
+                f"no lineage database at {self.db_path}; run `polite ingest` or `polite run` first, "
+                "or point --workspace at an existing workspace"
+            )
+        config = {"enable_external_access": False} if sandboxed else None
+        con = self._connect(read_only=True, timeout_s=timeout_s, config=config)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    # -- schema ------------------------------------------------------------------------------------
+    def migrate(self) -> list[str]:
+        """Apply pending migrations in order, then (re)create the views. Returns the names applied."""
+        applied: list[str] = []
+        with self.writer() as con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, name VARCHAR, applied_at TIMESTAMP DEFAULT current_timestamp)"
+            )
+            done = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    con.execute(sql)
+                    con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+                    con.execute("COMMIT")
+                except Exception:
+                    con.execute("ROLLBACK")
+                    raise
+                applied.append(name)
+            con.execute(_views_sql())
+        return applied
+
+    # -- the single writer's bulk paths ------------------------------------------------------------
+    def ingest_parquet(
+        self,
+        table: str,
+        urls: str | Sequence[str],
+        con: duckdb.DuckDBPyConnection | None = None,
+        replace: bool = False,
+    ) -> int:
+        """Insert the rows of finished shard files into ``table`` with one set-based statement.
+
+        Idempotent on the table's key: rows already present are ignored (or replaced with ``replace``),
+        so ingesting the same shard twice changes nothing. Returns the number of rows new to the table.
+        """
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls:
+            return 0
+        if all(is_local(u) for u in urls):
+            paths = [u[len("file://") :] if u.startswith("file://") else u for u in urls]
+            source = f"read_parquet({paths!r}, union_by_name = true)"
+            return self._insert_from(table, source, con, replace)
+        from polite.shards import read_table
+
+        data = pa.concat_tables([read_table(u) for u in urls], promote_options="default")
+        return self.ingest_arrow(table, data, con=con, replace=replace)
+
+    def ingest_arrow(
+        self, table: str, data: pa.Table, con: duckdb.DuckDBPyConnection | None = None, replace: bool = False
+    ) -> int:
+        if data.num_rows == 0:
+            return 0
+        if con is None:
+            with self.writer() as own:
+                return self.ingest_arrow(table, data, con=own, replace=replace)
+        name = f"_arrow_{table}"
+        con.register(name, data)
+        try:
+            return self._insert_from(table, name, con, replace)
+        finally:
+            con.unregister(name)
+
+    def _insert_from(self, table: str, source: str, con, replace: bool) -> int:
+        if table not in TABLE_KEYS:
+            raise ValueError(f"unknown lineage table {table!r}; known: {sorted(TABLE_KEYS)}")
+        if con is None:
+            with self.writer() as own:
+                return self._insert_from(table, source, own, replace)
+        columns = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+        src_cols = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+        shared = [c for c in columns if c in src_cols]
+        keys = TABLE_KEYS[table]
+        missing = [k for k in keys if k not in shared]
+        if missing:
+            raise ValueError(f"shard for {table} lacks key column(s) {missing}; it has {src_cols}")
+        cols = ", ".join(shared)
+        key_list = ", ".join(keys)
+        before = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        # Deduplicate within the source too: two rows with one key in a single statement would be an error.
+        con.execute(
+            f"{verb} INTO {table} ({cols}) SELECT {cols} FROM ("
+            f"SELECT *, row_number() OVER (PARTITION BY {key_list}) AS _rn FROM {source}) WHERE _rn = 1"
+        )
+        after = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        return int(after - before)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence | None = None, timeout_s: float | None = None) -> pa.Table:
+        """Run trusted SQL read-only and return an Arrow table."""
+        with self.reader(timeout_s=timeout_s) as con:
+            return con.execute(sql, params or []).to_arrow_table()
+
+    def user_query(self, sql: str, timeout_s: float | None = None) -> pa.Table:
+        """Run user SQL: a single SELECT, read-only, without file or network access."""
+        check_read_only_sql(sql)
+        with self.reader(timeout_s=timeout_s, sandboxed=True) as con:
+            try:
+                return con.execute(sql).to_arrow_table()
+            except duckdb.PermissionException as exc:
+                raise ReadOnlyQueryError(f"refused: {exc}. `polite sql` only reads the lineage database.") from exc
+
+
+_ALLOWED = {"SELECT", "EXPLAIN"}
+
+
+def check_read_only_sql(sql: str) -> None:
+    """Refuse anything but one SELECT/EXPLAIN statement, with a message that says why."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.ParserException as exc:
+        raise ReadOnlyQueryError(f"SQL does not parse: {exc}") from exc
+    if len(statements) != 1:
+        raise ReadOnlyQueryError(f"give exactly one statement, got {len(statements)}")
+    kind = statements[0].type.name
+    if kind not in _ALLOWED:
+        raise ReadOnlyQueryError(
+            f"{kind} statements are refused: `polite sql` is read-only "
+            "(no INSERT/UPDATE/DELETE/CREATE, ATTACH, COPY, INSTALL/LOAD or SET). Use SELECT."
+        )

@@ -1,0 +1,59 @@
+-- Views are re-created on every migrate, so they can evolve without a migration.
+
+CREATE OR REPLACE VIEW latest_rewrites AS
+SELECT * EXCLUDE (rn) FROM (
+    SELECT r.*, row_number() OVER (
+        PARTITION BY r.sample_id
+        ORDER BY (r.status = 'ok') DESC, r.created_at DESC, r.attempt DESC, r.rewrite_id
+    ) AS rn
+    FROM rewrites r
+) WHERE rn = 1;
+
+CREATE OR REPLACE VIEW latest_decisions AS
+SELECT * EXCLUDE (rn) FROM (
+    SELECT d.*, row_number() OVER (PARTITION BY d.rewrite_id ORDER BY d.decided_at DESC, d.decision_id) AS rn
+    FROM decisions d
+) WHERE rn = 1;
+
+CREATE OR REPLACE VIEW score_columns AS
+SELECT rewrite_id,
+    max(score) FILTER (WHERE scorer = 'reward')      AS reward,
+    max(score) FILTER (WHERE scorer = 'reward_raw')  AS raw_reward,
+    max(score) FILTER (WHERE scorer = 'semantic')    AS semantic,
+    max(score) FILTER (WHERE scorer = 'nli')         AS nli,
+    max(score) FILTER (WHERE scorer = 'clipscore')   AS clipscore,
+    max(score) FILTER (WHERE scorer = 'length')      AS length,
+    max(score) FILTER (WHERE scorer = 'unchanged')   AS unchanged,
+    max(score) FILTER (WHERE scorer = 'repetition')  AS repetition,
+    max(score) FILTER (WHERE scorer = 'truncated')   AS truncated
+FROM scores GROUP BY rewrite_id;
+
+CREATE OR REPLACE VIEW latest_exports AS
+SELECT * EXCLUDE (rn) FROM (
+    SELECT ei.sample_id, e.export_id, e.format, e.path AS export_path, e.created_at AS exported_at,
+        row_number() OVER (PARTITION BY ei.sample_id ORDER BY e.created_at DESC, e.export_id) AS rn
+    FROM export_items ei JOIN exports e USING (export_id)
+) WHERE rn = 1;
+
+-- One row per sample: where it came from, its latest rewrite, scores, decision and export.
+CREATE OR REPLACE VIEW lineage AS
+SELECT
+    s.sample_id, s.source, s.source_revision, s.split, s.task_type, s.images, s.instruction, s.raw_response,
+    s.status        AS sample_status,
+    s.error         AS sample_error,
+    s.run_id        AS ingest_run_id,
+    r.rewrite_id, r.model_id, r.prompt_version, r.settings_hash, r.attempt,
+    r.status        AS rewrite_status,
+    r.output        AS rewrite,
+    r.error         AS rewrite_error,
+    r.run_id        AS rewrite_run_id,
+    sc.reward, sc.raw_reward, sc.semantic, sc.nli, sc.clipscore,
+    d.kept,
+    d.reason        AS decision_reason,
+    d.final_output,
+    x.export_id, x.export_path
+FROM samples s
+LEFT JOIN latest_rewrites r ON r.sample_id = s.sample_id
+LEFT JOIN score_columns sc ON sc.rewrite_id = r.rewrite_id
+LEFT JOIN latest_decisions d ON d.rewrite_id = r.rewrite_id
+LEFT JOIN latest_exports x ON x.sample_id = s.sample_id;

@@ -1,0 +1,47 @@
+"""Options and error handling shared by every command."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+WorkspaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        envvar="POLITE_WORKSPACE",
+        help="Workspace folder or fsspec URL (lineage.duckdb, images, shards, models, exports). Default ./workspace.",
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="YAML/TOML factory config; validated before any work. Default: the demo."),
+]
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can fix into one red line and exit code 2, without a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from lineage.store import LineageLockedError, ReadOnlyQueryError
+        from polite.config import ConfigError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, ReadOnlyQueryError, LineageLockedError, FileNotFoundError, KeyError, ValueError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper

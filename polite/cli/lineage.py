@@ -1,0 +1,118 @@
+"""Read-only lineage commands: `polite sql`, `polite explain`, `polite runs`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from polite.cli.common import WorkspaceOpt, console, user_errors
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+def _store(workspace: str | None):
+    from lineage.store import LineageStore
+    from polite.workspace import Workspace
+
+    return LineageStore(Workspace.resolve(workspace).db_path, lock_timeout_s=60)
+
+
+def print_table(arrow_table, title: str | None = None, max_rows: int = 50, max_width: int = 60) -> None:
+    table = Table(title=title, show_lines=False)
+    for name in arrow_table.column_names:
+        table.add_column(name, overflow="fold", max_width=max_width)
+    for row in arrow_table.slice(0, max_rows).to_pylist():
+        table.add_row(*["" if v is None else str(v) for v in row.values()])
+    console.print(table)
+    if arrow_table.num_rows > max_rows:
+        console.print(f"... {arrow_table.num_rows - max_rows} more rows (use --format csv|json|parquet for all)")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("sql")
+    @user_errors
+    def sql(
+        query: Annotated[str, typer.Argument(help="One SELECT over the lineage tables and views.")],
+        workspace: WorkspaceOpt = None,
+        format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
+        output: Annotated[str | None, typer.Option("--output", "-o", help="File for --format parquet.")] = None,
+    ) -> None:
+        """Query the lineage database, read-only (safe while a run is going).
+
+        Example: polite sql "SELECT source, count(*) FROM samples GROUP BY source"
+        """
+        result = _store(workspace).user_query(query)
+        if format is OutputFormat.table:
+            print_table(result)
+        elif format is OutputFormat.csv:
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(result, sys.stdout.buffer)
+        elif format is OutputFormat.json:
+            for row in result.to_pylist():
+                sys.stdout.write(json.dumps(row, default=str) + "\n")
+        else:
+            import pyarrow.parquet as pq
+
+            if not output:
+                raise ValueError("--format parquet needs --output FILE")
+            pq.write_table(result, output)
+            console.print(f"wrote {result.num_rows} rows to {output}")
+
+    @app.command("explain")
+    @user_errors
+    def explain(
+        sample_id: Annotated[str, typer.Argument(help="A sample_id from `polite sql`.")],
+        workspace: WorkspaceOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    ) -> None:
+        """Everything known about one sample: source row, images, distortions, rewrites, scores, decisions, exports.
+
+        Example: polite explain s_0123456789abcdef
+        """
+        from lineage.queries import explain as explain_sample
+
+        report = explain_sample(_store(workspace), sample_id)
+        if as_json:
+            console.print_json(json.dumps(report, default=str))
+            return
+        sample = report["sample"]
+        console.rule(f"[bold]{sample_id}[/]  {sample['source']}/{sample['split']}  ({sample['task_type']})")
+        for key in ("status", "error", "source_key", "source_revision", "instruction", "raw_response", "meta"):
+            if sample.get(key) not in (None, "", {}):
+                console.print(f"[bold]{key}:[/] {sample[key]}", highlight=False)
+        for part in ("images", "pairs", "rewrites", "scores", "decisions", "exports", "runs"):
+            rows = report[part]
+            console.print(f"\n[bold]{part}[/] ({len(rows)})")
+            for row in rows:
+                shown = {k: v for k, v in row.items() if v not in (None, "") and k not in ("config",)}
+                console.print("  " + json.dumps(shown, default=str, ensure_ascii=False), highlight=False, soft_wrap=True)
+
+    @app.command("runs")
+    @user_errors
+    def runs(
+        workspace: WorkspaceOpt = None,
+        limit: Annotated[int, typer.Option(help="How many recent runs.")] = 20,
+    ) -> None:
+        """Recent flow runs with their status, duration and counts.
+
+        Example: polite runs --limit 5
+        """
+        import pyarrow as pa
+
+        from lineage.queries import recent_runs
+
+        rows = recent_runs(_store(workspace), limit)
+        for row in rows:
+            row["summary"] = json.dumps(row["summary"]) if row["summary"] is not None else ""
+        print_table(pa.Table.from_pylist(rows) if rows else pa.table({"run_id": []}), title="recent runs")
