@@ -191,14 +191,14 @@ class LineageStore:
             raise ValueError(f"shard for {table} lacks key column(s) {missing}; it has {src_cols}")
         cols = ", ".join(shared)
         key_list = ", ".join(keys)
-        before = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        before = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         # Deduplicate within the source too: two rows with one key in a single statement would be an error.
         con.execute(
             f"{verb} INTO {table} ({cols}) SELECT {cols} FROM ("
             f"SELECT *, row_number() OVER (PARTITION BY {key_list}) AS _rn FROM {source}) WHERE _rn = 1"
         )
-        after = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        after = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
         return int(after - before)
 
     # -- reading -----------------------------------------------------------------------------------
