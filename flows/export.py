@@ -1,0 +1,214 @@
+"""The export flow: select kept rewrites from the lineage, gate on SQL checks, write formats, record, report.
+
+One task per format (a format is the export's "shard"); the flow alone reads and writes DuckDB. The
+export id is a hash of the selection SQL, the format and the selected content (sample, rewrite, output,
+scores), so the same selection exported twice lands in the same folder and the second time is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+from prefect import flow
+
+from flows.common import logger, map_shards, stage_run
+from lineage.store import LineageStore, check_read_only_sql
+from polite.config import parse_config
+from polite.config.export import ExportChecks, ExportSettings
+from polite.ids import stable_hash
+from polite.shards import write_table_atomic
+
+DEFAULT_PREDICATE = "kept"
+
+# One row per selected sample: the lineage view's latest rewrite and decision, the scores the published
+# layouts need, and the image paths in instruction order.
+_SELECTION_SQL = """
+WITH picked AS (
+    SELECT * FROM lineage WHERE rewrite_status = 'ok' AND ({predicate})
+),
+image_paths AS (
+    SELECT u.sample_id, list(i.path ORDER BY u.pos) AS image_paths
+    FROM (SELECT sample_id, unnest(images) AS image_id, generate_subscripts(images, 1) AS pos
+          FROM samples WHERE sample_id IN (SELECT sample_id FROM picked)) u
+    JOIN images i USING (image_id)
+    GROUP BY u.sample_id
+),
+extra AS (
+    SELECT rewrite_id,
+        max(score) FILTER (WHERE scorer IN ('rouge', 'rouge_l')) AS rouge,
+        arg_max(details, created_at) FILTER (WHERE scorer = 'clipscore') AS clip_details
+    FROM scores WHERE rewrite_id IN (SELECT rewrite_id FROM picked) GROUP BY rewrite_id
+)
+SELECT p.sample_id, p.rewrite_id, p.model_id, p.source, p.split, p.task_type, p.instruction, p.raw_response,
+    coalesce(p.final_output, p.rewrite) AS output,
+    p.reward, p.raw_reward, p.semantic, p.nli, p.clipscore, e.rouge, e.clip_details,
+    coalesce(ip.image_paths, []::VARCHAR[]) AS image_paths
+FROM picked p
+LEFT JOIN image_paths ip USING (sample_id)
+LEFT JOIN extra e USING (rewrite_id)
+ORDER BY p.sample_id
+"""
+
+
+class ExportCheckFailed(RuntimeError):
+    """A publishing gate failed; nothing was written. The message names the check and the numbers."""
+
+
+def selection_sql(where: str | None) -> str:
+    """The full SELECT for a ``--where`` predicate over the ``lineage`` view (default: ``kept``)."""
+    predicate = (where or DEFAULT_PREDICATE).strip().rstrip(";")
+    sql = _SELECTION_SQL.format(predicate=predicate)
+    check_read_only_sql(sql)  # one SELECT only: a predicate cannot smuggle in a second statement
+    return sql
+
+
+def select(store: LineageStore, sql: str) -> pa.Table:
+    """Run the selection read-only and without file access (the predicate is user text)."""
+    with store.reader(sandboxed=True) as con:
+        return con.execute(sql).to_arrow_table()
+
+
+def run_checks(store: LineageStore, selection: pa.Table, checks: ExportChecks) -> list[str]:
+    """The publishing gates, in SQL; returns one line per failed check (empty: publish)."""
+    failed: list[str] = []
+    with store.reader() as con:
+        con.register("selection", selection)
+        n_items = selection.num_rows
+        if n_items < checks.min_items:
+            failed.append(f"min_items: {n_items} items selected, need at least {checks.min_items}")
+        if checks.min_keep_rate is not None:
+            decided, kept = con.execute(
+                "SELECT count(*), count(*) FILTER (WHERE kept) FROM lineage WHERE kept IS NOT NULL"
+            ).fetchall()[0]
+            rate = kept / decided if decided else 0.0
+            if rate < checks.min_keep_rate:
+                failed.append(
+                    f"keep_rate: {kept} of {decided} decided rewrites kept ({rate:.1%}), "
+                    f"below export.checks.min_keep_rate = {checks.min_keep_rate:.1%}"
+                )
+        if checks.min_median_reward_gain is not None:
+            n, gain = con.execute(
+                "SELECT count(*), median(reward - raw_reward) FROM selection "
+                "WHERE reward IS NOT NULL AND raw_reward IS NOT NULL"
+            ).fetchall()[0]
+            if n and gain < checks.min_median_reward_gain:
+                failed.append(
+                    f"median_reward_gain: median(reward - raw_reward) = {gain:.3f} over {n} items, "
+                    f"below export.checks.min_median_reward_gain = {checks.min_median_reward_gain}"
+                )
+        if checks.no_empty_outputs:
+            (empty,) = con.execute(
+                "SELECT count(*) FROM selection WHERE output IS NULL OR trim(output) = ''"
+            ).fetchall()[0]
+            if empty:
+                failed.append(f"no_empty_outputs: {empty} selected items have an empty output")
+        con.unregister("selection")
+    return failed
+
+
+def content_digest(selection: pa.Table) -> str:
+    """Hash of what is exported: ids, outputs and scores of every selected row, in id order."""
+    digest = hashlib.blake2b(digest_size=16)
+    keep = [c for c in selection.column_names if c not in ("image_paths",)]
+    for row in selection.select(keep).to_pylist():
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def export_id_for(sql: str, fmt: str, digest: str) -> str:
+    return "x_" + stable_hash("export", sql, fmt, digest)
+
+
+def _settings(cfg_export: ExportSettings, formats, where, push_to_hub) -> ExportSettings:
+    update: dict[str, Any] = {}
+    if formats:
+        update["formats"] = [formats] if isinstance(formats, str) else list(formats)
+    if where is not None:
+        update["where"] = where
+    if push_to_hub is not None:
+        update["push_to_hub"] = push_to_hub
+    settings = ExportSettings.model_validate({**cfg_export.model_dump(), **update})
+    if settings.push_to_hub and "parquet" not in settings.formats:
+        # The Hub's dataset viewer and `load_dataset(repo)` read parquet under data/.
+        settings = settings.model_copy(update={"formats": [*settings.formats, "parquet"]})
+    return settings
+
+
+@flow(name="export")
+def export_flow(
+    config: dict | None = None,
+    workspace: str | None = None,
+    parent_run_id: str | None = None,
+    formats: list[str] | str | None = None,
+    where: str | None = None,
+    push_to_hub: str | None = None,
+) -> dict:
+    """Export the kept rewrites (or a ``where`` selection over the lineage view) and write the report."""
+    from tasks.export import push_folder_to_hub, write_export_task
+    from tasks.report import card_facts, dataset_card, write_report
+
+    cfg = parse_config(config)
+    settings = _settings(cfg.export, formats, where, push_to_hub)
+    sql = selection_sql(settings.where)
+    with stage_run("export", cfg.model_dump(mode="json"), workspace or cfg.workspace, parent_run_id) as run:
+        ws, store, log = run.workspace, run.store, logger()
+        if settings.where and "kept" not in settings.where.lower():
+            log.warning("export --where %r does not mention `kept`: rewrites the filters dropped may be exported",
+                        settings.where)
+        selection = select(store, sql)
+        failures = run_checks(store, selection, settings.checks)
+        if failures:
+            raise ExportCheckFailed("export stopped by failed check(s):\n  - " + "\n  - ".join(failures))
+        digest = content_digest(selection)
+        selection_url = write_table_atomic(selection, ws.url("shards", "exports", f"selection-{digest}.parquet"))
+        facts = card_facts(store, sql, selection)
+        jobs = []
+        for fmt in settings.formats:
+            export_id = export_id_for(sql, fmt, digest)
+            jobs.append({"export_id": export_id, "format": fmt, "out_dir": ws.url("exports", f"{fmt}-{export_id}")})
+        items = selection.select(["sample_id", "rewrite_id"])
+        exports: dict[str, dict] = {}
+
+        def record(manifest: dict) -> None:
+            job = next(j for j in jobs if j["out_dir"] == manifest["path"])
+            with store.writer() as con:
+                store.ingest_arrow(
+                    "exports",
+                    pa.table({
+                        "export_id": [job["export_id"]], "format": [job["format"]], "path": [job["out_dir"]],
+                        "run_id": [run.run_id], "selection": [sql], "n_items": [manifest["n_items"]],
+                    }),
+                    con=con,
+                )
+                store.ingest_arrow(
+                    "export_items",
+                    items.append_column("export_id", pa.array([job["export_id"]] * items.num_rows, pa.string())),
+                    con=con,
+                )
+            exports[job["format"]] = {"export_id": job["export_id"], "path": job["out_dir"], "n_items": manifest["n_items"]}
+
+        map_shards(
+            write_export_task, jobs, record, "export", selection_url=selection_url, images=settings.images,
+            card=dataset_card(facts, settings),
+        )
+        report = None
+        if settings.report != "none":
+            report = write_report(store, ws.url("reports", f"export-{digest[:12]}"), settings.report,
+                                  n_cards=settings.sample_cards, selection=selection)
+        hub_url = None
+        if settings.push_to_hub:
+            hub_url = push_folder_to_hub(exports["parquet"]["path"], settings.push_to_hub, settings.private)
+            log.info("pushed %s to %s", exports["parquet"]["path"], hub_url)
+        run.summary.update({"n_items": selection.num_rows, "formats": sorted(exports), "report": report})
+        return {
+            "run_id": run.run_id,
+            "n_items": selection.num_rows,
+            "selection": sql,
+            "exports": exports,
+            "report": report,
+            "hub_url": hub_url,
+        }

@@ -1,0 +1,398 @@
+"""The factory report and the dataset card, both read from the lineage (never from a run's memory).
+
+The report (Markdown or HTML, PNG plots by matplotlib) holds the funnel, score histograms of raw annotations
+vs rewrites vs kept rewrites, per-source keep rates and sample cards (image, raw annotation, rewrite). It is
+also stored as Prefect artifacts (markdown + tables) when a Prefect API is there to take them.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+
+from lineage.store import LineageStore
+from polite.shards import write_bytes_atomic
+
+# The filter chain's order (METHOD.md, stage 4); scorers not listed come after, by name.
+CHAIN_ORDER = ("length", "unchanged", "repetition", "truncated", "semantic", "nli", "clipscore", "reward")
+INFO_SCORERS = ("reward_raw", "rouge", "rouge_l")  # recorded for reference, never a gate
+
+
+def funnel(store: LineageStore) -> list[dict[str, Any]]:
+    """Counts left after each step: samples, rewritten, each filter in chain order, kept, exported."""
+    with store.reader() as con:
+        scorers = [r[0] for r in con.execute("SELECT DISTINCT scorer FROM scores").fetchall()]
+        scorers = [s for s in scorers if s not in INFO_SCORERS]
+        scorers.sort(key=lambda s: (CHAIN_ORDER.index(s) if s in CHAIN_ORDER else len(CHAIN_ORDER), s))
+        n_samples, n_ok, n_rewritten, n_decided, n_kept, n_exported = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE sample_status = 'ok'), "
+            "count(*) FILTER (WHERE rewrite_status = 'ok'), count(*) FILTER (WHERE kept IS NOT NULL), "
+            "count(*) FILTER (WHERE kept), count(*) FILTER (WHERE kept AND export_id IS NOT NULL) FROM lineage"
+        ).fetchall()[0]
+        first_fail: dict[int, int] = {}
+        if scorers:
+            order = ", ".join(f"('{s}', {i})" for i, s in enumerate(scorers))
+            rows = con.execute(
+                f"""SELECT first_fail, count(*) FROM (
+                    SELECT l.rewrite_id, min(o.idx) FILTER (WHERE sc.passed = false) AS first_fail
+                    FROM lineage l JOIN scores sc USING (rewrite_id)
+                    JOIN (VALUES {order}) o(scorer, idx) ON o.scorer = sc.scorer
+                    WHERE l.rewrite_status = 'ok' AND l.kept IS NOT NULL GROUP BY l.rewrite_id
+                ) WHERE first_fail IS NOT NULL GROUP BY first_fail"""
+            ).fetchall()
+            first_fail = {int(k): int(v) for k, v in rows}
+    steps = [
+        {"step": "ingested", "count": n_samples, "note": f"{n_samples - n_ok} failed at ingest"},
+        {"step": "rewritten", "count": n_rewritten, "note": "latest rewrite ok"},
+        {"step": "filtered", "count": n_decided, "note": "have a keep/drop decision"},
+    ]
+    left = n_decided
+    for i, scorer in enumerate(scorers):
+        dropped = first_fail.get(i, 0)
+        left -= dropped
+        steps.append({"step": f"passed {scorer}", "count": left, "note": f"-{dropped}"})
+    steps.append({"step": "kept", "count": n_kept, "note": ""})
+    steps.append({"step": "exported", "count": n_exported, "note": "in the latest export"})
+    return steps
+
+
+def per_source(store: LineageStore) -> list[dict[str, Any]]:
+    with store.reader() as con:
+        return con.execute(
+            """SELECT source, count(*) AS samples, count(*) FILTER (WHERE rewrite_status = 'ok') AS rewritten,
+                   count(*) FILTER (WHERE kept) AS kept,
+                   round(count(*) FILTER (WHERE kept) / nullif(count(*) FILTER (WHERE kept IS NOT NULL), 0), 3)
+                       AS keep_rate
+               FROM lineage GROUP BY source ORDER BY source"""
+        ).to_arrow_table().to_pylist()
+
+
+def _score_table(store: LineageStore) -> pa.Table:
+    with store.reader() as con:
+        return con.execute(
+            """SELECT sample_id, source, kept, raw_response, rewrite, coalesce(final_output, rewrite) AS output,
+                   reward, raw_reward, semantic, nli, clipscore,
+                   length(string_split(trim(raw_response), ' ')) AS raw_words,
+                   length(string_split(trim(rewrite), ' ')) AS rewrite_words
+               FROM lineage WHERE rewrite_status = 'ok'"""
+        ).to_arrow_table()
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_funnel(steps: list[dict[str, Any]]) -> bytes:
+    """The funnel as horizontal bars, widest at the top (the PNG the README shows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [s["step"] for s in steps]
+    counts = [s["count"] for s in steps]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(steps) + 0.8))
+    bars = ax.barh(range(len(steps)), counts, color="#d97b3a")
+    ax.set_yticks(range(len(steps)), labels)
+    ax.invert_yaxis()
+    top = max(counts) if counts and max(counts) else 1
+    for bar, count in zip(bars, counts, strict=True):
+        ax.text(bar.get_width() + top * 0.01, bar.get_y() + bar.get_height() / 2, f"{count:,}", va="center")
+    ax.set_xlim(0, top * 1.15)
+    ax.set_xlabel("samples")
+    ax.set_title("Polite Flamingo funnel")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _png(fig)
+
+
+def plot_histograms(scores: pa.Table) -> bytes | None:
+    """Histograms of raw vs rewritten vs kept, for length and every score that was computed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = scores.to_pylist()
+    if not rows:
+        return None
+    panels = [("words", "raw_words", "rewrite_words")]
+    panels += [(name, "raw_reward" if name == "reward" else None, name)
+               for name in ("reward", "semantic", "nli", "clipscore") if any(r[name] is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, raw_col, col) in zip(axes[0], panels, strict=True):
+        series = []
+        if raw_col:
+            series.append(("raw", [r[raw_col] for r in rows if r[raw_col] is not None]))
+        series.append(("rewritten", [r[col] for r in rows if r[col] is not None]))
+        series.append(("kept", [r[col] for r in rows if r[col] is not None and r["kept"]]))
+        values = [v for _, vs in series for v in vs]
+        if not values:
+            continue
+        lo, hi = min(values), max(values)
+        bins = 20 if hi > lo else 1
+        for label, vs in series:
+            if vs:
+                ax.hist(vs, bins=bins, range=(lo, hi if hi > lo else lo + 1), alpha=0.5, label=f"{label} ({len(vs)})")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_sources(sources: list[dict[str, Any]]) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not sources:
+        return None
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(sources) + 2), 3))
+    ax.bar([s["source"] for s in sources], [s["keep_rate"] or 0 for s in sources], color="#3a7bd9")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("keep rate")
+    ax.set_title("keep rate per source")
+    ax.tick_params(axis="x", rotation=30)
+    return _png(fig)
+
+
+def _thumbnail(path: str) -> bytes | None:
+    from fsspec.core import url_to_fs
+    from PIL import Image
+
+    try:
+        fs, local = url_to_fs(path)
+        with fs.open(local, "rb") as handle:
+            image = Image.open(io.BytesIO(handle.read())).convert("RGB")
+    except Exception:  # a card without a picture beats no report
+        return None
+    image.thumbnail((256, 256))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
+    """``n`` kept samples (before/after), spread over sources, in a stable order."""
+    if n <= 0:
+        return []
+    with store.reader() as con:
+        return con.execute(
+            """SELECT l.sample_id, l.source, l.task_type, l.instruction, l.raw_response,
+                   coalesce(l.final_output, l.rewrite) AS rewrite, l.reward, l.raw_reward,
+                   (SELECT i.path FROM images i WHERE i.image_id = l.images[1]) AS image_path
+               FROM lineage l WHERE l.kept AND l.rewrite_status = 'ok'
+               QUALIFY row_number() OVER (PARTITION BY l.source ORDER BY hash(l.sample_id)) <= $n
+               ORDER BY row_number() OVER (PARTITION BY l.source ORDER BY hash(l.sample_id)), l.source
+               LIMIT $n""",
+            {"n": n},
+        ).to_arrow_table().to_pylist()
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_(none)_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join("" if row[c] is None else str(row[c]).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _quote(text: str | None) -> str:
+    return "\n".join("> " + line for line in (text or "").splitlines() or [""])
+
+
+def write_report(
+    store: LineageStore, folder: str, fmt: str = "markdown", n_cards: int = 6, selection: pa.Table | None = None
+) -> str:
+    """Write the report (``report.md`` or ``report.html`` + PNGs) into ``folder``; returns its URL."""
+    steps = funnel(store)
+    sources = per_source(store)
+    cards = sample_cards(store, n_cards)
+    pictures: dict[str, bytes | None] = {
+        "funnel.png": plot_funnel(steps),
+        "scores.png": plot_histograms(_score_table(store)),
+        "sources.png": plot_sources(sources),
+    }
+    for i, card in enumerate(cards):
+        thumb = _thumbnail(card["image_path"]) if card["image_path"] else None
+        card["picture"] = f"card-{i}.png" if thumb else None
+        pictures[f"card-{i}.png"] = thumb
+    for name, data in pictures.items():
+        if data:
+            write_bytes_atomic(data, f"{folder}/{name}")
+
+    md = ["# Polite Flamingo factory report\n", "## Funnel\n", "![funnel](funnel.png)\n", _md_table(steps)]
+    if pictures["scores.png"]:
+        md += ["## Scores: raw vs rewritten vs kept\n", "![scores](scores.png)\n"]
+    md += ["## Keep rate per source\n", "![sources](sources.png)\n" if pictures["sources.png"] else "", _md_table(sources)]
+    md.append("## Sample cards\n")
+    for card in cards:
+        md.append(f"### {card['sample_id']} ({card['source']}, {card['task_type']})\n")
+        if card["picture"]:
+            md.append(f"![image]({card['picture']})\n")
+        md.append(f"**Instruction:** {card['instruction']}\n")
+        md.append("**Raw annotation:**\n\n" + _quote(card["raw_response"]) + "\n")
+        md.append("**Rewrite:**\n\n" + _quote(card["rewrite"]) + "\n")
+        if card["reward"] is not None:
+            md.append(f"reward {card['reward']:.2f} (raw {card['raw_reward']})\n")
+    markdown = "\n".join(md)
+
+    if fmt == "html":
+        name, payload = "report.html", _to_html(steps, sources, cards, pictures)
+    else:
+        name, payload = "report.md", markdown
+    url = write_bytes_atomic(payload.encode("utf-8"), f"{folder}/{name}")
+    _artifacts(markdown, steps, sources)
+    return url
+
+
+def _to_html(steps, sources, cards, pictures) -> str:
+    def table(rows):
+        if not rows:
+            return "<p>(none)</p>"
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in r.values()) + "</tr>"
+            for r in rows
+        )
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    parts = ["<html><head><meta charset='utf-8'><title>Polite Flamingo report</title></head><body>",
+             "<h1>Polite Flamingo factory report</h1><h2>Funnel</h2><img src='funnel.png'>", table(steps)]
+    if pictures.get("scores.png"):
+        parts.append("<h2>Scores: raw vs rewritten vs kept</h2><img src='scores.png'>")
+    parts += ["<h2>Keep rate per source</h2>", "<img src='sources.png'>" if pictures.get("sources.png") else "",
+              table(sources), "<h2>Sample cards</h2>"]
+    for card in cards:
+        parts.append(f"<h3>{html.escape(card['sample_id'])} ({html.escape(card['source'])})</h3>")
+        if card["picture"]:
+            parts.append(f"<img src='{card['picture']}'>")
+        for key in ("instruction", "raw_response", "rewrite"):
+            parts.append(f"<p><b>{key}:</b> <pre>{html.escape(card[key] or '')}</pre></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _artifacts(markdown: str, steps, sources) -> None:
+    """Mirror the report into Prefect artifacts; outside a flow run (or without an API) skip quietly."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.context import FlowRunContext
+
+        if FlowRunContext.get() is None:
+            return
+        create_markdown_artifact(markdown=markdown, key="polite-report", description="Polite Flamingo report")
+        create_table_artifact(table=steps, key="polite-funnel", description="funnel: samples left after each step")
+        create_table_artifact(table=sources, key="polite-keep-rate", description="keep rate per source")
+    except Exception:
+        return
+
+
+# -- the dataset card -------------------------------------------------------------------------------------
+
+def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, Any]:
+    """What a dataset card states, read from the lineage for the selected rewrites."""
+    with store.reader() as con:
+        con.register("selection", selection.select(["sample_id", "rewrite_id", "model_id", "source"]))
+        sources = con.execute(
+            "SELECT source, count(*) AS n FROM selection GROUP BY source ORDER BY source"
+        ).to_arrow_table().to_pylist()
+        thresholds = con.execute(
+            "SELECT d.thresholds, count(*) AS n FROM selection s JOIN latest_decisions d USING (rewrite_id) "
+            "GROUP BY d.thresholds ORDER BY n DESC"
+        ).fetchall()
+        models = con.execute(
+            "SELECT s.model_id, coalesce(m.kind, 'rewriter') AS kind, m.base, m.adapter, count(*) AS n "
+            "FROM selection s LEFT JOIN models m USING (model_id) "
+            "GROUP BY s.model_id, m.kind, m.base, m.adapter ORDER BY s.model_id"
+        ).to_arrow_table().to_pylist()
+        settings = con.execute(
+            "SELECT r.settings, r.prompt_version, count(*) AS n FROM selection s JOIN rewrites r USING (rewrite_id) "
+            "GROUP BY r.settings, r.prompt_version ORDER BY n DESC"
+        ).fetchall()
+        con.unregister("selection")
+    return {
+        "n_items": selection.num_rows,
+        "sources": sources,
+        "funnel": funnel(store),
+        "thresholds": [(t, n) for t, n in thresholds],
+        "models": models,
+        "settings": [(s, p, n) for s, p, n in settings],
+        "selection": sql.strip(),
+    }
+
+
+def dataset_card(facts: dict[str, Any], settings: Any = None) -> str:
+    """A Hub dataset card (YAML header + Markdown) from :func:`card_facts`."""
+    lines = [
+        "---",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        "  - split: train",
+        "    path: data/train-*.parquet",
+        "task_categories:",
+        "- visual-question-answering",
+        "- image-to-text",
+        "language:",
+        "- en",
+        "tags:",
+        "- polite-flamingo",
+        "- synthetic",
+        "---",
+        "",
+        "# Polite Flamingo rewrites",
+        "",
+        f"{facts['n_items']:,} raw vision-language annotations rewritten into helpful, well-formed responses by a "
+        "multimodal rewriter (Polite Flamingo, arXiv 2307.01003) and kept by its filter chain.",
+        "",
+        "## Sources",
+        "",
+        _md_table(facts["sources"]),
+        "## Counts (funnel)",
+        "",
+        _md_table([s for s in facts["funnel"] if s["step"] != "exported"]),
+        "## Filters and thresholds",
+        "",
+    ]
+    if facts["thresholds"]:
+        for text, n in facts["thresholds"]:
+            lines.append(f"- {n:,} items decided with: `{text}`")
+    else:
+        lines.append("- (no thresholds recorded)")
+    lines += ["", "## Models and settings", ""]
+    for model in facts["models"]:
+        lines.append(f"- {model['n']:,} items rewritten by `{model['model_id']}` ({model['kind']}): "
+                     f"base `{model['base']}`, adapter `{model['adapter']}`")
+    counts = Counter()
+    for text, prompt, n in facts["settings"]:
+        counts[(text, prompt)] += n
+    for (text, prompt), n in counts.most_common():
+        lines.append(f"- {n:,} rewrites with prompt `{prompt}` and generation settings `{text}`")
+    if settings is not None:
+        checks = json.dumps(settings.checks.model_dump(), sort_keys=True)
+        lines.append(f"- export checks: `{checks}`")
+    lines += [
+        "",
+        "## Lineage query that selected this export",
+        "",
+        "```sql",
+        facts["selection"],
+        "```",
+        "",
+        "Every item carries its `id` (sample_id) and `rewrite_id`; `polite explain <sample_id>` in the factory's "
+        "workspace shows its source row, distortions, rewrite attempts, scores and decision.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""Export on a lineage fixture: formats, ids, idempotence, export_items, publishing gates, report, card."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from lineage.store import LineageStore
+from polite.images import ImageStore
+from polite.record import Sample, samples_to_table
+
+CAPTIONS = ["a dog on a couch", "two cats", "a red bus"]
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def populate(ws, rewards: bool = True) -> LineageStore:
+    """A small finished factory in lineage form: 2 sources, 9 samples, retries, scores and decisions.
+
+    coco (captions): 4 samples, one rewrite left unchanged (dropped), one with CLIPScore paragraphs.
+    gqa (VQA): 5 samples, one failed at ingest, one failed then retried, one contradicted by NLI (dropped).
+    Kept: coco 0, 1, 3 and gqa 0, 2 -> 5 items.
+    """
+    store = LineageStore(ws.db_path)
+    store.migrate()
+    images = ImageStore(ws.images)
+    stored = [images.put(_png(c)) for c in [(200, 30, 30), (30, 200, 30), (30, 30, 200)]]
+    store.ingest_arrow("images", pa.Table.from_pylist([s.to_row() for s in stored]))
+    samples = []
+    for i in range(4):
+        samples.append(Sample(sample_id=f"s_coco_{i}", source="coco", split="train", task_type="caption",
+                              instruction="<image><|endofchunk|>Describe the image.",
+                              raw_response=CAPTIONS[i % 3], images=[stored[i % 3].image_id]))
+    for i in range(5):
+        samples.append(Sample(sample_id=f"s_gqa_{i}", source="gqa", split="train", task_type="vqa",
+                              instruction="<image><|endofchunk|>What colour is it?", raw_response="red",
+                              images=[stored[(i + 1) % 3].image_id],
+                              status="failed" if i == 4 else "ok", error="bad image" if i == 4 else None))
+    store.ingest_arrow("samples", samples_to_table(samples))
+
+    def rw(sid, attempt, status, output, at):
+        return {"rewrite_id": f"r_{sid}_{attempt}", "sample_id": sid, "model_id": "m_tiny", "prompt_version": "v1",
+                "settings_hash": "h1", "settings": json.dumps({"num_beams": 1}), "attempt": attempt,
+                "status": status, "output": output, "error": None if status == "ok" else "OOM", "run_id": "run_x",
+                "created_at": at}
+    import datetime as dt
+
+    t0 = dt.datetime(2026, 1, 1)
+    rewrites = [rw(f"s_coco_{i}", 1, "ok", f"The image shows {CAPTIONS[i % 3]}, seen clearly." if i != 2 else
+                   CAPTIONS[2], t0) for i in range(4)]
+    rewrites += [rw("s_gqa_0", 1, "ok", "The object is red.", t0), rw("s_gqa_1", 1, "ok", "It is blue.", t0),
+                 rw("s_gqa_2", 1, "failed", None, t0), rw("s_gqa_2", 2, "ok", "The colour is red.", t0 + dt.timedelta(1)),
+                 rw("s_gqa_3", 1, "failed", None, t0)]
+    store.ingest_arrow("rewrites", pa.Table.from_pylist(rewrites))
+
+    scores, decisions = [], []
+
+    def score(rid, scorer, value, passed, details=None):
+        scores.append({"rewrite_id": rid, "scorer": scorer, "scorer_version": "1", "score": value, "passed": passed,
+                       "details": json.dumps(details) if details else None})
+
+    kept = {"r_s_coco_0_1", "r_s_coco_1_1", "r_s_coco_3_1", "r_s_gqa_0_1", "r_s_gqa_2_2"}
+    for r in rewrites:
+        if r["status"] != "ok":
+            continue
+        rid = r["rewrite_id"]
+        score(rid, "length", len(r["output"].split()), True)
+        score(rid, "unchanged", 0.0 if rid != "r_s_coco_2_1" else 1.0, rid != "r_s_coco_2_1")
+        if "coco" in rid:
+            score(rid, "semantic", 0.8, True)
+        else:
+            score(rid, "nli", 0.9 if rid != "r_s_gqa_1_1" else 0.1, rid != "r_s_gqa_1_1")
+        if rid == "r_s_coco_0_1":
+            score(rid, "clipscore", 21.0, True, {"paragraph_scores": [21.0, 12.5], "filtered_paragraphs": ["x y"]})
+        if rewards:
+            score(rid, "reward", 1.0, None)
+            score(rid, "reward_raw", -2.0, None)
+        decisions.append({"decision_id": "d_" + rid, "rewrite_id": rid, "kept": rid in kept,
+                          "reason": "kept" if rid in kept else "dropped", "final_output": None,
+                          "thresholds": json.dumps({"semantic": 0.4}), "run_id": "run_f"})
+    store.ingest_arrow("scores", pa.Table.from_pylist(scores))
+    store.ingest_arrow("decisions", pa.Table.from_pylist(decisions))
+    return store
+
+
+def _tree(folder: str) -> dict[str, bytes]:
+    root = Path(folder)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_export_writes_every_format_and_records_items(workspace, prefect_harness):
+    from flows.export import export_flow
+
+    store = populate(workspace)
+    out = export_flow(workspace=workspace.root, formats=["pf1m", "llava", "parquet", "datasets"])
+    assert out["n_items"] == 5
+    assert set(out["exports"]) == {"pf1m", "llava", "parquet", "datasets"}
+
+    pf1m = out["exports"]["pf1m"]["path"]
+    coco = json.loads(Path(pf1m, "coco.json").read_text())
+    gqa = json.loads(Path(pf1m, "gqa.json").read_text())
+    assert [r["id"] for r in coco] == ["s_coco_0", "s_coco_1", "s_coco_3"]
+    assert [r["id"] for r in gqa] == ["s_gqa_0", "s_gqa_2"]
+    first = coco[0]
+    assert {"input", "output", "original", "reward", "rouge_score", "nli_similarity", "sts_similarity",
+            "filtered_paragraphs", "paragraph_clip_scores"} <= set(first)
+    assert first["sts_similarity"] == 0.8 and first["nli_similarity"] is None and first["rouge_score"] is None
+    assert first["paragraph_clip_scores"] == [21.0, 12.5] and first["filtered_paragraphs"] == ["x y"]
+    assert coco[1]["paragraph_clip_scores"] is None
+    assert gqa[1]["output"] == "The colour is red."  # the retried attempt, not the failed one
+    assert gqa[0]["nli_similarity"] == 0.9 and gqa[0]["sts_similarity"] is None
+    for rec in coco + gqa:  # every referenced image is in the export folder
+        assert all(Path(pf1m, p).is_file() for p in rec["images"])
+
+    llava = json.loads(Path(out["exports"]["llava"]["path"], "llava.json").read_text())
+    assert llava[0]["conversations"][0] == {"from": "human", "value": "<image>Describe the image."}
+    assert llava[0]["conversations"][1]["from"] == "gpt" and Path(out["exports"]["llava"]["path"], llava[0]["image"]).is_file()
+
+    import datasets
+
+    ds = datasets.load_from_disk(out["exports"]["datasets"]["path"])
+    assert ds.num_rows == 5 and ds[0]["images"][0].size == (24, 16)
+    pq = datasets.Dataset.from_parquet(str(Path(out["exports"]["parquet"]["path"], "data/train-00000-of-00001.parquet")))
+    assert pq.num_rows == 5 and pq.features["images"].feature.__class__.__name__ == "Image"
+    card = Path(out["exports"]["parquet"]["path"], "README.md").read_text()
+    assert "| coco | 3 |" in card and "kept" in card and "m_tiny" in card and '{"semantic": 0.4}' in card
+
+    items = store.query("SELECT export_id, sample_id, rewrite_id FROM export_items ORDER BY export_id, sample_id")
+    assert items.num_rows == 20
+    assert ("s_gqa_2", "r_s_gqa_2_2") in {(r["sample_id"], r["rewrite_id"]) for r in items.to_pylist()}
+    lineage = store.query("SELECT count(*) AS n FROM lineage WHERE export_id IS NOT NULL")
+    assert lineage.column("n")[0].as_py() == 5
+
+    report = Path(out["report"])
+    assert report.is_file() and (report.parent / "funnel.png").stat().st_size > 1000
+    text = report.read_text()
+    assert "| passed unchanged | 6 | -1 |" in text and "| passed nli | 5 | -1 |" in text and "card-0.png" in text
+
+
+def test_exporting_twice_gives_the_same_export_and_files(workspace, prefect_harness):
+    from flows.export import export_flow
+
+    store = populate(workspace)
+    first = export_flow(workspace=workspace.root, formats=["pf1m"])
+    folder = first["exports"]["pf1m"]["path"]
+    before = _tree(folder)
+    second = export_flow(workspace=workspace.root, formats=["pf1m"])
+    assert second["exports"] == first["exports"]
+    assert _tree(folder) == before
+    assert store.query("SELECT count(*) AS n FROM exports").column("n")[0].as_py() == 1
+    # rebuilding the files from scratch gives the same bytes
+    import shutil
+
+    shutil.rmtree(folder)
+    export_flow(workspace=workspace.root, formats=["pf1m"])
+    assert _tree(folder) == before
+    # a different selection is a different export
+    other = export_flow(workspace=workspace.root, formats=["pf1m"], where="kept AND source = 'gqa'")
+    assert other["n_items"] == 2 and other["exports"]["pf1m"]["export_id"] != first["exports"]["pf1m"]["export_id"]
+
+
+def test_a_failing_gate_stops_the_export_and_names_the_check(workspace, prefect_harness):
+    from flows.export import ExportCheckFailed, export_flow
+
+    store = populate(workspace)
+    config = {"export": {"checks": {"min_keep_rate": 0.9}}}
+    with pytest.raises(ExportCheckFailed, match="keep_rate: 5 of 7"):
+        export_flow(config=config, workspace=workspace.root, formats=["pf1m"])
+    with store.writer() as con:  # rewards that got worse fail the reward gate
+        con.execute("UPDATE scores SET score = -3 WHERE scorer = 'reward'")
+    with pytest.raises(ExportCheckFailed, match="median_reward_gain"):
+        export_flow(workspace=workspace.root, formats=["pf1m"])
+    with store.writer() as con:
+        con.execute("UPDATE rewrites SET output = '  ' WHERE rewrite_id = 'r_s_gqa_0_1'")
+    with pytest.raises(ExportCheckFailed, match="no_empty_outputs: 1"):
+        export_flow(config={"export": {"checks": {"min_median_reward_gain": None}}}, workspace=workspace.root)
+    assert store.query("SELECT count(*) AS n FROM exports").column("n")[0].as_py() == 0
+    failed = store.query("SELECT status FROM runs WHERE flow = 'export'").column("status").to_pylist()
+    assert failed == ["failed"] * 3
+
+
+def test_where_is_read_only(workspace, prefect_harness):
+    from flows.export import selection_sql
+    from lineage.store import ReadOnlyQueryError
+
+    with pytest.raises(ReadOnlyQueryError):
+        selection_sql("kept); DELETE FROM samples; SELECT (1")
+
+
+def test_push_uploads_the_folder_with_its_card(workspace, prefect_harness, monkeypatch):
+    """The Hub client's two calls, against a local fake (no network here)."""
+    import tasks.export as texport
+    from flows.export import export_flow
+
+    calls = []
+
+    class FakeHub:
+        def create_repo(self, **kw):
+            calls.append(("create_repo", kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw, sorted(p.name for p in Path(kw["folder_path"]).rglob("*"))))
+
+    real = texport.push_folder_to_hub
+    monkeypatch.setattr(texport, "push_folder_to_hub", lambda folder, repo, private=True: real(folder, repo, private, FakeHub()))
+    populate(workspace, rewards=False)
+    out = export_flow(workspace=workspace.root, formats=["pf1m"], push_to_hub="me/polite")
+    assert out["hub_url"] == "https://huggingface.co/datasets/me/polite"
+    assert calls[0] == ("create_repo", {"repo_id": "me/polite", "repo_type": "dataset", "private": True, "exist_ok": True})
+    assert calls[1][1]["repo_id"] == "me/polite" and "README.md" in calls[1][2] and "train-00000-of-00001.parquet" in calls[1][2]
