@@ -6,12 +6,20 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from polite.record import TASK_TYPES
 
+# The adapters in tasks/sources (a test keeps this list and the registry equal; config never imports tasks).
+ADAPTER_NAMES = (
+    "demo", "generic", "vqav2", "gqa", "aokvqa", "okvqa", "textvqa", "ocrvqa", "scienceqa", "clevr",
+    "coco_captions", "flickr30k", "textcaps", "llava_instruct",
+)
+
 
 class ColumnMapping(BaseModel):
     """Declarative mapping from a dataset's columns onto the sample record (the generic adapter).
 
     Column names may use dots for struct fields and ``[i]`` for list items, e.g. ``answers[0].answer``.
     ``response`` may name a list column: ``response_join`` then joins its items (default one per line).
+    ``instruction`` is the question that the task type's templates wrap, or, with ``instruction_verbatim``,
+    the instruction itself; without it a template of the task type is used.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -20,6 +28,8 @@ class ColumnMapping(BaseModel):
     image: str | None = None  # column holding an image (datasets Image feature, bytes, or a path)
     images: str | None = None  # column holding a list of images
     instruction: str | None = None  # column holding the question/instruction; default: a template
+    instruction_verbatim: bool = False
+    options: str | None = None  # list column of answer options (multiple_choice templates)
     response: str
     response_join: str = "\n"
     meta: list[str] = Field(default_factory=list)  # extra columns copied into meta
@@ -32,7 +42,7 @@ class ColumnMapping(BaseModel):
 
 
 class SourceSpec(BaseModel):
-    """One dataset to ingest. ``adapter`` names a built-in adapter (``polite ingest --help`` lists them)."""
+    """One dataset to ingest. ``adapter`` names a built-in adapter (``polite ingest --list`` names them)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     adapter: str
@@ -48,6 +58,14 @@ class SourceSpec(BaseModel):
     @property
     def label(self) -> str:
         return self.name or self.adapter
+
+    @model_validator(mode="after")
+    def _known_adapter(self) -> SourceSpec:
+        if self.adapter not in ADAPTER_NAMES:
+            raise ValueError(f"unknown adapter {self.adapter!r}; known: {', '.join(ADAPTER_NAMES)}")
+        if self.adapter == "generic" and self.mapping is None:
+            raise ValueError("the generic adapter needs a `mapping` (task_type, response, ...)")
+        return self
 
 
 class IngestSettings(BaseModel):

@@ -1,0 +1,102 @@
+"""The ingest flow: sources -> samples and images in the lineage, one Prefect task per shard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.common import logger, map_shards, stage_run
+from polite.config import ConfigError, SourceSpec, parse_config
+from polite.shards import read_table
+from polite.workspace import Workspace
+from tasks.ingest import ingest_shard_task, plan_source
+
+COUNTS = ("ok", "failed", "skipped")
+
+
+def _specs(cfg, sources: list[dict] | None) -> list[SourceSpec]:
+    if sources is None:
+        return list(cfg.ingest.sources)
+    from pydantic import ValidationError
+
+    from polite.config import format_validation_error
+
+    specs = []
+    for i, source in enumerate(sources):
+        try:
+            specs.append(SourceSpec.model_validate(source))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, f"(sources[{i}])")) from None
+    return specs
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """What landed, per source, as a rich table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ingest: what landed")
+    for column in ("source", "rows read", "ok", "failed", "skipped", "new samples", "new images"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for label, c in summary["sources"].items():
+        table.add_row(label, *[str(c[k]) for k in ("rows", "ok", "failed", "skipped", "new_samples", "new_images")])
+    Console().print(table)
+
+
+@flow(name="ingest")
+def ingest_flow(
+    config: dict | None = None,
+    workspace: str | None = None,
+    parent_run_id: str | None = None,
+    sources: list[dict] | None = None,
+) -> dict:
+    """Ingest ``sources`` (default: ``config.ingest.sources``) into the workspace's samples and images tables.
+
+    Every source is opened and its columns checked before any shard runs. Re-running gives the same sample ids
+    and adds nothing; a run that stopped part-way resumes (finished shards are reused).
+    """
+    cfg = parse_config(config)
+    specs = _specs(cfg, sources)
+    cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"sources": specs})})
+    ws = Workspace.resolve(workspace or cfg.workspace).ensure()
+    plans = [plan_source(spec, ws.root, cfg.ingest.shard_size) for spec in specs]
+    labels = [p.label for p in plans]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"two sources share a label {labels}: give each a distinct `name`")
+
+    summary: dict[str, Any] = {"sources": {}}
+    for plan in plans:
+        summary["sources"][plan.label] = {"adapter": plan.adapter, "from": plan.origin, "rows": plan.rows,
+                                          "shards": len(plan.items), "new_samples": 0, "new_images": 0,
+                                          **dict.fromkeys(COUNTS, 0)}
+    with stage_run("ingest", cfg.model_dump(mode="json", by_alias=True), ws, parent_run_id) as run:
+
+        def ingest(result: dict) -> None:
+            samples = read_table(result["samples"])
+            samples = samples.append_column("shard", _repeat(result["samples"], samples.num_rows))
+            samples = samples.append_column("run_id", _repeat(run.run_id, samples.num_rows))
+            with run.store.writer() as con:
+                new_images = run.store.ingest_parquet("images", result["images"], con=con)
+                new_samples = run.store.ingest_arrow("samples", samples, con=con)
+            counts = summary["sources"][result["source"]]
+            counts["new_samples"] += new_samples
+            counts["new_images"] += new_images
+            for key in COUNTS:
+                counts[key] += int(result.get(key, 0))
+
+        items = [item for plan in plans for item in plan.items]
+        map_shards(ingest_shard_task, items, ingest, description=f"ingest {', '.join(labels)}")
+        for key in (*COUNTS, "new_samples", "new_images"):
+            run.summary[key] = sum(c[key] for c in summary["sources"].values())
+        run.summary["sources"] = summary["sources"]
+    summary.update({k: v for k, v in run.summary.items() if k != "sources"}, run_id=run.run_id, workspace=ws.root)
+    logger().info("ingest finished: %s", {k: summary[k] for k in (*COUNTS, "new_samples")})
+    print_summary(summary)
+    return summary
+
+
+def _repeat(value: str, n: int):
+    import pyarrow as pa
+
+    return pa.array([value] * n, type=pa.string())

@@ -1,0 +1,151 @@
+"""Adapters for the captioning sources of PF-1M (layouts from /work/shared/DATASETS.md, 2026-08)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from polite.formats import format_captions_and_boxes, normalise_box
+from tasks.sources.base import Adapter, Draft, text_list
+from tasks.sources.loading import SourceError, cached, load_source
+
+BOX_FORMATS = ("xyxy", "xywh")
+
+
+def _category_names(features: Any) -> list[str] | None:
+    """The ClassLabel names of ``objects.category`` in either layout `datasets` uses for a sequence of structs."""
+    objects = features.get("objects")
+    inner = getattr(objects, "feature", objects)  # List(struct) -> struct; dict of lists stays a dict
+    category = inner.get("category") if isinstance(inner, dict) else None
+    category = getattr(category, "feature", category)
+    return list(category.names) if hasattr(category, "names") else None
+
+
+def _objects(value: Any) -> list[dict]:
+    """Object list from list-of-structs or struct-of-lists storage."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        keys = list(value)
+        n = len(value[keys[0]]) if keys else 0
+        return [{k: value[k][i] for k in keys} for i in range(n)]
+    return list(value)
+
+
+def load_boxes(from_: str, split: str, box_format: str, revision: str | None, cache_dir: str | None) -> dict[str, list]:
+    """``image id -> [(label, [x1, y1, x2, y2] in 0..1)]`` from a detection-datasets/coco style dataset.
+
+    Reads only the id, size and object columns (never the images), once per process.
+    """
+    if box_format not in BOX_FORMATS:
+        raise SourceError(f"options.box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+
+    def build() -> dict[str, list]:
+        ds = load_source(from_, split, None, revision, cache_dir)
+        needed = ["image_id", "width", "height", "objects"]
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            raise SourceError(f"boxes source {from_}: column(s) {missing} not found; columns found: {ds.column_names}")
+        names = _category_names(ds.features)
+        table = ds.with_format("arrow").select_columns(needed)
+        boxes: dict[str, list] = {}
+        for lo in range(0, ds.num_rows, 4096):
+            for row in table[lo : lo + 4096].to_pylist():
+                width, height = float(row["width"] or 0), float(row["height"] or 0)
+                if width <= 0 or height <= 0:
+                    continue
+                found = []
+                for obj in _objects(row["objects"]):
+                    bbox, category = obj.get("bbox"), obj.get("category")
+                    if not bbox or len(bbox) != 4 or category is None:
+                        continue
+                    x1, y1, a, b = (float(v) for v in bbox)
+                    xyxy = (x1, y1, x1 + a, y1 + b) if box_format == "xywh" else (x1, y1, a, b)
+                    label = names[category] if names and isinstance(category, int) else str(category)
+                    found.append((label, list(normalise_box(xyxy, width, height))))
+                boxes[str(row["image_id"])] = found
+        return boxes
+
+    return cached(("boxes", from_, split, box_format, revision, cache_dir), build)
+
+
+class COCOCaptions(Adapter):
+    """COCO captions, ``lmms-lab/COCO-Caption2017`` (README at main), splits val/test.
+
+    [read] question_id (the file name), image, answer (the 5 reference captions), id, file_name, height,
+    width. [inferred] ``id`` is the COCO image id (used to join boxes and as the row key).
+    One sample per image: raw = the five captions, one per line, then (with boxes) a blank line, the box
+    sentence and one ``label: [x1, y1, x2, y2]`` line per object (polite/formats.py, METHOD.md method 3).
+    Boxes are optional: ``options.boxes_from`` names a detection-datasets/coco style source (Hub id or local
+    folder; [read] columns image_id, width, height, objects{bbox, category: ClassLabel}), joined on
+    ``image_id == id``; ``options.boxes_split`` (default ``val``), ``options.box_format`` ``xyxy`` (default,
+    [inferred] for detection-datasets/coco) or ``xywh`` (COCO json). meta carries ``captions`` and ``boxes``.
+    """
+
+    name = "coco_captions"
+    hub_id = "lmms-lab/COCO-Caption2017"
+    default_split = "val"
+    task_type = "caption"
+    columns = ("image", "answer", "id")
+    key_column = "id"
+    summary = "COCO captions: five captions (+ boxes via options.boxes_from) per image (caption)"
+
+    def prepare(self, dataset) -> None:
+        self._boxes = None
+        if self.options.get("boxes_from"):
+            self._boxes = load_boxes(
+                self.options["boxes_from"], self.options.get("boxes_split", "val"),
+                self.options.get("box_format", "xyxy"), self.options.get("boxes_revision"), self.cache_dir,
+            )
+
+    def map_row(self, row: dict, index: int) -> Iterable[Draft]:
+        captions = text_list(row["answer"], "answer")
+        boxes = self._boxes.get(str(row["id"]), []) if self._boxes is not None else []
+        yield Draft(
+            raw=format_captions_and_boxes(captions, boxes), task_type="caption", images=[row["image"]],
+            meta={"captions": captions, "boxes": boxes, "file_name": row.get("file_name") or row.get("question_id")},
+        )
+
+
+class Flickr30k(Adapter):
+    """Flickr30k, ``lmms-lab/flickr30k`` (README at commit 0d6d9049be2e), split ``test`` (all 31,783 images).
+
+    [read] image, caption (5 strings), sentids, img_id, filename. One sample per image: raw = the five
+    captions, one per line; meta carries ``captions``.
+    """
+
+    name = "flickr30k"
+    hub_id = "lmms-lab/flickr30k"
+    default_split = "test"
+    task_type = "caption"
+    columns = ("image", "caption", "img_id")
+    key_column = "img_id"
+    summary = "Flickr30k: five captions per image, one per line (caption)"
+
+    def map_row(self, row: dict, index: int) -> Iterable[Draft]:
+        captions = text_list(row["caption"], "caption")
+        yield Draft(raw="\n".join(captions), task_type="caption", images=[row["image"]],
+                    meta={"captions": captions, "filename": row.get("filename")})
+
+
+class TextCaps(Adapter):
+    """TextCaps, ``lmms-lab/TextCaps`` (README at main), splits train/val/test.
+
+    [read] question_id, question, image, image_id, caption_str (list), reference_strs, caption_id.
+    [inferred] one row per image with its captions in ``caption_str``; test captions are empty (those rows
+    fail). One sample per caption (turn = position), as PF-1M's TextCaps count (69.7k) exceeds its images.
+    """
+
+    name = "textcaps"
+    hub_id = "lmms-lab/TextCaps"
+    default_split = "val"
+    task_type = "caption"
+    columns = ("image", "image_id", "caption_str")
+    key_column = "image_id"
+    summary = "TextCaps: one sample per reference caption (caption)"
+
+    def map_row(self, row: dict, index: int) -> Iterable[Draft]:
+        captions = text_list(row["caption_str"], "caption_str")
+        for turn, caption in enumerate(captions):
+            yield Draft(raw=caption, task_type="caption", images=[row["image"]], turn=turn,
+                        meta={"image_classes": row.get("image_classes") or []})

@@ -1,0 +1,89 @@
+"""The bundled ``demo`` source: ~200 synthetic scenes generated on the fly into the workspace.
+
+The generator writes a small Hub-layout parquet dataset (``data/train-00000-of-00001.parquet`` with an
+``image`` column of the `datasets` Image feature and a ``scene`` JSON column), and the adapter reads it back
+through the same `datasets` loading path as every other source. Per scene: one long description
+(``detailed_caption``, split ``hq``, the side distortion degrades; meta carries ``captions`` and ``boxes``),
+two short VQA answers and one short caption (split ``raw``, the annotations to rewrite).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tasks.sources.base import Adapter, Draft
+from tasks.sources.demo_scenes import make_scene, render_png, scene_record
+from tasks.sources.loading import SourceError, cached, load_source
+
+DEMO_VERSION = "v1"
+DEFAULT_SCENES = 200
+
+
+def generate(folder: str | os.PathLike, n_scenes: int = DEFAULT_SCENES, seed: int = 0) -> Path:
+    """Write the demo dataset under ``folder`` (skipped when already there) and return the folder."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    folder = Path(folder)
+    target = folder / "data" / "train-00000-of-00001.parquet"
+    if target.exists():
+        return folder
+    scenes = [make_scene(i, seed) for i in range(n_scenes)]
+    features = datasets.Features(
+        {"scene_id": datasets.Value("string"), "image": datasets.Image(), "scene": datasets.Value("string")}
+    )
+    table = datasets.Dataset.from_dict(
+        {
+            "scene_id": [s.scene_id for s in scenes],
+            "image": [{"bytes": render_png(s), "path": None} for s in scenes],
+            "scene": [json.dumps(scene_record(s), sort_keys=True) for s in scenes],
+        },
+        features=features,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    table.to_parquet(str(tmp))
+    os.replace(tmp, target)
+    return folder
+
+
+class Demo(Adapter):
+    """The synthetic demo (ours; no Hub id). ``options.scenes`` (default 200) and ``options.seed`` (default 0).
+
+    Without ``--from`` the dataset is generated into ``<workspace>/sources/demo-<version>-n<N>-s<seed>``.
+    """
+
+    name = "demo"
+    default_split = "train"
+    task_type = "detailed_caption"
+    columns = ("scene_id", "image", "scene")
+    key_column = "scene_id"
+    summary = "bundled synthetic scenes: 1 detailed description (hq) + 2 VQA + 1 caption (raw) per scene"
+
+    @property
+    def source(self) -> str:
+        if self.spec.from_:
+            return self.spec.from_
+        if not self.workspace_root or "://" in self.workspace_root:
+            raise SourceError("the demo source is generated into a local workspace: pass --workspace DIR")
+        n, seed = int(self.options.get("scenes", DEFAULT_SCENES)), int(self.options.get("seed", 0))
+        folder = Path(self.workspace_root) / "sources" / f"demo-{DEMO_VERSION}-n{n}-s{seed}"
+        return str(cached(("demo-generate", str(folder)), lambda: generate(folder, n, seed)))
+
+    def load(self):
+        return load_source(self.source, "train", None, None, self.cache_dir)
+
+    def map_row(self, row: dict, index: int) -> Iterable[Draft]:
+        scene = json.loads(row["scene"])
+        image = row["image"]
+        yield Draft(
+            raw=scene["description"], task_type="detailed_caption", images=[image], split="hq",
+            meta={"captions": scene["captions"], "boxes": scene["boxes"], "shapes": scene["shapes"]},
+        )
+        for turn, (question, answer) in enumerate(scene["qa"], start=1):
+            yield Draft(raw=answer, task_type="vqa", question=question, images=[image], split="raw", turn=turn)
+        yield Draft(raw=scene["captions"][0], task_type="caption", images=[image], split="raw",
+                    turn=len(scene["qa"]) + 1, meta={"captions": scene["captions"]})

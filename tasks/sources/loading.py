@@ -1,0 +1,134 @@
+"""Open a source dataset through the `datasets` library, once per process, memory-mapped.
+
+``--from`` may be a Hub id, a local folder of a dataset's files as the Hub serves them
+(``data/<split>-00000-of-00001.parquet``, ``<config>/<split>-....parquet``), a single parquet/json/csv
+file, or the output of ``Dataset.save_to_disk``. Rows are always read in Arrow form, a slice at a time,
+so memory stays flat however large the dataset is.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
+
+_cache: dict[tuple, Any] = {}
+_lock = threading.Lock()
+
+
+class SourceError(ValueError):
+    """The source cannot be opened or does not have the columns its adapter maps: fix the command or config."""
+
+
+def looks_local(from_: str) -> bool:
+    return from_.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(from_))
+
+
+def cached(key: tuple, build):
+    """Per-process memo for datasets and adapter-side lookups (shared by the tasks a worker runs)."""
+    with _lock:
+        if key in _cache:
+            return _cache[key]
+    value = build()
+    with _lock:
+        return _cache.setdefault(key, value)
+
+
+def clear_cache() -> None:
+    with _lock:
+        _cache.clear()
+
+
+def _split_files(base: Path, split: str | None) -> list[str]:
+    files = sorted(
+        p for p in base.rglob("*")
+        if p.is_file() and p.suffix in DATA_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(base).parts)
+    )
+    if not files:
+        raise SourceError(f"no data files ({', '.join(sorted(DATA_SUFFIXES))}) under {base}")
+    if split is None:
+        return [str(p) for p in files]
+    chosen = [str(p) for p in files if p.name == f"{split}{p.suffix}" or p.name.startswith((f"{split}-", f"{split}_", f"{split}."))]
+    if not chosen:
+        found = sorted({p.name.split("-")[0].split(".")[0] for p in files})
+        raise SourceError(f"no files for split {split!r} under {base}; file name prefixes found: {found}")
+    return chosen
+
+
+def _builder_for(files: list[str]) -> str:
+    kinds = {DATA_SUFFIXES[Path(f).suffix] for f in files}
+    if len(kinds) != 1:
+        raise SourceError(f"mixed data file kinds {sorted(kinds)}: point --from at one kind")
+    return kinds.pop()
+
+
+def _load_local(path: Path, split: str | None, config_name: str | None, cache_dir: str | None, data_files: str | None):
+    import datasets
+
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            chosen = split or next(iter(loaded))
+            if chosen not in loaded:
+                raise SourceError(f"split {chosen!r} not in {path}; splits found: {list(loaded)}")
+            return loaded[chosen]
+        return loaded
+    if path.is_file():
+        files = [str(path)]
+    else:
+        base = path / config_name if config_name and (path / config_name).is_dir() else path
+        files = [str(base / data_files)] if data_files else _split_files(base, split)
+    builder = _builder_for(files)
+    kwargs: dict[str, Any] = {}
+    if builder == "csv" and files[0].endswith(".tsv"):
+        kwargs["sep"] = "\t"
+    return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
+
+
+def load_source(
+    from_: str,
+    split: str | None = None,
+    config_name: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    data_files: str | None = None,
+):
+    """The dataset (one split) behind ``from_``, cached per process. Raises ``SourceError`` with what to fix."""
+    key = ("dataset", from_, split, config_name, revision, cache_dir, data_files)
+
+    def build():
+        import datasets
+
+        datasets.disable_progress_bars()
+        if looks_local(from_):
+            path = Path(os.path.expanduser(from_)).resolve()
+            if not path.exists():
+                raise SourceError(f"--from {from_}: no such file or folder")
+            return _load_local(path, split, config_name, cache_dir, data_files)
+        kwargs: dict[str, Any] = {"split": split or "train", "revision": revision, "cache_dir": cache_dir}
+        if data_files:
+            kwargs["data_files"] = data_files
+        try:
+            return datasets.load_dataset(from_, config_name, **kwargs)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SourceError(f"cannot load {from_!r} (config {config_name!r}, split {split!r}) from the Hub: {exc}") from exc
+
+    return cached(key, build)
+
+
+def arrow_rows(dataset, start: int, stop: int, columns: list[str] | None = None, batch: int = 512):
+    """Yield ``(row_index, row_dict)`` for rows ``[start, stop)``, decoding a small Arrow slice at a time.
+
+    Image columns come back as their storage (``{"bytes": ..., "path": ...}``), never decoded by `datasets`:
+    we check images ourselves so a bad one fails its row instead of the whole shard.
+    """
+    table_view = dataset.with_format("arrow")
+    if columns:
+        table_view = table_view.select_columns(columns)
+    for lo in range(start, stop, batch):
+        hi = min(lo + batch, stop)
+        for offset, row in enumerate(table_view[lo:hi].to_pylist()):
+            yield lo + offset, row
