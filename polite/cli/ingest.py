@@ -1,9 +1,124 @@
-"""CLI commands of the ingest stage."""
+"""CLI commands of the ingest stage: `polite ingest SOURCE [--from ...]` and `polite ingest --list`."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
+
+EXAMPLES = """
+Examples:
+
+  polite ingest demo                                   # the bundled synthetic scenes (offline, seconds)
+
+  polite ingest vqav2 --from lmms-lab/VQAv2 --split validation --limit 10000
+
+  polite ingest gqa --from ./GQA --config-name testdev_balanced_instructions --split testdev
+
+  polite ingest coco_captions --from ./COCO-Caption2017 -o boxes_from=./detection-coco
+
+  polite ingest llava_instruct --from ./LLaVA-Instruct-150K -o image_folder=./coco/train2017
+
+  polite ingest generic --from data.parquet --mapping mapping.yaml --name my_vqa
+
+  polite ingest --config configs/pf1m.yaml              # every source in the config
+
+  polite ingest --list                                 # the adapters
+"""
+
+
+def _options(pairs: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option takes KEY=VALUE, got {pair!r}")
+        options[key.strip()] = yaml.safe_load(value) if value else ""
+    return options
+
+
+def _mapping(path: str) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"--mapping {path}: no such file")
+    data = yaml.safe_load(file.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"--mapping {path} must hold a mapping (task_type, response, ...)")
+    return data
+
+
+def list_adapters() -> None:
+    from rich.table import Table
+
+    from tasks.sources import ADAPTERS
+
+    table = Table(title="ingest adapters (polite ingest NAME --from HUB_ID_OR_FOLDER)")
+    for column in ("name", "default --from", "default split", "what becomes a sample"):
+        table.add_column(column)
+    for name, cls in ADAPTERS.items():
+        split = cls.default_split or ""
+        if cls.default_config:
+            split = f"{split} (config {cls.default_config})"
+        table.add_row(name, cls.hub_id or ("generated" if name == "demo" else "--from required"), split, cls.summary)
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to `app`."""
+
+    @app.command("ingest", epilog=EXAMPLES)
+    @user_errors
+    def ingest(
+        source: Annotated[str | None, typer.Argument(help="Adapter name (see --list). Omit to ingest the config's sources.")] = None,
+        from_: Annotated[str | None, typer.Option("--from", help="Hub id, local folder of the dataset's files, a parquet/json/csv file, or save_to_disk output.")] = None,
+        split: Annotated[str | None, typer.Option("--split", help="Split to read (default: the adapter's).")] = None,
+        limit: Annotated[int | None, typer.Option("--limit", min=1, help="Read only the first N rows.")] = None,
+        config_name: Annotated[str | None, typer.Option("--config-name", help="Hub dataset config (e.g. GQA's testdev_balanced_instructions).")] = None,
+        revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+        name: Annotated[str | None, typer.Option("--name", help="Label in the lineage's `source` column (default: the adapter name).")] = None,
+        mapping: Annotated[str | None, typer.Option("--mapping", help="YAML column mapping for the generic adapter (see docs/ingest.md).")] = None,
+        option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Adapter option KEY=VALUE (repeatable), e.g. image_folder=DIR, boxes_from=DIR.")] = None,
+        shard_size: Annotated[int | None, typer.Option("--shard-size", min=1, help="Rows per shard (default from config: 2000).")] = None,
+        list_: Annotated[bool, typer.Option("--list", help="List the adapters and exit.")] = False,
+        workspace: WorkspaceOpt = None,
+        config: ConfigOpt = None,
+    ) -> None:
+        """Ingest a source dataset into the workspace: samples and images, with lineage in DuckDB.
+
+        Bad rows (missing/broken images, empty annotations) become failed samples and the run goes on;
+        running the same command again adds nothing.
+        """
+        if list_:
+            list_adapters()
+            return
+        from polite.config import load_config
+
+        cfg = load_config(config)
+        data = cfg.model_dump(mode="json", by_alias=True)
+        if shard_size:
+            data["ingest"]["shard_size"] = shard_size
+        sources = None
+        if source is not None:
+            spec = {"adapter": source, "from": from_, "split": split, "limit": limit, "config_name": config_name,
+                    "revision": revision, "name": name, "options": _options(option or [])}
+            if mapping:
+                spec["mapping"] = _mapping(mapping)
+            sources = [spec]
+        elif any(v is not None for v in (from_, split, limit, config_name, revision, name, mapping)) or option:
+            raise ValueError("--from/--split/--limit/... need a SOURCE (an adapter name; see --list)")
+        from flows.ingest import ingest_flow
+
+        summary = ingest_flow(config=data, workspace=workspace, sources=sources)
+        if summary.get("failed"):
+            console.print(
+                f"{summary['failed']} failed sample(s): polite sql \"SELECT source, error, count(*) FROM samples "
+                "WHERE status = 'failed' GROUP BY ALL\""
+            )

@@ -34,7 +34,7 @@ def distort_llm(
         conversations.append(build_conversation(pair.instruction, pair.original, template, defect))
     replies = backend.chat(conversations, [p.seed for p in pairs])
     for pair, reply in zip(pairs, replies, strict=True):
-        pair.params.update(attempts=reply.attempts, latency_ms=round(reply.latency_ms, 1))
+        pair.params["attempts"] = reply.attempts  # latency is left out: it would make rows differ run to run
         if reply.error is not None:
             pair.fail(reply.error)
             continue
