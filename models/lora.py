@@ -38,6 +38,7 @@ def add_lora(
         )
     peft_model = get_peft_model(lm, config)
     assert model.lang_encoder is lm  # injected in place; the wrapper must not replace the LM
+    model.train(model.training)  # new dropout layers start in training mode, even inside an eval() model
     return peft_model
 
 
