@@ -1,0 +1,167 @@
+"""The chain as set-based SQL: pick the work, and re-decide from stored scores (``--rethreshold``).
+
+Decisions from SQL and from the Python chain must agree row for row (tests hold them equal): same order,
+same rules (each scorer's ``passes_sql``/``reason_sql``), same ids (md5 of rewrite id and settings hash),
+same paragraph cuts.
+"""
+
+from __future__ import annotations
+
+from filters.base import sql_str
+from filters.chain import Chain
+
+DECISION_COLUMNS = (
+    "decision_id",
+    "rewrite_id",
+    "kept",
+    "reason",
+    "final_output",
+    "thresholds",
+    "run_id",
+    "settings_hash",
+    "dropped_by",
+    "removed_paragraphs",
+)
+
+
+NOW_UTC = "CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)"
+
+
+def _version_filter(chain: Chain, alias: str = "") -> str:
+    p = f"{alias}." if alias else ""
+    pairs = " OR ".join(
+        f"({p}scorer = {sql_str(s.name)} AND {p}scorer_version = {sql_str(s.version)})" for s in chain.scorers
+    )
+    return f"({pairs})" if pairs else "FALSE"
+
+
+def target_sql(scope: str = "TRUE") -> str:
+    """Latest ok rewrite per sample, with what the rules need from its sample; ``scope`` narrows it."""
+    return (
+        "SELECT r.rewrite_id, r.output, s.task_type, s.source, len(coalesce(s.images, [])) AS n_images "
+        "FROM latest_rewrites r JOIN samples s ON s.sample_id = r.sample_id "
+        f"WHERE r.status = 'ok' AND ({scope})"
+    )
+
+
+def decide_sql(chain: Chain, scope: str = "TRUE", run_id: str | None = None) -> str:
+    """A SELECT producing one ``decisions`` row per rewrite in scope, from stored scores only."""
+    if not chain.scorers:
+        raise ValueError("no scorer is enabled: nothing to decide on")
+    pivot = []
+    for s in chain.scorers:
+        cond = f"scorer = {sql_str(s.name)} AND scorer_version = {sql_str(s.version)}"
+        pivot += [
+            f'max(score) FILTER (WHERE {cond}) AS "{s.name}__score"',
+            f'any_value(details) FILTER (WHERE {cond}) AS "{s.name}__details"',
+            f'count(*) FILTER (WHERE {cond}) > 0 AS "{s.name}__has"',
+        ]
+    ok = []
+    for s in chain.scorers:
+        sc, de = f'p."{s.name}__score"', f'p."{s.name}__details"'
+        ok.append(
+            f"CASE WHEN NOT ({s.applies_sql('t.task_type', 't.n_images')}) THEN TRUE "
+            f'WHEN NOT coalesce(p."{s.name}__has", FALSE) THEN NULL '
+            f'ELSE {s.passes_sql(sc, de)} END AS "{s.name}__ok"'
+        )
+    reason, dropped = [], []
+    for s in chain.scorers:
+        sc, de = f'"{s.name}__score"', f'"{s.name}__details"'
+        col = f'"{s.name}__ok"'
+        unscored = sql_str(f"unscored: {s.name} (run `polite filter` to score)")
+        reason.append(f"WHEN {col} IS NULL THEN {unscored} WHEN NOT {col} THEN 'dropped: ' || ({s.reason_sql(sc, de)})")
+        dropped.append(f"WHEN {col} IS NULL OR NOT {col} THEN {sql_str(s.name)}")
+    clip = chain.scorer("clipscore")
+    if clip is not None:
+        kept_text, removed = clip.final_output_sql("output", '"clipscore__details"')
+        has_clip = '"clipscore__has" AND "clipscore__score" IS NOT NULL'
+        final = f"CASE WHEN {has_clip} THEN {kept_text} ELSE output END"
+        removed_sql = f"CASE WHEN {has_clip} THEN {removed} END"
+    else:
+        final, removed_sql = "output", "CAST(NULL AS INTEGER[])"
+    h = chain.settings_hash
+    return f"""
+WITH target AS ({target_sql(scope)}),
+piv AS (
+    SELECT rewrite_id, {", ".join(pivot)}
+    FROM scores
+    WHERE rewrite_id IN (SELECT rewrite_id FROM target) AND {_version_filter(chain)}
+    GROUP BY rewrite_id
+),
+ev AS (
+    SELECT t.rewrite_id, t.output, p.*  EXCLUDE (rewrite_id), {", ".join(ok)}
+    FROM target t LEFT JOIN piv p ON p.rewrite_id = t.rewrite_id
+),
+decided AS (
+    SELECT *, CASE {" ".join(reason)} ELSE 'kept' END AS reason,
+        CASE {" ".join(dropped)} ELSE NULL END AS dropped_by
+    FROM ev
+)
+SELECT
+    'd_' || substr(md5(rewrite_id || ':' || {sql_str(h)}), 1, 20) AS decision_id,
+    rewrite_id,
+    dropped_by IS NULL AS kept,
+    reason,
+    {final} AS final_output,
+    {sql_str(chain.thresholds_json())} AS thresholds,
+    {sql_str(run_id) if run_id else "CAST(NULL AS VARCHAR)"} AS run_id,
+    {sql_str(h)} AS settings_hash,
+    dropped_by,
+    CAST({removed_sql} AS INTEGER[]) AS removed_paragraphs
+FROM decided
+"""
+
+
+def rethreshold(con, chain: Chain, run_id: str | None = None, scope: str | None = None) -> dict[str, int]:
+    """Re-decide every already-filtered rewrite (or ``scope``) from stored scores, set-based, no model.
+
+    Runs inside the caller's writer connection. ``INSERT OR REPLACE`` with a fresh ``decided_at`` means
+    thresholds that come back (A -> B -> A) become the latest decisions again.
+    """
+    scope = scope or "r.rewrite_id IN (SELECT rewrite_id FROM decisions)"
+    cols = ", ".join(DECISION_COLUMNS)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE _redecided AS {decide_sql(chain, scope, run_id)}")
+    try:
+        con.execute(
+            f"INSERT OR REPLACE INTO decisions ({cols}, decided_at) "
+            f"SELECT {cols}, {NOW_UTC} FROM _redecided"
+        )
+        n, kept = con.execute("SELECT count(*), count(*) FILTER (WHERE kept) FROM _redecided").fetchone()
+    finally:
+        con.execute("DROP TABLE IF EXISTS _redecided")
+    return {"decided": int(n), "kept": int(kept)}
+
+
+def work_sql(chain: Chain, full_scoring: bool = False) -> str:
+    """Latest ok rewrites that have no decision under the current settings (or, with ``full_scoring``, miss
+    an applicable score), joined with their sample, image paths and the scores already stored."""
+    applicable = " + ".join(
+        f"CASE WHEN {s.applies_sql('w.task_type', 'w.n_images')} THEN 1 ELSE 0 END" for s in chain.scorers
+    ) or "0"
+    need = f"NOT EXISTS (SELECT 1 FROM decisions d WHERE d.rewrite_id = w.rewrite_id AND d.settings_hash = {sql_str(chain.settings_hash)})"
+    if full_scoring:
+        need = f"({need} OR ({applicable}) > len(coalesce(pr.prior, [])))"
+    return f"""
+WITH w AS (
+    SELECT r.rewrite_id, r.sample_id, s.source, s.task_type, s.instruction, s.raw_response,
+        r.output AS rewrite, coalesce(s.images, []) AS images, len(coalesce(s.images, [])) AS n_images
+    FROM latest_rewrites r JOIN samples s ON s.sample_id = r.sample_id
+    WHERE r.status = 'ok'
+),
+img AS (
+    SELECT u.rewrite_id, list(im.path ORDER BY u.pos) AS image_paths
+    FROM (SELECT rewrite_id, unnest(images) AS image_id, unnest(range(len(images))) AS pos FROM w) u
+    LEFT JOIN images im ON im.image_id = u.image_id
+    GROUP BY u.rewrite_id
+),
+pr AS (
+    SELECT sc.rewrite_id, list({{'scorer': sc.scorer, 'score': sc.score, 'details': sc.details}}) AS prior
+    FROM scores sc WHERE sc.rewrite_id IN (SELECT rewrite_id FROM w) AND {_version_filter(chain, "sc")}
+    GROUP BY sc.rewrite_id
+)
+SELECT w.rewrite_id, w.sample_id, w.source, w.task_type, w.instruction, w.raw_response, w.rewrite,
+    coalesce(img.image_paths, CAST([] AS VARCHAR[])) AS image_paths, pr.prior
+FROM w LEFT JOIN img ON img.rewrite_id = w.rewrite_id LEFT JOIN pr ON pr.rewrite_id = w.rewrite_id
+WHERE {need}
+ORDER BY w.rewrite_id
+"""
