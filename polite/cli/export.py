@@ -1,9 +1,43 @@
-"""CLI commands of the export stage."""
+"""`polite export`: publish the kept rewrites (gated by SQL checks) and write the report."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
+
+from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to `app`."""
+    @app.command("export")
+    @user_errors
+    def export(
+        config: ConfigOpt = None,
+        workspace: WorkspaceOpt = None,
+        formats: Annotated[
+            list[str] | None, typer.Option("--format", help="datasets, parquet, pf1m or llava (repeat).")
+        ] = None,
+        where: Annotated[
+            str | None, typer.Option(help="Selection over the lineage view; replaces the default `kept`.")
+        ] = None,
+        push_to_hub: Annotated[str | None, typer.Option(help="Push to this Hub dataset repo (user/name).")] = None,
+    ) -> None:
+        """Export kept rewrites of latest rewrites, after the publishing checks pass.
+
+        Examples: polite export --format pf1m --format llava |
+        polite export --where "kept AND source = 'gqa'" | polite export --push-to-hub me/polite-demo
+        """
+        from flows.export import export_flow
+        from polite.config import load_config
+
+        cfg = load_config(config)
+        result = export_flow(config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace,
+                             formats=formats, where=where, push_to_hub=push_to_hub)
+        console.print(f"exported {result['n_items']:,} items")
+        for fmt, info in result["exports"].items():
+            console.print(f"  {fmt}: {info['path']}  ({info['export_id']})")
+        if result["report"]:
+            console.print(f"report: {result['report']}")
+        if result["hub_url"]:
+            console.print(f"pushed: {result['hub_url']}")

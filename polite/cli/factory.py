@@ -1,9 +1,211 @@
-"""CLI commands of the factory stage."""
+"""`polite run` (the whole factory; no arguments = the offline demo), `polite deploy` and `polite serve`."""
 
 from __future__ import annotations
 
+import json
+from typing import Annotated, Any
+
 import typer
+
+from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
+
+TRY_SQL = [
+    "polite sql \"SELECT source, count(*) AS samples, count(*) FILTER (WHERE kept) AS kept FROM lineage GROUP BY source\"",
+    "polite sql \"SELECT decision_reason, count(*) AS n FROM lineage WHERE kept = false GROUP BY 1 ORDER BY n DESC\"",
+    "polite sql \"SELECT sample_id, raw_response, rewrite, semantic FROM lineage WHERE kept ORDER BY semantic LIMIT 5\"",
+]
+
+
+def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
+    """``section.key=value`` pairs onto a config dict; values are parsed as YAML (``3``, ``true``, ``[a, b]``)."""
+    import yaml
+
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set {pair!r}: write it as section.key=value, e.g. --set rewrite.batch_size=8")
+        dotted, raw = pair.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {pair!r}: {key} is not a section")
+            node = child
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def read_config(path: str | None, sets: list[str], limit: int | None, runner: str | None, ray_address: str | None):
+    """The validated config: file (or demo defaults), then CLI overrides, validated once."""
+    from polite.config import load_config, parse_config
+
+    data = load_config(path).model_dump(mode="json", by_alias=True, exclude_unset=True) if path else {}
+    apply_overrides(data, sets)
+    if limit is not None:
+        cfg = parse_config(data, origin=path or "(demo)")
+        sources = cfg.model_dump(mode="json", by_alias=True)["ingest"]["sources"]
+        for source in sources:
+            source["limit"] = limit
+        data.setdefault("ingest", {})["sources"] = sources
+    if runner:
+        data.setdefault("runner", {})["kind"] = runner
+    if ray_address:
+        data.setdefault("runner", {})["ray_address"] = ray_address
+    return parse_config(data, origin=path or "(demo)")
+
+
+def print_plan(p: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console.rule("[bold]plan (dry run: nothing was run)[/]")
+    console.print(f"workspace: {p['workspace']}\nstages: {' -> '.join(p['stages'])}\nrewriter: {p['rewriter']}")
+    table = Table(title="sources")
+    for col in ("source", "adapter", "from", "split", "config", "rows", "rows_from", "shards"):
+        table.add_column(col)
+    for s in p["sources"]:
+        table.add_row(*["" if s[c] is None else f"{s[c]:,}" if isinstance(s[c], int) else str(s[c])
+                        for c in ("source", "adapter", "from", "split", "config", "rows", "rows_from", "shards")])
+    console.print(table)
+    for w in p["weights"]:
+        console.print(f"weights {w['path']}: {'present' if w['present'] else '[yellow]absent on this machine[/]'}")
+    console.print(f"task runners: {p['runner']}")
+    for section, values in p["settings"].items():
+        console.print(f"[bold]{section}[/]: " + json.dumps(values, default=str), highlight=False, soft_wrap=True)
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """The end of `polite run`: counts per stage, funnel, three before/after examples, where things are."""
+    from rich.table import Table
+
+    from lineage.store import LineageStore
+    from tasks.report import funnel, sample_cards
+
+    store = LineageStore(result["db"])
+    with store.reader() as con:
+        counts = con.execute(
+            """SELECT
+                (SELECT count(*) FILTER (WHERE status = 'ok') FROM samples),
+                (SELECT count(*) FILTER (WHERE status <> 'ok') FROM samples),
+                (SELECT count(*) FILTER (WHERE status = 'ok') FROM pairs),
+                (SELECT count(*) FILTER (WHERE status <> 'ok') FROM pairs),
+                (SELECT count(*) FROM models WHERE kind = 'rewriter'),
+                (SELECT count(*) FILTER (WHERE status = 'ok') FROM rewrites),
+                (SELECT count(*) FILTER (WHERE status <> 'ok') FROM rewrites),
+                (SELECT count(*) FROM scores),
+                (SELECT count(*) FILTER (WHERE kept) FROM latest_decisions),
+                (SELECT count(*) FILTER (WHERE NOT kept) FROM latest_decisions),
+                (SELECT count(*) FROM export_items)"""
+        ).fetchall()[0]
+    table = Table(title="counts per stage")
+    for col in ("stage", "ok", "failed / dropped"):
+        table.add_column(col)
+    rows = [("ingest: samples", counts[0], counts[1]), ("distort: pairs", counts[2], counts[3]),
+            ("train: rewriters", counts[4], ""), ("rewrite: rewrites", counts[5], counts[6]),
+            ("filter: scores", counts[7], ""), ("filter: decisions kept", counts[8], counts[9]),
+            ("export: items (all formats)", counts[10], "")]
+    for name, ok, bad in rows:
+        table.add_row(name, f"{ok:,}", str(bad))
+    console.print(table)
+    steps = funnel(store)
+    ftable = Table(title="funnel")
+    for col in ("step", "count", "note"):
+        ftable.add_column(col)
+    for s in steps:
+        ftable.add_row(s["step"], f"{s['count']:,}", s["note"])
+    console.print(ftable)
+    console.rule("[bold]before / after[/]")
+    for card in sample_cards(store, 3):
+        console.print(f"[bold]{card['sample_id']}[/] ({card['source']}, {card['task_type']})", highlight=False)
+        console.print(f"  instruction: {card['instruction']}", highlight=False)
+        console.print(f"  [red]before:[/] {card['raw_response']}", highlight=False)
+        console.print(f"  [green]after:[/]  {card['rewrite']}", highlight=False)
+    console.rule("[bold]where things are[/]")
+    export = result["stages"].get("export") or {}
+    for fmt, info in (export.get("exports") or {}).items():
+        console.print(f"dataset ({fmt}): {info['path']}")
+    if export.get("report"):
+        console.print(f"report: {export['report']}")
+    console.print(f"lineage database: {result['db']}")
+    console.rule("[bold]try[/]")
+    for line in TRY_SQL:
+        console.print(("  " + line + (f" -w {result['workspace']}" if "workspace" in result else "")), highlight=False,
+                      soft_wrap=True)
+    console.print(f"  polite explain <sample_id> -w {result['workspace']}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this stage's commands to `app`."""
+    @app.command("run")
+    @user_errors
+    def run(
+        config: ConfigOpt = None,
+        workspace: WorkspaceOpt = None,
+        set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: section.key=value (repeat).")] = None,
+        model: Annotated[str | None, typer.Option(help="Use this rewriter (path or model_id) instead of training one.")] = None,
+        limit: Annotated[int | None, typer.Option(help="Ingest at most N rows of every source.")] = None,
+        runner: Annotated[str | None, typer.Option(help="Task runner: threads or ray.")] = None,
+        ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (auto, ray://host:10001).")] = None,
+        formats: Annotated[list[str] | None, typer.Option("--format", help="Export format (repeat).")] = None,
+        where: Annotated[str | None, typer.Option(help="Export selection over the lineage view (default: kept).")] = None,
+        push_to_hub: Annotated[str | None, typer.Option(help="Push the export to this Hub dataset repo.")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; run nothing.")] = False,
+    ) -> None:
+        """Run the whole factory; with no arguments, the offline demo on the bundled mini dataset.
+
+        Re-running with the same config resumes: finished work is skipped.
+
+        Examples: polite run | polite run --config configs/pf1m.yaml --dry-run | polite run --set rewrite.batch_size=8
+        """
+        cfg = read_config(config, set_ or [], limit, runner, ray_address)
+        if dry_run:
+            from flows.factory import plan
+
+            print_plan(plan(cfg, workspace, model))
+            return
+        from flows.factory import factory_flow
+
+        result = factory_flow(config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace, model=model,
+                              formats=formats, where=where, push_to_hub=push_to_hub)
+        print_summary(result)
+
+    @app.command("deploy")
+    @user_errors
+    def deploy(
+        file: Annotated[str | None, typer.Option(help="prefect.yaml to apply. Default: deployments/prefect.yaml.")] = None,
+        only: Annotated[list[str] | None, typer.Option(help="Only this deployment (repeat).")] = None,
+        work_pool: Annotated[str | None, typer.Option(help="Work pool (created as a process pool if missing).")] = None,
+    ) -> None:
+        """Register the deployments of deployments/prefect.yaml (schedules included) with the Prefect API.
+
+        Then start a worker: prefect worker start --pool polite-process
+
+        Example: polite deploy --only nightly
+        """
+        from deployments.apply import DEFAULT_FILE, deploy_all, load_specs, runnable
+
+        specs, skipped = runnable(load_specs(file or DEFAULT_FILE, only))
+        for note in skipped:
+            console.print(f"[yellow]skipped[/] {note}")
+        ids = deploy_all(specs, work_pool=work_pool)
+        for spec, deployment_id in zip(specs, ids, strict=True):
+            console.print(f"deployed {spec.name} ({spec.entrypoint}) -> {deployment_id}")
+        console.print("start a worker: prefect worker start --pool " + (work_pool or "polite-process"))
+
+    @app.command("serve")
+    @user_errors
+    def serve(
+        file: Annotated[str | None, typer.Option(help="prefect.yaml to serve. Default: deployments/prefect.yaml.")] = None,
+        only: Annotated[list[str] | None, typer.Option(help="Only this deployment (repeat).")] = None,
+        limit: Annotated[int | None, typer.Option(help="At most N concurrent flow runs.")] = None,
+    ) -> None:
+        """Serve the flows with their schedules from this process, no work pool needed (Ctrl-C stops).
+
+        Trigger one: prefect deployment run export/export
+
+        Example: polite serve --only export --only nightly
+        """
+        from deployments.apply import DEFAULT_FILE, load_specs, runnable, serve_all
+
+        specs, skipped = runnable(load_specs(file or DEFAULT_FILE, only))
+        for note in skipped:
+            console.print(f"[yellow]skipped[/] {note}")
+        serve_all(specs, limit=limit)

@@ -1,0 +1,193 @@
+"""The whole factory as one flow: ingest -> distort -> train rewriter -> rewrite -> filter -> export.
+
+Every stage is a subflow with ``parent_run_id`` set to the factory's run, and every stage resumes by query,
+so running the factory again with the same config skips finished work: ingest adds no sample twice, distort
+and rewrite pick only samples without an ok result for the same settings, training reuses a model trained
+on the same pairs and settings, filter scores only unscored rewrites, and export lands in the same folder.
+
+The task runner of each stage comes from ``runner`` settings (flows/runners.py): the factory applies it with
+``stage_flow.with_options(task_runner=...)``, and Ray GPU annotations with ``stage_resources``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.common import logger, stage_run
+from flows.runners import ray_session, stage_resources, task_runner_for
+from polite.config import ConfigError, FactoryConfig, load_config, parse_config
+from polite.workspace import Workspace
+
+STAGES: dict[str, tuple[str, str]] = {
+    "ingest": ("flows.ingest", "ingest_flow"),
+    "distort": ("flows.distort", "distort_flow"),
+    "train": ("flows.train_rewriter", "train_rewriter_flow"),
+    "rewrite": ("flows.rewrite", "rewrite_flow"),
+    "filter": ("flows.filter", "filter_flow"),
+    "export": ("flows.export", "export_flow"),
+}
+
+
+def resolve_config(config: dict | str | None) -> FactoryConfig:
+    """A config dict, a YAML/TOML path (what a deployment passes), or ``None`` for the demo."""
+    if isinstance(config, str | Path):
+        return load_config(config)
+    return parse_config(config)
+
+
+def given_model(cfg: FactoryConfig, model: str | None) -> str | None:
+    """A rewriter to use instead of training one: ``model`` argument, else ``train.model`` when set."""
+    return model or getattr(cfg.train, "model", None) or None
+
+
+def stage_flow(stage: str):
+    module, name = STAGES[stage]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"stage {stage!r} is not available ({module}.{name}): {exc}") from exc
+
+
+def _enabled(cfg: FactoryConfig, stage: str) -> bool:
+    section = {"filter": "filters"}.get(stage, stage)
+    return bool(getattr(getattr(cfg, section), "enabled", True))
+
+
+def _compact(result: Any) -> Any:
+    """Stage summaries for the factory's own summary: scalars and short lists only."""
+    if not isinstance(result, dict):
+        return result
+    return {k: v for k, v in result.items() if isinstance(v, str | int | float | bool | type(None)) or k == "exports"}
+
+
+@flow(name="factory")
+def factory_flow(
+    config: dict | str | None = None,
+    workspace: str | None = None,
+    parent_run_id: str | None = None,
+    model: str | None = None,
+    formats: list[str] | None = None,
+    where: str | None = None,
+    push_to_hub: str | None = None,
+) -> dict:
+    """Run every enabled stage in order; with a given ``model`` (path or id) skip training.
+
+    ``formats``/``where``/``push_to_hub`` are passed to the export stage. Returns each stage's summary.
+    """
+    cfg = resolve_config(config)
+    ws = Workspace.resolve(workspace or cfg.workspace).ensure()
+    chosen = given_model(cfg, model)
+    order = [s for s in STAGES if _enabled(cfg, s) and not (s == "train" and chosen)]
+    flows = {s: stage_flow(s) for s in order}  # every stage importable before any work
+    data = cfg.model_dump(mode="json", by_alias=True)
+    log = logger()
+    stages: dict[str, Any] = {}
+    with stage_run("factory", data, ws, parent_run_id) as run, ray_session(cfg.runner):
+        for stage in order:
+            runner = task_runner_for(cfg.runner, stage)
+            sub = flows[stage].with_options(task_runner=runner)
+            kwargs: dict[str, Any] = {}
+            if stage == "rewrite":
+                kwargs["model"] = chosen
+            if stage == "export":
+                kwargs.update(formats=formats, where=where, push_to_hub=push_to_hub)
+            log.info("factory: %s (%s runner)", stage, type(runner).__name__)
+            with stage_resources(cfg.runner, stage):
+                result = sub(config=data, workspace=ws.root, parent_run_id=run.run_id, **kwargs)
+            stages[stage] = result
+            if stage == "train" and isinstance(result, dict):
+                chosen = result.get("path") or result.get("model_id")
+        run.summary.update({s: _compact(r) for s, r in stages.items()})
+        run.summary["model"] = chosen
+    return {"run_id": run.run_id, "workspace": ws.root, "db": str(ws.db_path), "model": chosen, "stages": stages}
+
+
+# -- the plan printed by `polite run --dry-run` -----------------------------------------------------------
+
+# Rows of splits we know (dataset cards), to estimate shard counts when the data is not on this machine.
+KNOWN_ROWS: dict[tuple[str, str | None, str | None], int] = {
+    ("lmms-lab/VQAv2", None, "validation"): 214_354,
+    ("lmms-lab/VQAv2", None, "testdev"): 107_394,
+    ("lmms-lab/GQA", "testdev_balanced_instructions", "testdev"): 12_578,
+    ("lmms-lab/GQA", "train_balanced_instructions", "train"): 943_000,
+    ("lmms-lab/GQA", "val_balanced_instructions", "val"): 132_062,
+    ("HuggingFaceM4/A-OKVQA", None, "train"): 17_056,
+    ("HuggingFaceM4/A-OKVQA", None, "validation"): 1_145,
+    ("lmms-lab/OK-VQA", None, "val2014"): 5_046,
+    ("lmms-lab/textvqa", None, "train"): 34_602,
+    ("lmms-lab/textvqa", None, "validation"): 5_000,
+    ("derek-thomas/ScienceQA", None, "train"): 12_726,
+    ("derek-thomas/ScienceQA", None, "validation"): 4_241,
+    ("lmms-lab/COCO-Caption2017", None, "val"): 5_000,
+    ("lmms-lab/flickr30k", None, "test"): 31_783,
+}
+
+
+def _source_rows(spec, adapter) -> tuple[int | None, str]:
+    """Rows of one source: from local data when it is here, else the known split size."""
+    origin = adapter.source
+    if spec.adapter == "demo" or (spec.from_ and Path(spec.from_).expanduser().exists()):
+        try:
+            rows = adapter.load().num_rows
+            return (min(rows, spec.limit) if spec.limit else rows), "counted"
+        except Exception as exc:  # the plan must print even when a source cannot open
+            return None, f"cannot open: {exc}"
+    known = KNOWN_ROWS.get((origin, adapter.config_name, adapter.split))
+    if known is None:
+        return spec.limit, "limit" if spec.limit else "unknown size"
+    return (min(known, spec.limit) if spec.limit else known), "estimated (dataset card)"
+
+
+def plan(cfg: FactoryConfig, workspace: str | None = None, model: str | None = None) -> dict[str, Any]:
+    """What a run would do, without doing it: sources and shard counts, models, settings, runner."""
+    from tasks.sources import get_adapter
+
+    ws = Workspace.resolve(workspace or cfg.workspace)
+    sources = []
+    for spec in cfg.ingest.sources:
+        adapter = get_adapter(spec, ws.root)
+        rows, how = _source_rows(spec, adapter)
+        sources.append({
+            "source": spec.label, "adapter": spec.adapter, "from": adapter.source if spec.adapter != "demo" else "(bundled)",
+            "split": adapter.split, "config": adapter.config_name, "rows": rows, "rows_from": how,
+            "shards": math.ceil(rows / cfg.ingest.shard_size) if rows else None,
+        })
+    chosen = given_model(cfg, model)
+    stages = [s for s in STAGES if _enabled(cfg, s) and not (s == "train" and chosen)]
+    settings = {section: getattr(cfg, section).model_dump(mode="json")
+                for section in ("distort", "train", "rewrite", "filters", "export", "runner")}
+    weights = []
+    for path in _weight_paths(settings):
+        weights.append({"path": path, "present": Path(path).expanduser().exists()})
+    return {
+        "workspace": ws.root,
+        "stages": stages,
+        "sources": sources,
+        "rewriter": chosen or "trained in this run (train settings)",
+        "weights": weights,
+        "settings": settings,
+        "runner": {s: type(task_runner_for(cfg.runner, s)).__name__ for s in stages},
+    }
+
+
+def _weight_paths(settings: dict[str, Any]) -> list[str]:
+    """Local files named in the settings (keys ending in path/checkpoint/weights), to say if they exist."""
+    found: list[str] = []
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, k)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v, key)
+        elif isinstance(value, str) and key.endswith(("path", "checkpoint", "weights", "ckpt")) and value:
+            found.append(value)
+
+    walk(settings)
+    return found
