@@ -67,7 +67,16 @@ def _seeded_classes():
         pass
 
     class SeededWordAug(_Seeded, naw.RandomWordAug):
-        pass
+        def _get_aug_range_idxes(self, tokens):
+            # nlpaug 1.1.11 slices tokens[:-0] (nothing) when one word is to be cropped, then fails to
+            # sample; this is its range choice with that off-by-one fixed, keeping at least one word.
+            count = min(self.generate_aug_cnt(len(tokens)), len(tokens) - 1)
+            if count <= 0:
+                return []
+            direction = self.sample([-1, 1], 1)[0]
+            starts = range(len(tokens) - count + 1) if direction > 0 else range(count - 1, len(tokens))
+            start = self.sample(list(starts), 1)[0]
+            return [start + i * direction for i in range(count)]
 
     return SeededCharAug, SeededWordAug
 

@@ -1,0 +1,204 @@
+"""The three distortion methods on inline fixtures: properties of their output, and determinism."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from polite.config import ConfigError, parse_config
+from polite.config.distort import AugmentSettings, DistortSettings
+from polite.formats import BOX_EXPLANATION, parse_captions_and_boxes
+from tasks.distort.augment import augment_text, distort_augment, keep_first, sentence_spans
+from tasks.distort.defects import DEFECTS
+from tasks.distort.prompting import build_conversation, draw_defect, load_template, parse_reply
+from tasks.distort.record import variant_for
+from tasks.distort.retrieve import distort_retrieve
+
+RESPONSE = (
+    "The image shows a busy street with several cars parked along the curb. A man in a red jacket, "
+    "about 3.5 m away, is walking a small dog near the corner! Is the dog on a leash? Yes, it is.\n"
+    "There are two tall trees.\n\n- A bus stop.\n- A wooden bench."
+)
+
+
+def row(i: int = 0, response: str = RESPONSE, meta: dict | None = None) -> dict:
+    return {
+        "sample_id": f"s_fixture_{i}",
+        "instruction": "<image>\nDescribe the image in detail.",
+        "raw_response": response,
+        "meta": json.dumps(meta or {}),
+    }
+
+
+# -- method 2: augment ------------------------------------------------------------------------------------
+def test_keep_first_keeps_a_prefix_of_whole_sentences():
+    spans = sentence_spans(RESPONSE)
+    assert len(spans) == 7  # "3.5" is not a sentence end; line breaks are
+    for k in range(1, len(spans)):
+        kept = keep_first(RESPONSE, k)
+        assert RESPONSE.startswith(kept)
+        assert len(sentence_spans(kept)) == k
+        assert kept.rstrip()[-1] in ".!?"
+
+
+def test_each_step_fires_about_half_the_time_and_both_branches_are_hit():
+    settings = AugmentSettings()
+    fired = {"keep_first": 0, "shuffle": 0, "char": 0, "word": 0}
+    joiners, char_actions, word_actions = set(), set(), set()
+    n = 300
+    for seed in range(n):
+        _, steps = augment_text(RESPONSE, settings, seed)
+        for step in steps:
+            fired[step["op"]] += 1
+            joiners.add(step.get("joiner"))
+            if step["op"] == "char":
+                char_actions.add(step["action"])
+                assert 0.05 <= step["word_rate"] <= 0.3 and 0.05 <= step["char_rate"] <= 0.3
+            if step["op"] == "word":
+                word_actions.add(step["action"])
+                assert 0.05 <= step["rate"] <= 0.3
+    for op, count in fired.items():
+        assert 0.35 * n < count < 0.65 * n, (op, count)
+    assert {"", "\n"} <= joiners
+    assert char_actions == {"insert", "substitute", "swap", "delete"}
+    assert word_actions == {"delete", "swap", "crop"}
+
+
+def test_augment_steps_do_what_they_say():
+    settings = AugmentSettings(p_keep_first=1, p_shuffle=0, p_char=0, p_word=0)
+    text, steps = augment_text(RESPONSE, settings, seed=5)
+    assert RESPONSE.startswith(text) and steps[0]["op"] == "keep_first"
+    shuffle_only = AugmentSettings(p_keep_first=0, p_shuffle=1, p_char=0, p_word=0)
+    text, steps = augment_text(RESPONSE, shuffle_only, seed=11)
+    originals = sorted(RESPONSE[a:b].strip() for a, b in sentence_spans(RESPONSE))
+    joiner = steps[0]["joiner"]
+    pieces = text.split("\n") if joiner == "\n" else None
+    if pieces is not None:
+        assert sorted(pieces) == originals  # a permutation of the sentences
+    assert sorted("".join(originals)) == sorted(text.replace("\n", ""))
+    delete_words = AugmentSettings(p_keep_first=0, p_shuffle=0, p_char=0, p_word=1, word_actions=["delete"])
+    text, steps = augment_text(RESPONSE, delete_words, seed=3)
+    assert len(text.split()) < len(RESPONSE.split())
+    assert set(text.lower().split()) <= set(RESPONSE.lower().split())  # deleted, nothing invented
+    assert text.count("\n") == RESPONSE.count("\n")  # noise is applied line by line
+
+
+def test_augment_is_deterministic_and_independent_of_global_random_state():
+    rows = [row(i) for i in range(20)]
+    random.seed(1)
+    first = [p.to_row() for p in distort_augment(rows, AugmentSettings(), "v_x", run_seed=3)]
+    random.seed(2)
+    import numpy as np
+
+    np.random.seed(9)
+    second = [p.to_row() for p in distort_augment(rows, AugmentSettings(), "v_x", run_seed=3)]
+    assert first == second
+    other_seed = [p.to_row() for p in distort_augment(rows, AugmentSettings(), "v_x", run_seed=4)]
+    assert [r["distorted"] for r in other_seed] != [r["distorted"] for r in first]
+    for r in first:
+        assert r["status"] in ("ok", "failed")
+        if r["status"] == "ok":
+            assert r["distorted"] != r["original"]
+        else:
+            assert r["error"].startswith("unchanged")
+        assert json.loads(r["params"])["steps"] is not None
+
+
+# -- method 3: retrieve -------------------------------------------------------------------------------------
+def test_retrieve_box_lines_parse_back_to_the_boxes():
+    captions = ["A man walks a dog.", "A street with cars.", "A dog on a leash.", "Cars by a curb.", "A city scene."]
+    boxes = [["person", [0.1, 0.2, 0.35, 0.9]], ["dog", [0.3333333, 0.6, 0.5, 0.95]], ["car", [0, 0, 1, 0.5]]]
+    (pair,) = distort_retrieve([row(meta={"captions": captions, "boxes": boxes})], "v_r", run_seed=0)
+    assert pair.status == "ok", pair.error
+    head, blank, tail = pair.distorted.partition("\n\n")
+    assert head.split("\n") == captions
+    assert tail.split("\n")[0] == BOX_EXPLANATION
+    assert tail.split("\n")[2] == "dog: [0.333, 0.600, 0.500, 0.950]"
+    got_captions, got_boxes = parse_captions_and_boxes(pair.distorted)
+    assert got_captions == captions
+    assert [(label, coords) for label, coords in got_boxes] == [
+        (label, [round(v, 3) for v in coords]) for label, coords in boxes
+    ]
+    assert pair.params == {"n_captions": 5, "n_boxes": 3}
+
+
+@pytest.mark.parametrize(
+    ("meta", "reason"),
+    [
+        ({}, "no captions"),
+        ({"captions": ["ok"], "boxes": [["cat", [10, 20, 300, 400]]]}, "normalised to 0..1"),
+        ({"captions": ["ok"], "boxes": [["cat", [0.1, 0.2]]]}, "4 coordinates"),
+        ({"captions": ["ok"], "boxes": ["cat"]}, "must be [label"),
+    ],
+)
+def test_retrieve_bad_meta_fails_that_pair_with_a_reason(meta, reason):
+    (pair,) = distort_retrieve([row(meta=meta)], "v_r", run_seed=0)
+    assert pair.status == "failed" and reason in pair.error and pair.distorted is None
+
+
+# -- method 1: prompt and parsing ------------------------------------------------------------------------
+def test_defect_is_drawn_half_the_time_and_named_in_capitals():
+    template = load_template("distort_v1")
+    drawn = [draw_defect(seed, 0.5) for seed in range(400)]
+    hits = [d for d in drawn if d is not None]
+    assert 0.4 * 400 < len(hits) < 0.6 * 400
+    assert len(set(hits)) > 15  # spread over the 24 defects
+    seed_with = next(s for s, d in enumerate(drawn) if d is not None)
+    seed_without = next(s for s, d in enumerate(drawn) if d is None)
+    with_defect = build_conversation("<image>\nWhat is here?", RESPONSE, template, draw_defect(seed_with, 0.5))
+    without = build_conversation("<image>\nWhat is here?", RESPONSE, template, draw_defect(seed_without, 0.5))
+    defect = DEFECTS[drawn[seed_with]]
+    assert defect.upper() in with_defect[-1]["content"]
+    assert not any(d.upper() in without[-1]["content"] for d in DEFECTS)
+    assert [m["role"] for m in with_defect] == ["user", "assistant", "user"]
+    assert with_defect[0]["content"] == "What is here?"  # image markers are not for a text LLM
+    assert with_defect[1]["content"] == RESPONSE.strip()
+    assert len(DEFECTS) == 24 and template.version == "distort-llm-v1"
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ('Sure! Here is the short version:\n\n"man walks dog"\n\nNote: I removed details.', "man walks dog"),
+        ("“a dog. street.”", "a dog. street."),
+        ("Here's a curt version: dog street cars", "dog street cars"),
+        ("cars and a dog\n### Human: thanks", "cars and a dog"),
+        ("```\nshort text\n```", "short text"),
+        ("DOG. STREET.\n\nI hope this helps!", "DOG. STREET."),
+    ],
+)
+def test_parse_reply_strips_quotes_preambles_and_chatter(reply, expected):
+    assert parse_reply(reply, RESPONSE) == (expected, None)
+
+
+def test_parse_reply_rejects_empty_and_unchanged_output_with_a_reason():
+    assert parse_reply("", RESPONSE) == (None, "empty reply")
+    assert parse_reply('""', RESPONSE)[1].startswith("empty after cleaning")
+    assert parse_reply("  " + RESPONSE.replace("\n", " ") + " ", RESPONSE)[1].startswith("unchanged")
+    assert parse_reply(RESPONSE.lower(), RESPONSE)[0] == RESPONSE.lower()  # a case change is a real distortion
+
+
+# -- settings ---------------------------------------------------------------------------------------------
+def test_config_errors_say_what_to_fix():
+    with pytest.raises(ConfigError, match="llm entry but `llm` is not set"):
+        parse_config({"distort": {"mix": [{"method": "llm"}]}})
+    with pytest.raises(ConfigError, match="disjoint"):
+        parse_config({"distort": {"mix": [{"method": "augment"}, {"method": "augment", "sources": ["a"]}]}})
+    with pytest.raises(ConfigError, match="char_rate"):
+        parse_config({"distort": {"augment": {"char_rate": [0.5, 0.1]}}})
+    cfg = parse_config({"distort": {"mix": [{"method": "llm", "count": 5}], "llm": {"model": "m"}}})
+    assert cfg.distort.llm.defect_probability == 0.5
+
+
+def test_variant_changes_with_what_changes_the_text_only():
+    base = DistortSettings()
+    v = variant_for("augment", base, run_seed=0)
+    assert v == variant_for("augment", DistortSettings(shard_size=7), run_seed=0)
+    assert v != variant_for("augment", base, run_seed=1)
+    assert v != variant_for("augment", DistortSettings(augment={"p_char": 0.9}), run_seed=0)
+    llm = DistortSettings(mix=[{"method": "llm"}], llm={"model": "m"})
+    faster = DistortSettings(mix=[{"method": "llm"}], llm={"model": "m", "concurrency": 64, "timeout_s": 5})
+    assert variant_for("llm", llm, 0, "openai:m") == variant_for("llm", faster, 0, "openai:m")
+    assert variant_for("llm", llm, 0, "openai:m") != variant_for("llm", llm, 0, "openai:other")
