@@ -16,20 +16,13 @@ import pytest
 from polite.config import SourceSpec
 from polite.config.ingest import ADAPTER_NAMES
 from polite.images import ImageStore
-from polite.record import IMAGE_MARKER, TASK_TYPES, table_to_samples
-from polite.shards import read_table
-from tasks.ingest import ingest_shard, plan_source
+from polite.record import IMAGE_MARKER, TASK_TYPES
+from tasks.ingest import plan_source
 from tasks.sources import ADAPTERS, fixtures
-from tasks.sources.loading import clear_cache
 
 
 def run_source(spec: dict, workspace, shard_size: int = 1000):
-    clear_cache()
-    plan = plan_source(SourceSpec.model_validate(spec), workspace.root, shard_size)
-    results = [ingest_shard(item) for item in plan.items]
-    samples = table_to_samples(pa.concat_tables([read_table(r["samples"]) for r in results]))
-    images = pa.concat_tables([read_table(r["images"]) for r in results]).to_pylist()
-    return results, samples, images
+    return fixtures.ingest_locally(spec, workspace.root, shard_size)
 
 
 def test_config_names_every_registered_adapter():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def generate(folder: str | os.PathLike, n_scenes: int = DEFAULT_SCENES, seed: in
         features=features,
     )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
     table.to_parquet(str(tmp))
     os.replace(tmp, target)
     return folder

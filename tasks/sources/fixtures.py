@@ -351,3 +351,24 @@ def to_legacy_metadata(path: Path) -> None:
     info["info"]["features"] = {k: _legacy(v) for k, v in info["info"]["features"].items()}
     meta[b"huggingface"] = json.dumps(info).encode()
     pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def ingest_locally(spec: dict, workspace_root: str, shard_size: int = 1000):
+    """Plan and run every shard of one source in this process, without Prefect or DuckDB.
+
+    Returns ``(shard results, samples, images rows)``: what a test or a quick look needs.
+    """
+    import pyarrow as pa
+
+    from polite.config.ingest import SourceSpec
+    from polite.record import table_to_samples
+    from polite.shards import read_table
+    from tasks.ingest import ingest_shard, plan_source
+    from tasks.sources.loading import clear_cache
+
+    clear_cache()
+    plan = plan_source(SourceSpec.model_validate(spec), workspace_root, shard_size)
+    results = [ingest_shard(item) for item in plan.items]
+    samples = table_to_samples(pa.concat_tables([read_table(r["samples"]) for r in results]))
+    images = pa.concat_tables([read_table(r["images"]) for r in results]).to_pylist()
+    return results, samples, images

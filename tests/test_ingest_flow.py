@@ -1,0 +1,91 @@
+"""The ingest flow end to end under a real Prefect server, with a real DuckDB file, and the CLI on top."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.ingest import ingest_flow
+from lineage.store import LineageStore
+from tasks.sources import fixtures
+
+
+def _one(store: LineageStore, sql: str):
+    return store.query(sql).to_pylist()
+
+
+@pytest.mark.slow
+def test_flow_ingests_the_demo_and_re_ingest_adds_nothing(prefect_harness, workspace):
+    config = {"ingest": {"sources": [{"adapter": "demo", "options": {"scenes": 40}}], "shard_size": 64}}
+    summary = ingest_flow(config=config, workspace=workspace.root)
+    assert summary["ok"] == 160 and summary["new_samples"] == 160 and summary["new_images"] == 40
+    assert summary["sources"]["demo"]["shards"] == 1
+    store = LineageStore(workspace.db_path)
+    rows = _one(store, "SELECT split, task_type, count(*) AS n FROM samples GROUP BY ALL ORDER BY ALL")
+    assert [(r["split"], r["task_type"], r["n"]) for r in rows] == [
+        ("hq", "detailed_caption", 40), ("raw", "caption", 40), ("raw", "vqa", 80)]
+    ids = [r["sample_id"] for r in _one(store, "SELECT sample_id FROM samples ORDER BY 1")]
+    # every sample's images are rows of `images`, and every sample knows its shard and ingest run
+    assert _one(store, "SELECT count(*) AS n FROM samples s, unnest(s.images) AS u(i) "
+                       "WHERE i NOT IN (SELECT image_id FROM images)")[0]["n"] == 0
+    assert _one(store, "SELECT count(*) AS n FROM samples WHERE shard IS NULL OR run_id IS NULL")[0]["n"] == 0
+    run = store.query("SELECT status, summary FROM runs WHERE run_id = ?", [summary["run_id"]]).to_pylist()[0]
+    assert run["status"] == "completed" and json.loads(run["summary"])["ok"] == 160
+
+    again = ingest_flow(config=config, workspace=workspace.root)
+    assert again["new_samples"] == 0 and again["new_images"] == 0 and again["ok"] == 160
+    assert [r["sample_id"] for r in _one(store, "SELECT sample_id FROM samples ORDER BY 1")] == ids
+
+
+@pytest.mark.slow
+def test_flow_records_failed_rows_and_keeps_going(prefect_harness, workspace, tmp_path):
+    vqa = fixtures.vqav2(tmp_path / "vqav2")
+    llava = fixtures.llava_instruct(tmp_path / "llava")
+    sources = [vqa.spec, llava.spec | {"name": "llava"}]
+    summary = ingest_flow(config={"ingest": {"shard_size": 2}}, workspace=workspace.root, sources=sources)
+    assert summary["sources"]["vqav2"]["shards"] == 3
+    assert (summary["sources"]["vqav2"]["ok"], summary["sources"]["vqav2"]["failed"]) == (vqa.ok, vqa.failed)
+    assert (summary["sources"]["llava"]["ok"], summary["sources"]["llava"]["failed"]) == (llava.ok, llava.failed)
+    store = LineageStore(workspace.db_path)
+    failed = _one(store, "SELECT source, error FROM samples WHERE status = 'failed' ORDER BY source, error")
+    assert len(failed) == vqa.failed + llava.failed and all(r["error"] for r in failed)
+    assert any("truncated" in r["error"] or "cannot be decoded" in r["error"] for r in failed if r["source"] == "vqav2")
+    # one images row per distinct image of an ok sample: vqav2 questions 2001 and 2002 share theirs
+    assert _one(store, "SELECT count(*) AS n FROM images")[0]["n"] == 2 + 2
+    run = _one(store, "SELECT config FROM runs WHERE flow = 'ingest'")[0]
+    assert json.loads(run["config"])["ingest"]["sources"][1]["name"] == "llava"
+
+
+@pytest.mark.slow
+def test_missing_column_fails_the_flow_before_any_work(prefect_harness, workspace, tmp_path):
+    import datasets
+
+    built = fixtures.textcaps(tmp_path / "tc")
+    path = next((tmp_path / "tc").rglob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    ds.remove_columns(["caption_str"]).to_parquet(str(path))
+    with pytest.raises(ValueError, match=r"\['caption_str'\] not found; columns found: .*'image_id'"):
+        ingest_flow(workspace=workspace.root, sources=[built.spec])
+    assert not list(Path(workspace.root).rglob("*.parquet"))
+    assert not workspace.db_path.exists() or not _one(LineageStore(workspace.db_path), "SELECT * FROM runs")
+
+
+@pytest.mark.slow
+def test_cli_ingest_list_and_errors(prefect_harness, workspace, tmp_path):
+    from polite.cli import app
+
+    runner = CliRunner()
+    listing = runner.invoke(app, ["ingest", "--list"])
+    assert listing.exit_code == 0 and "llava_instruct" in listing.output and "coco_captions" in listing.output
+    built = fixtures.flickr30k(tmp_path / "f")
+    result = runner.invoke(app, ["ingest", "flickr30k", "--from", built.spec["from"], "--name", "flickr",
+                                 "--workspace", workspace.root])
+    assert result.exit_code == 0, result.output
+    assert "what landed" in result.output and "flickr" in result.output and "failed sample(s)" in result.output
+    bad = runner.invoke(app, ["ingest", "okvqa", "--from", built.spec["from"], "--split", "test", "-w", workspace.root])
+    assert bad.exit_code == 2 and "not found; columns found" in bad.output
+    unknown = runner.invoke(app, ["ingest", "nope", "-w", workspace.root])
+    assert unknown.exit_code == 2 and "unknown adapter 'nope'" in unknown.output
