@@ -1,0 +1,133 @@
+"""deployments/prefect.yaml against a real Prefect server: `polite serve` runs a triggered export, and
+`polite deploy` registers deployments with the process work pool and their cron schedules."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deployments.apply import DEFAULT_FILE, load_specs
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def test_every_deployment_names_a_flow_file_and_valid_schedules():
+    specs = load_specs(DEFAULT_FILE)
+    names = {s.name for s in specs}
+    assert {"factory", "nightly", "ingest", "distort", "train-rewriter", "rewrite", "filter", "export"} <= names
+    for spec in specs:
+        assert spec.entrypoint.startswith("flows/") and spec.work_pool["name"] == "polite-process"
+        spec.prefect_schedules()  # cron expressions parse
+    nightly = next(s for s in specs if s.name == "nightly")
+    assert nightly.schedules[0]["cron"] == "0 2 * * *" and nightly.parameters == {"config": "configs/nightly.yaml"}
+    with pytest.raises(ValueError, match="no deployment named"):
+        load_specs(DEFAULT_FILE, only=["nope"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, procs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"{what}: process {proc.args[:3]} exited with {proc.returncode}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the group we started: server/serve and their children
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_serve_runs_a_triggered_export_and_deploy_registers_schedules(tmp_path):
+    import httpx
+
+    from test_export_flow import populate
+
+    from lineage.store import LineageStore
+    from polite.workspace import Workspace
+
+    ws = Workspace.resolve(str(tmp_path / "ws")).ensure()
+    populate(ws)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, cwd=tmp_path, start_new_session=True,
+        stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
+    )
+    serving = None
+    try:
+        http = httpx.Client(base_url=api, timeout=10)
+
+        def healthy():
+            try:
+                return http.get("/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(healthy, 180, "the Prefect server", [server])
+        serving = subprocess.Popen(
+            [str(BIN / "polite"), "serve", "--only", "export"], env=env, cwd=REPO, start_new_session=True,
+            stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT,
+        )
+
+        def deployment():
+            r = http.get("/deployments/name/export/export")
+            return r.json() if r.status_code == 200 else None
+
+        dep = _wait(deployment, 120, "the served deployment", [serving])
+        run = http.post(f"/deployments/{dep['id']}/create_flow_run",
+                        json={"parameters": {"workspace": ws.root, "formats": ["pf1m"]}}).json()
+
+        def finished():
+            state = http.get(f"/flow_runs/{run['id']}").json()["state"]
+            return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        state = _wait(finished, 180, "the triggered flow run", [serving])
+        assert state["type"] == "COMPLETED", (state, (logs / "serve.log").read_text()[-3000:])
+        store = LineageStore(ws.db_path)
+        assert store.query("SELECT count(*) AS n FROM export_items").column("n")[0].as_py() == 5
+        runs = store.query("SELECT flow, status, prefect_flow_run_id FROM runs").to_pylist()
+        assert runs == [{"flow": "export", "status": "completed", "prefect_flow_run_id": run["id"]}]
+
+        # `polite deploy`: the process work pool and the deployments, with their schedules
+        deployed = subprocess.run([str(BIN / "polite"), "deploy", "--only", "export", "--only", "nightly"],
+                                  env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        assert http.get("/work_pools/polite-process").json()["type"] == "process"
+        nightly = http.get("/deployments/name/factory/nightly").json()
+        assert nightly["work_pool_name"] == "polite-process"
+        assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+        assert nightly["parameters"] == {"config": "configs/nightly.yaml"}
+    finally:
+        if serving is not None:
+            _stop(serving)
+        _stop(server)
