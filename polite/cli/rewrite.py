@@ -1,9 +1,131 @@
-"""CLI commands of the rewrite stage."""
+"""CLI commands of the rewrite stage: `polite rewrite [--retry-failed]` and `polite rerun --where SQL`."""
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import typer
+
+from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
+
+REWRITE_EXAMPLES = """
+Examples:
+  polite rewrite                                  # every selected sample not yet rewritten with this model/settings
+  polite rewrite --model workspace/models/m_123   # a model folder (registered in the lineage) or a model_id
+  polite rewrite --preset paper                   # the released decoding: 3 beams, sampling, no-repeat 3-grams
+  polite rewrite --set rewrite.overrides.max_new_tokens=256 --set rewrite.token_budget=32768
+  polite rewrite --retry-failed                   # only samples whose attempts all failed
+"""
+RERUN_EXAMPLES = """
+Examples:
+  polite rerun --where "source = 'gqa' AND reward < -2"
+  polite rerun --where "rewrite_status = 'ok' AND length(rewrite) < 20" --preset beam
+  polite rerun --where "sample_id = 's_0123456789abcdef'"
+"""
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Rewriter: a model folder or a model_id (default: latest rewriter in the lineage).",
+    ),
+]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", help="Decoding preset: greedy (default), beam or paper.")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Config override section.key=value (repeatable), e.g. rewrite.shard_size=256."
+    ),
+]
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", min=1, help="Rewrite at most N samples (first by sample_id).")
+]
+
+
+def _config(path: str | None, preset: str | None, sets: list[str] | None) -> dict[str, Any]:
+    from polite.cli.factory import apply_overrides
+    from polite.config import load_config, parse_config
+
+    data = load_config(path).model_dump(mode="json", by_alias=True, exclude_unset=True) if path else {}
+    apply_overrides(data, list(sets or []))
+    if preset:
+        data.setdefault("rewrite", {})["preset"] = preset
+    return parse_config(data, origin=path or "(demo)").model_dump(mode="json", by_alias=True)
+
+
+def _run(config: dict[str, Any], workspace: str | None, **kwargs: Any) -> dict[str, Any]:
+    from flows.rewrite import rewrite_flow
+    from flows.runners import ray_session, stage_resources, task_runner_for
+    from polite.config import parse_config
+
+    runner = parse_config(config).runner
+    with ray_session(runner), stage_resources(runner, "rewrite"):
+        flow = rewrite_flow.with_options(task_runner=task_runner_for(runner, "rewrite"))
+        return flow(config=config, workspace=workspace, **kwargs)
+
+
+def _report(summary: dict[str, Any]) -> None:
+    console.print(
+        f"rewrite ({summary['mode']}): {summary['selected']} selected, {summary.get('ok', 0)} ok, "
+        f"{summary.get('failed', 0)} failed in {summary.get('shards', 0)} shards "
+        f"(model {summary['model_id']}, settings {summary['settings_hash']})",
+        highlight=False,
+    )
+    if summary.get("tokens_per_s"):
+        console.print(
+            f"{summary.get('output_tokens', 0)} tokens generated, {summary['tokens_per_s']} tokens/s"
+        )
+    if summary.get("failed"):
+        console.print(
+            "failures: polite sql \"SELECT error, count(*) FROM rewrites WHERE status = 'failed' GROUP BY 1\"; "
+            "retry them with `polite rewrite --retry-failed`",
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to `app`."""
+
+    @app.command("rewrite", epilog=REWRITE_EXAMPLES)
+    @user_errors
+    def rewrite(
+        workspace: WorkspaceOpt = None,
+        config: ConfigOpt = None,
+        model: ModelOpt = None,
+        retry_failed: Annotated[
+            bool, typer.Option("--retry-failed", help="Redo only samples whose attempts all failed.")
+        ] = False,
+        preset: PresetOpt = None,
+        set_: SetOpt = None,
+        limit: LimitOpt = None,
+    ) -> None:
+        """Rewrite raw annotations with the rewriter, batched on the GPU; resumes where it stopped.
+
+        Every sample gets one result per attempt (ok or failed, with the reason); run it again after a crash
+        and only unfinished shards are redone.
+        """
+        data = _config(config, preset, set_)
+        _report(_run(data, workspace, model=model, retry_failed=retry_failed, limit=limit))
+
+    @app.command("rerun", epilog=RERUN_EXAMPLES)
+    @user_errors
+    def rerun(
+        where: Annotated[
+            str, typer.Option("--where", help="SQL predicate over the `lineage` view (one row per sample).")
+        ],
+        workspace: WorkspaceOpt = None,
+        config: ConfigOpt = None,
+        model: ModelOpt = None,
+        preset: PresetOpt = None,
+        set_: SetOpt = None,
+        limit: LimitOpt = None,
+    ) -> None:
+        """Redo the rewrites of exactly the samples a SQL predicate selects, recording why (`rerun: <predicate>`).
+
+        The new ok rewrite supersedes the earlier one of the same model and settings; nothing else is touched.
+        """
+        data = _config(config, preset, set_)
+        _report(_run(data, workspace, model=model, where=where, limit=limit))

@@ -1,10 +1,69 @@
-"""Settings of the rewrite stage (issue 5 owns and grows this module)."""
+"""Settings of the rewrite stage: which samples, which model, how to decode, how to batch.
+
+Generation settings are a preset (``paper``, ``greedy``, ``beam``) plus optional overrides; the merged result
+is what gets recorded with every rewrite (see ``models.generation.resolve_generation``).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class GenerationOverrides(BaseModel):
+    """Any subset of the decoding parameters; unset fields keep the preset's value."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    min_new_tokens: int | None = Field(default=None, ge=0)
+    num_beams: int | None = Field(default=None, ge=1)
+    do_sample: bool | None = None
+    temperature: float | None = Field(default=None, gt=0)
+    top_k: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    length_penalty: float | None = None
+    no_repeat_ngram_size: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    seed: int | None = None
 
 
 class RewriteSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
+    # None: the latest `models` row of kind 'rewriter' in the lineage. Else a model_id from that table or a path.
+    model: str | None = None
+
+    # -- which samples (a rerun's --where replaces these) --
+    sources: list[str] | None = None  # None: every source
+    task_types: list[str] | None = None  # None: every task type not excluded below
+    # The high-quality types that stage 1 degrades into training pairs are targets, not raw annotations.
+    exclude_task_types: list[str] = Field(default_factory=lambda: ["detailed_caption", "conversation"])
+    exclude_sources: list[str] = Field(default_factory=list)
+
+    # -- how to decode --
+    preset: Literal["paper", "greedy", "beam"] = "greedy"
+    overrides: GenerationOverrides = Field(default_factory=GenerationOverrides)
+    backend: Literal["auto", "fast", "plain"] = (
+        "auto"  # auto: the fast decoder whenever the settings allow it
+    )
+
+    # -- how to batch --
+    shard_size: int = Field(default=512, ge=1)
+    token_budget: int = Field(default=65536, ge=1)  # batch size x (longest prompt + max_new_tokens)
+    max_batch_size: int = Field(default=256, ge=1)
+    max_prompt_tokens: int = Field(default=1024, ge=8)  # longer prompts fail alone with reason 'too long'
+
+    # -- where --
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    cuda_graphs: bool = True
+    prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
+
+    @model_validator(mode="after")
+    def _check(self) -> RewriteSettings:
+        if self.task_types is not None and not self.task_types:
+            raise ValueError("task_types is empty: give at least one type, or leave it out for all types")
+        if self.sources is not None and not self.sources:
+            raise ValueError("sources is empty: give at least one source, or leave it out for all sources")
+        return self

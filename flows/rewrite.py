@@ -1,0 +1,390 @@
+"""The rewrite flow: pick the work in SQL, cut it into deterministic shards, rewrite them, ingest the results.
+
+Three ways to pick the work, all for one (model, prompt version, decoding settings) key:
+
+* ``first`` (``polite rewrite``): the selected samples with no rewrite attempt for the key yet;
+* ``retry-failed`` (``polite rewrite --retry-failed``): samples whose attempts for the key all failed;
+* ``rerun: <predicate>`` (``polite rerun --where``): the samples the predicate selects in the ``lineage`` view,
+  whatever their state; the new ok attempt supersedes the earlier ok one (``rewrites.superseded_by``).
+
+Resume is a query: a killed run left its finished shards' result files behind; the next run ingests any result
+file it has not ingested, and re-forms the unfinished shards identically (same samples, attempts, ids), so their
+result paths match and only the shards in flight are redone. An interrupted retry or rerun resumes its own
+manifest (the work it chose) instead of choosing again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+from prefect import flow
+
+from flows.common import logger, map_shards, stage_run
+from lineage.store import LineageStore
+from models.prompts import PROMPT_VERSION
+from polite.config import ConfigError, parse_config
+from polite.ids import settings_hash, stable_hash
+from polite.shards import chunked, exists, read_table, write_table_atomic
+from polite.workspace import Workspace
+from tasks.rewrite import RESULT_SCHEMA, WORK_SCHEMA, rewrite_shard_task
+
+RUNTIME_KEYS = ("backend", "device", "dtype", "cuda_graphs", "token_budget", "max_batch_size", "max_prompt_tokens",
+                "prefetch_images")  # fmt: skip
+
+
+def rewrite_id(sample_id: str, model_id: str, prompt_version: str, settings_hash_: str, attempt: int) -> str:
+    return "r_" + stable_hash("rewrite", sample_id, model_id, prompt_version, settings_hash_, int(attempt))
+
+
+# -- which model --------------------------------------------------------------------------------------------
+def resolve_model(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[str, str, bool]:
+    """``(model_id, path, registered_now)`` for a model id from the ``models`` table, a model folder, or (None)
+    the latest rewriter in the lineage. ``model_id`` is always the loader's fingerprint of the files."""
+    from pathlib import Path
+
+    from models.loader import as_spec, fingerprint
+
+    row = None
+    with store.reader() as con:
+        if ref is None:
+            row = con.execute(
+                "SELECT model_id, path FROM models WHERE kind = 'rewriter' ORDER BY created_at DESC, model_id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                raise ConfigError(
+                    "no rewriter in the lineage yet: train one (`polite train-rewriter`) or pass --model PATH"
+                )
+        else:
+            row = con.execute("SELECT model_id, path FROM models WHERE model_id = ?", [ref]).fetchone()
+    path = row[1] if row else ref
+    if path and not Path(path).exists() and ws.local and (Path(ws.root) / path).exists():
+        path = str(Path(ws.root) / path)
+    if not path or not Path(path).exists():
+        raise ConfigError(f"rewriter {ref or (row and row[0])!r}: no model folder at {path!r}")
+    spec = as_spec(path)
+    model_id = fingerprint(spec)
+    if row and row[0] != model_id:
+        raise ConfigError(
+            f"models row {row[0]} points at {path}, whose files now fingerprint as {model_id}: "
+            "the folder changed after it was registered; pass --model with the folder to register it anew"
+        )
+    registered = False
+    if not row:
+        with store.writer() as con:
+            known = con.execute("SELECT count(*) FROM models WHERE model_id = ?", [model_id]).fetchone()[0]
+            if not known:
+                params = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+                con.execute(
+                    "INSERT INTO models (model_id, kind, base, adapter, path, params) VALUES (?, 'rewriter', ?, ?, ?, ?)",
+                    [model_id, spec.lm, spec.adapter, str(Path(path).resolve()), params],
+                )
+                registered = True
+    return model_id, str(Path(path).resolve()), registered
+
+
+# -- which samples ------------------------------------------------------------------------------------------
+_SELECT = """
+WITH sel AS (
+    SELECT s.sample_id, s.instruction, s.raw_response, s.images FROM samples s
+    WHERE s.status = 'ok' {filters}
+), done AS (
+    SELECT sample_id, max(attempt) AS last_attempt, bool_or(status = 'ok') AS any_ok
+    FROM rewrites WHERE model_id = $model AND prompt_version = $prompt AND settings_hash = $settings
+    GROUP BY sample_id
+)
+SELECT sel.sample_id, sel.instruction, sel.raw_response, sel.images,
+       CAST(coalesce(done.last_attempt, 0) + 1 AS INTEGER) AS attempt
+FROM sel LEFT JOIN done USING (sample_id)
+WHERE {mode}
+ORDER BY sel.sample_id
+{limit}
+"""
+
+
+def select_work(
+    store: LineageStore, rs, key: dict[str, str], mode: str, where: str | None, limit: int | None
+):
+    """The work rows (``WORK_SCHEMA``) for ``mode`` first / retry-failed / rerun."""
+    params: dict[str, Any] = {
+        "model": key["model_id"],
+        "prompt": key["prompt_version"],
+        "settings": key["settings_hash"],
+    }
+    filters = []
+    rerun_ids = None
+    if mode == "rerun":
+        if not where or not where.strip():
+            raise ConfigError(
+                "rerun needs --where with a SQL predicate over the lineage view, e.g. \"source = 'gqa'\""
+            )
+        rerun_ids = store.user_query(f"SELECT DISTINCT sample_id FROM lineage WHERE {where}")
+        filters.append("AND s.sample_id IN (SELECT sample_id FROM _rerun_ids)")
+        condition = "true"
+    else:
+        for column, values, negate in (
+            ("source", rs.sources, False),
+            ("task_type", rs.task_types, False),
+            ("source", rs.exclude_sources, True),
+            ("task_type", rs.exclude_task_types, True),
+        ):
+            if values:
+                name = f"{'not_' if negate else ''}{column}"
+                params[name] = list(values)
+                filters.append(f"AND {'NOT ' if negate else ''}list_contains(${name}, s.{column})")
+        condition = (
+            "done.sample_id IS NULL" if mode == "first" else "done.sample_id IS NOT NULL AND NOT done.any_ok"
+        )
+    sql = _SELECT.format(
+        filters=" ".join(filters), mode=condition, limit=f"LIMIT {int(limit)}" if limit else ""
+    )
+    with store.reader() as con:
+        if rerun_ids is not None:
+            con.register("_rerun_ids", rerun_ids)
+        picked = con.sql(sql, params=params).to_arrow_table()
+        image_ids = sorted({i for imgs in picked.column("images").to_pylist() for i in (imgs or [])})
+        paths: dict[str, str] = {}
+        if image_ids:
+            con.register("_image_ids", pa.table({"image_id": image_ids}))
+            found = con.execute(
+                "SELECT image_id, path FROM images WHERE image_id IN (SELECT image_id FROM _image_ids)"
+            )
+            paths = dict(found.fetchall())
+    reason = {"first": "first", "retry-failed": "retry-failed"}.get(mode, f"rerun: {where}")
+    rows = []
+    for r in picked.to_pylist():
+        images = list(r["images"] or [])
+        rows.append(
+            {
+                "rewrite_id": rewrite_id(
+                    r["sample_id"], key["model_id"], key["prompt_version"], key["settings_hash"], r["attempt"]
+                ),
+                "sample_id": r["sample_id"],
+                "attempt": r["attempt"],
+                "reason": reason,
+                "instruction": r["instruction"],
+                "raw_response": r["raw_response"],
+                "image_ids": images,
+                "image_paths": [paths.get(i, "") for i in images],
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+
+
+def _pending_manifest(store: LineageStore, request_key: str) -> str | None:
+    """The manifest of the latest run of this same retry/rerun request, if that run did not complete."""
+    with store.reader() as con:
+        rows = con.execute(
+            "SELECT status, config FROM runs WHERE flow = 'rewrite' ORDER BY started_at DESC LIMIT 200"
+        ).fetchall()
+    for status, config in rows:
+        try:
+            request = json.loads(config or "{}").get("request") or {}
+        except ValueError:
+            continue
+        if request.get("key") == request_key:
+            manifest = request.get("manifest")
+            return manifest if status != "completed" and manifest and exists(manifest) else None
+    return None
+
+
+def _not_done(store: LineageStore, work: pa.Table) -> pa.Table:
+    """Work rows whose rewrite_id is not in the lineage yet."""
+    with store.reader() as con:
+        con.register("_work", work)
+        return (
+            con.sql(
+                "SELECT * FROM _work WHERE rewrite_id NOT IN (SELECT rewrite_id FROM rewrites) ORDER BY sample_id"
+            )
+            .to_arrow_table()
+            .cast(WORK_SCHEMA)
+        )
+
+
+# -- ingesting results --------------------------------------------------------------------------------------
+_SUPERSEDE = """
+UPDATE rewrites AS old SET superseded_by = new.rewrite_id
+FROM _new AS new
+WHERE new.status = 'ok' AND old.status = 'ok' AND old.superseded_by IS NULL
+  AND old.sample_id = new.sample_id AND old.model_id = new.model_id
+  AND old.prompt_version = new.prompt_version AND old.settings_hash = new.settings_hash
+  AND old.attempt < new.attempt
+"""
+
+
+def ingest_result(store: LineageStore, path: str, run_id: str, key: dict[str, str]) -> int:
+    """Insert one result file's rows (idempotent), mark superseded rewrites, and note the file as ingested."""
+    table = read_table(path).cast(RESULT_SCHEMA)
+    with store.writer() as con:
+        new = store.ingest_arrow("rewrites", table, con=con)
+        con.register("_new", table)
+        try:
+            con.execute(_SUPERSEDE)
+        finally:
+            con.unregister("_new")
+        con.execute(
+            "INSERT OR IGNORE INTO rewrite_result_files (path, model_id, prompt_version, settings_hash, n_rows, run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [path, key["model_id"], key["prompt_version"], key["settings_hash"], table.num_rows, run_id],
+        )
+    return new
+
+
+def recover_results(store: LineageStore, results_dir: str, run_id: str, key: dict[str, str]) -> int:
+    """Ingest result files of this key that a killed run wrote but never ingested. Returns how many."""
+    from fsspec.core import url_to_fs
+
+    from polite.workspace import is_local
+
+    fs, root = url_to_fs(results_dir)
+    if not fs.exists(root):
+        return 0
+    listed = [f for f in fs.ls(root, detail=False) if f.endswith(".parquet") and "/.tmp-" not in f]
+    files = listed if is_local(results_dir) else [fs.unstrip_protocol(f) for f in listed]
+    with store.reader() as con:
+        seen = {r[0] for r in con.execute("SELECT path FROM rewrite_result_files").fetchall()}
+    orphans = sorted(f for f in files if f not in seen)
+    for path in orphans:
+        ingest_result(store, path, run_id, key)
+    return len(orphans)
+
+
+# -- the flow -----------------------------------------------------------------------------------------------
+@flow(name="rewrite")
+def rewrite_flow(
+    config: dict | None = None,
+    workspace: str | None = None,
+    parent_run_id: str | None = None,
+    model: str | None = None,
+    retry_failed: bool = False,
+    where: str | None = None,
+    limit: int | None = None,
+) -> dict:
+    """Rewrite the selected samples with the rewriter; see the module docstring for the three modes.
+
+    ``model``: a model id or folder (default: ``rewrite.model``, else the latest rewriter in the lineage).
+    Returns counts: selected, shards, ok, failed, output tokens, seconds, and the key that was used.
+    """
+    from models.generation import resolve_generation
+
+    cfg = parse_config(config)
+    rs = cfg.rewrite
+    if retry_failed and where:
+        raise ConfigError("choose one of --retry-failed and --where: a rerun already redoes what it selects")
+    if limit is not None and limit < 1:
+        raise ConfigError("limit must be at least 1")
+    try:
+        settings = resolve_generation(rs.preset, rs.overrides.model_dump(exclude_none=True))
+    except ValueError as exc:
+        raise ConfigError(f"rewrite settings: {exc}") from None
+    if rs.backend == "fast":
+        from models.generation import fast_supported
+
+        if not fast_supported(settings):
+            raise ConfigError(
+                "rewrite.backend 'fast' decodes greedily only: use preset greedy, or backend auto/plain"
+            )
+    mode = "rerun" if where else "retry-failed" if retry_failed else "first"
+    ws = Workspace.resolve(workspace or cfg.workspace).ensure()
+    store = LineageStore(ws.db_path)
+    store.migrate()
+    model_id, model_path, registered = resolve_model(store, ws, model or rs.model)
+    key = {"model_id": model_id, "prompt_version": PROMPT_VERSION, "settings_hash": settings_hash(settings)}
+    base = ws.stage_dir("rewrites")
+    results_dir = f"{base}/results/{model_id}/{PROMPT_VERSION}-{key['settings_hash']}"
+    log = logger()
+
+    # an interrupted retry/rerun resumes the work it chose; "first" work is its own resume query
+    request_key = stable_hash("rewrite-request", mode, where, key)
+    manifest = _pending_manifest(store, request_key) if mode != "first" else None
+    recovered = recover_results(store, results_dir, run_id="recovered", key=key)
+    if manifest:
+        work = _not_done(store, read_table(manifest).cast(WORK_SCHEMA))
+        log.info("resuming an interrupted %s: %d samples left of %s", mode, work.num_rows, manifest)
+    else:
+        work = select_work(store, rs, key, mode, where, limit)
+        if mode != "first" and work.num_rows:
+            manifest = f"{base}/manifests/{stable_hash('manifest', request_key, work.column('rewrite_id').to_pylist())}.parquet"
+            if not exists(manifest):
+                write_table_atomic(work, manifest)
+
+    request = {"mode": mode, "where": where, "limit": limit, "key": request_key, "manifest": manifest, **key,
+               "model_path": model_path, "settings": settings}  # fmt: skip
+    with stage_run("rewrite", {**cfg.model_dump(mode="json"), "request": request}, ws, parent_run_id) as run:
+        run.summary.update(
+            mode=mode, selected=work.num_rows, recovered_files=recovered, model_registered=registered, **key
+        )
+        jobs = []
+        for rows in chunked(range(work.num_rows), rs.shard_size):
+            shard = work.slice(rows[0], len(rows))
+            shard_hash = stable_hash("rewrite-shard", shard.column("rewrite_id").to_pylist(), length=20)
+            work_url = f"{base}/work/{shard_hash}.parquet"
+            if not exists(work_url):
+                write_table_atomic(shard, work_url)
+            jobs.append(
+                {
+                    "name": f"{shard_hash[:8]} ({shard.num_rows} samples)",
+                    "work": work_url,
+                    "out": f"{results_dir}/{shard_hash}.parquet",
+                    "model_path": model_path,
+                    "model_id": model_id,
+                    "prompt_version": PROMPT_VERSION,
+                    "settings": settings,
+                    "settings_hash": key["settings_hash"],
+                    "run_id": run.run_id,
+                    **{k: getattr(rs, k) for k in RUNTIME_KEYS},
+                }
+            )
+        run.summary["shards"] = len(jobs)
+
+        def ingest(result: dict) -> None:
+            ingest_result(store, result["path"], run.run_id, key)
+            run.count("reused_shards", int(bool(result.get("reused"))))
+            for name in ("output_tokens", "generate_s", "splits", "oom_splits"):
+                if name in result:
+                    run.count(name, result[name])
+
+        log.info("rewrite (%s): %d samples in %d shards with %s", mode, work.num_rows, len(jobs), model_id)
+        map_shards(rewrite_shard_task, jobs, ingest, description=f"rewrite ({mode})")
+        with store.reader() as con:
+            con.register("_work", work.select(["rewrite_id"]))
+            counts = dict(
+                con.execute(
+                    "SELECT status, count(*) FROM rewrites WHERE rewrite_id IN (SELECT rewrite_id FROM _work) GROUP BY 1"
+                ).fetchall()
+            )
+        run.summary["ok"] = int(counts.get("ok", 0))
+        run.summary["failed"] = int(counts.get("failed", 0))
+        if run.summary.get("generate_s"):
+            run.summary["tokens_per_s"] = round(
+                run.summary.get("output_tokens", 0) / run.summary["generate_s"], 1
+            )
+    summary = dict(run.summary, run_id=run.run_id, workspace=ws.root)
+    log.info("rewrite finished: %s", {k: summary.get(k) for k in ("selected", "ok", "failed", "shards")})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m flows.rewrite``: the flow without the CLI (used by the crash-and-resume test)."""
+    import argparse
+
+    from polite.config import load_config
+
+    parser = argparse.ArgumentParser(prog="python -m flows.rewrite", description=rewrite_flow.__doc__)
+    parser.add_argument("--workspace")
+    parser.add_argument("--config", help="YAML/TOML config file")
+    parser.add_argument("--model")
+    parser.add_argument("--retry-failed", action="store_true")
+    parser.add_argument("--where")
+    parser.add_argument("--limit", type=int)
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config).model_dump(mode="json", by_alias=True)
+    return rewrite_flow(
+        config=cfg, workspace=args.workspace, model=args.model, retry_failed=args.retry_failed,
+        where=args.where, limit=args.limit,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), default=str))

@@ -1,0 +1,418 @@
+"""Fast greedy decoding for an open_flamingo model: our own decode loop over its modules.
+
+Why: Hugging Face ``generate`` on open_flamingo launches every kernel from Python each step (20-70 ms per step
+whatever the batch) and recomputes the cross-attention keys/values from the image latents at every step. Here:
+
+* a static KV cache (one preallocated arena per layer, viewed per batch shape), so a step has fixed shapes;
+* cross-attention keys/values computed once per batch (from each row's last image) instead of once per step;
+* the whole step - embedding, layers, greedy pick, end-of-sequence bookkeeping - captured in a CUDA graph per
+  (batch bucket, cache length, attention span) and replayed, so a step costs one launch;
+* the prompt (prefill) runs eagerly through the very same open_flamingo cross-attention modules.
+
+The decoder calls the model's own modules (norms, projections, MLPs, cross-attention), so merged LoRA weights and
+either cross-attention masking rule (models/compat.py) are honoured. It supports LLaMA-style language models and
+greedy decoding; ``FastPathUnsupported`` tells the caller to use the plain path instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+KV_BLOCK = 128  # cache lengths and attention spans are rounded up to this, so few graphs are captured
+
+
+class FastPathUnsupported(RuntimeError):
+    """This model or these settings are not handled by the fast decoder; use the plain path."""
+
+
+def _round_up(n: int, block: int) -> int:
+    return ((n + block - 1) // block) * block
+
+
+def batch_bucket(n: int) -> int:
+    """Batch sizes captured as graphs: powers of two up to 32, then multiples of 32."""
+    if n <= 32:
+        return 1 << (max(n, 1) - 1).bit_length()
+    return _round_up(n, 32)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class DecodeOutput:
+    tokens: torch.Tensor  # (B, steps) generated ids; pad after a row's end-of-sequence token
+    nan: torch.Tensor  # (B,) a row saw NaN logits
+
+
+@dataclass
+class _Session:
+    """Static buffers of one batch shape; CUDA graphs captured for it read and write only these."""
+
+    bsz: int
+    cache_len: int
+    max_new: int
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    tok: torch.Tensor
+    slot: torch.Tensor
+    step: torch.Tensor
+    pad_len: torch.Tensor
+    has_media: torch.Tensor
+    finished: torch.Tensor
+    nan: torch.Tensor
+    out: torch.Tensor
+    logits: torch.Tensor
+    min_new: torch.Tensor
+    is_eos: torch.Tensor
+    pad_id: torch.Tensor
+    key_idx: torch.Tensor
+    xk: dict[int, torch.Tensor] = field(default_factory=dict)
+    xv: dict[int, torch.Tensor] = field(default_factory=dict)
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    slot_host: int = 0  # the cache slot the next step writes, known on the host (picks the attention span)
+
+
+class FastFlamingoDecoder:
+    """Greedy decoding and teacher-forced scoring over a loaded open_flamingo ``Flamingo``.
+
+    ``media`` arguments are image latents after the perceiver, shape (B, T_img, n_latents, dim), gathered per
+    row (see ``models.generation.encode_images``); rows may pad T_img with zeros beyond their own images.
+    """
+
+    def __init__(self, model: torch.nn.Module, cuda_graphs: bool = True, kv_block: int = KV_BLOCK):
+        lm = model.lang_encoder
+        self.model = model
+        self.media_token_id = int(model.media_token_id)
+        try:
+            self.layers = list(lm._get_decoder_layers())
+            decoder = lm.get_decoder()
+            self.embed = lm.get_input_embeddings()
+            self.lm_head = lm.get_output_embeddings()
+            self.norm = decoder.norm
+            rotary = decoder.rotary_emb
+            attn0 = self.layers[0].decoder_layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(attn0, name)
+            self.layers[0].decoder_layer.input_layernorm  # noqa: B018 - existence check
+        except (AttributeError, IndexError) as exc:
+            raise FastPathUnsupported(f"{type(lm).__name__} is not a LLaMA-style decoder: {exc}") from exc
+        cfg = lm.config
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(attn0, "head_dim", cfg.hidden_size // self.n_heads))
+        self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
+        self.vocab = int(self.lm_head.weight.shape[0])
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.kv_block = kv_block
+        self.cuda_graphs = bool(cuda_graphs and self.device.type == "cuda")
+        self._rotary = rotary
+        self._cos = self._sin = None
+        self._arena: list[torch.Tensor] = []
+        self._sessions: dict[tuple[int, int, int], _Session] = {}
+        self._rope_table(int(getattr(cfg, "max_position_embeddings", 2048)))
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    # -- tables and buffers ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _rope_table(self, n_positions: int) -> None:
+        """cos/sin for every position, from the model's own rotary module (identical values to its forward)."""
+        if self._cos is not None and self._cos.shape[0] >= n_positions:
+            return
+        dummy = torch.zeros(1, 1, self.head_dim, device=self.device, dtype=self.dtype)
+        positions = torch.arange(n_positions, device=self.device)[None]
+        cos, sin = self._rotary(dummy, positions)
+        self._cos, self._sin = cos[0], sin[0]
+        self._sessions.clear()  # graphs captured against the old tables
+
+    def _session(self, batch: int, prompt_len: int, max_new: int) -> _Session:
+        bsz = batch_bucket(batch) if self.cuda_graphs else batch
+        cache_len = _round_up(prompt_len + max_new, self.kv_block)
+        key = (bsz, cache_len, max_new)
+        if key in self._sessions:
+            return self._sessions[key]
+        self._rope_table(cache_len)
+        per_layer = bsz * self.n_kv * cache_len * self.head_dim
+        if not self._arena or self._arena[0].numel() < per_layer:
+            # growing the arena moves the caches: every captured graph points at the old memory
+            self._sessions.clear()
+            self._arena = []
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            # zeros, not empty: masked-out cache slots are multiplied by 0 in attention, and 0 * NaN is NaN
+            self._arena = [
+                torch.zeros(per_layer, device=self.device, dtype=self.dtype)
+                for _ in range(2 * len(self.layers))
+            ]
+        shape = (bsz, self.n_kv, cache_len, self.head_dim)
+        dev = self.device
+        sess = _Session(
+            bsz=bsz,
+            cache_len=cache_len,
+            max_new=max_new,
+            k=[self._arena[2 * i][:per_layer].view(shape) for i in range(len(self.layers))],
+            v=[self._arena[2 * i + 1][:per_layer].view(shape) for i in range(len(self.layers))],
+            tok=torch.zeros(bsz, dtype=torch.long, device=dev),
+            slot=torch.zeros((), dtype=torch.long, device=dev),
+            step=torch.zeros((), dtype=torch.long, device=dev),
+            pad_len=torch.zeros(bsz, dtype=torch.long, device=dev),
+            has_media=torch.zeros(bsz, dtype=self.dtype, device=dev),
+            finished=torch.ones(bsz, dtype=torch.bool, device=dev),
+            nan=torch.zeros(bsz, dtype=torch.bool, device=dev),
+            out=torch.zeros(bsz, max_new, dtype=torch.long, device=dev),
+            logits=torch.zeros(bsz, self.vocab, dtype=torch.float32, device=dev),
+            min_new=torch.zeros((), dtype=torch.long, device=dev),
+            is_eos=torch.zeros(self.vocab, dtype=torch.bool, device=dev),
+            pad_id=torch.zeros((), dtype=torch.long, device=dev),
+            key_idx=torch.arange(cache_len, device=dev),
+        )
+        self._sessions[key] = sess
+        return sess
+
+    def reset(self) -> None:
+        """Drop every cache and graph (e.g. after an out-of-memory error)."""
+        self._sessions.clear()
+        self._arena = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- the model, piece by piece -----------------------------------------------------------------
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return (x * cos) + (_rotate_half(x) * sin)
+
+    def _self_attention(self, layer_idx, dl, x, cos, sin, write_at, keys, mask, sess) -> torch.Tensor:
+        """One decoder block's self-attention; writes this input's keys/values into the cache first."""
+        b, n, _ = x.shape
+        attn = dl.self_attn
+        q = attn.q_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        kc, vc = sess.k[layer_idx], sess.v[layer_idx]
+        if write_at is None:  # prefill: rows [:b], positions [:n]
+            kc[:b, :, :n] = k
+            vc[:b, :, :n] = v
+        else:  # one decode step, every row at the same cache slot
+            kc.index_copy_(2, write_at, k)
+            vc.index_copy_(2, write_at, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            kc[:b, :, :keys],
+            vc[:b, :, :keys],
+            attn_mask=mask,
+            scale=self.scaling,
+            enable_gqa=self.n_kv != self.n_heads,
+        )
+        return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _cross_attention_step(self, block, x, xk, xv, has_media) -> torch.Tensor:
+        """A gated cross-attention block for one new token, against keys/values precomputed per batch."""
+        b = x.shape[0]
+        a = block.attn
+        q = a.to_q(a.norm(x)).view(b, 1, a.heads, -1).transpose(1, 2) * a.scale
+        sim = q @ xk.transpose(-1, -2)
+        sim = sim - sim.amax(dim=-1, keepdim=True)
+        weights = sim.softmax(dim=-1) * has_media.view(b, 1, 1, 1)
+        out = (weights @ xv).transpose(1, 2).reshape(b, 1, -1)
+        x = a.to_out(out) * block.attn_gate.tanh() + x
+        return block.ff(x) * block.ff_gate.tanh() + x
+
+    def _select(self, sess: _Session, logits: torch.Tensor) -> None:
+        """Greedy pick with Hugging Face's semantics (min_new_tokens, pad after eos), all on the device."""
+        sess.logits.copy_(logits)
+        sess.nan |= torch.isnan(logits).any(dim=-1)
+        blocked = (sess.step < sess.min_new) & sess.is_eos
+        logits = logits.masked_fill(blocked, float("-inf"))
+        nxt = torch.where(sess.finished, sess.pad_id, logits.argmax(dim=-1))
+        sess.out.index_copy_(1, sess.step.view(1), nxt.view(-1, 1))
+        sess.finished |= sess.is_eos[nxt]
+        sess.tok.copy_(nxt)
+        sess.step += 1
+
+    def _step(self, sess: _Session, keys: int) -> None:
+        """One decode step for the whole (bucketed) batch; graph-capturable: no host syncs, fixed shapes."""
+        b = sess.bsz
+        x = self.embed(sess.tok).view(b, 1, -1)
+        pos = (sess.slot - sess.pad_len).clamp(min=0)
+        cos = self._cos[pos].view(b, 1, 1, -1)
+        sin = self._sin[pos].view(b, 1, 1, -1)
+        idx = sess.key_idx[:keys]
+        mask = ((idx >= sess.pad_len.view(b, 1)) & (idx <= sess.slot)).view(b, 1, 1, keys)
+        write_at = sess.slot.view(1)
+        for i, layer in enumerate(self.layers):
+            if layer.gated_cross_attn_layer is not None:
+                x = self._cross_attention_step(
+                    layer.gated_cross_attn_layer, x, sess.xk[i], sess.xv[i], sess.has_media
+                )
+            dl = layer.decoder_layer
+            x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, write_at, keys, mask, sess)
+            x = x + dl.mlp(dl.post_attention_layernorm(x))
+        logits = self.lm_head(self.norm(x))[:, -1].float()
+        self._select(sess, logits)
+        sess.slot += 1
+
+    def _prefill(self, sess: _Session, input_ids, attention_mask, media) -> torch.Tensor:
+        """Run the prompt through every layer (cross-attention by open_flamingo's own modules), fill the cache
+        and the per-batch cross-attention keys/values; return the last position's logits (float32)."""
+        b, n = input_ids.shape
+        mask2d = attention_mask.bool()
+        if not bool((mask2d.long().diff(dim=1) >= 0).all()):
+            raise ValueError("the fast decoder needs left padding (attention mask 0...0 1...1 per row)")
+        pad_len = n - mask2d.sum(dim=1)
+        pos = (torch.arange(n, device=self.device).view(1, n) - pad_len.view(b, 1)).clamp(min=0)
+        cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        # padded queries attend to themselves only: a fully masked row would give NaN in the cache
+        attend = (causal.view(1, n, n) & mask2d.view(b, 1, n)) | torch.eye(
+            n, dtype=torch.bool, device=self.device
+        )
+        attend = attend.view(b, 1, n, n)
+        media_locations = input_ids == self.media_token_id
+        n_images = media_locations.sum(dim=1)
+        media = media.to(self.dtype)
+        last = media[torch.arange(b, device=self.device), (n_images - 1).clamp(min=0)]  # (b, latents, dim)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            block = layer.gated_cross_attn_layer
+            if block is not None:
+                x = block(x, media, media_locations=media_locations, use_cached_media=False)
+                k, v = block.attn.to_kv(last).chunk(2, dim=-1)
+                shape = (b, -1, block.attn.heads, k.shape[-1] // block.attn.heads)
+                full = (sess.bsz, block.attn.heads, k.shape[1], shape[-1])
+                if i not in sess.xk or tuple(sess.xk[i].shape) != full:
+                    sess.xk[i] = torch.zeros(full, device=self.device, dtype=self.dtype)
+                    sess.xv[i] = torch.zeros(full, device=self.device, dtype=self.dtype)
+                    sess.graphs.clear()
+                sess.xk[i][:b] = k.reshape(shape).transpose(1, 2)
+                sess.xv[i][:b] = v.reshape(shape).transpose(1, 2)
+            dl = layer.decoder_layer
+            x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, None, n, attend, sess)
+            x = x + dl.mlp(dl.post_attention_layernorm(x))
+        # under the v1 masking rule text after the prompt sees no image; under the current rule, the last one
+        v1 = any(getattr(x_.gated_cross_attn_layer.attn, "v1_masking", False) for x_ in self._xattn_layers())
+        sess.pad_len.zero_()
+        sess.pad_len[:b] = pad_len
+        sess.has_media.zero_()
+        if not v1:
+            sess.has_media[:b] = (n_images > 0).to(self.dtype)
+        return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
+
+    def _xattn_layers(self):
+        return [layer for layer in self.layers if layer.gated_cross_attn_layer is not None]
+
+    # -- public ------------------------------------------------------------------------------------
+    def _start(
+        self, input_ids, attention_mask, media, max_new, min_new, eos_token_ids, pad_token_id
+    ) -> _Session:
+        b, n = input_ids.shape
+        if n + max_new > self._cos.shape[0] and n + max_new > 1 << 16:
+            raise ValueError(
+                f"prompt ({n}) + max_new_tokens ({max_new}) is longer than any supported context"
+            )
+        sess = self._session(b, n, max_new)
+        sess.is_eos.zero_()
+        sess.is_eos[torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=self.device)] = True
+        sess.pad_id.fill_(int(pad_token_id))
+        sess.min_new.fill_(int(min_new))
+        sess.step.zero_()
+        sess.slot.fill_(n)
+        sess.nan.zero_()
+        sess.finished.fill_(True)
+        sess.finished[:b] = False
+        sess.tok.fill_(int(pad_token_id))
+        logits = self._prefill(
+            sess, input_ids.to(self.device), attention_mask.to(self.device), media.to(self.device)
+        )
+        self._select_first(sess, logits)
+        return sess
+
+    def _select_first(self, sess: _Session, logits: torch.Tensor) -> None:
+        full = torch.zeros(sess.bsz, self.vocab, device=self.device, dtype=torch.float32)
+        full[: logits.shape[0]] = logits
+        self._select(sess, full)
+
+    def _run_step(self, sess: _Session) -> None:
+        keys = min(_round_up(int(sess.slot_host) + 1, self.kv_block), sess.cache_len)
+        if not self.cuda_graphs:
+            self._step(sess, keys)
+            return
+        graph = sess.graphs.get(keys)
+        if graph is None:
+            graph = self._capture(sess, keys)
+        graph.replay()
+
+    def _capture(self, sess: _Session, keys: int) -> torch.cuda.CUDAGraph:
+        saved = [t.clone() for t in (sess.tok, sess.slot, sess.step, sess.finished, sess.nan)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(sess, keys)  # warm-up (cuBLAS handles, autotuning) outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        for dst, src in zip((sess.tok, sess.slot, sess.step, sess.finished, sess.nan), saved, strict=True):
+            dst.copy_(src)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step(sess, keys)
+        sess.graphs[keys] = graph
+        return graph
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        min_new_tokens: int = 0,
+        check_every: int = 8,
+    ) -> DecodeOutput:
+        """Greedy decoding of a left-padded batch; identical tokens to Hugging Face greedy ``generate``."""
+        b, n = input_ids.shape
+        sess = self._start(
+            input_ids, attention_mask, media, max_new_tokens, min_new_tokens, eos_token_ids, pad_token_id
+        )
+        steps = 1
+        sess.slot_host = n
+        every = 1 if self.device.type == "cpu" else max(1, check_every)
+        while steps < max_new_tokens:
+            if steps % every == 0 and bool(sess.finished[:b].all()):
+                break
+            self._run_step(sess)
+            sess.slot_host += 1
+            steps += 1
+        if bool(sess.nan[:b].any()):
+            # keep later batches safe: masked cache slots are multiplied by zero, and 0 * NaN is NaN
+            for t in self._arena:
+                t.zero_()
+        tokens = sess.out[:b, :steps].clone()
+        finished = sess.finished[:b]
+        if steps > 1 and bool(finished.all()):
+            # trim trailing all-pad columns left by the periodic stop check
+            alive = (tokens != int(pad_token_id)).any(dim=0).nonzero()
+            keep = int(alive.max()) + 1 if alive.numel() else 1
+            tokens = tokens[:, :keep]
+        return DecodeOutput(tokens=tokens, nan=sess.nan[:b].clone())
+
+    @torch.inference_mode()
+    def score(self, input_ids, attention_mask, media, continuation: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B, K+1, vocab): after the prompt, then after each of ``continuation``'s K tokens,
+        computed by the same prefill and (graph-captured) decode steps that ``generate`` uses."""
+        b, n = input_ids.shape
+        k = continuation.shape[1]
+        sess = self._start(input_ids, attention_mask, media, k + 1, 0, [], 0)
+        sess.slot_host = n
+        out = [sess.logits[:b].clone()]
+        for j in range(k):
+            sess.tok[:b] = continuation[:, j].to(self.device)
+            self._run_step(sess)
+            sess.slot_host += 1
+            out.append(sess.logits[:b].clone())
+        return torch.stack(out, dim=1)

@@ -1,0 +1,346 @@
+"""Batched rewriting with a loaded rewriter: decoding presets, input preparation, plain and fast backends.
+
+``RewriteGenerator`` turns (instruction, raw response, images) into rewrites for one batch at a time:
+
+* prompts are ``models.prompts.rewrite_prompt`` tokenized and padded left; a prompt longer than
+  ``max_prompt_tokens`` fails alone ('too long'), so does a bad image (``polite.images.BadImageError``);
+* each distinct image of a batch is encoded once (vision tower + perceiver), then gathered per row;
+* greedy settings go to the fast decoder (models/fast_decode.py), anything else (beams, sampling,
+  no-repeat n-grams) to Hugging Face ``generate`` on the same precomputed image latents (the plain path);
+* a row whose logits turn NaN fails alone.
+
+Batching, prefetching and out-of-memory splitting live in models/batching.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from models.prompts import EOS_ID, PAD_ID, rewrite_prompt, split_response
+
+# The released inference code's decoding (METHOD.md), and two cheaper presets.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(
+        max_new_tokens=1024,
+        num_beams=3,
+        do_sample=True,
+        temperature=1.0,
+        top_k=20,
+        top_p=0.9,
+        length_penalty=1.0,
+        no_repeat_ngram_size=3,
+    ),  # fmt: skip
+    "greedy": dict(max_new_tokens=1024, num_beams=1, do_sample=False),
+    "beam": dict(
+        max_new_tokens=1024, num_beams=3, do_sample=False, length_penalty=1.0, no_repeat_ngram_size=3
+    ),
+}
+_DEFAULTS: dict[str, Any] = dict(
+    max_new_tokens=1024, min_new_tokens=0, num_beams=1, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+    length_penalty=1.0, no_repeat_ngram_size=0, repetition_penalty=1.0, seed=0,
+)  # fmt: skip
+_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed")
+
+
+def resolve_generation(preset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full, normalised decoding settings of ``preset`` + ``overrides`` (``None`` values are ignored).
+
+    Parameters that cannot change the output are dropped (sampling knobs without sampling, the length
+    penalty without beams), so equivalent settings hash alike and resume finds their rewrites.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown generation preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = set(overrides or {}) - set(_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown generation settings {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
+    settings = {
+        **_DEFAULTS,
+        **PRESETS[preset],
+        **{k: v for k, v in (overrides or {}).items() if v is not None},
+    }
+    if not settings["do_sample"]:
+        for key in _SAMPLING_ONLY:
+            settings.pop(key)
+    if settings["num_beams"] == 1:
+        settings.pop("length_penalty")
+    if settings["min_new_tokens"] > settings["max_new_tokens"]:
+        raise ValueError("min_new_tokens cannot exceed max_new_tokens")
+    return dict(sorted(settings.items()))
+
+
+def fast_supported(settings: dict[str, Any]) -> bool:
+    """The fast decoder does greedy search (optionally with a minimum length) and nothing else."""
+    return (
+        settings["num_beams"] == 1
+        and not settings["do_sample"]
+        and not settings.get("no_repeat_ngram_size")
+        and settings.get("repetition_penalty", 1.0) == 1.0
+    )
+
+
+def hf_generate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings -> Hugging Face ``generate`` keyword arguments."""
+    kwargs = {k: v for k, v in settings.items() if k != "seed"}
+    if not kwargs.get("min_new_tokens"):
+        kwargs.pop("min_new_tokens", None)
+    return kwargs
+
+
+class PromptTooLong(ValueError):
+    """The prompt has more tokens than ``max_prompt_tokens``."""
+
+
+@dataclass
+class Prepared:
+    """One sample ready for a batch: prompt ids and its images (preprocessed pixels, keyed for dedup)."""
+
+    input_ids: list[int]
+    image_keys: list[str]
+    pixels: list[Any]
+
+
+@dataclass
+class Generated:
+    text: str
+    input_tokens: int
+    output_tokens: int
+    token_ids: list[int]
+
+
+def encode_images(model, pixels):
+    """Image latents (U, n_latents, dim) for U images (U, C, H, W): vision tower, then perceiver."""
+    import torch
+
+    with torch.inference_mode():
+        feats = model.vision_encoder(pixels)[1]  # (U, patches, dim)
+        return model.perceiver(feats[:, None, None])[:, 0]  # perceiver wants (b, T, F, v, d)
+
+
+def plain_generate(model, media, input_ids, attention_mask, **gen_kwargs):
+    """Hugging Face ``generate`` through open_flamingo with precomputed image latents ``media`` (B, T, n, d).
+
+    Same as ``models.flamingo.generate`` except that images were encoded once per distinct image, not per row.
+    """
+    import torch
+
+    from models.compat import language_model
+
+    lm = language_model(model)
+    num_beams = int(gen_kwargs.get("num_beams", 1) or 1)
+    if num_beams > 1:
+        media = media.repeat_interleave(num_beams, dim=0)
+    gen_kwargs.setdefault("eos_token_id", [model.eoc_token_id, EOS_ID])
+    gen_kwargs.setdefault("pad_token_id", PAD_ID)
+    try:
+        with torch.inference_mode():
+            lm._use_cached_vision_x = True
+            for layer in lm._get_decoder_layers():
+                layer.condition_vis_x(media)
+            return lm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+    finally:
+        lm.clear_conditioned_layers()
+        lm._use_cached_vision_x = False
+
+
+def _nan_guard(flags: list[int], rows_per_sample: int):
+    """A logits processor that notes which samples saw NaN logits (and keeps generation going)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class NanGuard(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            bad = torch.isnan(scores).any(dim=-1)
+            if bool(bad.any()):
+                flags.extend(int(r) // rows_per_sample for r in bad.nonzero().flatten().tolist())
+                scores = torch.nan_to_num(scores, nan=0.0)
+            return scores
+
+    return NanGuard()
+
+
+_decoders: dict[tuple, Any] = {}
+_decoders_lock = threading.Lock()
+
+
+def fast_decoder(loaded, cuda_graphs: bool = True):
+    """One ``FastFlamingoDecoder`` per loaded model and process, so captured graphs survive across shards."""
+    from models.fast_decode import FastFlamingoDecoder
+
+    key = (loaded.fingerprint, str(loaded.device), str(loaded.dtype), bool(cuda_graphs))
+    with _decoders_lock:
+        if key not in _decoders:
+            _decoders[key] = FastFlamingoDecoder(loaded.model, cuda_graphs=cuda_graphs)
+        return _decoders[key]
+
+
+class RewriteGenerator:
+    """Prepare and generate rewrites with one loaded rewriter and one set of decoding settings."""
+
+    def __init__(
+        self,
+        loaded,
+        settings: dict[str, Any],
+        backend: str = "auto",
+        max_prompt_tokens: int = 1024,
+        cuda_graphs: bool = True,
+        image_cache_size: int = 256,
+    ):
+        from models.fast_decode import FastPathUnsupported
+
+        if backend not in ("auto", "fast", "plain"):
+            raise ValueError(f"backend must be auto, fast or plain, got {backend!r}")
+        self.loaded = loaded
+        self.settings = dict(settings)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.tokenizer = loaded.tokenizer
+        self.eos_ids = [int(loaded.model.eoc_token_id), EOS_ID]
+        self.decoder = None
+        if backend == "fast" and not fast_supported(self.settings):
+            raise ValueError(
+                "backend 'fast' does greedy decoding only; use backend 'auto' or 'plain' for these settings"
+            )
+        if backend != "plain" and fast_supported(self.settings):
+            try:
+                self.decoder = fast_decoder(loaded, cuda_graphs=cuda_graphs)
+            except FastPathUnsupported:
+                if backend == "fast":
+                    raise
+        self.backend = "fast" if self.decoder is not None else "plain"
+        self._images: OrderedDict[str, Any] = OrderedDict()
+        self._image_cache_size = image_cache_size
+
+    def runtime(self) -> dict[str, Any]:
+        """What ran the settings (recorded next to them; not part of the settings hash)."""
+        return {
+            "backend": self.backend,
+            "device": str(self.loaded.device),
+            "dtype": str(self.loaded.dtype).replace("torch.", ""),
+        }
+
+    # -- CPU side ----------------------------------------------------------------------------------
+    def prompt_ids(self, instruction: str, raw_response: str) -> list[int]:
+        ids = self.tokenizer(rewrite_prompt(instruction, raw_response), add_special_tokens=True)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:
+            raise PromptTooLong(
+                f"too long: prompt has {len(ids)} tokens, max_prompt_tokens is {self.max_prompt_tokens}"
+            )
+        return list(ids)
+
+    def _pixels(self, key: str, path: str):
+        if key in self._images:
+            self._images.move_to_end(key)
+            return self._images[key]
+        from fsspec.core import url_to_fs
+
+        from polite.images import BadImageError, decode_check
+
+        fs, local = url_to_fs(path)
+        try:
+            with fs.open(local, "rb") as handle:
+                data = handle.read()
+        except (FileNotFoundError, OSError) as exc:
+            raise BadImageError(f"image {key} unreadable at {path}: {exc}") from exc
+        image = decode_check(data).convert("RGB")
+        pixels = self.loaded.image_processor(image)
+        self._images[key] = pixels
+        if len(self._images) > self._image_cache_size:
+            self._images.popitem(last=False)
+        return pixels
+
+    def prepare(self, input_ids: list[int], images: list[tuple[str, str]]) -> Prepared:
+        """Load and preprocess one sample's images ((key, path) pairs, in instruction order)."""
+        from models.prompts import IMAGE_TOKEN
+
+        media_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        n_markers = sum(1 for t in input_ids if t == media_id)
+        if n_markers != len(images):
+            raise ValueError(
+                f"instruction has {n_markers} {IMAGE_TOKEN} markers but the sample has {len(images)} images"
+            )
+        return Prepared(list(input_ids), [k for k, _ in images], [self._pixels(k, p) for k, p in images])
+
+    # -- device side -------------------------------------------------------------------------------
+    def _collate(self, batch: list[Prepared]):
+        import torch
+
+        loaded = self.loaded
+        width = max(len(p.input_ids) for p in batch)
+        ids = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids, dtype=torch.long)
+            mask[row, width - len(p.input_ids) :] = 1
+        keys: dict[str, int] = {}
+        pixels = []
+        for p in batch:
+            for key, px in zip(p.image_keys, p.pixels, strict=True):
+                if key not in keys:
+                    keys[key] = len(keys)
+                    pixels.append(px)
+        t_max = max(1, max(len(p.image_keys) for p in batch))
+        model = loaded.model
+        zero = torch.zeros((1, *model.perceiver.latents.shape), device=loaded.device, dtype=loaded.dtype)
+        if pixels:
+            latents = torch.cat(
+                [encode_images(model, torch.stack(pixels).to(loaded.device, loaded.dtype)), zero]
+            )
+        else:
+            latents = zero
+        index = torch.full((len(batch), t_max), len(keys), dtype=torch.long)
+        for row, p in enumerate(batch):
+            for t, key in enumerate(p.image_keys):
+                index[row, t] = keys[key]
+        media = latents[
+            index.to(loaded.device)
+        ]  # (B, T, n, d); padding points at the zero latent, never attended
+        return ids.to(loaded.device), mask.to(loaded.device), media
+
+    def generate(self, batch: list[Prepared]) -> list[Generated | Exception]:
+        """One batch -> one result per sample (an ``Exception`` for a sample that failed alone)."""
+        import torch
+
+        from models.batching import is_oom_error
+
+        ids, mask, media = self._collate(batch)
+        try:
+            if self.decoder is not None:
+                out = self.decoder.generate(
+                    ids, mask, media, self.settings["max_new_tokens"], self.eos_ids, PAD_ID,
+                    min_new_tokens=self.settings.get("min_new_tokens", 0),
+                )  # fmt: skip
+                new, nan_rows = out.tokens.cpu(), set(out.nan.nonzero().flatten().tolist())
+            else:
+                flags: list[int] = []
+                kwargs = hf_generate_kwargs(self.settings)
+                if self.settings["do_sample"]:
+                    torch.manual_seed(int(self.settings.get("seed", 0)))
+                from transformers import LogitsProcessorList
+
+                kwargs["logits_processor"] = LogitsProcessorList(
+                    [_nan_guard(flags, kwargs.get("num_beams", 1))]
+                )
+                seqs = plain_generate(
+                    self.loaded.model, media, ids, mask, eos_token_id=self.eos_ids, **kwargs
+                )
+                new, nan_rows = seqs[:, ids.shape[1] :].cpu(), set(flags)
+        except BaseException as exc:
+            if self.decoder is not None and is_oom_error(exc):
+                self.decoder.reset()
+            raise
+        results: list[Generated | Exception] = []
+        for row, p in enumerate(batch):
+            if row in nan_rows:
+                results.append(FloatingPointError("NaN in the logits while generating"))
+                continue
+            tokens = new[row].tolist()
+            cut = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+            kept = tokens if cut is None else tokens[:cut]
+            n_out = len(tokens) if cut is None else cut + 1
+            text = split_response(self.tokenizer.decode(kept, skip_special_tokens=True))
+            results.append(
+                Generated(text=text, input_tokens=len(p.input_ids), output_tokens=n_out, token_ids=kept)
+            )
+        return results

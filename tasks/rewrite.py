@@ -1,0 +1,181 @@
+"""Rewrite one work shard: every sample in it gets exactly one result row (ok or failed) in one parquet file.
+
+The pure function ``rewrite_shard`` reads the work shard (samples with their attempt number, reason and image
+paths), loads the rewriter once per process (models.loader), runs the batching engine (models/batching.py) over
+``RewriteGenerator`` (models/generation.py), and writes the result rows atomically at ``job["out"]``. That path
+is derived from the shard's content, the model, the prompt version and the settings, so a repeated task finds
+its file and does nothing. Workers never open DuckDB.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pyarrow as pa
+from prefect import task
+
+from polite.shards import exists, read_table, write_table_atomic
+
+WORK_SCHEMA = pa.schema(
+    [
+        ("rewrite_id", pa.string()),
+        ("sample_id", pa.string()),
+        ("attempt", pa.int32()),
+        ("reason", pa.string()),
+        ("instruction", pa.string()),
+        ("raw_response", pa.string()),
+        ("image_ids", pa.list_(pa.string())),
+        ("image_paths", pa.list_(pa.string())),
+    ]
+)
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("rewrite_id", pa.string()),
+        ("sample_id", pa.string()),
+        ("model_id", pa.string()),
+        ("prompt_version", pa.string()),
+        ("settings_hash", pa.string()),
+        ("settings", pa.string()),
+        ("attempt", pa.int32()),
+        ("status", pa.string()),
+        ("output", pa.string()),
+        ("error", pa.string()),
+        ("input_tokens", pa.int32()),
+        ("output_tokens", pa.int32()),
+        ("latency_ms", pa.float64()),
+        ("run_id", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
+# One generator at a time per loaded model: the model's modules carry per-call state (image conditioning,
+# the fast decoder's caches), so shards sharing a worker process take turns on the device.
+_device_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _device_lock(key: str) -> threading.Lock:
+    with _locks_guard:
+        return _device_locks.setdefault(key, threading.Lock())
+
+
+def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the samples of ``job["work"]`` into ``job["out"]``; returns the path and counts.
+
+    ``job``: work, out (URLs); model_path, model_id; prompt_version; settings (decoding), settings_hash;
+    run_id; and the runtime options backend, device, dtype, cuda_graphs, token_budget, max_batch_size,
+    max_prompt_tokens, prefetch_images.
+    """
+    out = job["out"]
+    if exists(out):
+        return {"path": out, "reused": True}
+    from models.batching import plan_batches, run_batches
+    from models.generation import PromptTooLong, RewriteGenerator
+    from models.loader import load_rewriter
+
+    started = time.perf_counter()
+    work = read_table(job["work"]).to_pylist()
+    loaded = load_rewriter(job["model_path"], device=job.get("device"), dtype=_dtype(job.get("dtype")))
+    if loaded.fingerprint != job["model_id"]:
+        raise RuntimeError(
+            f"the model files at {job['model_path']} now fingerprint as {loaded.fingerprint}, not {job['model_id']}: "
+            "they changed since the flow chose them; run the flow again"
+        )
+    settings = job["settings"]
+    gen = RewriteGenerator(
+        loaded,
+        settings,
+        backend=job.get("backend", "auto"),
+        max_prompt_tokens=int(job.get("max_prompt_tokens", 1024)),
+        cuda_graphs=bool(job.get("cuda_graphs", True)),
+    )
+    lock = _device_lock(f"{loaded.fingerprint}/{loaded.device}/{loaded.dtype}")
+
+    prompt_ids: dict[int, list[int]] = {}
+    early: dict[int, str] = {}
+    for i, row in enumerate(work):
+        try:
+            prompt_ids[i] = gen.prompt_ids(row["instruction"] or "", row["raw_response"] or "")
+        except PromptTooLong as exc:
+            early[i] = str(exc)
+    todo = sorted(prompt_ids)
+    batches = plan_batches(
+        [len(prompt_ids[i]) for i in todo],
+        max_new_tokens=int(settings["max_new_tokens"]),
+        token_budget=int(job.get("token_budget", 65536)),
+        max_batch_size=int(job.get("max_batch_size", 256)),
+        width=int(settings.get("num_beams", 1)),
+    )
+    batches = [[todo[j] for j in batch] for batch in batches]
+
+    def load_item(i: int):
+        row = work[i]
+        return gen.prepare(
+            prompt_ids[i], list(zip(row["image_ids"] or [], row["image_paths"] or [], strict=True))
+        )
+
+    def generate(batch):
+        with lock:
+            return gen.generate(batch)
+
+    outcomes, stats = run_batches(
+        batches, load_item, generate, prefetch=bool(job.get("prefetch_images", True))
+    )
+    by_index = {o.index: o for o in outcomes}
+
+    recorded = json.dumps({**settings, "runtime": gen.runtime()}, sort_keys=True)
+    rows = []
+    for i, row in enumerate(work):
+        outcome = by_index.get(i)
+        value = outcome.value if outcome is not None and outcome.ok else None
+        error = early.get(i) or (outcome.error if outcome is not None else None)
+        rows.append(
+            {
+                "rewrite_id": row["rewrite_id"],
+                "sample_id": row["sample_id"],
+                "model_id": job["model_id"],
+                "prompt_version": job["prompt_version"],
+                "settings_hash": job["settings_hash"],
+                "settings": recorded,
+                "attempt": int(row["attempt"]),
+                "status": "ok" if value is not None else "failed",
+                "output": value.text if value is not None else None,
+                "error": None if value is not None else (error or "no result"),
+                "input_tokens": len(prompt_ids[i]) if i in prompt_ids else None,
+                "output_tokens": value.output_tokens if value is not None else None,
+                "latency_ms": round(outcome.latency_s * 1000.0, 3)
+                if outcome is not None and outcome.ok
+                else None,
+                "run_id": job.get("run_id"),
+                "reason": row["reason"],
+            }
+        )
+    write_table_atomic(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), out)
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    return {
+        "path": out,
+        "reused": False,
+        "ok": n_ok,
+        "failed": len(rows) - n_ok,
+        "output_tokens": sum(r["output_tokens"] or 0 for r in rows),
+        "seconds": round(time.perf_counter() - started, 3),
+        "generate_s": round(stats.generate_s, 3),
+        "batches": stats.batches,
+        "splits": stats.splits,
+        "oom_splits": stats.oom_splits,
+        "backend": gen.backend,
+    }
+
+
+def _dtype(name: str | None):
+    return None if name in (None, "auto") else name
+
+
+@task(name="rewrite-shard", task_run_name="rewrite {job[name]}")
+def rewrite_shard_task(job: dict[str, Any]) -> dict[str, Any]:
+    """Prefect wrapper: one task per work shard; the model stays loaded in the worker between shards."""
+    return rewrite_shard(job)
