@@ -41,8 +41,8 @@ def resolve_config(config: dict | str | None) -> FactoryConfig:
 
 
 def given_model(cfg: FactoryConfig, model: str | None) -> str | None:
-    """A rewriter to use instead of training one: ``model`` argument, else ``train.model`` when set."""
-    return model or getattr(cfg.train, "model", None) or None
+    """A rewriter to use instead of training one: the ``model`` argument, else ``rewrite.model`` when set."""
+    return model or getattr(cfg.train, "model", None) or cfg.rewrite.model or None
 
 
 def stage_flow(stage: str):
@@ -139,7 +139,7 @@ def _source_rows(spec, adapter) -> tuple[int | None, str]:
             return None, f"cannot open: {exc}"
     known = KNOWN_ROWS.get((origin, adapter.config_name, adapter.split))
     if known is None:
-        return spec.limit, "limit" if spec.limit else "unknown size"
+        return spec.limit, "limit (split size unknown)" if spec.limit else "unknown split size"
     return (min(known, spec.limit) if spec.limit else known), "estimated (dataset card)"
 
 
@@ -161,33 +161,47 @@ def plan(cfg: FactoryConfig, workspace: str | None = None, model: str | None = N
     stages = [s for s in STAGES if _enabled(cfg, s) and not (s == "train" and chosen)]
     settings = {section: getattr(cfg, section).model_dump(mode="json")
                 for section in ("distort", "train", "rewrite", "filters", "export", "runner")}
-    weights = []
-    for path in _weight_paths(settings):
-        weights.append({"path": path, "present": Path(path).expanduser().exists()})
     return {
         "workspace": ws.root,
         "stages": stages,
         "sources": sources,
         "rewriter": chosen or "trained in this run (train settings)",
-        "weights": weights,
+        "models": _models(cfg, stages, chosen),
         "settings": settings,
         "runner": {s: type(task_runner_for(cfg.runner, s)).__name__ for s in stages},
     }
 
 
-def _weight_paths(settings: dict[str, Any]) -> list[str]:
-    """Local files named in the settings (keys ending in path/checkpoint/weights), to say if they exist."""
-    found: list[str] = []
+def _where(ref: str, allow_download: bool = False) -> str:
+    """How a model reference would be found: a local path (present or not) or a Hub id."""
+    if ref.startswith(("/", "./", "../", "~", "local-dir:", "package:")) or Path(ref).expanduser().exists():
+        path = Path(ref.split(":", 1)[1] if ref.startswith("local-dir:") else ref).expanduser()
+        if ref.startswith("package:"):
+            return "bundled Python package"
+        return "present" if path.exists() else "ABSENT on this machine"
+    return "Hub id, downloaded on first use" if allow_download else "Hub id (local cache only: downloads are off)"
 
-    def walk(value: Any, key: str = "") -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, k)
-        elif isinstance(value, list):
-            for v in value:
-                walk(v, key)
-        elif isinstance(value, str) and key.endswith(("path", "checkpoint", "weights", "ckpt")) and value:
-            found.append(value)
 
-    walk(settings)
-    return found
+def _models(cfg: FactoryConfig, stages: list[str], chosen: str | None) -> list[dict[str, str]]:
+    """Every model the run would load, and whether it is here."""
+    out = []
+    if "distort" in stages and cfg.distort.llm is not None:
+        llm = cfg.distort.llm
+        where = llm.base_url if llm.backend == "openai" else _where(llm.model, llm.allow_download)
+        out.append({"role": f"distorter ({llm.backend})", "model": llm.model, "where": where})
+    if "train" in stages:
+        base = cfg.train.base
+        out.append({"role": "rewriter base (trained here)", "model": base,
+                    "where": "made in the workspace" if base == "tiny" else _where(base)})
+    if chosen:
+        out.append({"role": "rewriter", "model": chosen, "where": _where(chosen)})
+    if "filter" in stages:
+        for name in ("semantic", "nli", "clipscore", "reward"):
+            scorer = getattr(cfg.filters, name, None)
+            if scorer is None or scorer.enabled is False:
+                continue
+            where = _where(scorer.model, cfg.filters.allow_download)
+            if scorer.enabled == "auto":
+                where += "; auto: skipped when not available"
+            out.append({"role": f"filter {name}", "model": scorer.model, "where": where})
+    return out

@@ -25,13 +25,21 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"--set {pair!r}: write it as section.key=value, e.g. --set rewrite.batch_size=8")
         dotted, raw = pair.split("=", 1)
         keys = dotted.strip().split(".")
-        node = data
+        node: Any = data
         for key in keys[:-1]:
+            if isinstance(node, list):  # `ingest.sources.0.limit=10`: a list item by index
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ValueError(f"--set {pair!r}: {key} is not an index of a {len(node)}-item list")
+                node = node[int(key)]
+                continue
             child = node.setdefault(key, {})
-            if not isinstance(child, dict):
+            if not isinstance(child, dict | list):
                 raise ValueError(f"--set {pair!r}: {key} is not a section")
             node = child
-        node[keys[-1]] = yaml.safe_load(raw)
+        if isinstance(node, list):
+            node[int(keys[-1])] = yaml.safe_load(raw)
+        else:
+            node[keys[-1]] = yaml.safe_load(raw)
     return data
 
 
@@ -39,18 +47,15 @@ def read_config(path: str | None, sets: list[str], limit: int | None, runner: st
     """The validated config: file (or demo defaults), then CLI overrides, validated once."""
     from polite.config import load_config, parse_config
 
-    data = load_config(path).model_dump(mode="json", by_alias=True, exclude_unset=True) if path else {}
+    data = load_config(path).model_dump(mode="json", by_alias=True)
     apply_overrides(data, sets)
     if limit is not None:
-        cfg = parse_config(data, origin=path or "(demo)")
-        sources = cfg.model_dump(mode="json", by_alias=True)["ingest"]["sources"]
-        for source in sources:
+        for source in data["ingest"]["sources"]:
             source["limit"] = limit
-        data.setdefault("ingest", {})["sources"] = sources
     if runner:
-        data.setdefault("runner", {})["kind"] = runner
+        data["runner"]["kind"] = runner
     if ray_address:
-        data.setdefault("runner", {})["ray_address"] = ray_address
+        data["runner"]["ray_address"] = ray_address
     return parse_config(data, origin=path or "(demo)")
 
 
@@ -66,8 +71,12 @@ def print_plan(p: dict[str, Any]) -> None:
         table.add_row(*["" if s[c] is None else f"{s[c]:,}" if isinstance(s[c], int) else str(s[c])
                         for c in ("source", "adapter", "from", "split", "config", "rows", "rows_from", "shards")])
     console.print(table)
-    for w in p["weights"]:
-        console.print(f"weights {w['path']}: {'present' if w['present'] else '[yellow]absent on this machine[/]'}")
+    models = Table(title="models")
+    for col in ("role", "model", "where"):
+        models.add_column(col)
+    for m in p["models"]:
+        models.add_row(m["role"], m["model"], m["where"])
+    console.print(models)
     console.print(f"task runners: {p['runner']}")
     for section, values in p["settings"].items():
         console.print(f"[bold]{section}[/]: " + json.dumps(values, default=str), highlight=False, soft_wrap=True)
