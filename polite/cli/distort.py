@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -11,7 +11,7 @@ import typer
 from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
 
 
-class TrainingSetFormat(str, Enum):
+class TrainingSetFormat(StrEnum):
     parquet = "parquet"
     datasets = "datasets"
 

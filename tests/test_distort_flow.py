@@ -1,0 +1,159 @@
+"""The distort flow end to end under Prefect on a real DuckDB file: all three methods, resume, retry, export."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from lineage.store import LineageStore
+from models.prompts import rewrite_prompt
+from polite.config import ConfigError
+from polite.images import ImageStore
+from polite.record import Sample, samples_to_table
+from tasks.distort.stub_server import StubChatServer
+
+
+def png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def seed_lineage(workspace) -> LineageStore:
+    """6 demo scenes (detailed captions with captions+boxes, one image each), 4 text-only conversations,
+    plus rows the stage must leave alone: a failed sample, a VQA sample, an empty response."""
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    images = ImageStore(workspace.images)
+    stored = [images.put(png((40 * i, 100, 200))) for i in range(6)]
+    store.ingest_arrow("images", pa.Table.from_pylist([s.to_row() for s in stored]))
+    samples = [
+        Sample(
+            sample_id=f"s_demo_{i}", source="demo", split="hq", task_type="detailed_caption",
+            instruction="<image>\nDescribe this image in detail.",
+            raw_response=f"A red bus number {i} waits at a stop. Two people stand beside it. The sky is clear.",
+            images=[stored[i].image_id],
+            meta={"captions": [f"a bus {i}", "people at a stop", "a red bus", "a street", "a clear day"],
+                  "boxes": [["bus", [0.1, 0.2, 0.8, 0.9]], ["person", [0.05, 0.4, 0.15, 0.95]]]},
+        )
+        for i in range(6)
+    ] + [
+        Sample(sample_id=f"s_chat_{i}", source="llava", split="train", task_type="conversation",
+               instruction=f"What should I pack for a trip number {i}?",
+               raw_response="Pack light clothes, a charger and sunscreen. Keep your passport in a safe pocket.")
+        for i in range(4)
+    ] + [
+        Sample(sample_id="s_bad", source="demo", split="hq", task_type="detailed_caption", instruction="x",
+               raw_response="", status="failed", error="image cannot be decoded"),
+        Sample(sample_id="s_vqa", source="demo", split="hq", task_type="vqa", instruction="<image>Q?",
+               raw_response="yes"),
+        Sample(sample_id="s_empty", source="llava", split="train", task_type="conversation", instruction="Hi",
+               raw_response="  "),
+    ]  # fmt: skip
+    store.ingest_arrow("samples", samples_to_table(samples))
+    return store
+
+
+def config(base_url: str, retry: int = 1) -> dict:
+    return {
+        "seed": 7,
+        "distort": {
+            "shard_size": 4,
+            "mix": [
+                {"method": "augment"},
+                {"method": "retrieve", "sources": ["demo"]},
+                {"method": "llm", "sources": ["llava"], "count": 3},
+            ],
+            "llm": {"backend": "openai", "model": "stub-llm", "base_url": base_url, "max_retries": retry,
+                    "backoff_s": 0.01, "timeout_s": 5},
+        },
+    }  # fmt: skip
+
+
+def pairs(store: LineageStore) -> list[dict]:
+    return store.query("SELECT * FROM pairs ORDER BY pair_id").to_pylist()
+
+
+@pytest.mark.slow
+def test_distort_flow_resumes_retries_and_exports(prefect_harness, workspace, tmp_path):
+    from flows.distort import distort_flow, write_training_set
+
+    store = seed_lineage(workspace)
+    ws = str(workspace.root)
+    with StubChatServer() as server:
+        # 1. The LLM server fails every request: llm pairs are recorded as failed, the others are made.
+        first = distort_flow(config=config(server.url("500")), workspace=ws)
+        assert first["augment_selected"] == 10 and first["retrieve_selected"] == 6 and first["llm_selected"] == 3
+        assert first["retrieve_ok"] == 6 and first["llm_failed"] == 3
+        assert first["augment_ok"] + first.get("augment_failed", 0) == 10
+        made = pairs(store)
+        assert len(made) == 19
+        llm = [p for p in made if p["method"] == "llm"]
+        assert all("HTTP 500" in p["error"] and p["status"] == "failed" for p in llm)
+        assert {p["sample_id"] for p in made} <= {f"s_demo_{i}" for i in range(6)} | {f"s_chat_{i}" for i in range(4)}
+        assert all(p["run_id"] and p["variant"] and p["seed"] is not None for p in made)
+        assert all(p["instruction"] and p["original"] for p in made)
+
+        # 2. Same config again: nothing new to do (failed pairs count as made unless retried).
+        second = distort_flow(config=config(server.url("500")), workspace=ws)
+        assert second["augment_selected"] == second["retrieve_selected"] == second["llm_selected"] == 0
+        assert pairs(store) == made
+
+        # 3. Retry the failed ones against a working server: the same pair ids, now ok.
+        third = distort_flow(config=config(server.url("ok")), workspace=ws, retry_failed=True, methods=["llm"])
+        assert third == {"llm_selected": 3, "llm_ok": 3, "shards": 1}
+        after = pairs(store)
+        assert len(after) == 19
+        llm_after = [p for p in after if p["method"] == "llm"]
+        assert {p["pair_id"] for p in llm_after} == {p["pair_id"] for p in llm}
+        assert all(p["status"] == "ok" and p["llm"] == "openai:stub-llm" for p in llm_after)
+        assert json.loads(llm_after[0]["params"])["template"] == "distort_v1"
+
+    # The distorting LLM is in the models table; the runs are recorded.
+    assert store.query("SELECT kind FROM models WHERE model_id = 'openai:stub-llm'").to_pylist() == [{"kind": "distorter"}]
+    assert store.query("SELECT count(*) AS n FROM runs WHERE flow = 'distort' AND status = 'completed'").to_pylist() == [{"n": 3}]
+
+    # 4. The training set: the fixed contract models/train.py reads.
+    out = write_training_set(None, ws, out=str(tmp_path / "train.parquet"))
+    table = pq.read_table(out)
+    assert table.schema.names == ["pair_id", "sample_id", "method", "images", "prompt", "target"]
+    images_type = table.schema.field("images").type
+    assert pa.types.is_list(images_type) and images_type.value_type == pa.string()
+    ok = {p["pair_id"]: p for p in after if p["status"] == "ok"}
+    assert table.num_rows == len(ok)
+    paths = {r["image_id"]: r["path"] for r in store.query("SELECT image_id, path FROM images").to_pylist()}
+    for r in table.to_pylist():
+        p = ok[r["pair_id"]]
+        assert r["prompt"] == rewrite_prompt(p["instruction"], p["distorted"]) and r["target"] == p["original"]
+        sample_images = store.query("SELECT images FROM samples WHERE sample_id = ?", [r["sample_id"]]).to_pylist()
+        assert r["images"] == [paths[i] for i in sample_images[0]["images"]]
+        assert ("<image><|endofchunk|>" in r["prompt"]) == bool(r["images"])
+    retrieve = [r for r in table.to_pylist() if r["method"] == "retrieve"]
+    assert len(retrieve) == 6 and "bus: [0.100, 0.200, 0.800, 0.900]" in retrieve[0]["prompt"]
+
+    only_llm = write_training_set(None, ws, where="p.method = 'llm'", format="datasets")
+    import datasets
+
+    ds = datasets.load_from_disk(only_llm)
+    assert len(ds) == 3 and set(ds["method"]) == {"llm"}
+    with pytest.raises(Exception, match="refused|statement"):
+        write_training_set(None, ws, where="true); DELETE FROM pairs; SELECT (1")
+
+
+def test_bad_settings_fail_before_any_work(workspace):
+    from flows.distort import distort_flow
+
+    cfg = {"distort": {"mix": [{"method": "llm"}], "llm": {"backend": "local", "model": "/no/such/model"}}}
+    with pytest.raises(ConfigError, match="no model folder"):
+        distort_flow.fn(config=cfg, workspace=str(workspace.root))
+    with pytest.raises(ConfigError, match="no distortion template"):
+        distort_flow.fn(
+            config={"distort": {"mix": [{"method": "llm"}], "llm": {"model": "m", "template": "nope"}}},
+            workspace=str(workspace.root),
+        )
+    assert not workspace.db_path.exists() or LineageStore(workspace.db_path).query("SELECT * FROM runs").num_rows == 0

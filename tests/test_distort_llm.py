@@ -1,0 +1,132 @@
+"""Method 1 against real backends: a tiny local LLaMA loaded from disk, and an OpenAI-style HTTP server."""
+
+from __future__ import annotations
+
+import pytest
+
+from polite.config.distort import LLMSettings
+from tasks.distort.backends import OpenAIChatBackend, get_backend
+from tasks.distort.llm import distort_llm
+from tasks.distort.stub_server import StubChatServer, curt_version
+
+ORIGINALS = [
+    "The image shows a brown dog lying on a red couch next to a window. The room is bright and tidy.",
+    "Two people ride bicycles along a street lined with trees, and a bus is parked nearby.",
+    "A plate holds rice, vegetables and grilled chicken. It sits on a wooden table in a sunny kitchen.",
+]
+
+
+def rows(n: int = 3) -> list[dict]:
+    return [
+        {"sample_id": f"s_llm_{i}", "instruction": "<image>\nDescribe the image.", "raw_response": ORIGINALS[i % 3]}
+        for i in range(n)
+    ]
+
+
+# -- a tiny local causal LM ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    """A 1-layer LLaMA with random weights and a BPE trained here, saved like any Hub model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from models.tiny import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = train_tokenizer(ORIGINALS * 3 + ["### Human: ### Assistant: short curt version"], vocab_size=300)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, initializer_range=0.5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_local_backend_batches_left_padded_like_one_by_one(tiny_lm_dir):
+    from models.text_lm import load_text_lm
+
+    lm = load_text_lm(str(tiny_lm_dir))
+    assert load_text_lm(str(tiny_lm_dir)) is lm  # cached per process
+    assert lm.identity.startswith("hf:") and not lm.has_chat_template
+    prompts = [lm.render([{"role": "user", "content": t}]) for t in ORIGINALS + ["hi"]]
+    assert prompts[0].startswith("### Human: ") and prompts[0].endswith("### Assistant:")
+    batched = lm.generate(prompts, max_new_tokens=6, batch_size=4)
+    single = [lm.generate([p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single  # left padding + attention mask leave each row's greedy output unchanged
+    assert lm.generate(prompts, max_new_tokens=6, batch_size=2) == batched
+
+
+def test_method_llm_with_a_local_model_is_deterministic_and_records_every_pair(tiny_lm_dir):
+    settings = LLMSettings(backend="local", model=str(tiny_lm_dir), max_new_tokens=8, batch_size=2)
+    backend = get_backend(settings)
+    first = [p.to_row() for p in distort_llm(rows(4), settings, backend, "v_l", run_seed=1)]
+    second = [p.to_row() for p in distort_llm(rows(4), settings, backend, "v_l", run_seed=1)]
+    assert first == second
+    for r in first:
+        assert r["llm"] == backend.identity and r["template_version"] == "distort-llm-v1"
+        # A random model says random things: either a usable distortion or a failure with its reason.
+        assert (r["status"] == "ok" and r["distorted"]) or (r["status"] == "failed" and r["error"])
+
+
+def test_missing_local_model_says_where_it_looked(tmp_path):
+    from models.text_lm import load_text_lm
+
+    with pytest.raises(FileNotFoundError, match="allow_download"):
+        load_text_lm(str(tmp_path / "nope"))
+
+
+# -- an OpenAI-compatible HTTP server -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server():
+    with StubChatServer(delay_s=1.0) as s:
+        yield s
+
+
+def http_settings(server: StubChatServer, mode: str, **kw) -> LLMSettings:
+    base = dict(backend="openai", model="stub-llm", base_url=server.url(mode), max_retries=2, backoff_s=0.01,
+                timeout_s=5.0, concurrency=4)  # fmt: skip
+    return LLMSettings(**{**base, **kw})
+
+
+def test_http_backend_parses_chatty_replies(server):
+    settings = http_settings(server, "ok")
+    pairs = distort_llm(rows(3), settings, OpenAIChatBackend(settings), "v_h", run_seed=0)
+    assert [p.status for p in pairs] == ["ok"] * 3
+    assert [p.distorted for p in pairs] == [curt_version(t) for t in ORIGINALS]  # chatter and quotes stripped
+    assert all(p.llm == "openai:stub-llm" and p.params["attempts"] == 1 for p in pairs)
+
+
+def test_http_backend_retries_a_flaky_server(server):
+    settings = http_settings(server, "flaky")
+    pairs = distort_llm(rows(3), settings, OpenAIChatBackend(settings), "v_h", run_seed=0)
+    assert [p.status for p in pairs] == ["ok"] * 3
+    assert [p.params["attempts"] for p in pairs] == [2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra", "error", "attempts"),
+    [
+        ("500", {}, "HTTP 500", 3),
+        ("garbage", {}, "unparsable reply", 3),
+        ("slow", {"timeout_s": 0.2, "max_retries": 1}, "timeout after 0.2s", 2),
+        ("400", {}, "HTTP 400 (not retried)", 1),
+        ("echo", {}, "unchanged", 1),
+    ],
+)
+def test_http_failures_become_recorded_pairs_after_retries(server, mode, extra, error, attempts):
+    settings = http_settings(server, mode, **extra)
+    before = server.requests[mode]
+    pairs = distort_llm(rows(2), settings, OpenAIChatBackend(settings), "v_h", run_seed=0)
+    assert [p.status for p in pairs] == ["failed", "failed"]
+    assert all(error in p.error for p in pairs), [p.error for p in pairs]
+    assert all(p.params["attempts"] == attempts and p.distorted is None for p in pairs)
+    assert server.requests[mode] - before == 2 * attempts
+
+
+def test_http_connection_refused_is_a_failure_not_a_crash():
+    settings = LLMSettings(model="m", base_url="http://127.0.0.1:9/v1", max_retries=1, backoff_s=0.01)
+    (pair,) = distort_llm(rows(1), settings, OpenAIChatBackend(settings), "v_h", run_seed=0)
+    assert pair.status == "failed" and "connection error" in pair.error
