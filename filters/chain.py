@@ -141,15 +141,17 @@ class Chain:
         results: dict[str, dict[str, ScoreResult]] = {}
         score_rows: list[dict[str, Any]] = []
         for scorer in self.scorers:
-            todo = [i for i in alive if scorer.applies(i)]
+            alive_ids = {i.rewrite_id for i in alive}
             mine: dict[str, ScoreResult] = {}
             fresh = []
-            for item in todo:
+            for item in items:
+                if not scorer.applies(item):
+                    continue
                 stored = prior.get(item.rewrite_id, {}).get(scorer.name)
-                if stored is None:
-                    fresh.append(item)
-                else:
+                if stored is not None:  # stored scores count even for rewrites dropped earlier, as in SQL
                     mine[item.rewrite_id] = ScoreResult(stored[0], stored[1], scorer.passes(*stored))
+                elif item.rewrite_id in alive_ids:
+                    fresh.append(item)
             for item, result in zip(fresh, scorer.score_batch(fresh), strict=True):
                 mine[item.rewrite_id] = result
                 score_rows.append(scorer.score_row(item, result, run_id))

@@ -132,15 +132,18 @@ def rethreshold(con, chain: Chain, run_id: str | None = None, scope: str | None 
     return {"decided": int(n), "kept": int(kept)}
 
 
-def work_sql(chain: Chain, full_scoring: bool = False) -> str:
+def work_sql(chain: Chain, full_scoring: bool = False, pending_only: bool = True) -> str:
     """Latest ok rewrites that have no decision under the current settings (or, with ``full_scoring``, miss
-    an applicable score), joined with their sample, image paths and the scores already stored."""
+    an applicable score), joined with their sample, image paths and the scores already stored.
+    ``pending_only=False`` selects every latest ok rewrite (to compare against the SQL decisions)."""
     applicable = " + ".join(
         f"CASE WHEN {s.applies_sql('w.task_type', 'w.n_images')} THEN 1 ELSE 0 END" for s in chain.scorers
     ) or "0"
     need = f"NOT EXISTS (SELECT 1 FROM decisions d WHERE d.rewrite_id = w.rewrite_id AND d.settings_hash = {sql_str(chain.settings_hash)})"
     if full_scoring:
         need = f"({need} OR ({applicable}) > len(coalesce(pr.prior, [])))"
+    if not pending_only:
+        need = "TRUE"
     return f"""
 WITH w AS (
     SELECT r.rewrite_id, r.sample_id, s.source, s.task_type, s.instruction, s.raw_response,

@@ -152,3 +152,14 @@ def make_clip(folder: str | Path, name: str = "polite-tiny-clip", size: str = "t
     weights = folder / f"{name}.pt"
     torch.save(model.state_dict(), weights)
     return {"model": name, "model_config_file": str(config_file), "pretrained": str(weights)}
+
+
+def make_tiny_scorer_models(folder: str | Path, texts: Iterable[str] = ()) -> dict[str, dict]:
+    """Tiny NLI, reward and CLIP models under ``folder``; returns the ``filters`` config that enables them."""
+    folder = Path(folder)
+    texts = list(texts)
+    return {
+        "nli": {"enabled": True, "model": make_deberta_classifier(folder / "nli", 3, texts=texts)},
+        "reward": {"enabled": True, "model": make_deberta_classifier(folder / "reward", 1, texts=texts, seed=1)},
+        "clipscore": {"enabled": True, **make_clip(folder / "clip")},
+    }
