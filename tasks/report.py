@@ -182,18 +182,20 @@ def _thumbnail(path: str) -> bytes | None:
 
 
 def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
-    """``n`` kept samples (before/after), spread over sources, in a stable order."""
+    """``n`` rewritten samples (before/after), kept ones first, spread over sources, in a stable order."""
     if n <= 0:
         return []
     with store.reader() as con:
         return con.execute(
-            """SELECT l.sample_id, l.source, l.task_type, l.instruction, l.raw_response,
-                   coalesce(l.final_output, l.rewrite) AS rewrite, l.reward, l.raw_reward,
-                   (SELECT i.path FROM images i WHERE i.image_id = l.images[1]) AS image_path
-               FROM lineage l WHERE l.kept AND l.rewrite_status = 'ok'
-               QUALIFY row_number() OVER (PARTITION BY l.source ORDER BY hash(l.sample_id)) <= $n
-               ORDER BY row_number() OVER (PARTITION BY l.source ORDER BY hash(l.sample_id)), l.source
-               LIMIT $n""",
+            """SELECT sample_id, source, task_type, instruction, raw_response, rewrite, reward, raw_reward, kept,
+                   decision_reason, image_path FROM (
+                SELECT l.sample_id, l.source, l.task_type, l.instruction, l.raw_response,
+                   coalesce(l.final_output, l.rewrite) AS rewrite, l.reward, l.raw_reward, l.kept, l.decision_reason,
+                   (SELECT i.path FROM images i WHERE i.image_id = l.images[1]) AS image_path,
+                   row_number() OVER (PARTITION BY l.source ORDER BY coalesce(l.kept, false) DESC, hash(l.sample_id))
+                       AS rn
+                FROM lineage l WHERE l.rewrite_status = 'ok')
+               ORDER BY coalesce(kept, false) DESC, rn, source LIMIT $n""",
             {"n": n},
         ).to_arrow_table().to_pylist()
 
@@ -238,7 +240,8 @@ def write_report(
     md += ["## Keep rate per source\n", "![sources](sources.png)\n" if pictures["sources.png"] else "", _md_table(sources)]
     md.append("## Sample cards\n")
     for card in cards:
-        md.append(f"### {card['sample_id']} ({card['source']}, {card['task_type']})\n")
+        verdict = "kept" if card["kept"] else f"dropped: {card['decision_reason']}"
+        md.append(f"### {card['sample_id']} ({card['source']}, {card['task_type']}; {verdict})\n")
         if card["picture"]:
             md.append(f"![image]({card['picture']})\n")
         md.append(f"**Instruction:** {card['instruction']}\n")

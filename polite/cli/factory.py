@@ -59,6 +59,13 @@ def read_config(path: str | None, sets: list[str], limit: int | None, runner: st
     return parse_config(data, origin=path or "(demo)")
 
 
+def quiet_library_warnings() -> None:
+    """Keep the terminal for our output: DuckDB's Arrow-copy note is not for users."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
+
+
 def print_plan(p: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -124,7 +131,8 @@ def print_summary(result: dict[str, Any]) -> None:
     console.print(ftable)
     console.rule("[bold]before / after[/]")
     for card in sample_cards(store, 3):
-        console.print(f"[bold]{card['sample_id']}[/] ({card['source']}, {card['task_type']})", highlight=False)
+        verdict = "[green]kept[/]" if card["kept"] else f"[yellow]dropped: {card['decision_reason']}[/]"
+        console.print(f"[bold]{card['sample_id']}[/] ({card['source']}, {card['task_type']}) {verdict}", highlight=False)
         console.print(f"  instruction: {card['instruction']}", highlight=False)
         console.print(f"  [red]before:[/] {card['raw_response']}", highlight=False)
         console.print(f"  [green]after:[/]  {card['rewrite']}", highlight=False)
@@ -164,6 +172,7 @@ def register(app: typer.Typer) -> None:
 
         Examples: polite run | polite run --config configs/pf1m.yaml --dry-run | polite run --set rewrite.batch_size=8
         """
+        quiet_library_warnings()
         cfg = read_config(config, set_ or [], limit, runner, ray_address)
         if dry_run:
             from flows.factory import plan
