@@ -1,0 +1,120 @@
+"""The batching engine (token budget, longest first, failure isolation, OOM split) and decoding settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.batching import is_oom_error, plan_batches, run_batches
+from models.generation import PRESETS, fast_supported, resolve_generation
+from polite.ids import settings_hash
+
+
+def test_plan_batches_respects_budget_size_and_sorts_longest_first():
+    lengths = [5, 40, 12, 40, 7, 30, 8, 9]
+    batches = plan_batches(lengths, max_new_tokens=10, token_budget=120, max_batch_size=3)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))  # every item exactly once
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * (longest + 10) <= 120
+    assert batches[0] == [1, 3]  # 2 x (40 + 10) = 100 fits, a third would not
+    # an item over budget on its own still runs, alone
+    assert plan_batches([500, 3], max_new_tokens=10, token_budget=100, max_batch_size=8) == [[0], [1]]
+    # beams multiply the cost
+    assert len(plan_batches([10] * 4, 10, 80, 8, width=2)) == 2
+    assert plan_batches(lengths, 10, 120, 3) == batches  # deterministic
+
+
+def _oom(msg="CUDA out of memory. Tried to allocate 2.00 GiB"):
+    return torch.cuda.OutOfMemoryError(msg)
+
+
+def test_oom_splits_batches_down_to_what_fits():
+    calls = []
+
+    def generate(items):
+        calls.append(len(items))
+        if len(items) > 2:
+            raise _oom()
+        return [x * 10 for x in items]
+
+    outcomes, stats = run_batches(
+        [[0, 1, 2, 3, 4]], lambda i: i, generate, prefetch=False, on_oom=lambda: None
+    )
+    assert [o.value for o in outcomes] == [0, 10, 20, 30, 40]
+    assert all(o.ok for o in outcomes)
+    assert calls == [5, 2, 3, 1, 2]  # halves, and the half that still does not fit halves again
+    assert stats.oom_splits >= 2 and stats.splits == stats.oom_splits
+    assert is_oom_error(_oom()) and not is_oom_error(ValueError("bad"))
+
+
+def test_one_bad_sample_fails_alone_and_the_rest_goes_on():
+    def load(i):
+        if i == 6:
+            raise ValueError("image cannot be decoded")
+        return i
+
+    def generate(items):
+        if 2 in items:  # a poisoned sample makes its whole batch raise
+            raise RuntimeError("poisoned input 2")
+        return [FloatingPointError("NaN in the logits") if x == 4 else f"ok {x}" for x in items]
+
+    outcomes, stats = run_batches([[0, 1, 2, 3], [4, 5, 6, 7]], load, generate, prefetch=True)
+    by = {o.index: o for o in outcomes}
+    assert set(by) == set(range(8))
+    assert by[2].error == "RuntimeError: poisoned input 2"
+    assert by[4].error.startswith("FloatingPointError")
+    assert "cannot be decoded" in by[6].error
+    assert [i for i, o in by.items() if o.ok] == [0, 1, 3, 5, 7]
+    assert by[0].value == "ok 0" and by[7].value == "ok 7"
+    assert stats.load_failures == 1 and stats.splits >= 1 and stats.oom_splits == 0
+
+
+def test_an_item_that_ooms_alone_fails_with_the_reason():
+    def generate(items):
+        if 1 in items:
+            raise _oom()
+        return list(items)
+
+    outcomes, _ = run_batches([[0, 1]], lambda i: i, generate, prefetch=False, on_oom=lambda: None)
+    assert outcomes[0].ok and outcomes[0].value == 0
+    assert outcomes[1].error.startswith("out of memory even alone")
+
+
+def test_generation_presets_and_hash_normalisation():
+    paper = resolve_generation("paper")
+    assert {k: paper[k] for k in PRESETS["paper"]} == PRESETS[
+        "paper"
+    ]  # the released decoding, recorded in full
+    assert not fast_supported(paper)
+    greedy = resolve_generation("greedy", {"max_new_tokens": 64})
+    assert fast_supported(greedy) and greedy["max_new_tokens"] == 64
+    # knobs that cannot change greedy output do not change the hash, so resume still finds the rewrites
+    same = resolve_generation(
+        "greedy", {"max_new_tokens": 64, "temperature": 0.3, "top_k": 5, "length_penalty": 2}
+    )
+    assert settings_hash(same) == settings_hash(greedy)
+    assert settings_hash(resolve_generation("greedy", {"max_new_tokens": 65})) != settings_hash(greedy)
+    assert not fast_supported(resolve_generation("greedy", {"no_repeat_ngram_size": 3}))
+    with pytest.raises(ValueError, match="unknown generation preset"):
+        resolve_generation("fastest")
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        resolve_generation("greedy", {"max_new_tokens": 4, "min_new_tokens": 8})
+
+
+def test_rewrite_settings_validate_before_any_work():
+    from polite.config import ConfigError, parse_config
+
+    cfg = parse_config({"rewrite": {"preset": "paper", "overrides": {"max_new_tokens": 32}}})
+    assert cfg.rewrite.exclude_task_types == ["detailed_caption", "conversation"]
+    for bad, where in (
+        ({"preset": "nucleus"}, "rewrite.preset"),
+        ({"overrides": {"beams": 3}}, "rewrite.overrides.beams"),
+        ({"task_types": []}, "task_types is empty"),
+        ({"token_budget": 0}, "rewrite.token_budget"),
+    ):
+        with pytest.raises(ConfigError, match=where):
+            parse_config({"rewrite": bad})
