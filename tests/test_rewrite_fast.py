@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_rewrite_fixtures import png
 
 from models.batching import plan_batches, run_batches
 from models.generation import RewriteGenerator, resolve_generation
 from models.prompts import EOS_ID
-from test_rewrite_fixtures import png
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 # One intra-op thread: on a shared 2-core box OpenMP's spinning threads slow these tiny ops down 30x.
