@@ -111,6 +111,8 @@ def ingest_shard(item: dict[str, Any]) -> dict[str, Any]:
     images = pa.Table.from_pylist(list(ctx.images.values()), schema=IMAGE_SCHEMA)
     write_table_atomic(images, item["images_url"])
     table = samples_to_table(samples)
+    # the shard's own (deterministic) URL travels with its rows, so the flow can bulk-load files directly
+    table = table.append_column("shard", pa.array([item["samples_url"]] * table.num_rows, type=pa.string()))
     table = table.replace_schema_metadata({COUNTS_KEY: json.dumps(counts).encode()})
     write_table_atomic(table, item["samples_url"])  # written last: its presence marks the shard done
     return result | counts | {"reused": False}

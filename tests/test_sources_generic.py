@@ -112,7 +112,7 @@ def test_generic_missing_column_and_bad_config(tmp_path, workspace):
 
 
 def test_paths_and_templates_are_deterministic():
-    assert parse_path("answers[0].answer") == ["answers", 0, "answer"]
+    assert parse_path("answers[0].answer") == ("answers", 0, "answer")
     assert get_path({"a": {"b": [None, {"c": 1}]}}, "a.b[1].c") == 1
     first = render_instruction("vqa", "s_1", question="Is it red?")
     assert first == render_instruction("vqa", "s_1", question="Is it red?")

@@ -114,9 +114,12 @@ def register(app: typer.Typer) -> None:
             sources = [spec]
         elif any(v is not None for v in (from_, split, limit, config_name, revision, name, mapping)) or option:
             raise ValueError("--from/--split/--limit/... need a SOURCE (an adapter name; see --list)")
+        from prefect.task_runners import ThreadPoolTaskRunner
+
         from flows.ingest import ingest_flow
 
-        summary = ingest_flow(config=data, workspace=workspace, sources=sources)
+        runner = ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
+        summary = ingest_flow.with_options(task_runner=runner)(config=data, workspace=workspace, sources=sources)
         if summary.get("failed"):
             console.print(
                 f"{summary['failed']} failed sample(s): polite sql \"SELECT source, error, count(*) FROM samples "

@@ -19,7 +19,7 @@ from polite.config.distort import AugmentSettings
 from tasks.distort.record import AUGMENT_VERSION, Pair, new_pair
 
 # A sentence ends at . ! ? (plus closing quotes/brackets) before whitespace, or at a line break.
-_BOUNDARY = re.compile(r"[.!?]+[\"')\]]*(\s+)|\s*\n\s*")
+_BOUNDARY = re.compile(r"[.!?]+[\"')\]]*(\s+)|\n\s*")
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -28,11 +28,14 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     start = 0
     for match in _BOUNDARY.finditer(text):
         end = match.start(1) if match.group(1) is not None else match.start()
-        if text[start:end].strip():
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        if end > start:
             spans.append((start, end))
         start = match.end()
-    if text[start:].strip():
-        spans.append((start, len(text.rstrip())))
+    end = len(text.rstrip())
+    if end > start:
+        spans.append((start, end))
     return spans
 
 
@@ -40,11 +43,6 @@ def keep_first(text: str, k: int) -> str:
     """The first ``k`` sentences, exactly as they were written (a prefix of ``text``)."""
     spans = sentence_spans(text)
     return text if k >= len(spans) else text[: spans[k - 1][1]]
-
-
-def shuffle_sentences(text: str, order: list[int], joiner: str) -> str:
-    sentences = [text[a:b].strip() for a, b in sentence_spans(text)]
-    return joiner.join(sentences[i] for i in order)
 
 
 @lru_cache(maxsize=1)
@@ -131,17 +129,17 @@ def augment_text(text: str, settings: AugmentSettings, seed: int) -> tuple[str, 
     """The augmented text and the steps applied, each with its drawn parameters (for ``pairs.params``)."""
     rng = random.Random(seed)
     steps: list[dict[str, Any]] = []
-    n = len(sentence_spans(text))
-    if rng.random() < settings.p_keep_first and n >= 2:
-        k = rng.randint(1, n - 1)
-        text = keep_first(text, k)
-        steps.append({"op": "keep_first", "k": k, "of": n})
-    n = len(sentence_spans(text))
-    if rng.random() < settings.p_shuffle and n >= 2:
-        order = list(range(n))
+    spans = sentence_spans(text)
+    if rng.random() < settings.p_keep_first and len(spans) >= 2:
+        k = rng.randint(1, len(spans) - 1)
+        steps.append({"op": "keep_first", "k": k, "of": len(spans)})
+        text, spans = text[: spans[k - 1][1]], spans[:k]  # what keep_first(text, k) returns
+    if rng.random() < settings.p_shuffle and len(spans) >= 2:
+        order = list(range(len(spans)))
         rng.shuffle(order)
         joiner = rng.choice(["", "\n"])
-        text = shuffle_sentences(text, order, joiner)
+        sentences = [text[a:b].strip() for a, b in spans]
+        text = joiner.join(sentences[i] for i in order)
         steps.append({"op": "shuffle", "order": order, "joiner": joiner})
     if rng.random() < settings.p_char:
         action = rng.choice(settings.char_actions)

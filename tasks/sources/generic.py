@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 from polite.config.ingest import ColumnMapping
@@ -13,14 +14,15 @@ from tasks.sources.loading import SourceError
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
-def parse_path(path: str) -> list[str | int]:
-    """``"answers[0].answer"`` -> ``["answers", 0, "answer"]``."""
+@lru_cache(maxsize=256)
+def parse_path(path: str) -> tuple[str | int, ...]:
+    """``"answers[0].answer"`` -> ``("answers", 0, "answer")``."""
     parts: list[str | int] = []
     for name, index in _TOKEN.findall(path):
         parts.append(int(index) if index else name)
     if not parts or not isinstance(parts[0], str):
         raise ValueError(f"column path {path!r} must start with a column name")
-    return parts
+    return tuple(parts)
 
 
 def get_path(row: dict, path: str) -> Any:
