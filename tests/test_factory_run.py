@@ -18,6 +18,12 @@ def test_demo_yaml_is_the_no_argument_config():
     assert load_config(CONFIGS / "demo.yaml") == FactoryConfig()
 
 
+@pytest.mark.parametrize("name", ["demo.yaml", "pf1m.yaml", "nightly.yaml"])
+def test_every_shipped_config_validates(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.ingest.sources
+
+
 def test_pf1m_dry_run_prints_the_plan_without_data_or_weights(tmp_path):
     result = CliRunner().invoke(app, ["run", "--config", str(CONFIGS / "pf1m.yaml"), "--dry-run"],
                                 env={"COLUMNS": "200"})

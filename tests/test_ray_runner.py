@@ -51,7 +51,31 @@ def test_ingest_on_a_local_ray_cluster_matches_the_thread_runner(tmp_path, prefe
         with stage_resources(settings, "ingest"):
             result = on_ray(CONFIG, workspace=str(tmp_path / "ray"))
         executed = [e for e in ray.timeline() if e["name"] == "task:execute"]
+        assigned = _assigned_resources_in_a_subflow(settings)
     assert not ray.is_initialized()  # the session shut down the instance it started
     assert len(executed) >= 2  # the shard tasks really ran in Ray worker processes
     assert result["new_samples"] == threads["new_samples"] > 0
     assert _lineage(str(tmp_path / "ray")) == _lineage(str(tmp_path / "threads"))
+    # the stage's annotations reach the Ray task submitted inside the subflow (GPUs are the same mechanism)
+    assert assigned == {"CPU": 0.5}
+
+
+def _assigned_resources_in_a_subflow(settings: RunnerSettings) -> dict:
+    """A subflow called the way the factory calls stages; its task reports what Ray gave it."""
+    from prefect import flow, task
+
+    from flows.runners import stage_resources, task_runner_for
+
+    @task
+    def resources() -> dict:
+        import ray
+
+        return {k: v for k, v in ray.get_runtime_context().get_assigned_resources().items() if k == "CPU"}
+
+    @flow
+    def stage() -> dict:
+        return resources.submit().result()
+
+    annotated = settings.model_copy(update={"cpus_per_task": 0.5, "ray_stages": ["filter"]})
+    with stage_resources(annotated, "filter"):
+        return stage.with_options(task_runner=task_runner_for(annotated, "filter"))()
