@@ -160,3 +160,12 @@ def test_files_with_datasets_2x_feature_metadata_load(tmp_path, workspace):
     assert b'"_type": "Sequence"' in pa.parquet.read_schema(path).metadata[b"huggingface"]
     results, _, _ = run_source(built.spec, workspace)
     assert sum(r["ok"] for r in results) == built.ok
+
+
+def test_columnar_samples_table_matches_the_row_form():
+    from polite.record import SAMPLE_SCHEMA, Sample, samples_to_table
+
+    samples = [Sample("s_a", "x", "train", "vqa", "<image>Q?", "r", images=["i_1"], meta={"b": 1, "a": [2]},
+                      status="failed", error="e"), Sample("s_b", "x", "train", "caption", "<image>", "c")]
+    rows = pa.Table.from_pylist([s.to_row() for s in samples], schema=SAMPLE_SCHEMA)
+    assert samples_to_table(samples).equals(rows)
