@@ -379,11 +379,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--where")
     parser.add_argument("--limit", type=int)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config).model_dump(mode="json", by_alias=True)
-    return rewrite_flow(
-        config=cfg, workspace=args.workspace, model=args.model, retry_failed=args.retry_failed,
-        where=args.where, limit=args.limit,
-    )  # fmt: skip
+    cfg = load_config(args.config)
+    from flows.runners import ray_session, stage_resources, task_runner_for
+
+    with ray_session(cfg.runner), stage_resources(cfg.runner, "rewrite"):
+        flow_ = rewrite_flow.with_options(task_runner=task_runner_for(cfg.runner, "rewrite"))
+        return flow_(
+            config=cfg.model_dump(mode="json", by_alias=True), workspace=args.workspace, model=args.model,
+            retry_failed=args.retry_failed, where=args.where, limit=args.limit,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,201 @@
+"""The rewrite flow on a real DuckDB lineage and real Prefect: selection, a poisoned sample, --retry-failed,
+rerun --where (through the CLI), and a SIGKILL in the middle of a multi-shard run followed by a resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_rewrite_fixtures import FAST_REWRITE, make_samples, png, register_model, tiny_model
+
+from lineage.store import LineageStore
+from polite.images import ImageStore
+from polite.record import Sample, samples_to_table
+from polite.workspace import Workspace
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+torch.set_num_threads(1)  # see tests/test_rewrite_fast.py
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("models"))
+
+
+def _rows(ws, sql: str, params=None) -> list[dict]:
+    return LineageStore(ws.db_path).query(sql, params).to_pylist()
+
+
+def _config(**rewrite) -> dict:
+    return {"rewrite": {**FAST_REWRITE, **rewrite}}
+
+
+def test_poisoned_sample_fails_alone_and_retry_failed_redoes_only_it(prefect_harness, workspace, model_path):
+    from flows.rewrite import rewrite_flow
+
+    samples = make_samples(workspace, n=8)
+    register_model(workspace, model_path)
+    # one more sample with an image of its own, then break that image's file in the store
+    stored = ImageStore(workspace.images).put(png((5, 250, 120), size=48))
+    poisoned = Sample(sample_id="s_poison", source="gqa", split="val", task_type="vqa",
+                      instruction="<image>\nIs it green?", raw_response="yes", images=[stored.image_id])  # fmt: skip
+    lineage = LineageStore(workspace.db_path)
+    with lineage.writer() as con:
+        lineage.ingest_arrow("images", _image_table(stored), con=con)
+        lineage.ingest_arrow("samples", samples_to_table([poisoned]), con=con)
+    good_bytes = Path(stored.path).read_bytes()
+    Path(stored.path).write_bytes(good_bytes[: len(good_bytes) // 3])  # truncated PNG
+
+    first = rewrite_flow(config=_config(shard_size=3), workspace=workspace.root)
+    raw = [s.sample_id for s in samples if s.task_type != "detailed_caption"]
+    assert first["selected"] == len(raw) + 1  # the high-quality detailed captions are not rewritten
+    assert (first["ok"], first["failed"], first["shards"]) == (len(raw), 1, 3)
+    rows = _rows(workspace, "SELECT * FROM rewrites ORDER BY sample_id")
+    assert {r["sample_id"] for r in rows} == {*raw, "s_poison"}
+    bad = next(r for r in rows if r["sample_id"] == "s_poison")
+    assert bad["status"] == "failed" and "cannot be decoded" in bad["error"] and bad["output"] is None
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["reason"] == "first" and r["attempt"] == 1 and r["error"] is None
+            assert r["input_tokens"] > 20 and 1 <= r["output_tokens"] <= 12 and r["latency_ms"] > 0
+            assert r["prompt_version"] == "pf-v1" and '"max_new_tokens": 12' in r["settings"]
+
+    again = rewrite_flow(config=_config(shard_size=3), workspace=workspace.root)
+    assert again["selected"] == 0  # resume is a query: nothing left, and a failure is not retried by default
+
+    Path(stored.path).write_bytes(good_bytes)  # the image is fixed
+    retried = rewrite_flow(config=_config(shard_size=3), workspace=workspace.root, retry_failed=True)
+    assert (retried["mode"], retried["selected"], retried["ok"], retried["failed"]) == (
+        "retry-failed",
+        1,
+        1,
+        0,
+    )
+    after = _rows(workspace, "SELECT * FROM rewrites ORDER BY sample_id, attempt")
+    assert len(after) == len(rows) + 1
+    new = [r for r in after if r["sample_id"] == "s_poison" and r["attempt"] == 2]
+    assert new and new[0]["status"] == "ok" and new[0]["reason"] == "retry-failed"
+    untouched = {r["rewrite_id"]: r for r in rows}
+    for r in after:
+        if r["rewrite_id"] in untouched:
+            assert r == untouched[r["rewrite_id"]]
+    view = _rows(workspace, "SELECT rewrite_status, attempt FROM lineage WHERE sample_id = 's_poison'")
+    assert view == [{"rewrite_status": "ok", "attempt": 2}]
+
+
+def _image_table(stored):
+    import pyarrow as pa
+
+    from polite.images import IMAGE_SCHEMA
+
+    return pa.Table.from_pylist([stored.to_row()], schema=IMAGE_SCHEMA)
+
+
+def test_rerun_where_redoes_exactly_the_selection(prefect_harness, workspace, model_path):
+    from typer.testing import CliRunner
+
+    from flows.rewrite import rewrite_flow
+    from polite.cli import app
+
+    make_samples(workspace, n=9)
+    register_model(workspace, model_path)
+    rewrite_flow(config=_config(shard_size=4), workspace=workspace.root)
+    before = {r["rewrite_id"]: r for r in _rows(workspace, "SELECT * FROM rewrites")}
+    gqa = {r["sample_id"] for r in _rows(workspace, "SELECT sample_id FROM samples WHERE source = 'gqa'")}
+
+    sets = ["--set", "rewrite.overrides.max_new_tokens=12", "--set", "rewrite.token_budget=2048",
+            "--set", "rewrite.max_batch_size=8", "--set", "rewrite.shard_size=4"]  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["rerun", "--where", "source = 'gqa'", "--workspace", workspace.root, *sets]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{len(gqa)} selected, {len(gqa)} ok" in result.output
+
+    after = _rows(workspace, "SELECT * FROM rewrites")
+    new = [r for r in after if r["rewrite_id"] not in before]
+    assert {r["sample_id"] for r in new} == gqa and len(new) == len(gqa)
+    assert all(
+        r["reason"] == "rerun: source = 'gqa'" and r["attempt"] == 2 and r["status"] == "ok" for r in new
+    )
+    for r in after:
+        if r["rewrite_id"] in before:
+            old = before[r["rewrite_id"]]
+            changed = {k for k in r if r[k] != old[k]}
+            # the only change to an old row: the superseded gqa rewrites point at their replacement
+            assert changed == ({"superseded_by"} if r["sample_id"] in gqa else set())
+    accepted = _rows(workspace, "SELECT sample_id, count(*) AS n FROM rewrites WHERE status = 'ok' "
+                                "AND superseded_by IS NULL GROUP BY 1")  # fmt: skip
+    assert all(r["n"] == 1 for r in accepted) and len(accepted) == len(before)
+    latest = _rows(workspace, "SELECT sample_id, attempt FROM lineage WHERE source = 'gqa'")
+    assert {r["attempt"] for r in latest} == {2}
+
+    refused = CliRunner().invoke(
+        app, ["rerun", "--where", "true; DROP TABLE samples", "--workspace", workspace.root]
+    )
+    assert refused.exit_code == 2 and "exactly one statement" in refused.output
+    assert len(_rows(workspace, "SELECT * FROM samples")) == 11
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_without_losing_or_duplicating(prefect_harness, tmp_path, model_path):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.rewrite import rewrite_flow
+
+    config = _config(shard_size=2, overrides={"max_new_tokens": 24})
+    config["runner"] = {"max_workers": 1}
+    config_file = tmp_path / "rewrite.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    killed, clean = (Workspace.resolve(str(tmp_path / name)).ensure() for name in ("killed", "clean"))
+    for ws in (killed, clean):
+        make_samples(ws, n=24, extra_hq=0)
+        register_model(ws, model_path)
+    n_shards = 12
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.rewrite", "--workspace", killed.root, "--config", str(config_file)],
+        env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    results = Path(killed.root) / "shards" / "rewrites" / "results"
+
+    def finished() -> list[Path]:  # not the temporary files of a write in progress
+        return [p for p in results.rglob("*.parquet") if not p.name.startswith(".tmp-")]
+
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(finished()) >= 3:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]!r}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_files = {p: p.stat().st_mtime_ns for p in finished()}
+    assert 3 <= len(done_files) < n_shards
+    assert _rows(killed, "SELECT status FROM runs WHERE flow = 'rewrite'") == [{"status": "running"}]
+    assert len(_rows(killed, "SELECT * FROM rewrites")) < 24
+
+    resumed = rewrite_flow(config=config, workspace=killed.root)
+    # finished shards (ingested, or written but not yet ingested: recovered) are not selected again
+    assert resumed["selected"] == 24 - 2 * len(done_files)
+    assert resumed["shards"] == n_shards - len(done_files)
+    assert {p: p.stat().st_mtime_ns for p in done_files} == done_files  # finished shards were not redone
+    per_sample = _rows(killed, "SELECT sample_id, count(*) AS n, count(*) FILTER (WHERE status = 'ok') AS ok "
+                               "FROM rewrites GROUP BY 1")  # fmt: skip
+    assert len(per_sample) == 24 and all(r["n"] == 1 and r["ok"] == 1 for r in per_sample)
+
+    rewrite_flow(config=config, workspace=clean.root)
+    outputs = "SELECT sample_id, rewrite_id, output, output_tokens FROM rewrites ORDER BY sample_id"
+    assert _rows(killed, outputs) == _rows(clean, outputs)
