@@ -117,7 +117,7 @@ def distort_flow(
     except ValueError as exc:
         raise ConfigError(f"distort: {exc}") from None
 
-    with stage_run("distort", cfg.model_dump(mode="json"), workspace or cfg.workspace, parent_run_id) as run:
+    with stage_run("distort", cfg.model_dump(mode="json", by_alias=True), workspace or cfg.workspace, parent_run_id) as run:
         if identity is not None:
             _record_distorter(run, settings, identity)
         jobs = _write_work_shards(run, entries, settings, variants, retry_failed)

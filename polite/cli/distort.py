@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
             from flows.distort import write_training_set
 
             out = None if export_training_set == "-" else export_training_set
-            path = write_training_set(cfg.model_dump(mode="json"), workspace, where, out, format.value)
+            path = write_training_set(cfg.model_dump(mode="json", by_alias=True), workspace, where, out, format.value)
             console.print(f"wrote the training set to {path}")
             return
         if where is not None:
@@ -72,6 +72,6 @@ def register(app: typer.Typer) -> None:
         from flows.distort import distort_flow
 
         summary = distort_flow(
-            config=cfg.model_dump(mode="json"), workspace=workspace, retry_failed=retry_failed, methods=method or None
+            config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace, retry_failed=retry_failed, methods=method or None
         )
         console.print_json(json.dumps(summary, default=str))
