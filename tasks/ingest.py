@@ -8,7 +8,9 @@ depend only on the source, its settings and the row range, so a repeated shard i
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -24,7 +26,7 @@ from polite.shards import exists, write_table_atomic
 from polite.workspace import Workspace
 from tasks.sources import get_adapter
 from tasks.sources.base import RowContext, build_samples
-from tasks.sources.loading import arrow_rows
+from tasks.sources.loading import arrow_rows, looks_local
 
 COUNTS_KEY = b"polite.ingest.counts"
 
@@ -47,6 +49,8 @@ def _spec_dict(spec: SourceSpec) -> dict[str, Any]:
 
 def plan_source(spec: SourceSpec, workspace_root: str, shard_size: int) -> SourcePlan:
     """Open the source and check its columns (raises ``SourceError`` naming the missing ones), then cut shards."""
+    if spec.from_ and looks_local(spec.from_):  # shard items must mean the same on any worker
+        spec = spec.model_copy(update={"from_": str(Path(os.path.expanduser(spec.from_)).resolve())})
     adapter = get_adapter(spec, workspace_root)
     dataset = adapter.load()
     adapter.check_columns(list(dataset.column_names))
