@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from polite.config.distort import LLMSettings
@@ -57,6 +59,20 @@ def test_local_backend_batches_left_padded_like_one_by_one(tiny_lm_dir):
     single = [lm.generate([p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single  # left padding + attention mask leave each row's greedy output unchanged
     assert lm.generate(prompts, max_new_tokens=6, batch_size=2) == batched
+
+
+def test_shipped_guanaco_chat_template_renders_like_the_local_fallback():
+    from importlib import resources
+
+    from models.text_lm import render_guanaco
+    from models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(ORIGINALS, vocab_size=270)
+    tokenizer.chat_template = (resources.files("tasks.distort") / "templates" / "guanaco.jinja").read_text()
+    messages = [{"role": "user", "content": "Q?\nmore"}, {"role": "assistant", "content": "A."},
+                {"role": "user", "content": "Shorter."}]  # fmt: skip
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == render_guanaco(messages) == "### Human: Q?\nmore\n### Assistant: A.\n### Human: Shorter.\n### Assistant:"
 
 
 def test_method_llm_with_a_local_model_is_deterministic_and_records_every_pair(tiny_lm_dir):
@@ -123,6 +139,10 @@ def test_http_failures_become_recorded_pairs_after_retries(server, mode, extra, 
     assert [p.status for p in pairs] == ["failed", "failed"]
     assert all(error in p.error for p in pairs), [p.error for p in pairs]
     assert all(p.params["attempts"] == attempts and p.distorted is None for p in pairs)
+    # The server really saw every attempt (a timed-out request may be counted a moment after the client gave up).
+    deadline = time.monotonic() + 5
+    while server.requests[mode] - before < 2 * attempts and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert server.requests[mode] - before == 2 * attempts
 
 

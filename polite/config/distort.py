@@ -51,6 +51,8 @@ class LLMSettings(BaseModel):
     max_new_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.0, ge=0)  # 0: greedy, the only fully reproducible choice
     top_p: float = Field(default=1.0, gt=0, le=1)
+    # Sent to the server as `stop`; replies are cut at role markers anyway, this only saves tokens.
+    stop: list[str] = Field(default_factory=lambda: ["### Human:"], max_length=4)
     # HTTP backend
     concurrency: int = Field(default=16, ge=1, le=1024)
     timeout_s: float = Field(default=120.0, gt=0)

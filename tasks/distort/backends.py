@@ -86,6 +86,8 @@ class OpenAIChatBackend:
             "top_p": s.top_p,
             "seed": seed % (2**31),  # some servers take a 32-bit seed only
         }
+        if s.stop:
+            body["stop"] = list(s.stop)
         attempts = 1 + s.max_retries
         last = "no attempt made"
         started = time.perf_counter()
