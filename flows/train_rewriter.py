@@ -1,0 +1,159 @@
+"""Stage 2: train the rewriter on the distortion stage's pairs and record it in the lineage.
+
+The flow exports the ok pairs as the training set (``flows.distort.write_training_set``), makes the tiny base
+model in the workspace when the config asks for it and none exists, trains inside ONE Prefect task (the model
+lives in that task's process), then records a ``models`` row keyed by the trained model's fingerprint.
+
+Resume is by folder: the output folder is named by (base fingerprint, training-set content, settings, seed), so
+the same inputs continue the same run from its last checkpoint, or return the finished model at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from flows.common import logger, stage_run
+from polite.config import ConfigError, parse_config
+from polite.config.train import TrainSettings
+from polite.ids import stable_hash
+from polite.workspace import Workspace
+
+TINY_BASE = "tiny-base"
+# settings that change where and how fast training runs, not what it learns
+_RUNTIME_ONLY = ("enabled", "device", "num_threads", "checkpoint_every", "eval_every")
+
+
+@task(name="train-rewriter")
+def train_rewriter_task(
+    training_set: str, base: str, out_dir: str, settings: dict, seed: int, base_is_tiny: bool
+) -> dict:
+    """Train (or resume) in ``out_dir``; the model is built, trained and saved in this task's process."""
+    from models.train import train_rewriter
+
+    log = logger()
+    return train_rewriter(training_set, base, out_dir, settings, seed, base_is_tiny, log=log.info)
+
+
+def ensure_tiny_base(ws: Workspace, training_set: str, seed: int, vocab_size: int) -> str:
+    """``<workspace>/models/tiny-base``, made once with a tokenizer trained on the training texts."""
+    from models.tiny import make_tiny_rewriter
+    from polite.shards import read_table
+
+    folder = Path(ws.models) / TINY_BASE
+    if not (folder / "flamingo.json").exists():
+        table = read_table(training_set, columns=["prompt", "target"])
+        corpus = [
+            f"{p}{t}"
+            for p, t in zip(
+                table.column("prompt").to_pylist(), table.column("target").to_pylist(), strict=True
+            )
+        ]
+        make_tiny_rewriter(folder, seed=seed, corpus=corpus, vocab_size=vocab_size)
+    return str(folder)
+
+
+def pairs_query(where: str | None) -> str:
+    """The SQL that selects the training pairs (as recorded in ``models.pairs_query``)."""
+    return (
+        "SELECT p.pair_id FROM pairs p JOIN samples s USING (sample_id) WHERE p.status = 'ok' "
+        f"AND p.distorted IS NOT NULL AND coalesce(trim(p.original), '') <> '' AND ({where or 'true'})"
+    )
+
+
+@flow(name="train_rewriter")
+def train_rewriter_flow(
+    config: dict | None = None,
+    workspace: str | None = None,
+    parent_run_id: str | None = None,
+    base: str | None = None,
+    max_steps: int | None = None,
+    time_budget_s: float | None = None,
+    where: str | None = None,
+) -> dict:
+    """Train a rewriter; returns model_id, path, final_loss, heldout_loss_start/end and the training figures.
+
+    ``base``/``max_steps``/``time_budget_s``/``where`` override ``train.base``, ``train.max_steps``,
+    ``train.time_budget_s`` and ``train.pairs_where``.
+    """
+    import pyarrow.parquet as pq
+
+    from flows.distort import write_training_set
+    from models.loader import as_spec, file_digest, fingerprint
+
+    cfg = parse_config(config)
+    overrides = {"base": base, "max_steps": max_steps, "time_budget_s": time_budget_s, "pairs_where": where}
+    try:
+        settings = TrainSettings.model_validate(
+            {**cfg.train.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        )
+    except ValueError as exc:
+        raise ConfigError(f"invalid train settings: {exc}") from None
+    ws = Workspace.resolve(workspace or cfg.workspace)
+    if not ws.local:
+        raise ConfigError(
+            f"training reads and writes models on local disk; {ws.root} is not a local workspace"
+        )
+    is_tiny = settings.base == "tiny"
+    if not is_tiny:
+        as_spec(settings.base)  # a wrong base path fails here, before any work
+    data = cfg.model_dump(mode="json")
+    data["train"] = settings.model_dump(mode="json")
+    log = logger()
+    with stage_run("train_rewriter", data, ws, parent_run_id) as run:
+        training_set = write_training_set(data, ws.root, where=settings.pairs_where)
+        n_pairs = pq.ParquetFile(training_set).metadata.num_rows
+        if n_pairs == 0:
+            raise ValueError(
+                "no ok pairs to train on (check train.pairs_where, or run `polite distort` first)"
+            )
+        base_path = (
+            ensure_tiny_base(ws, training_set, cfg.seed, settings.tiny_vocab_size)
+            if is_tiny
+            else settings.base
+        )
+        base_fp = fingerprint(as_spec(base_path))
+        learned = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _RUNTIME_ONLY}
+        tag = stable_hash("rewriter", base_fp, file_digest(training_set), learned, cfg.seed, length=12)
+        out_dir = Path(ws.models) / f"rewriter-{tag}"
+        log.info("training the rewriter on %d pairs from %s into %s", n_pairs, base_path, out_dir)
+        summary = train_rewriter_task.submit(
+            training_set, base_path, str(out_dir), settings.model_dump(mode="json"), cfg.seed, is_tiny
+        ).result()
+        spec = as_spec(out_dir)
+        model_id = fingerprint(spec)
+        params = {**learned, "seed": cfg.seed, **{k: summary.get(k) for k in ("n_train", "n_heldout", "train_groups",
+                  "n_trainable", "train_seconds", "steps_per_s", "device", "precision")}}  # fmt: skip
+        with run.store.writer() as con:
+            con.execute(
+                "INSERT OR IGNORE INTO models (model_id, kind, base, adapter, path, params, pairs_query, final_loss, "
+                "created_by_run, heldout_loss_start, heldout_loss_end, n_pairs, training_set, steps) "
+                "VALUES (?, 'rewriter', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [model_id, base_fp, spec.adapter, str(out_dir), json.dumps(params, sort_keys=True),
+                 pairs_query(settings.pairs_where), summary["final_loss"], run.run_id, summary["heldout_loss_start"],
+                 summary["heldout_loss_end"], n_pairs, training_set, summary["steps"]],
+            )  # fmt: skip
+        result: dict[str, Any] = {
+            "model_id": model_id,
+            "path": str(out_dir),
+            "base": base_fp,
+            "training_set": training_set,
+            "n_pairs": n_pairs,
+            **{
+                k: summary.get(k)
+                for k in (
+                    "final_loss",
+                    "heldout_loss_start",
+                    "heldout_loss_end",
+                    "steps",
+                    "steps_per_s",
+                    "train_seconds",
+                    "resumed_from",
+                )
+            },  # fmt: skip
+        }
+        run.summary.update(result)
+    return result

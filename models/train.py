@@ -1,0 +1,329 @@
+"""Train the rewriter on (distorted -> original) pairs: LoRA by default, loss only on the revised response.
+
+    result = train_rewriter("train.parquet", base="workspace/models/tiny-base", out_dir="workspace/models/r1",
+                            settings={"max_steps": 200}, seed=0)
+
+Writes into ``out_dir``: ``checkpoints/step-N/`` every ``checkpoint_every`` steps (a crashed run resumes from the
+last one, with the same batches, optimizer state and random state), and at the end a loadable model folder:
+``flamingo.json`` (the base's spec + ``adapter/`` + ``trained.safetensors``), ``training.json`` (settings, losses,
+speed) and ``loss.png``. A finished ``out_dir`` is returned as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from models.flamingo import FlamingoSpec
+from models.train_data import (
+    ImageCache,
+    collate,
+    make_examples,
+    masked_loss_sum,
+    read_training_set,
+    split_heldout,
+    step_indices,
+)
+
+DONE_FILE = "training.json"
+
+
+def default_groups(train_groups: list[str] | None, base_is_tiny: bool) -> list[str]:
+    if train_groups:
+        return list(train_groups)
+    return ["lora", "embeddings", "cross_attn", "perceiver"] if base_is_tiny else ["lora"]
+
+
+def prepare_model(base_spec: FlamingoSpec, settings, groups: list[str]):
+    """Build the base for training: adapter unmerged (fresh or ``init_adapter``), only ``groups`` trainable."""
+    from models import compat
+    from models.flamingo import build_flamingo
+
+    spec = replace(base_spec, merge_lora=False)
+    lora_cfg = None
+    if settings.init_adapter:
+        spec = replace(spec, adapter=settings.init_adapter)
+    elif "lora" in groups:
+        lora_cfg = dict(
+            rank=settings.lora_rank,
+            alpha=settings.lora_alpha,
+            dropout=settings.lora_dropout,
+            targets=settings.lora_targets,
+        )
+    model, tokenizer, image_processor, _ = build_flamingo(spec, lora_for_training=lora_cfg)
+    model.requires_grad_(False)
+    compat.unfreeze(model, groups)
+    return model, tokenizer, image_processor
+
+
+def _trainable(model) -> dict[str, Any]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    ckpts = sorted((out_dir / "checkpoints").glob("step-*[0-9]"))
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, state: dict[str, Any], keep: int = 1) -> Path:
+    """Trainable tensors, optimizer and random state, and the loop state, written atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = out_dir / "checkpoints" / f"step-{state['step']:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(
+        {n: p.detach().float().contiguous().cpu() for n, p in _trainable(model).items()},
+        str(tmp / "trainable.safetensors"),
+    )
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted((out_dir / "checkpoints").glob("step-*[0-9]"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> dict[str, Any]:
+    import torch
+
+    from models.checkpoints import read_state_dict
+
+    params = _trainable(model)
+    saved = read_state_dict(ckpt / "trainable.safetensors")
+    if set(saved) != set(params):
+        raise ValueError(
+            f"checkpoint {ckpt} was made with other trainable parameters; delete it or change out_dir"
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value.to(params[name].dtype))
+    extra = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["rng"])
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def plot_losses(history: list[float], heldout: list[list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(history) + 1), history, lw=1, label="train (per step)")
+    if heldout:
+        ax.plot([s for s, _ in heldout], [v for _, v in heldout], "o-", label="held-out")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (revised-response tokens)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_rewriter(
+    training_set: str,
+    base: str | FlamingoSpec,
+    out_dir: str | Path,
+    settings: dict[str, Any] | None = None,
+    seed: int = 0,
+    base_is_tiny: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train (or resume, or return the finished) rewriter in ``out_dir``; returns a JSON-able summary."""
+    import torch
+
+    from models.loader import default_device_dtype
+    from polite.config.train import TrainSettings
+
+    s = TrainSettings.model_validate(settings or {})
+    out_dir = Path(out_dir)
+    if (out_dir / DONE_FILE).exists():
+        return json.loads((out_dir / DONE_FILE).read_text())["summary"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device, _ = default_device_dtype(s.device)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(s.num_threads) if device.type == "cpu" else threads_before)
+    try:
+        return _train(training_set, base, out_dir, s, seed, base_is_tiny, on_step, log, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def cpu_threads(asked: int | None) -> int:
+    """Threads for CPU training: as asked, else torch's default on an idle machine and 1 on a busy one (more
+    threads than free cores make every matmul wait on the others: 10-15x slower measured here)."""
+    import os
+
+    import torch
+
+    if asked:
+        return asked
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] > max(cores - 1, 0.5)
+    return 1 if busy else torch.get_num_threads()
+
+
+def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, log, device) -> dict[str, Any]:
+    import torch
+
+    from models.loader import as_spec
+
+    bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda")
+    groups = default_groups(s.train_groups, base_is_tiny)
+
+    torch.manual_seed(seed)
+    base_spec = as_spec(base)
+    model, tokenizer, image_processor = prepare_model(base_spec, s, groups)
+    if bf16:
+        model.to(torch.bfloat16)
+    model.to(device)
+    params = _trainable(model)
+    for p in params.values():
+        p.data = p.data.float()  # master weights of what we train stay fp32
+
+    rows = read_training_set(training_set)
+    train_rows, held_rows = split_heldout(rows, s.heldout_fraction, s.heldout_max, seed)
+    train, skipped = make_examples(train_rows, tokenizer, s.max_length)
+    heldout, skipped_held = make_examples(held_rows, tokenizer, s.max_length)
+    if not train:
+        raise ValueError(f"no usable training pairs in {training_set} ({len(rows)} rows, {skipped} too long)")
+    total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(train) / s.batch_size))
+    images = ImageCache(image_processor)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def micro_batches(examples):
+        for i in range(0, len(examples), s.micro_batch_size):
+            ids, mask, labels, vision_x = collate(examples[i : i + s.micro_batch_size], images)
+            yield (
+                ids.to(device),
+                mask.to(device),
+                labels.to(device),
+                vision_x.to(device, torch.bfloat16 if bf16 else torch.float32),
+            )
+
+    def evaluate() -> float | None:
+        if not heldout:
+            return None
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), autocast:
+            for ids, mask, labels, vision_x in micro_batches(heldout):
+                loss, n = masked_loss_sum(model(vision_x, ids, attention_mask=mask).logits, labels)
+                total, count = total + float(loss), count + n
+        model.train()
+        return total / max(count, 1)
+
+    optimizer = torch.optim.AdamW(list(params.values()), lr=s.learning_rate, weight_decay=s.weight_decay)
+    state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "history": [], "heldout": []}
+    resumed_from = None
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        resumed_from = state["step"]
+        log(f"resuming from {ckpt} (step {state['step']})")
+    if not state["heldout"]:
+        start = evaluate()
+        state["heldout"] = [[0, start]] if start is not None else []
+
+    model.train()
+    steps_this_run, t_run = 0, time.perf_counter()
+    while state["step"] < total_steps and (s.time_budget_s is None or state["elapsed_s"] < s.time_budget_s):
+        t0 = time.perf_counter()
+        step = state["step"]
+        for group in optimizer.param_groups:
+            group["lr"] = s.learning_rate * min(1.0, (step + 1) / max(1, s.warmup_steps))
+        batch = [train[i] for i in step_indices(len(train), seed, step, s.batch_size)]
+        n_tokens = max(1, sum(e.n_target for e in batch))
+        step_loss = 0.0
+        for ids, mask, labels, vision_x in micro_batches(batch):
+            with autocast:
+                loss, _ = masked_loss_sum(model(vision_x, ids, attention_mask=mask).logits, labels)
+            (loss / n_tokens).backward()
+            step_loss += float(loss.detach()) / n_tokens
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        state["history"].append(step_loss)
+        steps_this_run += 1
+        if state["step"] % s.eval_every == 0 and heldout:
+            state["heldout"].append([state["step"], evaluate()])
+        state["elapsed_s"] += time.perf_counter() - t0
+        if state["step"] % s.checkpoint_every == 0:
+            save_checkpoint(out_dir, model, optimizer, state)
+        if on_step is not None:
+            on_step(state["step"], step_loss)
+    train_seconds = time.perf_counter() - t_run
+
+    if heldout and (not state["heldout"] or state["heldout"][-1][0] != state["step"]):
+        state["heldout"].append([state["step"], evaluate()])
+    save_checkpoint(out_dir, model, optimizer, state)
+    summary = _write_model(out_dir, model, base_spec, s, groups, state, train, heldout)
+    summary.update(
+        steps_this_run=steps_this_run,
+        steps_per_s=round(steps_this_run / train_seconds, 4) if train_seconds > 0 else None,
+        resumed_from=resumed_from,
+        n_skipped=skipped + skipped_held,
+        device=str(device),
+        precision="bf16" if bf16 else "fp32",
+        threads=torch.get_num_threads(),
+    )
+    (out_dir / DONE_FILE).write_text(
+        json.dumps({"summary": summary, "settings": s.model_dump(mode="json"), **state}, indent=1)
+    )
+    return summary
+
+
+def _write_model(
+    out_dir: Path, model, base_spec: FlamingoSpec, s, groups, state, train, heldout
+) -> dict[str, Any]:
+    """The trained model as a loadable folder (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    from models import lora
+
+    peft_model = getattr(model, "peft_model", None)
+    adapter = base_spec.adapter
+    if peft_model is not None and "lora" in groups:
+        lora.save_adapter(peft_model, out_dir / "adapter")
+        adapter = str(out_dir / "adapter")
+    elif s.init_adapter:
+        adapter = s.init_adapter
+    # every trained tensor (LoRA included) goes last, so it wins over anything the base's extra weights set
+    trained = {n: p.detach().float().contiguous().cpu() for n, p in _trainable(model).items()}
+    save_file(trained, str(out_dir / "trained.safetensors"))
+    spec = replace(
+        base_spec,
+        adapter=adapter,
+        extra_checkpoints=[*base_spec.extra_checkpoints, str(out_dir / "trained.safetensors")],
+        merge_lora=True,
+    )
+    spec.save(out_dir)
+    plot_losses(state["history"], state["heldout"], out_dir / "loss.png")
+    tail = state["history"][-10:]
+    held = state["heldout"]
+    return {
+        "path": str(out_dir),
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "heldout_loss_start": held[0][1] if held else None,
+        "heldout_loss_end": held[-1][1] if held else None,
+        "steps": state["step"],
+        "train_seconds": round(state["elapsed_s"], 2),
+        "n_train": len(train),
+        "n_heldout": len(heldout),
+        "train_groups": groups,
+        "n_trainable": sum(t.numel() for t in trained.values()),
+    }

@@ -1,0 +1,104 @@
+"""`train_rewriter_flow` end to end on a real lineage database: tiny base made on the spot, one training task,
+a `models` row keyed by the trained model's fingerprint, and a re-run that reuses the finished model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lineage.store import LineageStore
+
+SETTINGS = dict(max_steps=6, batch_size=4, micro_batch_size=4, heldout_fraction=0.2, heldout_max=4, lora_rank=8,
+                checkpoint_every=3, eval_every=3, time_budget_s=None, num_threads=1, tiny_vocab_size=400)  # fmt: skip
+
+
+def _seed_lineage(ws, n=24):
+    store = LineageStore(ws.db_path)
+    store.migrate()
+    rng = random.Random(0)
+    with store.writer() as con:
+        for c in ("red", "blue"):
+            path = f"{ws.images}/{c}.png"
+            Image.new("RGB", (32, 32), c).save(path)
+            con.execute("INSERT INTO images (image_id, path) VALUES (?, ?)", [f"i_{c}", path])
+        for i in range(n):
+            c = rng.choice(("red", "blue"))
+            original = f"The picture shows a {c} square on a plain background."
+            con.execute(
+                "INSERT INTO samples (sample_id, source, split, task_type, images, instruction, raw_response, status) "
+                "VALUES (?, 'demo', 'train', 'caption', ?, '<image> Describe the image.', ?, 'ok')",
+                [f"s_{i}", [f"i_{c}"], original],
+            )
+            method = "augment" if i % 3 else "llm"
+            con.execute(
+                "INSERT INTO pairs (pair_id, sample_id, method, instruction, original, distorted, status) "
+                "VALUES (?, ?, ?, '<image> Describe the image.', ?, ?, 'ok')",
+                [f"p_{i}", f"s_{i}", method, original, original.lower()],
+            )
+    return store
+
+
+def test_flow_trains_records_and_reuses(prefect_harness, workspace):
+    from flows.train_rewriter import train_rewriter_flow
+    from models.flamingo import FlamingoSpec
+    from models.loader import fingerprint, load_rewriter
+
+    store = _seed_lineage(workspace)
+    config = {"train": SETTINGS}
+    result = train_rewriter_flow(config=config, workspace=workspace.root, where="p.method = 'augment'")
+    assert result["model_id"].startswith("m_") and result["steps"] == 6
+    assert result["heldout_loss_end"] < result["heldout_loss_start"]
+    assert result["n_pairs"] == 16  # the predicate chose the augment pairs only
+    assert result["model_id"] == fingerprint(FlamingoSpec.from_file(result["path"]))
+    assert result["path"].startswith(workspace.models + "/rewriter-")
+
+    row = store.query("SELECT * FROM models").to_pylist()
+    assert len(row) == 1
+    row = row[0]
+    assert (
+        row["model_id"] == result["model_id"] and row["kind"] == "rewriter" and row["path"] == result["path"]
+    )
+    assert "p.method = 'augment'" in row["pairs_query"]
+    assert row["final_loss"] == pytest.approx(result["final_loss"])
+    assert row["heldout_loss_end"] == pytest.approx(result["heldout_loss_end"]) and row["n_pairs"] == 16
+    params = json.loads(row["params"])
+    assert params["lora_rank"] == 8 and params["train_groups"] == [
+        "lora",
+        "embeddings",
+        "cross_attn",
+        "perceiver",
+    ]
+    base = store.query("SELECT * FROM runs WHERE run_id = ?", [row["created_by_run"]]).to_pylist()[0]
+    assert base["flow"] == "train_rewriter" and base["status"] == "completed"
+
+    # the tiny base was made in the workspace; the rewrite stage loads the model by path
+    assert Path(workspace.models, "tiny-base", "flamingo.json").exists()
+    loaded = load_rewriter(result["path"], device="cpu")
+    assert loaded.fingerprint == result["model_id"]
+
+    again = train_rewriter_flow(config=config, workspace=workspace.root, where="p.method = 'augment'")
+    assert again["model_id"] == result["model_id"] and again["resumed_from"] is None
+    assert store.query("SELECT count(*) AS n FROM models").column("n")[0].as_py() == 1
+    assert (
+        store.query("SELECT count(*) AS n FROM runs WHERE flow = 'train_rewriter'").column("n")[0].as_py()
+        == 2
+    )
+
+
+def test_flow_fails_before_work_on_bad_settings(prefect_harness, workspace):
+    from flows.train_rewriter import train_rewriter_flow
+    from polite.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train_groups"):
+        train_rewriter_flow(config={"train": {"train_groups": ["everything"]}}, workspace=workspace.root)
+    with pytest.raises(FileNotFoundError, match="flamingo.json"):
+        train_rewriter_flow(config={}, workspace=workspace.root, base=str(workspace.models))
+    _seed_lineage(workspace, n=3)
+    with pytest.raises(ValueError, match="no ok pairs"):
+        train_rewriter_flow(
+            config={"train": SETTINGS}, workspace=workspace.root, where="p.method = 'retrieve'"
+        )
