@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from polite.config.distort import LLMSettings
 
@@ -64,7 +65,8 @@ class OpenAIChatBackend:
             headers=headers,
             timeout=httpx.Timeout(settings.timeout_s),
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-            trust_env=False,  # a local server must not be sent through a proxy from the environment
+            # A server on this machine must not be reached through a proxy from the environment.
+            trust_env=urlsplit(settings.base_url).hostname not in ("127.0.0.1", "localhost", "::1"),
         )
 
     def chat(self, conversations: Sequence[list[Message]], seeds: Sequence[int]) -> list[Reply]:
