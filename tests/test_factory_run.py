@@ -15,7 +15,10 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_demo_yaml_is_the_no_argument_config():
-    assert load_config(CONFIGS / "demo.yaml") == FactoryConfig()
+    from flows.factory import demo_config, resolve_config
+
+    assert load_config(CONFIGS / "demo.yaml") == demo_config() == resolve_config(None)
+    assert demo_config().model_copy(update={"rewrite": FactoryConfig().rewrite}) == FactoryConfig()
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "pf1m.yaml", "nightly.yaml"])

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, console, err_console, user_errors
 
 TRY_SQL = [
     "polite sql \"SELECT source, count(*) AS samples, count(*) FILTER (WHERE kept) AS kept FROM lineage GROUP BY source\"",
@@ -45,9 +45,10 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
 
 def read_config(path: str | None, sets: list[str], limit: int | None, runner: str | None, ray_address: str | None):
     """The validated config: file (or demo defaults), then CLI overrides, validated once."""
+    from flows.factory import demo_config
     from polite.config import load_config, parse_config
 
-    data = load_config(path).model_dump(mode="json", by_alias=True)
+    data = (load_config(path) if path else demo_config()).model_dump(mode="json", by_alias=True)
     apply_overrides(data, sets)
     if limit is not None:
         for source in data["ingest"]["sources"]:
@@ -179,10 +180,21 @@ def register(app: typer.Typer) -> None:
 
             print_plan(plan(cfg, workspace, model))
             return
+        from flows.export import ExportCheckFailed
         from flows.factory import factory_flow
+        from polite.workspace import Workspace
 
-        result = factory_flow(config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace, model=model,
-                              formats=formats, where=where, push_to_hub=push_to_hub)
+        try:
+            result = factory_flow(config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace,
+                                  model=model, formats=formats, where=where, push_to_hub=push_to_hub)
+        except ExportCheckFailed as exc:
+            # Every stage before export finished and is recorded: show it, then say which gate held.
+            ws = Workspace.resolve(workspace or cfg.workspace)
+            print_summary({"workspace": ws.root, "db": str(ws.db_path), "stages": {}})
+            err_console.print(f"[bold red]export not published:[/] {exc}\n"
+                              "Relax export.checks (e.g. --set export.checks.min_keep_rate=null) and run again: "
+                              "finished stages are skipped.", highlight=False)
+            raise typer.Exit(1) from None
         print_summary(result)
 
     @app.command("deploy")
