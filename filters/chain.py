@@ -25,7 +25,17 @@ from filters.text import LengthScorer, RepetitionScorer, TruncatedScorer, Unchan
 from polite.config.filters import FilterSettings
 from polite.ids import settings_hash as hash_settings
 
-CHAIN_ORDER = ("length", "unchanged", "repetition", "truncated", "semantic", "nli", "clipscore", "reward", "reward_raw")
+CHAIN_ORDER = (
+    "length",
+    "unchanged",
+    "repetition",
+    "truncated",
+    "semantic",
+    "nli",
+    "clipscore",
+    "reward",
+    "reward_raw",
+)
 SCORER_CLASSES: dict[str, type[Scorer]] = {
     "length": LengthScorer,
     "unchanged": UnchangedScorer,
@@ -54,19 +64,39 @@ def _availability(name: str, settings: FilterSettings) -> tuple[bool, str, str]:
     if name == "semantic":
         s = settings.semantic
         ok = semantic_model_ref(s, download) is not None
-        return ok, f"model {s.model} is not available locally", f"filters.semantic.model: /path/to/{s.model.split('/')[-1]}"
+        return (
+            ok,
+            f"model {s.model} is not available locally",
+            f"filters.semantic.model: /path/to/{s.model.split('/')[-1]}",
+        )
     if name in ("nli", "reward"):
         s = getattr(settings, name)
         ok = download or available_locally(s.model)
-        return ok, f"model {s.model} is not available locally", f"filters.{name}.model: /path/to/{s.model.split('/')[-1]}"
+        return (
+            ok,
+            f"model {s.model} is not available locally",
+            f"filters.{name}.model: /path/to/{s.model.split('/')[-1]}",
+        )
     if name == "clipscore":
         s = settings.clipscore
         if importlib.util.find_spec("open_clip") is None:
             return False, "open_clip is not installed", "pip install open-clip-torch"
         if s.model_config_file and not available_locally(s.model_config_file):
-            return False, f"model config {s.model_config_file} does not exist", "filters.clipscore.model_config_file: /path/to/config.json"
-        ok = download or (is_local_path(s.pretrained) and available_locally(s.pretrained)) or clip_weights_cached(s.model, s.pretrained)
-        return ok, f"open_clip weights {s.model}/{s.pretrained} are not available locally", "filters.clipscore.pretrained: /path/to/open_clip_model.safetensors"
+            return (
+                False,
+                f"model config {s.model_config_file} does not exist",
+                "filters.clipscore.model_config_file: /path/to/config.json",
+            )
+        ok = (
+            download
+            or (is_local_path(s.pretrained) and available_locally(s.pretrained))
+            or clip_weights_cached(s.model, s.pretrained)
+        )
+        return (
+            ok,
+            f"open_clip weights {s.model}/{s.pretrained} are not available locally",
+            "filters.clipscore.pretrained: /path/to/open_clip_model.safetensors",
+        )
     return True, "", ""
 
 
@@ -160,7 +190,9 @@ class Chain:
                 alive = [i for i in alive if i.rewrite_id not in mine or mine[i.rewrite_id].passed]
         return score_rows, [self.decide(item, results, run_id) for item in items]
 
-    def decide(self, item: ScoreInput, results: dict[str, dict[str, ScoreResult]], run_id: str | None) -> dict[str, Any]:
+    def decide(
+        self, item: ScoreInput, results: dict[str, dict[str, ScoreResult]], run_id: str | None
+    ) -> dict[str, Any]:
         dropped_by, reason = None, "kept"
         for scorer in self.scorers:
             if not scorer.applies(item):
@@ -206,7 +238,11 @@ def build_chain(settings: FilterSettings | dict | None = None, only: Iterable[st
     skipped: list[dict[str, str]] = []
     for name in CHAIN_ORDER:
         if name == "reward_raw":
-            if "reward" in enabled and settings.reward.score_raw and (wanted is None or name in wanted or "reward" in wanted):
+            if (
+                "reward" in enabled
+                and settings.reward.score_raw
+                and (wanted is None or name in wanted or "reward" in wanted)
+            ):
                 enabled.append(name)
             continue
         flag = getattr(settings, name).enabled

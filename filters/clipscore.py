@@ -11,7 +11,6 @@ details hold every paragraph's score, so ``--rethreshold`` can recut paragraphs 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -38,9 +37,11 @@ def split_paragraphs(text: str) -> list[str]:
 
 def keep_paragraphs(text: str, scores: Sequence[float], threshold: float) -> tuple[str, list[int]]:
     """The text without paragraphs scoring under ``threshold``, and the (0-based) indices removed."""
+    removed = [i for i, s in enumerate(scores) if s < threshold]
+    if not removed:  # leave the rewrite's own layout alone
+        return text.strip(_STRIP), []
     paragraphs = split_paragraphs(text)
     kept = [p for p, s in zip(paragraphs, scores, strict=False) if s >= threshold]
-    removed = [i for i, s in enumerate(scores) if s < threshold]
     return "\n\n".join(kept), removed
 
 
@@ -71,7 +72,14 @@ def load_clip(settings: Any, runtime: Runtime) -> tuple[Any, Any, Any]:
         model.eval()
         return model, preprocess, open_clip.get_tokenizer(settings.model)
 
-    key = ("clip", settings.model, settings.pretrained, settings.model_config_file, runtime.device, runtime.dtype)
+    key = (
+        "clip",
+        settings.model,
+        settings.pretrained,
+        settings.model_config_file,
+        runtime.device,
+        runtime.dtype,
+    )
     return cached(key, load)
 
 
@@ -134,12 +142,16 @@ class ClipScoreScorer(Scorer):
             spans.append(item_spans)
         with torch.inference_mode():
             img = torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1)
-            txt = torch.cat(
-                [
-                    model.encode_text(tokenizer(sentences[s : s + 256]).to(device)).float()
-                    for s in range(0, len(sentences), 256)
-                ]
-            ) if sentences else torch.zeros(0, img.shape[1], device=img.device)
+            txt = (
+                torch.cat(
+                    [
+                        model.encode_text(tokenizer(sentences[s : s + 256]).to(device)).float()
+                        for s in range(0, len(sentences), 256)
+                    ]
+                )
+                if sentences
+                else torch.zeros(0, img.shape[1], device=img.device)
+            )
             txt = torch.nn.functional.normalize(txt, dim=-1)
         image_index = {p: k for k, p in enumerate(paths)}
         out = []
@@ -177,10 +189,10 @@ class ClipScoreScorer(Scorer):
         scores = f"CAST(json_extract({details}, '$.paragraph_scores') AS DOUBLE[])"
         thr = sql_num(float(self.settings.threshold))
         paragraphs = PARAGRAPHS_SQL.format(text=text)
-        kept = f"array_to_string(list_filter({paragraphs}, lambda p, i: {scores}[i] >= {thr}), E'\\n\\n')"
+        # Most rewrites lose no paragraph: skip the regex split for them.
+        kept = (
+            f"CASE WHEN list_min({scores}) >= {thr} THEN trim({text}, E' \\t\\n\\r') ELSE "
+            f"array_to_string(list_filter({paragraphs}, lambda p, i: {scores}[i] >= {thr}), E'\\n\\n') END"
+        )
         removed = f"list_filter(list_transform({scores}, lambda s, i: CASE WHEN s < {thr} THEN i - 1 END), lambda x: x IS NOT NULL)"
         return kept, removed
-
-
-def details_json(paragraph_scores: list[float]) -> str:
-    return json.dumps({"paragraph_scores": paragraph_scores})

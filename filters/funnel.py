@@ -57,7 +57,11 @@ def funnel(store: Any, settings_hash: str | None = None) -> list[dict[str, Any]]
 def reward_distribution(store: Any, settings_hash: str | None = None) -> list[dict[str, Any]]:
     """Per source (and ``(all)``): n, mean, p10, median, p90 of reward for raw, rewritten and kept."""
     stats = []
-    for label, column, cond in (("raw", "raw_reward", "TRUE"), ("rewritten", "reward", "TRUE"), ("kept", "reward", "kept")):
+    for label, column, cond in (
+        ("raw", "raw_reward", "TRUE"),
+        ("rewritten", "reward", "TRUE"),
+        ("kept", "reward", "kept"),
+    ):
         stats.append(
             f"SELECT coalesce(source, '(all)') AS source, '{label}' AS which, count({column}) AS n, "
             f"avg({column}) AS mean, quantile_cont({column}, 0.1) AS p10, median({column}) AS median, "
@@ -75,7 +79,9 @@ def reward_distribution(store: Any, settings_hash: str | None = None) -> list[di
     return rows
 
 
-def render(rows: list[dict[str, Any]], rewards: list[dict[str, Any]], skipped: list[dict[str, str]] | None = None) -> None:
+def render(
+    rows: list[dict[str, Any]], rewards: list[dict[str, Any]], skipped: list[dict[str, str]] | None = None
+) -> None:
     """Print the funnel (and reward distribution, and skipped scorers) on the terminal with rich."""
     from rich.console import Console
     from rich.table import Table

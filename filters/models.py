@@ -102,7 +102,9 @@ def load_sequence_classifier(ref: str, runtime: Runtime) -> tuple[Any, Any]:
         path = resolve_ref(ref)
         kwargs = load_kwargs(runtime, ref)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(runtime.dtype), **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch_dtype(runtime.dtype), **kwargs
+        )
         model.to(runtime.device).eval()
         return model, tokenizer
 

@@ -14,10 +14,18 @@ from filters.base import ScoreInput, Scorer, fmt, sql_num, strip_image_markers
 from filters.models import classify_pairs, load_sequence_classifier
 
 
-def reward_scores(settings: Any, runtime: Any, questions: Sequence[str], answers: Sequence[str]) -> list[float]:
+def reward_scores(
+    settings: Any, runtime: Any, questions: Sequence[str], answers: Sequence[str]
+) -> list[float]:
     model, tokenizer = load_sequence_classifier(settings.model, runtime)
     logits = classify_pairs(
-        model, tokenizer, list(questions), list(answers), settings.batch_size, settings.max_length, runtime.device
+        model,
+        tokenizer,
+        list(questions),
+        list(answers),
+        settings.batch_size,
+        settings.max_length,
+        runtime.device,
     )
     return [round(float(v), 6) for v in logits[:, 0]]
 
@@ -38,7 +46,9 @@ class RewardScorer(Scorer):
 
     def measure(self, items: Sequence[ScoreInput]) -> list[tuple[float | None, dict[str, Any]]]:
         answers = [getattr(i, "rewrite" if self.target == "rewrite" else "raw_response") for i in items]
-        scores = reward_scores(self.settings, self.runtime, [strip_image_markers(i.instruction) for i in items], answers)
+        scores = reward_scores(
+            self.settings, self.runtime, [strip_image_markers(i.instruction) for i in items], answers
+        )
         return [(s, {}) for s in scores]
 
     def passes(self, score, details) -> bool:

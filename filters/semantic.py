@@ -46,7 +46,11 @@ def cosine_pairs(model: Any, firsts: Sequence[str], seconds: Sequence[str], batc
         return []
     index = {t: i for i, t in enumerate(unique)}
     emb = model.encode(
-        unique, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False
+        unique,
+        batch_size=batch_size,
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+        show_progress_bar=False,
     ).float()
     a = emb[torch.tensor([index[t] for t in firsts], device=emb.device)]
     b = emb[torch.tensor([index[t] for t in seconds], device=emb.device)]
@@ -62,7 +66,9 @@ class SemanticScorer(Scorer):
 
     def __init__(self, settings: Any, runtime: Runtime | None = None, model_ref: str | None = None):
         super().__init__(settings, runtime)
-        self.model_ref = model_ref or semantic_model_ref(settings, self._runtime_spec.allow_download) or settings.model
+        self.model_ref = (
+            model_ref or semantic_model_ref(settings, self._runtime_spec.allow_download) or settings.model
+        )
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.model_ref, "max_seq_length": self.settings.max_seq_length}
@@ -78,7 +84,10 @@ class SemanticScorer(Scorer):
 
     def measure(self, items: Sequence[ScoreInput]) -> list[tuple[float | None, dict[str, Any]]]:
         sims = cosine_pairs(
-            self.model(), [i.rewrite for i in items], [i.raw_response for i in items], self.settings.batch_size
+            self.model(),
+            [i.rewrite for i in items],
+            [i.raw_response for i in items],
+            self.settings.batch_size,
         )
         return [(round(s, 6), {}) for s in sims]
 

@@ -44,7 +44,9 @@ DECISION_SCHEMA = pa.schema(
 )
 
 
-def items_from_table(table: pa.Table) -> tuple[list[ScoreInput], dict[str, dict[str, tuple[float | None, dict]]]]:
+def items_from_table(
+    table: pa.Table,
+) -> tuple[list[ScoreInput], dict[str, dict[str, tuple[float | None, dict]]]]:
     """Work-shard rows -> scorer inputs, and the scores already stored for them (by scorer name)."""
     items: list[ScoreInput] = []
     prior: dict[str, dict[str, tuple[float | None, dict]]] = {}

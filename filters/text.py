@@ -37,7 +37,12 @@ class LengthScorer(Scorer):
 
     def thresholds(self) -> dict[str, Any]:
         s = self.settings
-        return {"min_tokens": s.min_tokens, "max_tokens": s.max_tokens, "min_chars": s.min_chars, "max_chars": s.max_chars}
+        return {
+            "min_tokens": s.min_tokens,
+            "max_tokens": s.max_tokens,
+            "min_chars": s.min_chars,
+            "max_chars": s.max_chars,
+        }
 
     def threshold_value(self) -> float | None:
         return float(self.settings.min_tokens)
@@ -175,7 +180,16 @@ class RepetitionScorer(Scorer):
             sentences = [s for s in sentences if s]
             sent_frac = (len(sentences) - len(set(sentences))) / len(sentences) if sentences else 0.0
             score = round(max(ngram_frac, sent_frac), 6)
-            out.append((score, {"ngram_fraction": round(ngram_frac, 6), "sentence_fraction": round(sent_frac, 6), "top": top}))
+            out.append(
+                (
+                    score,
+                    {
+                        "ngram_fraction": round(ngram_frac, 6),
+                        "sentence_fraction": round(sent_frac, 6),
+                        "top": top,
+                    },
+                )
+            )
         return out
 
     def passes(self, score, details) -> bool:

@@ -61,9 +61,23 @@ def make_tokenizer(path: str | Path, texts: Iterable[str] = (), style: str = "be
 
 
 DEBERTA_SIZES = {
-    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, position_buckets=32),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, position_buckets=256),
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, position_buckets=256),
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, position_buckets=32
+    ),
+    "base": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        position_buckets=256,
+    ),
+    "large": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        position_buckets=256,
+    ),
 }
 NLI_LABELS = {0: "contradiction", 1: "entailment", 2: "neutral"}  # cross-encoder/nli-deberta-v3-base's order
 
@@ -76,6 +90,7 @@ def make_deberta_classifier(
     id2label: dict[int, str] | None = None,
     seed: int = 0,
     real_vocab: bool = False,
+    save_dtype: str | None = None,
 ) -> str:
     """A DeBERTa-v3 sequence classifier (NLI: 3 labels; reward: 1) with random weights, saved at ``path``."""
     import torch
@@ -103,11 +118,16 @@ def make_deberta_classifier(
         **DEBERTA_SIZES[size],
     )
     torch.manual_seed(seed)
-    DebertaV2ForSequenceClassification(config).save_pretrained(str(path))
+    model = DebertaV2ForSequenceClassification(config)
+    if save_dtype:  # full-size models: half the bytes to write and read back
+        model.to(getattr(torch, save_dtype))
+    model.save_pretrained(str(path))
     return str(path)
 
 
-def make_mpnet_sentence_model(path: str | Path, size: str = "base", texts: Iterable[str] = (), seed: int = 0) -> str:
+def make_mpnet_sentence_model(
+    path: str | Path, size: str = "base", texts: Iterable[str] = (), seed: int = 0
+) -> str:
     """A sentence-transformers MPNet (mean pooling + normalise, like all-mpnet-base-v2), random weights."""
     import torch
     from sentence_transformers import SentenceTransformer, models
@@ -115,8 +135,14 @@ def make_mpnet_sentence_model(path: str | Path, size: str = "base", texts: Itera
 
     raw = Path(path) / "_transformer"
     make_tokenizer(raw, texts, style="roberta")
-    shape = {} if size == "base" else dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    config = MPNetConfig(vocab_size=30527, max_position_embeddings=514, pad_token_id=0, bos_token_id=2, eos_token_id=3, **shape)
+    shape = (
+        {}
+        if size == "base"
+        else dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    )
+    config = MPNetConfig(
+        vocab_size=30527, max_position_embeddings=514, pad_token_id=0, bos_token_id=2, eos_token_id=3, **shape
+    )
     torch.manual_seed(seed)
     MPNetModel(config).save_pretrained(str(raw))
     transformer = models.Transformer(str(raw), max_seq_length=384)
@@ -134,7 +160,9 @@ CLIP_SIZES = {
 }
 
 
-def make_clip(folder: str | Path, name: str = "polite-tiny-clip", size: str = "tiny", seed: int = 0) -> dict[str, str]:
+def make_clip(
+    folder: str | Path, name: str = "polite-tiny-clip", size: str = "tiny", seed: int = 0
+) -> dict[str, str]:
     """An open_clip model config (both towers) and random weights, saved under ``folder``.
 
     Returns the ``filters.clipscore`` settings that load it: ``model``, ``model_config_file``, ``pretrained``.
@@ -160,6 +188,9 @@ def make_tiny_scorer_models(folder: str | Path, texts: Iterable[str] = ()) -> di
     texts = list(texts)
     return {
         "nli": {"enabled": True, "model": make_deberta_classifier(folder / "nli", 3, texts=texts)},
-        "reward": {"enabled": True, "model": make_deberta_classifier(folder / "reward", 1, texts=texts, seed=1)},
+        "reward": {
+            "enabled": True,
+            "model": make_deberta_classifier(folder / "reward", 1, texts=texts, seed=1),
+        },
         "clipscore": {"enabled": True, **make_clip(folder / "clip")},
     }

@@ -23,7 +23,9 @@ def filter_shard(work_url: str, spec: dict, out_dir: str, run_id: str | None, fu
     return score_shard(work_url, spec, out_dir, run_id=run_id, full_scoring=full_scoring)
 
 
-def _write_work_shards(work, shard_size: int, folder: str, settings_hash: str, full_scoring: bool) -> list[str]:
+def _write_work_shards(
+    work, shard_size: int, folder: str, settings_hash: str, full_scoring: bool
+) -> list[str]:
     from polite.ids import stable_hash
     from polite.shards import write_table_atomic
 
@@ -43,9 +45,13 @@ def _publish(summary: dict[str, Any], rows: list[dict], rewards: list[dict], ski
     try:
         from prefect.artifacts import create_table_artifact
 
-        create_table_artifact(table=rows, key="filter-funnel", description="Filter funnel per source and scorer")
+        create_table_artifact(
+            table=rows, key="filter-funnel", description="Filter funnel per source and scorer"
+        )
         if rewards:
-            create_table_artifact(table=rewards, key="filter-rewards", description="Reward: raw vs rewritten vs kept")
+            create_table_artifact(
+                table=rewards, key="filter-rewards", description="Reward: raw vs rewritten vs kept"
+            )
     except Exception as exc:  # an artifact needs the API; the funnel is in the summary regardless
         logger().warning("could not store the funnel artifact: %s", exc)
 
@@ -74,7 +80,9 @@ def filter_flow(
     except ScorerUnavailableError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.filters.enabled and not chain.scorers:
-        raise ConfigError("every scorer is disabled: enable at least one under `filters:` (e.g. filters.length.enabled: true)")
+        raise ConfigError(
+            "every scorer is disabled: enable at least one under `filters:` (e.g. filters.length.enabled: true)"
+        )
     log = logger()
     with stage_run("filter", cfg.model_dump(mode="json"), workspace, parent_run_id) as run:
         if not cfg.filters.enabled:
@@ -107,8 +115,14 @@ def filter_flow(
                         mine[k] = mine.get(k, 0) + v
 
             map_shards(
-                filter_shard, urls, ingest, "filter", spec=chain.spec(), out_dir=f"{folder}/out",
-                run_id=run.run_id, full_scoring=full_scoring,
+                filter_shard,
+                urls,
+                ingest,
+                "filter",
+                spec=chain.spec(),
+                out_dir=f"{folder}/out",
+                run_id=run.run_id,
+                full_scoring=full_scoring,
             )
             run.summary["scored"] = counts
             # Rewrites decided under these settings before, then re-decided with others (A -> B -> A):
@@ -123,7 +137,10 @@ def filter_flow(
         rewards = reward_distribution(store, h)
         kept = next((r for r in rows if r["source"] == "(all)" and r["scorer"] == "final"), None)
         run.summary.update(
-            decided=kept["entered"] if kept else 0, kept=kept["kept"] if kept else 0, funnel=rows, rewards=rewards
+            decided=kept["entered"] if kept else 0,
+            kept=kept["kept"] if kept else 0,
+            funnel=rows,
+            rewards=rewards,
         )
         _publish(run.summary, rows, rewards, chain.skipped)
         return dict(run.summary)

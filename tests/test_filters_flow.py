@@ -27,16 +27,42 @@ CASES = [
     # (source, task_type, with image, instruction, raw, rewrite)
     ("coco", "caption", True, "<image>Describe the image.", "a dog on a sofa", CAPTION_TEXT),
     ("coco", "caption", True, "<image>Describe the image.", "a dog on a sofa", "A dog on a sofa."),
-    ("coco", "caption", True, "<image>Describe the image.", "a man riding a horse on a beach",
-     "A bowl of pasta with tomato sauce sits on a wooden kitchen table."),
-    ("coco", "caption", False, "Describe the scene.", "two cats on a bed",
-     "Two cats are sleeping on a bed. Two cats are sleeping on a bed. Two cats are sleeping on a bed."),
+    (
+        "coco",
+        "caption",
+        True,
+        "<image>Describe the image.",
+        "a man riding a horse on a beach",
+        "A bowl of pasta with tomato sauce sits on a wooden kitchen table.",
+    ),
+    (
+        "coco",
+        "caption",
+        False,
+        "Describe the scene.",
+        "two cats on a bed",
+        "Two cats are sleeping on a bed. Two cats are sleeping on a bed. Two cats are sleeping on a bed.",
+    ),
     ("vqa", "vqa", True, "<image>Is there a dog?", "yes", "Yes, there is a brown dog lying on the sofa."),
     ("vqa", "vqa", True, "<image>How many cats are there?", "2", "There are two cats sitting on the bed and"),
     ("vqa", "vqa", True, "<image>What colour is the car?", "red", "Red."),
-    ("gqa", "vqa", True, "<image>Where is the cup?", "on the table", "The cup is standing on the wooden table..."),
+    (
+        "gqa",
+        "vqa",
+        True,
+        "<image>Where is the cup?",
+        "on the table",
+        "The cup is standing on the wooden table...",
+    ),
     ("gqa", "vqa", True, "<image>Is the sky clear?", "no", "No, the sky is covered with thick grey clouds."),
-    ("gqa", "conversation", False, "Tell me a joke.", "no", "Why did the chicken cross the road? To get to the other side."),
+    (
+        "gqa",
+        "conversation",
+        False,
+        "Tell me a joke.",
+        "no",
+        "Why did the chicken cross the road? To get to the other side.",
+    ),
 ]
 
 
@@ -55,20 +81,64 @@ def populate(workspace) -> LineageStore:
     samples, rewrites = [], []
     for i, (source, task_type, with_image, instruction, raw, rewrite) in enumerate(CASES):
         sid = f"s_{i:02d}"
-        samples.append(Sample(sid, source, "train", task_type, instruction, raw,
-                              images=[stored[i % 2].image_id] if with_image else []))
+        samples.append(
+            Sample(
+                sid,
+                source,
+                "train",
+                task_type,
+                instruction,
+                raw,
+                images=[stored[i % 2].image_id] if with_image else [],
+            )
+        )
         # an older attempt and a failed one must be ignored in favour of the latest ok rewrite
-        rewrites.append({"rewrite_id": f"r_{i:02d}_old", "sample_id": sid, "model_id": "m", "settings_hash": "h",
-                         "attempt": 0, "status": "ok", "output": "stale text that should never be scored",
-                         "created_at": "2020-01-01 00:00:00"})
-        rewrites.append({"rewrite_id": f"r_{i:02d}", "sample_id": sid, "model_id": "m", "settings_hash": "h",
-                         "attempt": 1, "status": "ok", "output": rewrite, "created_at": "2021-01-01 00:00:00"})
-    rewrites.append({"rewrite_id": "r_fail", "sample_id": "s_00", "model_id": "m", "settings_hash": "h",
-                     "attempt": 2, "status": "failed", "output": None, "created_at": "2022-01-01 00:00:00"})
+        rewrites.append(
+            {
+                "rewrite_id": f"r_{i:02d}_old",
+                "sample_id": sid,
+                "model_id": "m",
+                "settings_hash": "h",
+                "attempt": 0,
+                "status": "ok",
+                "output": "stale text that should never be scored",
+                "created_at": "2020-01-01 00:00:00",
+            }
+        )
+        rewrites.append(
+            {
+                "rewrite_id": f"r_{i:02d}",
+                "sample_id": sid,
+                "model_id": "m",
+                "settings_hash": "h",
+                "attempt": 1,
+                "status": "ok",
+                "output": rewrite,
+                "created_at": "2021-01-01 00:00:00",
+            }
+        )
+    rewrites.append(
+        {
+            "rewrite_id": "r_fail",
+            "sample_id": "s_00",
+            "model_id": "m",
+            "settings_hash": "h",
+            "attempt": 2,
+            "status": "failed",
+            "output": None,
+            "created_at": "2022-01-01 00:00:00",
+        }
+    )
     store.ingest_arrow("samples", samples_to_table(samples))
     table = pa.Table.from_pylist(rewrites)
-    store.ingest_arrow("rewrites", table.set_column(
-        table.schema.get_field_index("created_at"), "created_at", table.column("created_at").cast(pa.timestamp("us"))))
+    store.ingest_arrow(
+        "rewrites",
+        table.set_column(
+            table.schema.get_field_index("created_at"),
+            "created_at",
+            table.column("created_at").cast(pa.timestamp("us")),
+        ),
+    )
     return store
 
 
@@ -81,7 +151,9 @@ def models(tmp_path_factory):
 def decisions(store, settings_hash):
     rows = store.query(
         "SELECT rewrite_id, kept, reason, final_output, dropped_by, removed_paragraphs FROM decisions "
-        "WHERE settings_hash = ? ORDER BY rewrite_id", [settings_hash]).to_pylist()
+        "WHERE settings_hash = ? ORDER BY rewrite_id",
+        [settings_hash],
+    ).to_pylist()
     return {r.pop("rewrite_id"): r for r in rows}
 
 
@@ -95,7 +167,9 @@ def assert_sql_matches_python(store, config):
     _, py_rows = chain.run(items, prior=prior)
     assert len(py_rows) == len(sql_side) == len(CASES)
     for row in py_rows:
-        if row["reason"].startswith("unscored") or sql_side[row["rewrite_id"]]["reason"].startswith("unscored"):
+        if row["reason"].startswith("unscored") or sql_side[row["rewrite_id"]]["reason"].startswith(
+            "unscored"
+        ):
             continue  # SQL cannot score what was never scored; Python just did
         expect = {k: row[k] for k in ("kept", "reason", "final_output", "dropped_by", "removed_paragraphs")}
         assert sql_side[row["rewrite_id"]] == expect, row["rewrite_id"]
@@ -106,31 +180,60 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
     from flows.filter import filter_flow
 
     store = populate(workspace)
-    config = {"filters": {**models, "shard_size": 4, "clipscore": {**models["clipscore"], "threshold": -1000.0}}}
+    config = {
+        "filters": {**models, "shard_size": 4, "clipscore": {**models["clipscore"], "threshold": -1000.0}}
+    }
     summary = filter_flow(config=config, workspace=workspace.root)
     assert summary["rewrites"] == len(CASES) and summary["shards"] == 3
     h = summary["settings_hash"]
     names = {r["scorer"] for r in store.query("SELECT DISTINCT scorer FROM scores").to_pylist()}
-    assert names == {"length", "unchanged", "repetition", "truncated", "semantic", "nli", "clipscore", "reward", "reward_raw"}
-    assert store.query("SELECT count(*) AS n FROM scores WHERE rewrite_id LIKE '%old' OR rewrite_id = 'r_fail'")["n"][0].as_py() == 0
+    assert names == {
+        "length",
+        "unchanged",
+        "repetition",
+        "truncated",
+        "semantic",
+        "nli",
+        "clipscore",
+        "reward",
+        "reward_raw",
+    }
+    assert (
+        store.query("SELECT count(*) AS n FROM scores WHERE rewrite_id LIKE '%old' OR rewrite_id = 'r_fail'")[
+            "n"
+        ][0].as_py()
+        == 0
+    )
     first = decisions(store, h)
     assert set(first) == {f"r_{i:02d}" for i in range(len(CASES))}
     assert first["r_00"]["kept"] and first["r_00"]["final_output"] == CAPTION_TEXT
     assert first["r_01"]["reason"] == "dropped: unchanged 1.00 >= 0.95"
-    assert first["r_02"]["dropped_by"] == "semantic" and first["r_02"]["reason"].startswith("dropped: semantic 0.")
+    assert first["r_02"]["dropped_by"] == "semantic" and first["r_02"]["reason"].startswith(
+        "dropped: semantic 0."
+    )
     assert first["r_03"]["dropped_by"] == "repetition"
     assert first["r_05"]["reason"].startswith("dropped: truncated: ends mid-sentence")
     assert first["r_06"]["reason"] == "dropped: length 2 tokens < 4"
     assert first["r_07"]["reason"] == "dropped: truncated: ends with '...'"
     # dropped early -> never scored by the costly scorers
-    early = store.query("SELECT count(*) AS n FROM scores WHERE rewrite_id = 'r_06' AND scorer IN ('nli', 'reward')")
+    early = store.query(
+        "SELECT count(*) AS n FROM scores WHERE rewrite_id = 'r_06' AND scorer IN ('nli', 'reward')"
+    )
     assert early["n"][0].as_py() == 0
-    nli = store.query("SELECT score, details FROM scores WHERE scorer = 'nli' AND rewrite_id = 'r_04'").to_pylist()[0]
+    nli = store.query(
+        "SELECT score, details FROM scores WHERE scorer = 'nli' AND rewrite_id = 'r_04'"
+    ).to_pylist()[0]
     probs = json.loads(nli["details"])
     assert nli["score"] == pytest.approx(probs["entailment"] - probs["contradiction"], abs=1e-5)
     # the lineage view pivots the scores into columns
-    view = store.query("SELECT reward, raw_reward, nli, kept FROM lineage WHERE sample_id = 's_09'").to_pylist()[0]
-    assert view["reward"] is not None and view["raw_reward"] is not None and view["kept"] == first["r_09"]["kept"]
+    view = store.query(
+        "SELECT reward, raw_reward, nli, kept FROM lineage WHERE sample_id = 's_09'"
+    ).to_pylist()[0]
+    assert (
+        view["reward"] is not None
+        and view["raw_reward"] is not None
+        and view["kept"] == first["r_09"]["kept"]
+    )
 
     # funnel: entered = dropped + kept at every step, the final step matches the decisions
     rows = summary["funnel"]
@@ -147,13 +250,22 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
     assert store.query("SELECT count(*) AS n FROM scores")["n"][0].as_py() == n_scores
 
     # rethreshold: no model is loaded, scores unchanged, SQL decisions == the Python chain on stored scores
-    strict = {"filters": {**config["filters"], "semantic": {"threshold": 0.99},
-                          "clipscore": {**models["clipscore"], "threshold": 1000.0}, "length": {"min_tokens": 12}}}
+    strict = {
+        "filters": {
+            **config["filters"],
+            "semantic": {"threshold": 0.99},
+            "clipscore": {**models["clipscore"], "threshold": 1000.0},
+            "length": {"min_tokens": 12},
+        }
+    }
     re = filter_flow(config=strict, workspace=workspace.root, rethreshold=True)
     assert re["rethreshold"]["decided"] == len(CASES)
     assert store.query("SELECT count(*) AS n FROM scores")["n"][0].as_py() == n_scores
     sql_side = decisions(store, re["settings_hash"])
-    assert sql_side["r_00"]["reason"].startswith("dropped: semantic") or sql_side["r_00"]["dropped_by"] == "length"
+    assert (
+        sql_side["r_00"]["reason"].startswith("dropped: semantic")
+        or sql_side["r_00"]["dropped_by"] == "length"
+    )
     assert_sql_matches_python(store, strict)
 
     # back to the first thresholds: their decisions become the latest again, from stored scores
@@ -165,14 +277,21 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
     # full scoring fills the costly scores of early drops without changing any decision
     full = filter_flow(config=config, workspace=workspace.root, full_scoring=True)
     assert full["rewrites"] > 0
-    assert store.query("SELECT count(*) AS n FROM scores WHERE rewrite_id = 'r_06' AND scorer = 'reward'")["n"][0].as_py() == 1
+    assert (
+        store.query("SELECT count(*) AS n FROM scores WHERE rewrite_id = 'r_06' AND scorer = 'reward'")["n"][
+            0
+        ].as_py()
+        == 1
+    )
     same = ("kept", "reason", "dropped_by")
     assert {k: {f: v[f] for f in same} for k, v in decisions(store, h).items()} == {
         k: {f: v[f] for f in same} for k, v in first.items()
     }
     # now every rewrite carries every score: SQL and Python agree on all of them, nothing left unscored
     redo = filter_flow(config=strict, workspace=workspace.root, rethreshold=True)
-    assert not any(d["reason"].startswith("unscored") for d in decisions(store, redo["settings_hash"]).values())
+    assert not any(
+        d["reason"].startswith("unscored") for d in decisions(store, redo["settings_hash"]).values()
+    )
     assert_sql_matches_python(store, strict)
 
 
@@ -186,7 +305,9 @@ def test_cli_rethreshold_with_set(prefect_harness, workspace, models):
     result = runner.invoke(app, ["filter", "-w", workspace.root, "--set", "length.min_tokens=3"])
     assert result.exit_code == 0, result.output
     assert "skipped" in result.output and "filters.nli.model" in result.output
-    result = runner.invoke(app, ["filter", "-w", workspace.root, "--rethreshold", "--set", "length.min_tokens=50"])
+    result = runner.invoke(
+        app, ["filter", "-w", workspace.root, "--rethreshold", "--set", "length.min_tokens=50"]
+    )
     assert result.exit_code == 0, result.output
     assert "re-decided 10 rewrites" in result.output and ": 0 kept" in result.output
     bad = runner.invoke(app, ["filter", "-w", workspace.root, "--set", "semantic.threshold=2"])

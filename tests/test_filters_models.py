@@ -60,7 +60,9 @@ def test_semantic_with_real_minilm_orders_paraphrase_over_unrelated():
 def test_semantic_version_follows_the_model_not_the_threshold():
     a = SemanticScorer(FilterSettings().semantic)
     b = SemanticScorer(FilterSettings(semantic={"threshold": 0.9}).semantic)
-    c = SemanticScorer(FilterSettings(semantic={"model": "/elsewhere/model"}).semantic, model_ref="/elsewhere/model")
+    c = SemanticScorer(
+        FilterSettings(semantic={"model": "/elsewhere/model"}).semantic, model_ref="/elsewhere/model"
+    )
     assert a.version == b.version != c.version
 
 
@@ -69,7 +71,10 @@ def test_nli_builds_the_method_pair_and_stores_three_probabilities(tiny):
     assert premise == '"Yes, there is a dog." is the answer to the question: "Is there a dog?"'
     assert hypothesis == '"yes" is the answer to the question: "Is there a dog?"'
     scorer = NLIScorer(FilterSettings(nli={"model": tiny["nli"]}).nli)
-    items = [ScoreInput(f"q{i}", f"Yes, there are {i} dogs.", "yes", "<image>Are there dogs?", "vqa") for i in range(5)]
+    items = [
+        ScoreInput(f"q{i}", f"Yes, there are {i} dogs.", "yes", "<image>Are there dogs?", "vqa")
+        for i in range(5)
+    ]
     results = scorer.score_batch(items)
     for r in results:
         p = r.details
@@ -90,7 +95,9 @@ def test_nli_builds_the_method_pair_and_stores_three_probabilities(tiny):
 
 def test_nli_label_order_comes_from_the_model_config():
     assert label_columns({0: "contradiction", 1: "entailment", 2: "neutral"}) == {
-        "contradiction": 0, "entailment": 1, "neutral": 2,
+        "contradiction": 0,
+        "entailment": 1,
+        "neutral": 2,
     }
     assert label_columns({0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"})["contradiction"] == 2
     with pytest.raises(ValueError, match="do not name"):
@@ -99,7 +106,9 @@ def test_nli_label_order_comes_from_the_model_config():
 
 def test_reward_scores_rewrite_and_raw_with_one_model(tiny):
     settings = FilterSettings(reward={"model": tiny["reward"]}).reward
-    item = ScoreInput("r", "Yes, there is a brown dog sleeping on the sofa.", "yes", "<image>Is there a dog?", "vqa")
+    item = ScoreInput(
+        "r", "Yes, there is a brown dog sleeping on the sofa.", "yes", "<image>Is there a dog?", "vqa"
+    )
     rewritten = RewardScorer(settings).score_batch([item])[0]
     raw = RawRewardScorer(settings).score_batch([item])[0]
     assert isinstance(rewritten.score, float) and isinstance(raw.score, float)
@@ -115,7 +124,11 @@ def test_clipscore_per_paragraph_removal_and_bad_image_isolation(tiny):
     settings = FilterSettings(clipscore={**clip, "threshold": -1000.0}).clipscore
     scorer = ClipScoreScorer(settings)
     text = "A red square fills the frame. It is bright.\n\n  \nThe colour is uniform.\n\nNothing else is visible."
-    assert split_paragraphs(text) == ["A red square fills the frame. It is bright.", "The colour is uniform.", "Nothing else is visible."]
+    assert split_paragraphs(text) == [
+        "A red square fills the frame. It is bright.",
+        "The colour is uniform.",
+        "Nothing else is visible.",
+    ]
     results = scorer.score_batch(
         [
             caption("one", text, "a red square", [tiny["red"]]),
@@ -133,13 +146,16 @@ def test_clipscore_per_paragraph_removal_and_bad_image_isolation(tiny):
     middle = sorted(scores)[1]
     kept, removed = keep_paragraphs(text, scores, middle)
     assert len(removed) == 1 and kept.count("\n\n") == 1
-    cut = ClipScoreScorer(FilterSettings(clipscore={**clip, "threshold": middle}).clipscore)
-    final_sql, removed_sql = cut.final_output_sql("t", "d")
     con = duckdb.connect()
-    got = con.execute(
-        f"SELECT {final_sql}, {removed_sql} FROM (SELECT ? AS t, ? AS d)", [text, json.dumps(one.details)]
-    ).fetchone()
-    assert got == (kept, removed)
+    for threshold in (middle, -1000.0, 1000.0):
+        cut = ClipScoreScorer(FilterSettings(clipscore={**clip, "threshold": threshold}).clipscore)
+        final_sql, removed_sql = cut.final_output_sql("t", "d")
+        got = con.execute(
+            f"SELECT {final_sql}, {removed_sql} FROM (SELECT ? AS t, ? AS d)", [text, json.dumps(one.details)]
+        ).fetchone()
+        assert got == keep_paragraphs(text, scores, threshold)
+    assert keep_paragraphs(text, scores, -1000.0) == (text, [])  # nothing cut: the layout is left alone
+    assert keep_paragraphs(text, scores, 1000.0) == ("", [0, 1, 2])
 
 
 def test_chain_skips_missing_models_when_auto_and_fails_when_explicit(tmp_path):
@@ -160,6 +176,14 @@ def test_chain_enables_local_models_and_orders_them(tiny):
     }
     chain = build_chain(cfg)
     assert chain.names == [
-        "length", "unchanged", "repetition", "truncated", "semantic", "nli", "clipscore", "reward", "reward_raw",
+        "length",
+        "unchanged",
+        "repetition",
+        "truncated",
+        "semantic",
+        "nli",
+        "clipscore",
+        "reward",
+        "reward_raw",
     ]
     assert chain.skipped == []

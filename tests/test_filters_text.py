@@ -16,7 +16,9 @@ S = FilterSettings()
 
 
 def item(rewrite: str, raw: str = "a dog", task_type: str = "caption") -> ScoreInput:
-    return ScoreInput(rewrite_id=f"r{abs(hash(rewrite)) % 10**8}", rewrite=rewrite, raw_response=raw, task_type=task_type)
+    return ScoreInput(
+        rewrite_id=f"r{abs(hash(rewrite)) % 10**8}", rewrite=rewrite, raw_response=raw, task_type=task_type
+    )
 
 
 def one(scorer, rewrite: str, raw: str = "a dog"):
@@ -32,7 +34,9 @@ def test_length_bounds_tokens_and_characters_on_both_ends():
     ok = one(scorer, "Yes, there is a dog on the sofa.")
     assert ok.passed and ok.details == {"tokens": 10, "chars": 32}
     assert not one(scorer, "word " * 900).passed
-    long_chars = one(LengthScorer(FilterSettings(length={"max_chars": 30}).length), "Yes, there is a dog on the sofa.")
+    long_chars = one(
+        LengthScorer(FilterSettings(length={"max_chars": 30}).length), "Yes, there is a dog on the sofa."
+    )
     assert not long_chars.passed
 
 
@@ -40,7 +44,11 @@ def test_unchanged_catches_equal_and_near_equal_rewrites():
     scorer = UnchangedScorer(S.unchanged)
     same = one(scorer, "A dog on a couch!", "a dog on a couch")
     assert same.score == 1.0 and same.details["equal"] and not same.passed
-    near = one(scorer, "A brown dog sleeps on a couch in the living room today", "a brown dog sleeps on a couch in the living room")
+    near = one(
+        scorer,
+        "A brown dog sleeps on a couch in the living room today",
+        "a brown dog sleeps on a couch in the living room",
+    )
     assert 0.9 < near.score < 1.0 and not near.passed
     rewritten = one(scorer, "The image shows a brown dog asleep on a comfortable couch.", "a dog on a couch")
     assert rewritten.passed and rewritten.score < 0.7
@@ -50,7 +58,9 @@ def test_repetition_flags_loops_not_normal_prose():
     scorer = RepetitionScorer(S.repetition)
     loop = one(scorer, "The dog is on the sofa. " * 6)
     assert loop.score > 0.8 and not loop.passed and loop.details["top"]["times"] >= 5
-    prose = one(scorer, "The image shows a brown dog lying on a sofa. Next to it, a cat watches from the window sill.")
+    prose = one(
+        scorer, "The image shows a brown dog lying on a sofa. Next to it, a cat watches from the window sill."
+    )
     assert prose.score == 0.0 and prose.passed
 
 
@@ -103,7 +113,9 @@ def test_a_bad_item_fails_alone_and_is_counted():
             return super().measure(items)
 
     scorer = Fussy(S.length)
-    results = scorer.score_batch([item("A fine sentence about a dog."), item("boom"), item("Another fine one here.")])
+    results = scorer.score_batch(
+        [item("A fine sentence about a dog."), item("boom"), item("Another fine one here.")]
+    )
     assert [r.passed for r in results] == [True, False, True]
     assert results[1].score is None and "cannot score boom" in results[1].details["error"]
     assert scorer.counts["errors"] == 1 and scorer.counts["scored"] == 3

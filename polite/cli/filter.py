@@ -16,7 +16,9 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set takes KEY=VALUE under `filters.`, e.g. semantic.threshold=0.5; got {item!r}")
+            raise ValueError(
+                f"--set takes KEY=VALUE under `filters.`, e.g. semantic.threshold=0.5; got {item!r}"
+            )
         parts = key.strip().removeprefix("filters.").split(".")
         node = config.setdefault("filters", {})
         for part in parts[:-1]:
@@ -37,14 +39,22 @@ def register(app: typer.Typer) -> None:
         config: ConfigOpt = None,
         rethreshold: Annotated[
             bool,
-            typer.Option("--rethreshold", help="Re-decide from stored scores with new thresholds; loads no model."),
+            typer.Option(
+                "--rethreshold", help="Re-decide from stored scores with new thresholds; loads no model."
+            ),
         ] = False,
         full_scoring: Annotated[
-            bool, typer.Option("--full-scoring", help="Score every scorer even after an earlier one dropped a rewrite.")
+            bool,
+            typer.Option(
+                "--full-scoring", help="Score every scorer even after an earlier one dropped a rewrite."
+            ),
         ] = False,
         set_: Annotated[
             list[str] | None,
-            typer.Option("--set", help="Override a filters setting, KEY=VALUE (repeatable), e.g. semantic.threshold=0.5."),
+            typer.Option(
+                "--set",
+                help="Override a filters setting, KEY=VALUE (repeatable), e.g. semantic.threshold=0.5.",
+            ),
         ] = None,
     ) -> None:
         """Score the latest rewrites (length, unchanged, repetition, truncated, semantic, nli, clipscore, reward)
@@ -58,10 +68,14 @@ def register(app: typer.Typer) -> None:
         data = load_config(config).model_dump(mode="json")
         data = apply_overrides(data, set_ or [])
         parse_config(data, origin=config or "(demo config + --set)")
-        summary = filter_flow(config=data, workspace=workspace, rethreshold=rethreshold, full_scoring=full_scoring)
+        summary = filter_flow(
+            config=data, workspace=workspace, rethreshold=rethreshold, full_scoring=full_scoring
+        )
         if "rethreshold" in summary:
             r = summary["rethreshold"]
             console.print(f"re-decided {r['decided']} rewrites in {r['seconds']:.3f}s: {r['kept']} kept")
         else:
-            console.print(f"filtered {summary.get('rewrites', 0)} rewrites: {summary.get('kept', 0)} of "
-                          f"{summary.get('decided', 0)} decided rewrites kept")
+            console.print(
+                f"filtered {summary.get('rewrites', 0)} rewrites: {summary.get('kept', 0)} of "
+                f"{summary.get('decided', 0)} decided rewrites kept"
+            )
