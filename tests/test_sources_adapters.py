@@ -169,3 +169,16 @@ def test_columnar_samples_table_matches_the_row_form():
                       status="failed", error="e"), Sample("s_b", "x", "train", "caption", "<image>", "c")]
     rows = pa.Table.from_pylist([s.to_row() for s in samples], schema=SAMPLE_SCHEMA)
     assert samples_to_table(samples).equals(rows)
+
+
+def test_llava_without_an_image_folder_fails_before_any_work(tmp_path, workspace):
+    built = fixtures.llava_instruct(tmp_path / "l")
+    json_file = tmp_path / "l" / "llava_instruct_150k.json"
+    with pytest.raises(ValueError, match="image_folder=DIR"):
+        plan_source(SourceSpec.model_validate(built.spec | {"from": str(json_file),
+                                                            "options": {"image_folder": str(tmp_path / "nope")}}),
+                    workspace.root, 10)
+    # pointing at the folder explicitly works with the JSON file alone
+    spec = built.spec | {"from": str(json_file), "options": {"image_folder": str(tmp_path / "l" / "images")}}
+    results, _, _ = run_source(spec, workspace)
+    assert sum(r["ok"] for r in results) == built.ok

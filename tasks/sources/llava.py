@@ -64,6 +64,18 @@ class LLaVAInstruct(Adapter):
             roots.insert(0, (src if src.is_dir() else src.parent) / "images")
         return roots
 
+    def prepare(self, dataset) -> None:
+        """Fail before any work when none of the first image names resolves: the image folder is wrong."""
+        if "image" not in dataset.column_names:
+            return
+        roots = self.image_roots()
+        names = [n for n in dataset.with_format("arrow")[: min(20, dataset.num_rows)]["image"].to_pylist() if n]
+        if names and not any((root / name).is_file() for name in names for root in roots):
+            raise SourceError(
+                f"llava_instruct: none of the first {len(names)} image files (e.g. {names[0]!r}) is in "
+                f"{[str(r) for r in roots]}; pass -o image_folder=DIR (COCO train2017 for llava_instruct_150k.json)"
+            )
+
     def map_row(self, row: dict, index: int) -> Iterable[Draft]:
         turns = row["conversations"]
         if not isinstance(turns, list) or not turns:
