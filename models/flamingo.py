@@ -106,14 +106,18 @@ class FlamingoSpec:
         if relative:
 
             def rel(p: str | None) -> str | None:
+                # inside the folder or beside it (sibling models in one workspace): relative, so the
+                # workspace can move; anything else stays as given
                 if p is None:
                     return None
                 prefix = "local-dir:" if p.startswith("local-dir:") else ""
                 raw = Path(p[len(prefix) :])
-                try:
-                    return prefix + str(raw.resolve().relative_to(folder.resolve()))
-                except ValueError:
+                if not raw.is_absolute():
                     return p
+                home = folder.resolve().parent
+                if raw.resolve().is_relative_to(home):
+                    return prefix + os.path.relpath(raw.resolve(), folder.resolve())
+                return p
 
             for name in _PATH_FIELDS:
                 data[name] = rel(data[name])
@@ -216,8 +220,8 @@ def build_flamingo(spec: FlamingoSpec, dtype=None, lora_for_training: dict[str, 
     from models.checkpoints import load_into, read_state_dict
 
     tokenizer = load_tokenizer(spec)
-    lm = load_language_model(spec)
-    if lm.get_input_embeddings().weight.shape[0] != len(tokenizer):
+    lm = load_language_model(spec, dtype=dtype)
+    if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):  # LLaMA's 32000 -> 32003; never shrink
         lm.resize_token_embeddings(len(tokenizer))
     compat.make_flamingo_lm(lm, _decoder_layers_attr(lm, spec))
     clip, image_processor, vis_dim = load_vision(spec)
