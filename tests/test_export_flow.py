@@ -145,6 +145,14 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
     text = report.read_text()
     assert "| passed unchanged | 6 | -1 |" in text and "| passed nli | 5 | -1 |" in text and "card-0.png" in text
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:  # the report is mirrored into Prefect artifacts
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["polite-funnel", "polite-report"])))
+    kinds = {a.key: a.type for a in arts}
+    assert kinds == {"polite-funnel": "table", "polite-report": "markdown"}
+
 
 def test_exporting_twice_gives_the_same_export_and_files(workspace, prefect_harness):
     from flows.export import export_flow
