@@ -74,6 +74,9 @@ class _Session:
     key_idx: torch.Tensor
     xk: dict[int, torch.Tensor] = field(default_factory=dict)
     xv: dict[int, torch.Tensor] = field(default_factory=dict)
+    media_last: torch.Tensor | None = (
+        None  # each row's last image latents (only kept to recompute keys/values)
+    )
     graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
     slot_host: int = 0  # the cache slot the next step writes, known on the host (picks the attention span)
 
@@ -85,8 +88,17 @@ class FastFlamingoDecoder:
     row (see ``models.generation.encode_images``); rows may pad T_img with zeros beyond their own images.
     """
 
-    def __init__(self, model: torch.nn.Module, cuda_graphs: bool = True, kv_block: int = KV_BLOCK):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cuda_graphs: bool = True,
+        kv_block: int = KV_BLOCK,
+        recompute_cross_kv: bool = False,
+    ):
+        """``recompute_cross_kv`` recomputes the cross-attention keys/values every step, as open_flamingo does:
+        only for measuring what precomputing them saves (bench/gpu_rewrite.py)."""
         lm = model.lang_encoder
+        self.recompute_cross_kv = recompute_cross_kv
         self.model = model
         self.media_token_id = int(model.media_token_id)
         try:
@@ -211,6 +223,13 @@ class FastFlamingoDecoder:
         )
         return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
+    @staticmethod
+    def _cross_kv(block, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values (b, heads, latents, dim_head) of one image per row."""
+        k, v = block.attn.to_kv(latents).chunk(2, dim=-1)
+        shape = (latents.shape[0], -1, block.attn.heads, k.shape[-1] // block.attn.heads)
+        return k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
+
     def _cross_attention_step(self, block, x, xk, xv, has_media) -> torch.Tensor:
         """A gated cross-attention block for one new token, against keys/values precomputed per batch."""
         b = x.shape[0]
@@ -246,10 +265,12 @@ class FastFlamingoDecoder:
         mask = ((idx >= sess.pad_len.view(b, 1)) & (idx <= sess.slot)).view(b, 1, 1, keys)
         write_at = sess.slot.view(1)
         for i, layer in enumerate(self.layers):
-            if layer.gated_cross_attn_layer is not None:
-                x = self._cross_attention_step(
-                    layer.gated_cross_attn_layer, x, sess.xk[i], sess.xv[i], sess.has_media
-                )
+            block = layer.gated_cross_attn_layer
+            if block is not None:
+                xk, xv = sess.xk[i], sess.xv[i]
+                if self.recompute_cross_kv:
+                    xk, xv = self._cross_kv(block, sess.media_last)
+                x = self._cross_attention_step(block, x, xk, xv, sess.has_media)
             dl = layer.decoder_layer
             x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, write_at, keys, mask, sess)
             x = x + dl.mlp(dl.post_attention_layernorm(x))
@@ -277,20 +298,26 @@ class FastFlamingoDecoder:
         n_images = media_locations.sum(dim=1)
         media = media.to(self.dtype)
         last = media[torch.arange(b, device=self.device), (n_images - 1).clamp(min=0)]  # (b, latents, dim)
+        if self.recompute_cross_kv:
+            if sess.media_last is None or sess.media_last.shape[1:] != last.shape[1:]:
+                sess.media_last = torch.zeros(
+                    (sess.bsz, *last.shape[1:]), device=self.device, dtype=self.dtype
+                )
+                sess.graphs.clear()
+            sess.media_last[:b] = last
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             block = layer.gated_cross_attn_layer
             if block is not None:
                 x = block(x, media, media_locations=media_locations, use_cached_media=False)
-                k, v = block.attn.to_kv(last).chunk(2, dim=-1)
-                shape = (b, -1, block.attn.heads, k.shape[-1] // block.attn.heads)
-                full = (sess.bsz, block.attn.heads, k.shape[1], shape[-1])
+                k, v = self._cross_kv(block, last)
+                full = (sess.bsz, *k.shape[1:])
                 if i not in sess.xk or tuple(sess.xk[i].shape) != full:
                     sess.xk[i] = torch.zeros(full, device=self.device, dtype=self.dtype)
                     sess.xv[i] = torch.zeros(full, device=self.device, dtype=self.dtype)
                     sess.graphs.clear()
-                sess.xk[i][:b] = k.reshape(shape).transpose(1, 2)
-                sess.xv[i][:b] = v.reshape(shape).transpose(1, 2)
+                sess.xk[i][:b] = k
+                sess.xv[i][:b] = v
             dl = layer.decoder_layer
             x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, None, n, attend, sess)
             x = x + dl.mlp(dl.post_attention_layernorm(x))

@@ -145,6 +145,27 @@ def plain_generate(model, media, input_ids, attention_mask, **gen_kwargs):
         lm._use_cached_vision_x = False
 
 
+def plain_logits(model, vision_x, input_ids, attention_mask):
+    """Teacher-forced logits (B, L, vocab) of the plain open_flamingo forward, with position ids taken from the
+    attention mask as ``generate`` takes them (a bare forward would shift left-padded rows' positions, which RoPE
+    ignores in exact arithmetic but not in bf16). The reference the fast decoder is checked against."""
+    import torch
+
+    from models.compat import language_model
+
+    lm = language_model(model)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    try:
+        with torch.inference_mode():
+            model._encode_vision_x(vision_x=vision_x)
+            model._condition_media_locations(input_ids=input_ids)
+            return lm(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
+            ).logits.float()
+    finally:
+        lm.clear_conditioned_layers()
+
+
 def _nan_guard(flags: list[int], rows_per_sample: int):
     """A logits processor that notes which samples saw NaN logits (and keeps generation going)."""
     import torch
