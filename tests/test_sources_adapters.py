@@ -119,6 +119,14 @@ def test_coco_captions_with_boxes_joined_on_image_id(tmp_path, workspace):
     assert pizza.meta["boxes"][1][0] == "oven" and len(pizza.meta["captions"]) == 5
     kitchen = next(s for s in samples if s.source_key == "37777")
     assert kitchen.meta["boxes"] == [["pizza", pytest.approx([10 / 352, 10 / 230, 100 / 352, 100 / 230])]]
+    # COCO-json [x, y, w, h] boxes: the same result with box_format=xywh
+    xywh = fixtures.coco_boxes(tmp_path / "det_xywh", box_format="xywh")
+    spec = built.spec | {"name": "coco_xywh", "options": {"boxes_from": str(xywh), "box_format": "xywh"}}
+    _, samples, _ = run_source(spec, workspace)
+    assert next(s for s in samples if s.source_key == "397133").raw_response == pizza.raw_response
+    # the wrong format is caught before any work
+    with pytest.raises(ValueError, match="box_format=xywh"):
+        run_source(built.spec | {"options": {"boxes_from": str(xywh)}}, workspace)
 
 
 def test_llava_each_gpt_turn_is_a_conversation_sample(tmp_path, workspace):

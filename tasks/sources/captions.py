@@ -49,6 +49,7 @@ def load_boxes(from_: str, split: str, box_format: str, revision: str | None, ca
         names = _category_names(ds.features)
         table = ds.with_format("arrow").select_columns(needed)
         boxes: dict[str, list] = {}
+        inverted = [0, 0]  # boxes that only make sense in the other format, boxes seen
         for lo in range(0, ds.num_rows, 4096):
             for row in table[lo : lo + 4096].to_pylist():
                 width, height = float(row["width"] or 0), float(row["height"] or 0)
@@ -61,9 +62,18 @@ def load_boxes(from_: str, split: str, box_format: str, revision: str | None, ca
                         continue
                     x1, y1, a, b = (float(v) for v in bbox)
                     xyxy = (x1, y1, x1 + a, y1 + b) if box_format == "xywh" else (x1, y1, a, b)
+                    inverted[1] += 1
+                    if xyxy[2] < xyxy[0] or xyxy[3] < xyxy[1]:
+                        inverted[0] += 1
+                        continue
                     label = names[category] if names and isinstance(category, int) else str(category)
                     found.append((label, list(normalise_box(xyxy, width, height))))
                 boxes[str(row["image_id"])] = found
+        if inverted[1] and inverted[0] > 0.1 * inverted[1]:
+            raise SourceError(
+                f"boxes source {from_}: {inverted[0]} of {inverted[1]} boxes have x2 < x1 or y2 < y1 as {box_format}; "
+                f"set -o box_format={'xywh' if box_format == 'xyxy' else 'xyxy'}"
+            )
         return boxes
 
     return cached(("boxes", from_, split, box_format, revision, cache_dir), build)

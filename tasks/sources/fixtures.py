@@ -226,17 +226,26 @@ def clevr(folder: Path) -> Built:
     return Built({"adapter": "clevr", "from": str(folder)}, ok=4, failed=3, errors=["annotation is empty", "bad image"])
 
 
-def coco_boxes(folder: Path) -> Path:
-    """A detection-datasets/coco style boxes source for images 397133 and 37777 (category ClassLabel)."""
+def coco_boxes(folder: Path, box_format: str = "xyxy") -> Path:
+    """A detection-datasets/coco style boxes source for images 397133 and 37777.
+
+    As its ``dataset_infos.json`` declares: ``objects`` is a ``Sequence`` of a struct (stored as a struct of
+    lists) with ``category`` a ClassLabel. ``box_format`` ``xywh`` writes COCO-json style boxes instead.
+    """
     d = _f()
     i64 = d.Value("int64")
     features = {"image_id": i64, "image": d.Image(), "width": i64, "height": i64,
-                "objects": d.List({"bbox_id": i64, "category": d.ClassLabel(names=["person", "bicycle", "oven", "pizza"]),
-                                   "bbox": d.List(d.Value("float32"), length=4), "iscrowd": d.Value("bool"), "area": d.Value("float64")})}
+                "objects": d.Sequence({"bbox_id": i64, "category": d.ClassLabel(names=["person", "bicycle", "oven", "pizza"]),
+                                       "bbox": d.Sequence(d.Value("float32"), length=4), "iscrowd": d.Value("bool"),
+                                       "area": d.Value("float64")})}
+    boxes = [[[64.0, 42.7, 320.0, 427.0], [0.0, 200.0, 200.0, 400.0], [500.0, 100.0, 600.0, 200.0]],
+             [[10.0, 10.0, 100.0, 100.0]]]
+    if box_format == "xywh":
+        boxes = [[[x1, y1, x2 - x1, y2 - y1] for x1, y1, x2, y2 in image] for image in boxes]
     rows = {"image_id": [397133, 37777], "image": [image(30), image(31)], "width": [640, 352], "height": [427, 230],
-            "objects": [[{"bbox_id": 1, "category": 0, "bbox": [64.0, 42.7, 320.0, 427.0], "iscrowd": False, "area": 1.0},
-                         {"bbox_id": 2, "category": 2, "bbox": [0.0, 200.0, 200.0, 400.0], "iscrowd": False, "area": 1.0}],
-                        [{"bbox_id": 3, "category": 3, "bbox": [10.0, 10.0, 100.0, 100.0], "iscrowd": False, "area": 1.0}]]}
+            "objects": [{"bbox_id": [1, 2, 4], "category": [0, 2, 1], "bbox": boxes[0], "iscrowd": [False] * 3,
+                         "area": [1.0] * 3},
+                        {"bbox_id": [3], "category": [3], "bbox": boxes[1], "iscrowd": [False], "area": [1.0]}]}
     write_hub_parquet(folder, rows, features, "val", shard="00000-of-00002", suffix="-9a8b7c6d5e4f3a2b")
     return folder
 
