@@ -132,6 +132,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     os.environ["DO_NOT_TRACK"] = "1"
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     print(f"machine: {os.cpu_count()} CPUs; workspace and Prefect home under {home}")
     if not args.micro_only:
         rows = factory_breakdown(args.config, args.sets, os.path.join(home, "ws"))

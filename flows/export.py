@@ -53,7 +53,7 @@ ORDER BY p.sample_id
 """
 
 
-class ExportCheckFailed(RuntimeError):
+class ExportCheckFailed(ValueError):
     """A publishing gate failed; nothing was written. The message names the check and the numbers."""
 
 

@@ -225,3 +225,16 @@ def test_push_uploads_the_folder_with_its_card(workspace, prefect_harness, monke
     assert out["hub_url"] == "https://huggingface.co/datasets/me/polite"
     assert calls[0] == ("create_repo", {"repo_id": "me/polite", "repo_type": "dataset", "private": True, "exist_ok": True})
     assert calls[1][1]["repo_id"] == "me/polite" and "README.md" in calls[1][2] and "train-00000-of-00001.parquet" in calls[1][2]
+
+
+def test_polite_export_command(workspace, prefect_harness):
+    from typer.testing import CliRunner
+
+    from polite.cli import app
+
+    populate(workspace)
+    ok = CliRunner().invoke(app, ["export", "-w", workspace.root, "--format", "llava"], env={"COLUMNS": "200"})
+    assert ok.exit_code == 0, ok.output
+    assert "exported 5 items" in ok.output and "llava-x_" in ok.output
+    held = CliRunner().invoke(app, ["export", "-w", workspace.root, "--where", "kept AND source = 'none'"])
+    assert held.exit_code == 2 and "min_items: 0 items selected" in held.output  # a red line, not a traceback

@@ -28,11 +28,12 @@ def register(app: typer.Typer) -> None:
         Examples: polite export --format pf1m --format llava |
         polite export --where "kept AND source = 'gqa'" | polite export --push-to-hub me/polite-demo
         """
-        from flows.export import export_flow
         from polite.cli.factory import quiet_library_warnings
+
+        quiet_library_warnings()  # before Prefect is imported: it reads its settings once
+        from flows.export import export_flow
         from polite.config import load_config
 
-        quiet_library_warnings()
         cfg = load_config(config)
         result = export_flow(config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace,
                              formats=formats, where=where, push_to_hub=push_to_hub)
