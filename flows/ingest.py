@@ -36,6 +36,42 @@ def _specs(cfg, sources: list[dict] | None) -> list[SourceSpec]:
     return specs
 
 
+class LineageBatcher:
+    """Loads finished shards into DuckDB in batches (one short writer session each) and keeps the counts."""
+
+    def __init__(self, store, run_id: str, counts: dict[str, dict[str, Any]]):
+        self.store, self.run_id, self.counts = store, run_id, counts
+        self.pending: list[dict] = []
+        self.last_flush = time.monotonic()
+
+    def add(self, result: dict) -> None:
+        for key in COUNTS:
+            self.counts[result["source"]][key] += int(result.get(key, 0))
+        self.pending.append(result)
+        rows = sum(r["ok"] + r["failed"] for r in self.pending)
+        if rows >= FLUSH_ROWS or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        groups: dict[str, list[dict]] = {}
+        for r in self.pending:
+            groups.setdefault(r["source"], []).append(r)
+        with self.store.writer() as con:
+            for label, results in groups.items():  # DuckDB reads the shard files itself
+                self.counts[label]["new_images"] += self.store.ingest_parquet("images", [r["images"] for r in results], con=con)
+            self.store.ingest_parquet("samples", [r["samples"] for r in self.pending], con=con)
+            # rows inserted just now are the only ones without a run: count them, then stamp them
+            fresh = con.execute("SELECT source, count(*) FROM samples WHERE run_id IS NULL GROUP BY source").fetchall()
+            con.execute("UPDATE samples SET run_id = ? WHERE run_id IS NULL", [self.run_id])
+        for label, n in fresh:
+            if label in self.counts:
+                self.counts[label]["new_samples"] += n
+        self.pending.clear()
+        self.last_flush = time.monotonic()
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     """What landed, per source, as a rich table on the terminal."""
     from rich.console import Console
@@ -78,45 +114,12 @@ def ingest_flow(
                                           "shards": len(plan.items), "new_samples": 0, "new_images": 0,
                                           **dict.fromkeys(COUNTS, 0)}
     with stage_run("ingest", cfg.model_dump(mode="json", by_alias=True), ws, parent_run_id) as run:
-        pending: list[dict] = []
-        last_flush = time.monotonic()
-
-        def flush() -> None:
-            """One short writer session for all pending shards: DuckDB reads the files itself."""
-            nonlocal last_flush
-            if not pending:
-                return
-            groups: dict[str, list[dict]] = {}
-            for r in pending:
-                groups.setdefault(r["source"], []).append(r)
-            with run.store.writer() as con:
-                for label, results in groups.items():
-                    new = run.store.ingest_parquet("images", [r["images"] for r in results], con=con)
-                    summary["sources"][label]["new_images"] += new
-                run.store.ingest_parquet("samples", [r["samples"] for r in pending], con=con)
-                # rows inserted just now are the only ones without a run: count them, then stamp them
-                fresh = con.execute("SELECT source, count(*) FROM samples WHERE run_id IS NULL GROUP BY source").fetchall()
-                con.execute("UPDATE samples SET run_id = ? WHERE run_id IS NULL", [run.run_id])
-            for label, n in fresh:
-                if label in summary["sources"]:
-                    summary["sources"][label]["new_samples"] += n
-            pending.clear()
-            last_flush = time.monotonic()
-
-        def ingest(result: dict) -> None:
-            counts = summary["sources"][result["source"]]
-            for key in COUNTS:
-                counts[key] += int(result.get(key, 0))
-            pending.append(result)
-            rows = sum(r["ok"] + r["failed"] for r in pending)
-            if rows >= FLUSH_ROWS or time.monotonic() - last_flush >= FLUSH_SECONDS:
-                flush()
-
+        loader = LineageBatcher(run.store, run.run_id, summary["sources"])
         items = [item for plan in plans for item in plan.items]
         try:
-            map_shards(ingest_shard_task, items, ingest, description=f"ingest {', '.join(labels)}")
+            map_shards(ingest_shard_task, items, loader.add, description=f"ingest {', '.join(labels)}")
         finally:
-            flush()  # finished shards reach the lineage even when another shard failed
+            loader.flush()  # finished shards reach the lineage even when another shard failed
         for key in (*COUNTS, "new_samples", "new_images"):
             run.summary[key] = sum(c[key] for c in summary["sources"].values())
         run.summary["sources"] = summary["sources"]
