@@ -120,7 +120,9 @@ class Inferencer:
         device=None,
         dtype=None,
         batch_size: int = 8,
+        **spec_fields: Any,
     ):
+        """``spec_fields`` are further ``FlamingoSpec`` fields (e.g. perceiver sizes of a non-standard model)."""
         from models.flamingo import SPEC_FILE, FlamingoSpec
         from models.loader import load_rewriter
 
@@ -137,6 +139,7 @@ class Inferencer:
                 cross_attn_every_n_layers=cross_attn_every_n_layers,
                 v1_masking=v1_masking,
                 allow_download=allow_download,
+                **spec_fields,
             )
         self.loaded = load_rewriter(ref, device=device, dtype=dtype)
         self.model = self.loaded.model
@@ -179,7 +182,14 @@ class Inferencer:
         if len(image_lists) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(image_lists)} image lists")
         gen = decoding_kwargs(
-            max_new_token, num_beams, temperature, top_k, top_p, do_sample, length_penalty, no_repeat_ngram_size
+            max_new_token,
+            num_beams,
+            temperature,
+            top_k,
+            top_p,
+            do_sample,
+            length_penalty,
+            no_repeat_ngram_size,
         )
         results = []
         for start in range(0, len(prompts), self.batch_size):

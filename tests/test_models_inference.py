@@ -59,3 +59,19 @@ def test_batch_equals_calls_one_by_one(inferencer, images):
 def test_mismatched_batch_is_rejected(inferencer):
     with pytest.raises(ValueError, match="image lists"):
         inferencer(prompt=["a", "b"], imgpaths=[[]], max_new_token=2)
+
+
+def test_seed_constructor_builds_from_released_style_paths(inferencer, tmp_path_factory):
+    """The seed's arguments (LM folder, open_clip tower, OpenFlamingo checkpoint) load the same model."""
+    from models.tiny import TINY_FLAMINGO
+
+    tiny = tmp_path_factory.getbasetemp() / "tiny-rewriter"
+    seed_style = Inferencer(
+        lm_path=str(tiny / "lm"), clip_vision_encoder_path=f"local-dir:{tiny / 'vision'}", tuning_config=None,
+        checkpoint=str(tiny / "checkpoint.safetensors"), vision_pretrained=None, v1_masking=False, device="cpu",
+        **{k: v for k, v in TINY_FLAMINGO.items()},
+    )  # fmt: skip
+    assert seed_style.fingerprint == inferencer.fingerprint
+    prompt = get_prompt("Say something.")
+    kw = dict(max_new_token=5, num_beams=1, do_sample=False)
+    assert seed_style(prompt=prompt, imgpaths=[], **kw) == inferencer(prompt=prompt, imgpaths=[], **kw)

@@ -83,3 +83,25 @@ def test_adapter_round_trip_and_plain_lm_key_names(tiny, tmp_path):
     save_file(plain, str(tmp_path / "adapter" / "adapter_model.safetensors"))
     again, *_ = build_flamingo(spec)
     torch.testing.assert_close(_logits(again, tok), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_released_style_checkpoint_on_top_of_a_tuning_config(tiny, tmp_path):
+    """As published: a LoRA adapter folder (the seed's tuning_config) injects the adapter, then a torch
+    checkpoint saved from a peft-wrapped lang_encoder (old peft key names, no adapter name) loads on top."""
+    model, tok, _, _ = build_flamingo(FlamingoSpec.from_file(tiny))
+    peft_model = lora.add_lora(model, rank=8)
+    lora.save_adapter(peft_model, tmp_path / "tuning_config")  # B = 0: does nothing by itself
+    _randomise_lora(model, seed=5)
+    expected = _logits(model, tok)
+    released = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            key = name.replace("lang_encoder.", "lang_encoder.base_model.model.", 1).replace(".default.", ".")
+            released[key] = p.detach().clone()
+    torch.save(released, tmp_path / "polite_flamingo.pt")
+    spec = FlamingoSpec.from_file(tiny)
+    spec.adapter = str(tmp_path / "tuning_config")
+    spec.extra_checkpoints = [str(tmp_path / "polite_flamingo.pt")]
+    loaded, _, _, reports = build_flamingo(spec)
+    torch.testing.assert_close(_logits(loaded, tok), expected, rtol=1e-4, atol=1e-4)
+    assert len(reports[-1].loaded) == len(released) and "lm" in reports[-1].summary()
