@@ -38,7 +38,8 @@ def _entry_filter(entry: MixEntry, settings: DistortSettings) -> tuple[str, list
         sql += " AND list_contains(?::VARCHAR[], s.source)"
         params.append(entry.sources)
     if entry.method == "retrieve":  # only images that come with captions (and boxes) can be retrieved
-        sql += " AND json_valid(s.meta) AND coalesce(json_array_length(json_extract(s.meta, '$.captions')), 0) > 0"
+        # CASE, not AND: DuckDB does not promise to skip the JSON parse of a row json_valid rejects.
+        sql += " AND coalesce(json_array_length(CASE WHEN json_valid(s.meta) THEN s.meta END, '$.captions'), 0) > 0"
     return sql, params
 
 

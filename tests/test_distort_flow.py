@@ -26,7 +26,8 @@ def png(colour: tuple[int, int, int]) -> bytes:
 
 def seed_lineage(workspace) -> LineageStore:
     """6 demo scenes (detailed captions with captions+boxes, one image each), 4 text-only conversations,
-    plus rows the stage must leave alone: a failed sample, a VQA sample, an empty response."""
+    plus rows the stage must leave alone: a failed sample, a VQA sample, an empty response (and one whose
+    meta is broken, fit for augment only)."""
     store = LineageStore(workspace.db_path)
     store.migrate()
     images = ImageStore(workspace.images)
@@ -56,6 +57,10 @@ def seed_lineage(workspace) -> LineageStore:
                raw_response="  "),
     ]  # fmt: skip
     store.ingest_arrow("samples", samples_to_table(samples))
+    # A row whose meta is not JSON at all: augment may use it, retrieve must skip it without an error.
+    broken = samples_to_table([Sample(sample_id="s_badmeta", source="demo", split="hq", task_type="detailed_caption",
+                                      instruction="Describe.", raw_response="A cat. A hat.")])  # fmt: skip
+    store.ingest_arrow("samples", broken.set_column(broken.schema.get_field_index("meta"), "meta", pa.array(["{oops"])))
     return store
 
 
@@ -88,14 +93,14 @@ def test_distort_flow_resumes_retries_and_exports(prefect_harness, workspace, tm
     with StubChatServer() as server:
         # 1. The LLM server fails every request: llm pairs are recorded as failed, the others are made.
         first = distort_flow(config=config(server.url("500")), workspace=ws)
-        assert first["augment_selected"] == 10 and first["retrieve_selected"] == 6 and first["llm_selected"] == 3
+        assert first["augment_selected"] == 11 and first["retrieve_selected"] == 6 and first["llm_selected"] == 3
         assert first["retrieve_ok"] == 6 and first["llm_failed"] == 3
-        assert first["augment_ok"] + first.get("augment_failed", 0) == 10
+        assert first["augment_ok"] + first.get("augment_failed", 0) == 11
         made = pairs(store)
-        assert len(made) == 19
+        assert len(made) == 20
         llm = [p for p in made if p["method"] == "llm"]
         assert all("HTTP 500" in p["error"] and p["status"] == "failed" for p in llm)
-        assert {p["sample_id"] for p in made} <= {f"s_demo_{i}" for i in range(6)} | {f"s_chat_{i}" for i in range(4)}
+        assert {p["sample_id"] for p in made} == {f"s_demo_{i}" for i in range(6)} | {f"s_chat_{i}" for i in range(4)} | {"s_badmeta"}
         assert all(p["run_id"] and p["variant"] and p["seed"] is not None for p in made)
         assert all(p["instruction"] and p["original"] for p in made)
 
@@ -108,7 +113,7 @@ def test_distort_flow_resumes_retries_and_exports(prefect_harness, workspace, tm
         third = distort_flow(config=config(server.url("ok")), workspace=ws, retry_failed=True, methods=["llm"])
         assert third == {"llm_selected": 3, "llm_ok": 3, "shards": 1}
         after = pairs(store)
-        assert len(after) == 19
+        assert len(after) == 20
         llm_after = [p for p in after if p["method"] == "llm"]
         assert {p["pair_id"] for p in llm_after} == {p["pair_id"] for p in llm}
         assert all(p["status"] == "ok" and p["llm"] == "openai:stub-llm" for p in llm_after)
