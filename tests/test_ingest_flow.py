@@ -78,6 +78,8 @@ def test_cli_ingest_list_and_errors(prefect_harness, workspace, tmp_path):
     from polite.cli import app
 
     runner = CliRunner()
+    helped = runner.invoke(app, ["ingest", "--help"])
+    assert helped.exit_code == 0 and "polite ingest demo" in helped.output and "--from" in helped.output
     listing = runner.invoke(app, ["ingest", "--list"])
     assert listing.exit_code == 0 and "llava_instruct" in listing.output and "coco_captions" in listing.output
     built = fixtures.flickr30k(tmp_path / "f")

@@ -11,21 +11,21 @@ from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
 EXAMPLES = """
 Examples:
 
-  polite ingest demo                                   # the bundled synthetic scenes (offline, seconds)
+  polite ingest --list
+
+  polite ingest demo
 
   polite ingest vqav2 --from lmms-lab/VQAv2 --split validation --limit 10000
 
-  polite ingest gqa --from ./GQA --config-name testdev_balanced_instructions --split testdev
+  polite ingest gqa --from ./GQA --config-name testdev_balanced_instructions
 
-  polite ingest coco_captions --from ./COCO-Caption2017 -o boxes_from=./detection-coco
+  polite ingest coco_captions --from ./COCO-Caption2017 -o boxes_from=./coco-det
 
-  polite ingest llava_instruct --from ./LLaVA-Instruct-150K -o image_folder=./coco/train2017
+  polite ingest llava_instruct --from ./LLaVA-Instruct -o image_folder=./train2017
 
   polite ingest generic --from data.parquet --mapping mapping.yaml --name my_vqa
 
-  polite ingest --config configs/pf1m.yaml              # every source in the config
-
-  polite ingest --list                                 # the adapters
+  polite ingest --config configs/pf1m.yaml
 """
 
 

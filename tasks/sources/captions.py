@@ -32,51 +32,72 @@ def _objects(value: Any) -> list[dict]:
     return list(value)
 
 
-def load_boxes(from_: str, split: str, box_format: str, revision: str | None, cache_dir: str | None) -> dict[str, list]:
-    """``image id -> [(label, [x1, y1, x2, y2] in 0..1)]`` from a detection-datasets/coco style dataset.
+class BoxSource:
+    """Boxes of a detection-datasets/coco style dataset, looked up by image id.
 
-    Reads only the id, size and object columns (never the images), once per process.
+    Holds only an ``image id -> row`` index; the rows stay memory-mapped and are read one image at a time,
+    never the images themselves. Built once per process (``BoxSource.open``).
     """
-    if box_format not in BOX_FORMATS:
-        raise SourceError(f"options.box_format must be one of {BOX_FORMATS}, got {box_format!r}")
 
-    def build() -> dict[str, list]:
-        ds = load_source(from_, split, None, revision, cache_dir)
-        needed = ["image_id", "width", "height", "objects"]
-        missing = [c for c in needed if c not in ds.column_names]
+    COLUMNS = ["image_id", "width", "height", "objects"]
+
+    def __init__(self, dataset, box_format: str, origin: str):
+        missing = [c for c in self.COLUMNS if c not in dataset.column_names]
         if missing:
-            raise SourceError(f"boxes source {from_}: column(s) {missing} not found; columns found: {ds.column_names}")
-        names = _category_names(ds.features)
-        table = ds.with_format("arrow").select_columns(needed)
-        boxes: dict[str, list] = {}
-        inverted = [0, 0]  # boxes that only make sense in the other format, boxes seen
-        for lo in range(0, ds.num_rows, 4096):
-            for row in table[lo : lo + 4096].to_pylist():
-                width, height = float(row["width"] or 0), float(row["height"] or 0)
-                if width <= 0 or height <= 0:
-                    continue
-                found = []
-                for obj in _objects(row["objects"]):
-                    bbox, category = obj.get("bbox"), obj.get("category")
-                    if not bbox or len(bbox) != 4 or category is None:
-                        continue
-                    x1, y1, a, b = (float(v) for v in bbox)
-                    xyxy = (x1, y1, x1 + a, y1 + b) if box_format == "xywh" else (x1, y1, a, b)
-                    inverted[1] += 1
-                    if xyxy[2] < xyxy[0] or xyxy[3] < xyxy[1]:
-                        inverted[0] += 1
-                        continue
-                    label = names[category] if names and isinstance(category, int) else str(category)
-                    found.append((label, list(normalise_box(xyxy, width, height))))
-                boxes[str(row["image_id"])] = found
-        if inverted[1] and inverted[0] > 0.1 * inverted[1]:
-            raise SourceError(
-                f"boxes source {from_}: {inverted[0]} of {inverted[1]} boxes have x2 < x1 or y2 < y1 as {box_format}; "
-                f"set -o box_format={'xywh' if box_format == 'xyxy' else 'xyxy'}"
-            )
-        return boxes
+            raise SourceError(f"boxes source {origin}: column(s) {missing} not found; columns found: {dataset.column_names}")
+        self.table = dataset.with_format("arrow").select_columns(self.COLUMNS)
+        self.names = _category_names(dataset.features)
+        self.box_format = box_format
+        ids = self.table.select_columns(["image_id"])[:]["image_id"].to_pylist()
+        self.index = {str(image_id): i for i, image_id in enumerate(ids)}
+        self._check(origin)
 
-    return cached(("boxes", from_, split, box_format, revision, cache_dir), build)
+    @classmethod
+    def open(cls, from_: str, split: str, box_format: str, revision: str | None, cache_dir: str | None) -> BoxSource:
+        if box_format not in BOX_FORMATS:
+            raise SourceError(f"options.box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+        return cached(
+            ("boxes", from_, split, box_format, revision, cache_dir),
+            lambda: cls(load_source(from_, split, None, revision, cache_dir), box_format, from_),
+        )
+
+    def _convert(self, row: dict) -> tuple[list, int]:
+        """``[(label, [x1, y1, x2, y2] in 0..1)]`` for one image, and how many boxes were inverted."""
+        width, height = float(row["width"] or 0), float(row["height"] or 0)
+        found, inverted = [], 0
+        if width <= 0 or height <= 0:
+            return found, inverted
+        for obj in _objects(row["objects"]):
+            bbox, category = obj.get("bbox"), obj.get("category")
+            if not bbox or len(bbox) != 4 or category is None:
+                continue
+            x1, y1, a, b = (float(v) for v in bbox)
+            xyxy = (x1, y1, x1 + a, y1 + b) if self.box_format == "xywh" else (x1, y1, a, b)
+            if xyxy[2] < xyxy[0] or xyxy[3] < xyxy[1]:
+                inverted += 1
+                continue
+            label = self.names[category] if self.names and isinstance(category, int) else str(category)
+            found.append((label, list(normalise_box(xyxy, width, height))))
+        return found, inverted
+
+    def _check(self, origin: str, sample: int = 500) -> None:
+        """Boxes that come out inverted in the chosen format mean the other format: say so before any work."""
+        total = inverted = 0
+        for row in self.table[: min(sample, len(self.index))].to_pylist():
+            found, bad = self._convert(row)
+            total, inverted = total + len(found) + bad, inverted + bad
+        if total and inverted > 0.1 * total:
+            other = "xywh" if self.box_format == "xyxy" else "xyxy"
+            raise SourceError(
+                f"boxes source {origin}: {inverted} of the first {total} boxes have x2 < x1 or y2 < y1 as "
+                f"{self.box_format}; set -o box_format={other}"
+            )
+
+    def get(self, image_id: Any) -> list:
+        i = self.index.get(str(image_id))
+        if i is None:
+            return []
+        return self._convert(self.table[i : i + 1].to_pylist()[0])[0]
 
 
 class COCOCaptions(Adapter):
@@ -103,14 +124,14 @@ class COCOCaptions(Adapter):
     def prepare(self, dataset) -> None:
         self._boxes = None
         if self.options.get("boxes_from"):
-            self._boxes = load_boxes(
+            self._boxes = BoxSource.open(
                 self.options["boxes_from"], self.options.get("boxes_split", "val"),
                 self.options.get("box_format", "xyxy"), self.options.get("boxes_revision"), self.cache_dir,
             )
 
     def map_row(self, row: dict, index: int) -> Iterable[Draft]:
         captions = text_list(row["answer"], "answer")
-        boxes = self._boxes.get(str(row["id"]), []) if self._boxes is not None else []
+        boxes = self._boxes.get(row["id"]) if self._boxes is not None else []
         yield Draft(
             raw=format_captions_and_boxes(captions, boxes), task_type="caption", images=[row["image"]],
             meta={"captions": captions, "boxes": boxes, "file_name": row.get("file_name") or row.get("question_id")},
