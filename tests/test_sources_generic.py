@@ -119,3 +119,8 @@ def test_paths_and_templates_are_deterministic():
     wordings = {render_instruction("vqa", f"s_{i}", question="Is it red?") for i in range(40)}
     assert len(wordings) == len(TEMPLATES["vqa"])  # several paraphrases are used across ids
     assert all(w.startswith("<image>") and "red?" in w for w in wordings)
+
+
+def test_hub_id_offline_fails_with_a_message(workspace):
+    with pytest.raises(ValueError, match="cannot load 'lmms-lab/VQAv2'.*local copy"):
+        plan_source(SourceSpec.model_validate({"adapter": "vqav2"}), workspace.root, 100)

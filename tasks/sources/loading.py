@@ -113,8 +113,11 @@ def load_source(
             kwargs["data_files"] = data_files
         try:
             return datasets.load_dataset(from_, config_name, **kwargs)
-        except (FileNotFoundError, ValueError) as exc:
-            raise SourceError(f"cannot load {from_!r} (config {config_name!r}, split {split!r}) from the Hub: {exc}") from exc
+        except (FileNotFoundError, ValueError, ConnectionError) as exc:
+            raise SourceError(
+                f"cannot load {from_!r} (config {config_name!r}, split {split!r}) from the Hub: {exc}. "
+                "Offline? Point --from at a local copy of its files."
+            ) from exc
 
     return cached(key, build)
 
