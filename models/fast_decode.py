@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 KV_BLOCK = 128  # cache lengths and attention spans are rounded up to this, so few graphs are captured
+MAX_SESSIONS = 16  # batch shapes kept with their captured graphs (least recently used ones are dropped)
 
 
 class FastPathUnsupported(RuntimeError):
@@ -148,7 +149,10 @@ class FastFlamingoDecoder:
         cache_len = _round_up(prompt_len + max_new, self.kv_block)
         key = (bsz, cache_len, max_new)
         if key in self._sessions:
+            self._sessions[key] = self._sessions.pop(key)  # most recently used last
             return self._sessions[key]
+        while len(self._sessions) >= MAX_SESSIONS:  # each holds graphs and per-batch buffers
+            self._sessions.pop(next(iter(self._sessions)))
         self._rope_table(cache_len)
         per_layer = bsz * self.n_kv * cache_len * self.head_dim
         if not self._arena or self._arena[0].numel() < per_layer:
@@ -384,7 +388,8 @@ class FastFlamingoDecoder:
         for dst, src in zip((sess.tok, sess.slot, sess.step, sess.finished, sess.nan), saved, strict=True):
             dst.copy_(src)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CPU work on other threads (image prefetch) must not invalidate the capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._step(sess, keys)
         sess.graphs[keys] = graph
         return graph

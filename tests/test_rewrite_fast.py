@@ -151,3 +151,32 @@ def test_generator_oom_split_gives_the_same_rewrites(loaded, images):
     outcomes, stats = run_batches(batches, lambda i: batch[i], flaky_device, prefetch=False)
     assert stats.oom_splits >= 1 and all(o.ok for o in outcomes)
     assert [o.value.token_ids for o in outcomes] == whole
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_give_the_eager_tokens_and_bf16_logits_agree(images, tmp_path):
+    from models.fast_decode import FastFlamingoDecoder
+    from models.generation import plain_logits
+    from models.loader import load_rewriter
+    from models.tiny import make_tiny_rewriter
+
+    path = make_tiny_rewriter(tmp_path / "tiny", seed=3)
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = load_rewriter(path, device="cuda", dtype=dtype)
+        gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 24}), backend="fast")
+        batch = _batch(gen, images)
+        ids, mask, media = gen._collate(batch)
+        graphs = FastFlamingoDecoder(loaded.model, cuda_graphs=True)
+        eager = FastFlamingoDecoder(loaded.model, cuda_graphs=False)
+        args = (ids, mask, media, 24, gen.eos_ids, 0)
+        assert torch.equal(graphs.generate(*args).tokens, eager.generate(*args).tokens)
+        continuation = torch.randint(3, 500, (len(batch), 8), device="cuda")
+        vision_x = torch.stack([torch.stack(p.pixels + [torch.zeros_like(p.pixels[0])] * (2 - len(p.pixels)))
+                                for p in batch]).unsqueeze(2).to("cuda", dtype)  # fmt: skip
+        ref = plain_logits(loaded.model, vision_x, torch.cat([ids, continuation], 1),
+                           torch.cat([mask, torch.ones_like(continuation)], 1))[:, ids.shape[1] - 1 :]  # fmt: skip
+        ours = graphs.score(ids, mask, media, continuation)
+        assert float((ours - ref).norm() / ref.norm()) < (
+            1e-3 if dtype == torch.float32 else 1e-2
+        )  # cuDNN may use TF32 convolutions
