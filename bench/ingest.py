@@ -105,6 +105,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.shard_size, Path(args.data))))
         return
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (contended when > 0.5)")
+    done: list[tuple[int, float]] = []
     for n in args.sizes:
         data = make_rows(Path(tempfile.mkdtemp(prefix="bench-ingest-data-")), n)
         proc = subprocess.run([sys.executable, __file__, "--worker", str(n), "--shard-size", str(args.shard_size),
@@ -119,6 +120,11 @@ def main() -> None:
             f"lineage bulk ingest {n / r['bulk_ingest_s']:>9,.0f} rows/s  "
             f"peak RSS {r['flow_peak_rss_mb']:.0f} MB (before flow {r['rss_before_flow_mb']:.0f} MB)"
         )
+        done.append((n, r["flow_s"]))
+    if len(done) >= 2 and done[-1][1] > done[0][1]:
+        (n0, t0), (n1, t1) = done[0], done[-1]
+        print(f"marginal flow rate {n0:,} -> {n1:,}: {(n1 - n0) / (t1 - t0):,.0f} samples/s "
+              "(the fixed cost of flow start, imports and dataset preparation taken out)")
 
 
 if __name__ == "__main__":

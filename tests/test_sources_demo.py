@@ -63,3 +63,13 @@ def test_answers_are_true_of_the_scene():
         for name in names:
             assert name in record["description"]
         assert 2 <= len(scene.shapes) <= 4
+
+
+def test_leftmost_and_rightmost_are_by_centre():
+    for index in range(40):
+        scene = make_scene(index)
+        centres = {s.name: s.box[0] + s.box[2] for s in scene.shapes}
+        text = scene_record(scene)["description"]
+        left = min(centres, key=centres.get)
+        right = max(centres, key=centres.get)
+        assert f"The {left} is the leftmost shape, while the {right} is furthest to the right." in text

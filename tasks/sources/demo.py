@@ -19,7 +19,7 @@ from tasks.sources.base import Adapter, Draft
 from tasks.sources.demo_scenes import make_scene, render_png, scene_record
 from tasks.sources.loading import SourceError, cached, load_source
 
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"  # bump when the scenes or their texts change: the generated folder is reused by name
 DEFAULT_SCENES = 200
 
 

@@ -172,10 +172,17 @@ CLOSINGS = (
 )
 
 
+SIGN_OFFS = (
+    "I hope this description helps you picture the scene.",
+    "Please let me know if you would like more detail about any of the shapes.",
+    "Feel free to ask if you want to know more about their exact positions.",
+)
+
+
 def description(scene: Scene) -> str:
     """One long, well-formed description of the scene (40-120 words), wording chosen by the scene index."""
     rng = random.Random(f"demo-text-{scene.index}")
-    shapes = sorted(scene.shapes, key=lambda s: (s.box[0], s.box[1]))
+    shapes = sorted(scene.shapes, key=lambda s: (s.box[0] + s.box[2], s.box[1]))  # left to right by centre
     areas = sorted(s.area for s in shapes)
     parts = [rng.choice(OPENINGS).format(n=NUMBERS[len(shapes)], bg=scene.background)]
     for i, s in enumerate(shapes):
@@ -186,6 +193,8 @@ def description(scene: Scene) -> str:
     left, right = shapes[0], shapes[-1]
     parts.append(f"The {left.name} is the leftmost shape, while the {right.name} is furthest to the right.")
     parts.append(rng.choice(CLOSINGS))
+    if rng.random() < 0.5:
+        parts.append(rng.choice(SIGN_OFFS))
     return " ".join(parts)
 
 
