@@ -80,7 +80,9 @@ def rate(scorer, items, repeat: int = 1) -> float:
     return repeat * len(items) / (time.perf_counter() - started)
 
 
-def bench_scorers(pairs: int, cheap_pairs: int, root: Path) -> dict[str, float]:
+def bench_scorers(
+    pairs: int, cheap_pairs: int, root: Path, dtype: str = "float32", only=None
+) -> dict[str, float]:
     from PIL import Image
 
     from filters.base import ScoreInput
@@ -91,7 +93,7 @@ def bench_scorers(pairs: int, cheap_pairs: int, root: Path) -> dict[str, float]:
     image = root / "img.png"
     Image.new("RGB", (336, 336), (120, 80, 40)).save(image)
     cfg = make_tiny_scorer_models(root / "models", [t for triple in synthetic_pairs(200) for t in triple])
-    chain = build_chain(FilterSettings.model_validate({**cfg, "device": "cpu"}))
+    chain = build_chain(FilterSettings.model_validate({**cfg, "device": "cpu", "dtype": dtype}), only=only)
     figures: dict[str, float] = {}
     for scorer in chain.scorers:
         n = cheap_pairs if not scorer.uses_model else pairs
@@ -102,7 +104,7 @@ def bench_scorers(pairs: int, cheap_pairs: int, root: Path) -> dict[str, float]:
         ]
         label = scorer.name + ("" if scorer.name == "semantic" or not scorer.uses_model else " (tiny model)")
         if scorer.name == "semantic":
-            label += f" ({scorer.model_ref.split(':')[-1]})"
+            label += f" ({scorer.model_ref.split(':')[-1]}, {dtype})"
         figures[label] = round(rate(scorer, items), 1)
         print(f"{label:32s} {figures[label]:>12,.1f} pairs/s  ({n} pairs)", flush=True)
     return figures
@@ -227,6 +229,10 @@ def main() -> None:
     parser.add_argument("--cheap-pairs", type=int, default=20000, help="pairs per cheap scorer")
     parser.add_argument("--rethreshold-n", type=int, default=100_000)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype on CPU"
+    )
+    parser.add_argument("--only", nargs="*", default=None, help="scorers to time (default: all)")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
     import torch
@@ -238,8 +244,9 @@ def main() -> None:
         root = Path(tmp)
         results = {
             "threads": torch.get_num_threads(),
-            "pairs_per_s": bench_scorers(args.pairs, args.cheap_pairs, root),
-            "rethreshold": bench_rethreshold(args.rethreshold_n, root),
+            "dtype": args.dtype,
+            "pairs_per_s": bench_scorers(args.pairs, args.cheap_pairs, root, args.dtype, args.only),
+            "rethreshold": bench_rethreshold(args.rethreshold_n, root) if args.rethreshold_n else None,
         }
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

@@ -162,7 +162,7 @@ def assert_sql_matches_python(store, config):
     chain = build_chain(config["filters"])
     sql_side = decisions(store, chain.settings_hash)
     with store.reader() as con:
-        work = con.execute(work_sql(chain, pending_only=False)).to_arrow_table()
+        work = con.sql(work_sql(chain, pending_only=False)).to_arrow_table()
     items, prior = items_from_table(work)
     _, py_rows = chain.run(items, prior=prior)
     assert len(py_rows) == len(sql_side) == len(CASES)
