@@ -149,6 +149,19 @@ def test_distort_flow_resumes_retries_and_exports(prefect_harness, workspace, tm
     with pytest.raises(Exception, match="refused|statement"):
         write_training_set(None, ws, where="true); DELETE FROM pairs; SELECT (1")
 
+    # The CLI: export to the default path; --where without an export is a user error, not a traceback.
+    from typer.testing import CliRunner
+
+    from polite.cli import app
+
+    result = CliRunner().invoke(app, ["distort", "-w", ws, "--export-training-set", "-", "--where", "p.method = 'retrieve'"])
+    assert result.exit_code == 0, result.output
+    (written,) = (workspace.db_path.parent / "exports" / "training_set").glob("pairs-*.parquet")
+    default = pq.read_table(written)
+    assert default.num_rows == 6 and set(default.column("method").to_pylist()) == {"retrieve"}
+    result = CliRunner().invoke(app, ["distort", "-w", ws, "--where", "true"])
+    assert result.exit_code == 2 and "--where only applies" in result.output
+
 
 def test_bad_settings_fail_before_any_work(workspace):
     from flows.distort import distort_flow
