@@ -145,6 +145,10 @@ def _write_work_shards(
         variant = variants[entry.method]
         work = select_work(run.store, entry, settings, variant, retry_failed)
         run.count(f"{entry.method}_selected", work.num_rows)
+        logger().info(
+            "distort: %d samples to turn into %s pairs (variant %s, sources %s)",
+            work.num_rows, entry.method, variant, entry.sources or "all",
+        )  # fmt: skip
         ids = work.column("sample_id").to_pylist()
         offset = 0
         for chunk in chunked(ids, settings.shard_size):
