@@ -161,9 +161,15 @@ def export_flow(
                         settings.where)
         selection = select(store, sql)
         failures = run_checks(store, selection, settings.checks)
-        if failures:
-            raise ExportCheckFailed("export stopped by failed check(s):\n  - " + "\n  - ".join(failures))
         digest = content_digest(selection)
+        if failures:
+            # The report shows why (funnel, score histograms, dropped examples) even when nothing is published.
+            held = None
+            if settings.report != "none":
+                held = write_report(store, ws.url("reports", f"held-{digest[:12]}"), settings.report,
+                                    n_cards=settings.sample_cards, selection=selection)
+            raise ExportCheckFailed("export stopped by failed check(s):\n  - " + "\n  - ".join(failures)
+                                    + (f"\nreport: {held}" if held else ""))
         selection_url = write_table_atomic(selection, ws.url("shards", "exports", f"selection-{digest}.parquet"))
         facts = card_facts(store, sql, selection)
         jobs = []

@@ -240,7 +240,7 @@ def write_report(
     md += ["## Keep rate per source\n", "![sources](sources.png)\n" if pictures["sources.png"] else "", _md_table(sources)]
     md.append("## Sample cards\n")
     for card in cards:
-        verdict = "kept" if card["kept"] else f"dropped: {card['decision_reason']}"
+        verdict = "kept" if card["kept"] else (card["decision_reason"] or "dropped")
         md.append(f"### {card['sample_id']} ({card['source']}, {card['task_type']}; {verdict})\n")
         if card["picture"]:
             md.append(f"![image]({card['picture']})\n")

@@ -181,8 +181,9 @@ def test_a_failing_gate_stops_the_export_and_names_the_check(workspace, prefect_
 
     store = populate(workspace)
     config = {"export": {"checks": {"min_keep_rate": 0.9}}}
-    with pytest.raises(ExportCheckFailed, match="keep_rate: 5 of 7"):
+    with pytest.raises(ExportCheckFailed, match="keep_rate: 5 of 7") as held:
         export_flow(config=config, workspace=workspace.root, formats=["pf1m"])
+    assert Path(str(held.value).rsplit("report: ", 1)[1]).with_name("funnel.png").is_file()  # the why, as a report
     with store.writer() as con:  # rewards that got worse fail the reward gate
         con.execute("UPDATE scores SET score = -3 WHERE scorer = 'reward'")
     with pytest.raises(ExportCheckFailed, match="median_reward_gain"):

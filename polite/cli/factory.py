@@ -138,7 +138,7 @@ def print_summary(result: dict[str, Any]) -> None:
     console.print(ftable)
     console.rule("[bold]before / after[/]")
     for card in sample_cards(store, 3):
-        verdict = "[green]kept[/]" if card["kept"] else f"[yellow]dropped: {card['decision_reason']}[/]"
+        verdict = "[green]kept[/]" if card["kept"] else f"[yellow]{card['decision_reason'] or 'dropped'}[/]"
         console.print(f"[bold]{card['sample_id']}[/] ({card['source']}, {card['task_type']}) {verdict}", highlight=False)
         console.print(f"  instruction: {card['instruction']}", highlight=False)
         console.print(f"  [red]before:[/] {card['raw_response']}", highlight=False)
