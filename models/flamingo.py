@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -293,11 +295,32 @@ def generate(model, vision_x, input_ids, attention_mask=None, **gen_kwargs):
 
     ``vision_x`` is (B, T_img, 1, C, H, W); returns the prompt ids with the new tokens appended.
     """
-    import torch
 
     from models.compat import language_model
 
     lm = language_model(model)
+    with model_lock(model):  # the image conditioning lives in the layers: one generation per model at a time
+        return _generate(model, lm, vision_x, input_ids, attention_mask, **gen_kwargs)
+
+
+def model_lock(model) -> threading.RLock:
+    """The lock that serialises calls which condition a model's layers on images (threads share cached models)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+_LOCKS_GUARD = threading.Lock()
+_LOCKS: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # kept off the module: models stay deep-copyable
+
+
+def _generate(model, lm, vision_x, input_ids, attention_mask, **gen_kwargs):
+    import torch
+
     num_beams = int(gen_kwargs.get("num_beams", 1) or 1)
     if num_beams > 1:
         vision_x = vision_x.repeat_interleave(num_beams, dim=0)

@@ -181,3 +181,15 @@ def test_sampling_settings_are_honoured(loaded):
     assert len(samples) > 1  # a hot temperature really samples
     short = generate(loaded.model, vision_x, ids, mask, max_new_tokens=3, do_sample=False, eos_token_id=None)
     assert short.shape[1] == ids.shape[1] + 3
+
+
+def test_threads_sharing_one_cached_model_get_their_own_images(loaded):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, ids, mask = _batch(loaded, PROMPTS[:1])
+    images = [torch.full((1, 1, 1, 3, 32, 32), float(v)) for v in (-2.0, 0.0, 2.0, 4.0)]
+    kw = dict(max_new_tokens=10, do_sample=False)
+    alone = [generate(loaded.model, vx, ids, mask, **kw).tolist() for vx in images]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda vx: generate(loaded.model, vx, ids, mask, **kw).tolist(), images * 2))
+    assert together == alone * 2
