@@ -42,7 +42,7 @@ def explain(store: LineageStore, sample_id: str) -> dict[str, Any]:
     report: dict[str, Any] = {}
     with store.reader() as con:
         for part, sql in _EXPLAIN_PARTS.items():
-            rows = con.execute(sql, {"id": sample_id}).to_arrow_table().to_pylist()
+            rows = con.sql(sql, params={"id": sample_id}).to_arrow_table().to_pylist()
             report[part] = [_decode(r) for r in rows]
     if not report["sample"]:
         raise KeyError(f"no sample with id {sample_id!r} in {store.db_path}")
@@ -60,5 +60,5 @@ FROM runs r ORDER BY r.started_at DESC LIMIT $limit
 
 def recent_runs(store: LineageStore, limit: int = 20) -> list[dict[str, Any]]:
     with store.reader() as con:
-        rows = con.execute(RECENT_RUNS_SQL, {"limit": limit}).to_arrow_table().to_pylist()
+        rows = con.sql(RECENT_RUNS_SQL, params={"limit": limit}).to_arrow_table().to_pylist()
     return [_decode(r) for r in rows]

@@ -205,14 +205,14 @@ class LineageStore:
     def query(self, sql: str, params: Sequence | None = None, timeout_s: float | None = None) -> pa.Table:
         """Run trusted SQL read-only and return an Arrow table."""
         with self.reader(timeout_s=timeout_s) as con:
-            return con.execute(sql, params or []).to_arrow_table()
+            return con.sql(sql, params=params or None).to_arrow_table()
 
     def user_query(self, sql: str, timeout_s: float | None = None) -> pa.Table:
         """Run user SQL: a single SELECT, read-only, without file or network access."""
         check_read_only_sql(sql)
         with self.reader(timeout_s=timeout_s, sandboxed=True) as con:
             try:
-                return con.execute(sql).to_arrow_table()
+                return con.sql(sql).to_arrow_table()
             except duckdb.PermissionException as exc:
                 raise ReadOnlyQueryError(f"refused: {exc}. `polite sql` only reads the lineage database.") from exc
 

@@ -67,14 +67,15 @@ def decode_check(data: bytes | None) -> Image.Image:
 
 
 class ImageStore:
-    """Images under ``<root>/<first 2 hex>/<hash>.<ext>``; writes are atomic and idempotent."""
+    """Images under ``<root>/<first 2 hex of the hash>/<id>.<ext>``; writes are atomic and idempotent."""
 
     def __init__(self, root: str):
         self.root = root.rstrip("/")
         self._known: set[str] = set()
 
     def path_for(self, image_id: str, ext: str) -> str:
-        return f"{self.root}/{image_id[:2]}/{image_id}.{ext}"
+        # ids are "i_<hex>": fan out on the hex, not the constant prefix, to keep folders small.
+        return f"{self.root}/{image_id[2:4]}/{image_id}.{ext}"
 
     def put(self, data: bytes | None) -> StoredImage:
         image = decode_check(data)
