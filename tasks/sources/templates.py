@@ -71,6 +71,11 @@ def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:] if text[:2] != text[:2].upper() else text
 
 
+_WITH_QUESTION = {t: [x for x in ts if "{question" in x] or list(ts) for t, ts in TEMPLATES.items()}
+_WITHOUT_QUESTION = {t: [x for x in ts if "{question" not in x and "{options" not in x] or ["{question}"]
+                     for t, ts in TEMPLATES.items()}
+
+
 def render_instruction(
     task_type: str, sample_id: str, question: str | None = None, options: list[str] | None = None, n_images: int = 1
 ) -> str:
@@ -79,15 +84,13 @@ def render_instruction(
     A template that needs ``{question}`` is only chosen when a question is given; with no question the
     caption-style templates of the task type apply.
     """
-    templates = TEMPLATES[task_type]
     if question is not None:
         question = question.replace(IMAGE_MARKER, "").strip()
-        usable = [t for t in templates if "{question" in t] or list(templates)
+        usable = _WITH_QUESTION[task_type]
     else:
-        usable = [t for t in templates if "{question" not in t and "{options" not in t] or ["{question}"]
+        usable = _WITHOUT_QUESTION[task_type]
         question = ""
     template = usable[_pick(sample_id, len(usable))]
-    text = template.format(
-        question=question, question_lc=_lower_first(question), options=", ".join(options or [])
-    )
-    return IMAGE_MARKER * n_images + text
+    if "{" in template:
+        template = template.format(question=question, question_lc=_lower_first(question), options=", ".join(options or []))
+    return IMAGE_MARKER * n_images + template
