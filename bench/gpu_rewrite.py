@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      floor_step_ms=floor and round(floor, 2), floor_fraction=floor and round(floor / step_ms, 3))  # fmt: skip
         if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
             best = row
+    results["checks"]["cuda_graph_error"] = graphs.graph_error
     if best is not None:
         results["best_tokens_per_s"] = best["tokens_per_s"]
         results["speedup_vs_seed"] = round(best["tokens_per_s"] / seed_row["tokens_per_s"], 1)

@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-KV_BLOCK = 128  # cache lengths and attention spans are rounded up to this, so few graphs are captured
+KV_BLOCK = 64  # cache lengths and attention spans are rounded up to this, so few graphs are captured
 MAX_SESSIONS = 16  # batch shapes kept with their captured graphs (least recently used ones are dropped)
 
 
 class FastPathUnsupported(RuntimeError):
     """This model or these settings are not handled by the fast decoder; use the plain path."""
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _round_up(n: int, block: int) -> int:
@@ -131,6 +135,7 @@ class FastFlamingoDecoder:
         self._sessions: dict[tuple[int, int, int], _Session] = {}
         self._rope_table(int(getattr(cfg, "max_position_embeddings", 2048)))
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
 
     # -- tables and buffers ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -375,7 +380,21 @@ class FastFlamingoDecoder:
             return
         graph = sess.graphs.get(keys)
         if graph is None:
-            graph = self._capture(sess, keys)
+            try:
+                graph = self._capture(sess, keys)
+            except Exception as exc:  # a kernel that cannot be captured: decode eagerly rather than fail
+                if is_oom(exc):
+                    raise
+                import warnings
+
+                self.graph_error = f"{type(exc).__name__}: {exc}"
+                warnings.warn(
+                    f"CUDA graph capture failed, decoding without graphs: {self.graph_error}", stacklevel=2
+                )
+                self.cuda_graphs = False
+                self._sessions.clear()
+                self._step(sess, keys)
+                return
         graph.replay()
 
     def _capture(self, sess: _Session, keys: int) -> torch.cuda.CUDAGraph:
