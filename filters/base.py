@@ -138,6 +138,9 @@ class Scorer:
             parts.append(f"{n_images} > 0")
         return " AND ".join(parts) if parts else "TRUE"
 
+    def prepare(self) -> None:
+        """Load what ``measure`` needs (a model scorer loads its model here, once per process)."""
+
     # -- the one method a scorer implements --------------------------------------------------------
     def measure(self, items: Sequence[ScoreInput]) -> list[tuple[float | None, dict[str, Any]]]:
         raise NotImplementedError
@@ -167,6 +170,8 @@ class Scorer:
         """Measure in batches of ``batch_size``; a batch that raises is retried item by item so one bad
         input fails only itself (its error goes to ``details``)."""
         results: list[ScoreResult] = []
+        if items:
+            self.prepare()  # outside the per-item net: a model that cannot load fails the shard, not each item
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
             try:

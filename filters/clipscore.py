@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from filters.base import Runtime, ScoreInput, Scorer, fmt, require, sql_num
-from filters.models import cached, resolve_ref
+from filters.models import cached, exclusive, resolve_ref
 from filters.text import split_sentences
 from polite.record import CAPTION_TYPES
 
@@ -122,6 +122,9 @@ class ClipScoreScorer(Scorer):
     def threshold_value(self) -> float | None:
         return self.settings.threshold
 
+    def prepare(self) -> None:
+        load_clip(self.settings, self.runtime)
+
     def measure(self, items: Sequence[ScoreInput]) -> list[tuple[float | None, dict[str, Any]]]:
         import torch
 
@@ -140,7 +143,7 @@ class ClipScoreScorer(Scorer):
                 item_spans.append((len(sentences), len(sentences) + len(sents)))
                 sentences.extend(sents)
             spans.append(item_spans)
-        with torch.inference_mode():
+        with exclusive(model), torch.inference_mode():
             img = torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1)
             txt = (
                 torch.cat(

@@ -18,6 +18,7 @@ from filters.base import Runtime
 
 _CACHE: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
+_IN_USE: dict[int, threading.Lock] = {}
 
 
 def cached(key: tuple, load: Callable[[], Any]) -> Any:
@@ -37,6 +38,14 @@ def preload(key: tuple, obj: Any) -> None:
 def clear_cache() -> None:
     with _LOCK:
         _CACHE.clear()
+        _IN_USE.clear()
+
+
+def exclusive(obj: Any) -> threading.Lock:
+    """One user at a time per cached model: threads of a thread-pool task runner share the process cache,
+    and a fast tokenizer raises "Already borrowed" when two threads pad/truncate with it at once."""
+    with _LOCK:
+        return _IN_USE.setdefault(id(obj), threading.Lock())
 
 
 def resolve_runtime(device: str = "auto", dtype: str = "auto", allow_download: bool = False) -> Runtime:
@@ -132,7 +141,7 @@ def classify_pairs(
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
     order = sorted(range(n), key=lambda i: len(firsts[i]) + len(seconds[i]))
     out = np.zeros((n, model.config.num_labels), dtype=np.float32)
-    with torch.inference_mode():
+    with exclusive(model), torch.inference_mode():
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             enc = tokenizer(

@@ -55,6 +55,9 @@ class NLIScorer(Scorer):
     def threshold_value(self) -> float | None:
         return self.settings.min_score
 
+    def prepare(self) -> None:
+        load_sequence_classifier(self.settings.model, self.runtime)
+
     def measure(self, items: Sequence[ScoreInput]) -> list[tuple[float | None, dict[str, Any]]]:
         import torch
 

@@ -44,6 +44,9 @@ class RewardScorer(Scorer):
     def threshold_value(self) -> float | None:
         return self.settings.min_score
 
+    def prepare(self) -> None:
+        load_sequence_classifier(self.settings.model, self.runtime)
+
     def measure(self, items: Sequence[ScoreInput]) -> list[tuple[float | None, dict[str, Any]]]:
         answers = [getattr(i, "rewrite" if self.target == "rewrite" else "raw_response") for i in items]
         scores = reward_scores(

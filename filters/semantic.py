@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from filters.base import Runtime, ScoreInput, Scorer, fmt, require, sql_num
-from filters.models import available_locally, cached, load_kwargs, resolve_ref
+from filters.models import available_locally, cached, exclusive, load_kwargs, resolve_ref
 from polite.record import CAPTION_TYPES
 
 
@@ -45,13 +45,14 @@ def cosine_pairs(model: Any, firsts: Sequence[str], seconds: Sequence[str], batc
     if not unique:
         return []
     index = {t: i for i, t in enumerate(unique)}
-    emb = model.encode(
-        unique,
-        batch_size=batch_size,
-        convert_to_tensor=True,
-        normalize_embeddings=True,
-        show_progress_bar=False,
-    ).float()
+    with exclusive(model):
+        emb = model.encode(
+            unique,
+            batch_size=batch_size,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        ).float()
     a = emb[torch.tensor([index[t] for t in firsts], device=emb.device)]
     b = emb[torch.tensor([index[t] for t in seconds], device=emb.device)]
     return (a * b).sum(-1).clamp(-1.0, 1.0).cpu().tolist()
@@ -78,6 +79,9 @@ class SemanticScorer(Scorer):
 
     def threshold_value(self) -> float | None:
         return self.settings.threshold
+
+    def prepare(self) -> None:
+        self.model()
 
     def model(self) -> Any:
         return load_sentence_model(self.model_ref, self.runtime, self.settings.max_seq_length)

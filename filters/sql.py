@@ -159,7 +159,16 @@ def work_sql(chain: Chain, full_scoring: bool = False, pending_only: bool = True
         )
         or "0"
     )
-    need = f"NOT EXISTS (SELECT 1 FROM decisions d WHERE d.rewrite_id = w.rewrite_id AND d.settings_hash = {sql_str(chain.settings_hash)})"
+    undecided = (
+        "NOT EXISTS (SELECT 1 FROM decisions d WHERE d.rewrite_id = w.rewrite_id "
+        f"AND d.settings_hash = {sql_str(chain.settings_hash)})"
+    )
+    # A score that errored (unreadable image, ...) is retried on the next run rather than kept forever.
+    errored = (
+        "EXISTS (SELECT 1 FROM scores e WHERE e.rewrite_id = w.rewrite_id AND e.score IS NULL "
+        f"AND {_version_filter(chain, 'e')})"
+    )
+    need = f"({undecided} OR {errored})"
     if full_scoring:
         need = f"({need} OR ({applicable}) > len(coalesce(pr.prior, [])))"
     if not pending_only:
@@ -179,7 +188,8 @@ img AS (
 ),
 pr AS (
     SELECT sc.rewrite_id, list({{'scorer': sc.scorer, 'score': sc.score, 'details': sc.details}}) AS prior
-    FROM scores sc WHERE sc.rewrite_id IN (SELECT rewrite_id FROM w) AND {_version_filter(chain, "sc")}
+    FROM scores sc WHERE sc.rewrite_id IN (SELECT rewrite_id FROM w) AND sc.score IS NOT NULL
+        AND {_version_filter(chain, "sc")}
     GROUP BY sc.rewrite_id
 )
 SELECT w.rewrite_id, w.sample_id, w.source, w.task_type, w.instruction, w.raw_response, w.rewrite,

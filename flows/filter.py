@@ -107,7 +107,8 @@ def filter_flow(
 
             def ingest(result: dict) -> None:
                 with store.writer() as con:
-                    store.ingest_parquet("scores", result["scores"], con=con)
+                    # replace: a retried score that errored before overwrites its error row
+                    store.ingest_parquet("scores", result["scores"], con=con, replace=True)
                     store.ingest_parquet("decisions", result["decisions"], con=con, replace=True)
                 for scorer, c in result.get("counts", {}).items():
                     mine = counts.setdefault(scorer, {})

@@ -18,6 +18,7 @@ from filters.tiny import make_tiny_scorer_models
 from lineage.store import LineageStore
 from polite.images import IMAGE_SCHEMA, ImageStore
 from polite.record import Sample, samples_to_table
+from polite.shards import write_bytes_atomic
 
 CAPTION_TEXT = (
     "The image shows a brown dog lying on a grey sofa in a bright living room.\n\n"
@@ -63,6 +64,15 @@ CASES = [
         "no",
         "Why did the chicken cross the road? To get to the other side.",
     ),
+    # its image file is missing until the test writes it: the clipscore error is recorded, then retried
+    (
+        "coco",
+        "caption",
+        "missing",
+        "<image>Describe the image.",
+        "a red car parked on a street",
+        "The image shows a red car parked on a quiet street.",
+    ),
 ]
 
 
@@ -72,12 +82,25 @@ def png(colour) -> bytes:
     return buf.getvalue()
 
 
+def missing_image(workspace) -> str:
+    return workspace.url("images", "mi", "missing.png")
+
+
 def populate(workspace) -> LineageStore:
     store = LineageStore(workspace.db_path)
     store.migrate()
     images = ImageStore(workspace.images)
     stored = [images.put(png(c)) for c in [(200, 30, 30), (30, 200, 30)]]
-    store.ingest_arrow("images", pa.Table.from_pylist([s.to_row() for s in stored], schema=IMAGE_SCHEMA))
+    missing = {
+        "image_id": "i_missing",
+        "path": missing_image(workspace),
+        "format": "PNG",
+        "width": 40,
+        "height": 32,
+        "n_bytes": 1,
+    }
+    rows = [s.to_row() for s in stored] + [missing]
+    store.ingest_arrow("images", pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
     samples, rewrites = [], []
     for i, (source, task_type, with_image, instruction, raw, rewrite) in enumerate(CASES):
         sid = f"s_{i:02d}"
@@ -89,7 +112,11 @@ def populate(workspace) -> LineageStore:
                 task_type,
                 instruction,
                 raw,
-                images=[stored[i % 2].image_id] if with_image else [],
+                images=["i_missing"]
+                if with_image == "missing"
+                else [stored[i % 2].image_id]
+                if with_image
+                else [],
             )
         )
         # an older attempt and a failed one must be ignored in favour of the latest ok rewrite
@@ -243,11 +270,26 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
     assert rows == funnel(store, h)
     assert {r["which"] for r in summary["rewards"]} == {"raw", "rewritten", "kept"} or not summary["kept"]
 
-    # resume: nothing left to do, nothing rescored
+    # a bad image fails its own sample only, with the error recorded
+    assert (
+        first["r_10"]["reason"].startswith("dropped: clipscore error: ")
+        and "missing.png" in first["r_10"]["reason"]
+    )
+
+    # resume: only the errored score is retried (the image is back now); nothing else is rescored
     n_scores = store.query("SELECT count(*) AS n FROM scores")["n"][0].as_py()
+    write_bytes_atomic(png((10, 10, 200)), missing_image(workspace))
     again = filter_flow(config=config, workspace=workspace.root)
-    assert again["rewrites"] == 0
-    assert store.query("SELECT count(*) AS n FROM scores")["n"][0].as_py() == n_scores
+    assert again["rewrites"] == 1
+    retried = decisions(store, h)["r_10"]
+    assert retried["kept"] and retried["reason"] == "kept"
+    assert (
+        store.query("SELECT count(*) AS n FROM scores")["n"][0].as_py() == n_scores + 2
+    )  # + reward, reward_raw
+    assert store.query("SELECT count(*) AS n FROM scores WHERE score IS NULL")["n"][0].as_py() == 0
+    first["r_10"] = retried
+    n_scores += 2
+    assert filter_flow(config=config, workspace=workspace.root)["rewrites"] == 0
 
     # rethreshold: no model is loaded, scores unchanged, SQL decisions == the Python chain on stored scores
     strict = {
@@ -309,6 +351,6 @@ def test_cli_rethreshold_with_set(prefect_harness, workspace, models):
         app, ["filter", "-w", workspace.root, "--rethreshold", "--set", "length.min_tokens=50"]
     )
     assert result.exit_code == 0, result.output
-    assert "re-decided 10 rewrites" in result.output and ": 0 kept" in result.output
+    assert f"re-decided {len(CASES)} rewrites" in result.output and ": 0 kept" in result.output
     bad = runner.invoke(app, ["filter", "-w", workspace.root, "--set", "semantic.threshold=2"])
     assert bad.exit_code == 2 and "semantic.threshold" in bad.output
