@@ -127,6 +127,7 @@ def plain_generate(model, media, input_ids, attention_mask, **gen_kwargs):
     import torch
 
     from models.compat import language_model
+    from models.flamingo import model_lock
 
     lm = language_model(model)
     num_beams = int(gen_kwargs.get("num_beams", 1) or 1)
@@ -134,15 +135,16 @@ def plain_generate(model, media, input_ids, attention_mask, **gen_kwargs):
         media = media.repeat_interleave(num_beams, dim=0)
     gen_kwargs.setdefault("eos_token_id", [model.eoc_token_id, EOS_ID])
     gen_kwargs.setdefault("pad_token_id", PAD_ID)
-    try:
-        with torch.inference_mode():
-            lm._use_cached_vision_x = True
-            for layer in lm._get_decoder_layers():
-                layer.condition_vis_x(media)
-            return lm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
-    finally:
-        lm.clear_conditioned_layers()
-        lm._use_cached_vision_x = False
+    with model_lock(model):  # the conditioning lives in the layers: one call per model at a time
+        try:
+            with torch.inference_mode():
+                lm._use_cached_vision_x = True
+                for layer in lm._get_decoder_layers():
+                    layer.condition_vis_x(media)
+                return lm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+        finally:
+            lm.clear_conditioned_layers()
+            lm._use_cached_vision_x = False
 
 
 def plain_logits(model, vision_x, input_ids, attention_mask):
@@ -152,18 +154,19 @@ def plain_logits(model, vision_x, input_ids, attention_mask):
     import torch
 
     from models.compat import language_model
+    from models.flamingo import model_lock
 
     lm = language_model(model)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    try:
-        with torch.inference_mode():
-            model._encode_vision_x(vision_x=vision_x)
-            model._condition_media_locations(input_ids=input_ids)
-            return lm(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
-            ).logits.float()
-    finally:
-        lm.clear_conditioned_layers()
+    with model_lock(model):
+        try:
+            with torch.inference_mode():
+                model._encode_vision_x(vision_x=vision_x)
+                model._condition_media_locations(input_ids=input_ids)
+                out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+                return out.logits.float()
+        finally:
+            lm.clear_conditioned_layers()
 
 
 def _nan_guard(flags: list[int], rows_per_sample: int):

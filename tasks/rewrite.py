@@ -10,7 +10,6 @@ its file and does nothing. Workers never open DuckDB.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from typing import Any
 
@@ -52,16 +51,6 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 
-# One generator at a time per loaded model: the model's modules carry per-call state (image conditioning,
-# the fast decoder's caches), so shards sharing a worker process take turns on the device.
-_device_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
-def _device_lock(key: str) -> threading.Lock:
-    with _locks_guard:
-        return _device_locks.setdefault(key, threading.Lock())
-
 
 def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
     """Rewrite the samples of ``job["work"]`` into ``job["out"]``; returns the path and counts.
@@ -74,6 +63,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
     if exists(out):
         return {"path": out, "reused": True}
     from models.batching import plan_batches, run_batches
+    from models.flamingo import model_lock
     from models.generation import PromptTooLong, RewriteGenerator
     from models.loader import load_rewriter
 
@@ -93,7 +83,9 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         max_prompt_tokens=int(job.get("max_prompt_tokens", 1024)),
         cuda_graphs=bool(job.get("cuda_graphs", True)),
     )
-    lock = _device_lock(f"{loaded.fingerprint}/{loaded.device}/{loaded.dtype}")
+    # one generation at a time per loaded model: its layers carry per-call state (image conditioning, the fast
+    # decoder's caches), and shards in one worker process share the cached model
+    lock = model_lock(loaded.model)
 
     prompt_ids: dict[int, list[int]] = {}
     early: dict[int, str] = {}
