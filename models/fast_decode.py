@@ -104,7 +104,6 @@ class FastFlamingoDecoder:
         only for measuring what precomputing them saves (bench/gpu_rewrite.py)."""
         lm = model.lang_encoder
         self.recompute_cross_kv = recompute_cross_kv
-        self.model = model
         self.media_token_id = int(model.media_token_id)
         try:
             self.layers = list(lm._get_decoder_layers())

@@ -15,6 +15,7 @@ Batching, prefetching and out-of-memory splitting live in models/batching.py.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -185,7 +186,8 @@ def _nan_guard(flags: list[int], rows_per_sample: int):
     return NanGuard()
 
 
-_decoders: dict[tuple, Any] = {}
+# keyed weakly by the model: when the loader forgets a model, its decoder (caches, graphs) goes with it
+_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _decoders_lock = threading.Lock()
 
 
@@ -193,11 +195,11 @@ def fast_decoder(loaded, cuda_graphs: bool = True):
     """One ``FastFlamingoDecoder`` per loaded model and process, so captured graphs survive across shards."""
     from models.fast_decode import FastFlamingoDecoder
 
-    key = (loaded.fingerprint, str(loaded.device), str(loaded.dtype), bool(cuda_graphs))
     with _decoders_lock:
-        if key not in _decoders:
-            _decoders[key] = FastFlamingoDecoder(loaded.model, cuda_graphs=cuda_graphs)
-        return _decoders[key]
+        per_model = _decoders.setdefault(loaded.model, {})
+        if bool(cuda_graphs) not in per_model:
+            per_model[bool(cuda_graphs)] = FastFlamingoDecoder(loaded.model, cuda_graphs=cuda_graphs)
+        return per_model[bool(cuda_graphs)]
 
 
 class RewriteGenerator:
