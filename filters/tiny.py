@@ -146,7 +146,8 @@ def make_mpnet_sentence_model(
     torch.manual_seed(seed)
     MPNetModel(config).save_pretrained(str(raw))
     transformer = models.Transformer(str(raw), max_seq_length=384)
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="mean")
+    dim = getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+    pooling = models.Pooling(dim(), pooling_mode="mean")
     SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device="cpu").save(str(path))
     return str(path)
 
