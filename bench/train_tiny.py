@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--time-budget", type=float, default=None, help="training seconds (default: the demo's)"
     )
-    parser.add_argument("--examples", type=int, default=12, help="held-out originals to restore")
+    parser.add_argument("--examples", type=int, default=8, help="held-out originals to restore")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
             cases.append({"kind": name, "target": h["target"], "distorted": distorted, "images": h["images"],
                           "prompt": rewrite_prompt(instructions[h["pair_id"]], distorted)})  # fmt: skip
     base_dir = str(Path(ws.models) / "tiny-base")
-    max_new = 160
+    max_new = 140
     before = restore(base_dir, cases, max_new)
     after = restore(result["path"], cases, max_new)
     table = {}

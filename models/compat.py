@@ -150,7 +150,8 @@ def language_model(model: torch.nn.Module) -> torch.nn.Module:
 def unfreeze(model: torch.nn.Module, groups: tuple[str, ...] | list[str]) -> None:
     """Re-enable gradients for named parameter groups after peft froze everything but the adapters.
 
-    Groups: ``lora``, ``perceiver``, ``cross_attn``, ``embeddings``, ``lm`` (all LM weights), ``vision``.
+    Groups: ``lora``, ``perceiver``, ``cross_attn``, ``embeddings``, ``lm`` (every LM weight but the
+    cross-attention and adapters), ``vision``.
     """
     known = {"lora", "perceiver", "cross_attn", "embeddings", "lm", "vision"}
     unknown = set(groups) - known
@@ -167,8 +168,11 @@ def unfreeze(model: torch.nn.Module, groups: tuple[str, ...] | list[str]) -> Non
     if "embeddings" in groups:
         lm.get_input_embeddings().requires_grad_(True)
         lm.get_output_embeddings().requires_grad_(True)
-    if "lm" in groups:
-        for block in lm.old_decoder_blocks:
-            block.requires_grad_(True)
+    if (
+        "lm" in groups
+    ):  # every LM weight (embeddings and norms included) except the cross-attention and adapters
+        for name, param in lm.named_parameters():
+            if "gated_cross_attn" not in name and "lora_" not in name:
+                param.requires_grad_(True)
     if "vision" in groups:
         model.vision_encoder.requires_grad_(True)

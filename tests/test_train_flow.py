@@ -66,12 +66,7 @@ def test_flow_trains_records_and_reuses(prefect_harness, workspace):
     assert row["final_loss"] == pytest.approx(result["final_loss"])
     assert row["heldout_loss_end"] == pytest.approx(result["heldout_loss_end"]) and row["n_pairs"] == 16
     params = json.loads(row["params"])
-    assert params["lora_rank"] == 8 and params["train_groups"] == [
-        "lora",
-        "embeddings",
-        "cross_attn",
-        "perceiver",
-    ]
+    assert params["lora_rank"] == 8 and params["train_groups"] == ["lm", "cross_attn", "perceiver"]
     base = store.query("SELECT * FROM runs WHERE run_id = ?", [row["created_by_run"]]).to_pylist()[0]
     assert base["flow"] == "train_rewriter" and base["status"] == "completed"
 

@@ -85,7 +85,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(data, tmp_path):
 @pytest.mark.slow
 def test_short_training_lowers_heldout_loss_and_loads_back(data, tmp_path):
     path, base = data
-    settings = dict(SMALL, max_steps=40, batch_size=8, micro_batch_size=8, checkpoint_every=40, eval_every=20)
+    # LoRA (with the embeddings and cross-attention) here, so the adapter's save -> load -> merge path is covered
+    settings = dict(SMALL, max_steps=40, batch_size=8, micro_batch_size=8, checkpoint_every=40, eval_every=20,
+                    train_groups=["lora", "embeddings", "cross_attn", "perceiver"])  # fmt: skip
     result = train_rewriter(path, base, tmp_path / "run", settings, seed=0, base_is_tiny=True)
     assert result["steps"] == 40
     assert result["heldout_loss_end"] < 0.5 * result["heldout_loss_start"]

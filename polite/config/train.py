@@ -25,8 +25,8 @@ class TrainSettings(BaseModel):
     pairs_where: str | None = None  # SQL predicate over pairs p, samples s choosing the training pairs
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
     heldout_max: int = Field(default=64, ge=1)
-    # parameter groups to train. None: LoRA only (the paper) on a real base; everything small on the tiny base,
-    # whose random-init LM has nothing to preserve and learns the format far faster that way.
+    # parameter groups to train. None: LoRA only (the paper) on a real base; on the tiny base the whole LM,
+    # cross-attention and perceiver (its random LM has nothing to preserve, and this learns fastest on a CPU).
     train_groups: list[str] | None = None
     lora_rank: int = Field(default=64, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
@@ -35,10 +35,10 @@ class TrainSettings(BaseModel):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     init_adapter: str | None = None  # continue from an existing LoRA adapter folder instead of a fresh one
-    learning_rate: float = Field(default=2e-3, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=10, ge=0)
-    batch_size: int = Field(default=32, ge=1)  # sequences per optimizer step
+    batch_size: int = Field(default=8, ge=1)  # sequences per optimizer step
     micro_batch_size: int = Field(default=8, ge=1)  # sequences per forward pass (gradient accumulation)
     epochs: float = Field(default=50.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
