@@ -26,6 +26,8 @@ def test_every_deployment_names_a_flow_file_and_valid_schedules():
     for spec in specs:
         assert spec.entrypoint.startswith("flows/") and spec.work_pool["name"] == "polite-process"
         spec.prefect_schedules()  # cron expressions parse
+        flow = spec.load_flow()  # the entrypoint names a real flow whose parameters take the YAML's
+        assert set(spec.parameters) <= set(flow.parameters.properties), (spec.name, spec.parameters)
     nightly = next(s for s in specs if s.name == "nightly")
     assert nightly.schedules[0]["cron"] == "0 2 * * *" and nightly.parameters == {"config": "configs/nightly.yaml"}
     with pytest.raises(ValueError, match="no deployment named"):
@@ -64,7 +66,6 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_serve_runs_a_triggered_export_and_deploy_registers_schedules(tmp_path):
     import httpx
-
     from test_export_flow import populate
 
     from lineage.store import LineageStore
