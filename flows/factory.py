@@ -113,10 +113,10 @@ def factory_flow(
             with stage_resources(cfg.runner, stage):
                 result = sub(config=data, workspace=ws.root, parent_run_id=run.run_id, **kwargs)
             stages[stage] = result
+            run.summary[stage] = _compact(result)  # as each stage ends, so a failed run shows how far it got
             if stage == "train" and isinstance(result, dict):
                 chosen = result.get("path") or result.get("model_id")
-        run.summary.update({s: _compact(r) for s, r in stages.items()})
-        run.summary["model"] = chosen
+            run.summary["model"] = chosen
     return {"run_id": run.run_id, "workspace": ws.root, "db": str(ws.db_path), "model": chosen, "stages": stages}
 
 
