@@ -214,38 +214,58 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log("  " + json.dumps(row))
         return row
 
-    # 0. warm-up (cuBLAS handles, allocator) so the first measured path is not penalised
-    ids, mask, px = make_inputs(model, 2, prompt_len, image_size, device, dtype, seed=99)
-    run_plain(model, ids, mask, px, 2, num_beams=1, do_sample=False)
+    def attempt(what: str, fn, *args):
+        """Run one part; if it fails, record why and go on, so one broken path still leaves the others measured."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
+            import traceback
 
-    # 1. the seed path: batch 1, 3 beams, sampling, no-repeat 3-grams (the released Inferencer's defaults)
-    log("seed path (batch 1, beams 3, sampling)")
-    paper = dict(num_beams=3, do_sample=True, temperature=1.0, top_k=20, top_p=0.9, length_penalty=1.0,
-                 no_repeat_ngram_size=3)  # fmt: skip
-    total = 0.0
-    for k in range(args.seed_samples):
-        ids, mask, px = make_inputs(model, 1, prompt_len, image_size, device, dtype, seed=k)
-        _, seconds = timed(device, run_plain, model, ids, mask, px, new, **paper)
-        total += seconds
-    seed_row = record("seed (HF generate, batch 1, beams 3, sampling)", 1, total / args.seed_samples)
+            results.setdefault("errors", {})[what] = f"{type(exc).__name__}: {exc}"[:1000]
+            log(f"FAILED {what}: {type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
 
-    # 2. naive batched HF greedy
-    for batch in naive_batches:
+    def baselines():
+        # warm-up (cuBLAS handles, allocator) so the first measured path is not penalised
+        ids, mask, px = make_inputs(model, 2, prompt_len, image_size, device, dtype, seed=99)
+        run_plain(model, ids, mask, px, 2, num_beams=1, do_sample=False)
+        # 1. the seed path: batch 1, 3 beams, sampling, no-repeat 3-grams (the released Inferencer's defaults)
+        log("seed path (batch 1, beams 3, sampling)")
+        paper = dict(num_beams=3, do_sample=True, temperature=1.0, top_k=20, top_p=0.9, length_penalty=1.0,
+                     no_repeat_ngram_size=3)  # fmt: skip
+        total = 0.0
+        for k in range(args.seed_samples):
+            ids, mask, px = make_inputs(model, 1, prompt_len, image_size, device, dtype, seed=k)
+            _, seconds = timed(device, run_plain, model, ids, mask, px, new, **paper)
+            total += seconds
+        return record("seed (HF generate, batch 1, beams 3, sampling)", 1, total / args.seed_samples)
+
+    def naive(batch: int):
+        # 2. naive batched HF greedy
         log(f"naive HF greedy, batch {batch}")
         ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=1)
-        naive_tokens, seconds = timed(
-            device, run_plain, model, ids, mask, px, new, num_beams=1, do_sample=False
-        )
+        tokens, seconds = timed(device, run_plain, model, ids, mask, px, new, num_beams=1, do_sample=False)
         record("naive HF greedy", batch, seconds)
+        return tokens
+
+    seed_row = attempt("seed path", baselines)
+    naive_tokens = None
+    for batch in naive_batches:
+        tokens = attempt(f"naive HF greedy batch {batch}", naive, batch)
+        naive_tokens = tokens if naive_tokens is None else naive_tokens
 
     # 3. ours, eager (no CUDA graphs) and with graphs
     eager = FastFlamingoDecoder(model, cuda_graphs=False)
     graphs = FastFlamingoDecoder(model, cuda_graphs=True)
     b0 = naive_batches[0] if naive_batches else ours_batches[0]
     ids, mask, px = make_inputs(model, b0, prompt_len, image_size, device, dtype, seed=1)
-    fast_tokens, seconds = timed(device, run_fast, eager, model, ids, mask, px, new)
-    record("ours, eager (static KV cache, cross-attn K/V once)", b0, seconds)
-    if naive_batches:
+    measured = attempt("ours eager", timed, device, run_fast, eager, model, ids, mask, px, new)
+    fast_tokens = measured[0] if measured else None
+    if measured:
+        record("ours, eager (static KV cache, cross-attn K/V once)", b0, measured[1])
+    if naive_tokens is not None and fast_tokens is not None and naive_tokens.shape == fast_tokens.shape:
         same = (fast_tokens.cpu() == naive_tokens.cpu()).float()
         results["checks"]["greedy_token_agreement"] = round(float(same.mean()), 4)
         results["checks"]["greedy_rows_identical"] = int(same.all(dim=1).sum())
@@ -260,12 +280,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timed(device, run_fast, graphs, model, ids, mask, px, new)  # captures the graphs
             _, seconds = timed(device, run_fast, graphs, model, ids, mask, px, new)
             _, prefill_s = timed(device, run_fast, graphs, model, ids, mask, px, 1)
-        except torch.cuda.OutOfMemoryError as exc:
+        except Exception as exc:  # noqa: BLE001 - out of memory at the largest batch is expected on smaller cards
             graphs.reset()
+            first_line = (str(exc).splitlines() or [""])[0]
             results["runs"].append(
-                {"path": "ours, CUDA graphs", "batch": batch, "error": str(exc).splitlines()[0]}
+                {"path": "ours, CUDA graphs", "batch": batch, "error": f"{type(exc).__name__}: {first_line}"}
             )
-            log(f"  batch {batch}: out of memory, skipped")
+            log(f"  batch {batch}: {type(exc).__name__}: {first_line} - skipped")
             continue
         step_ms = 1000.0 * (seconds - prefill_s) / max(new - 1, 1)
         floor = floor_ms_per_step(model, batch, prompt_len + new / 2, peak)
@@ -277,36 +298,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["checks"]["cuda_graph_error"] = graphs.graph_error
     if best is not None:
         results["best_tokens_per_s"] = best["tokens_per_s"]
-        results["speedup_vs_seed"] = round(best["tokens_per_s"] / seed_row["tokens_per_s"], 1)
+        if seed_row:
+            results["speedup_vs_seed"] = round(best["tokens_per_s"] / seed_row["tokens_per_s"], 1)
 
-    # 4. correctness: teacher-forced logits of ours (prefill + graph-replayed steps) vs the plain forward
-    lengths = [prompt_len, prompt_len - 20, prompt_len // 2, prompt_len]
-    ids, mask, px = make_inputs(model, 4, prompt_len, image_size, device, dtype, seed=7, lengths=lengths)
-    continuation = torch.randint(3, model.lang_encoder.config.vocab_size - 3, (4, 32),
-                                 generator=torch.Generator().manual_seed(8)).to(device)  # fmt: skip
-    full = torch.cat([ids, continuation], 1)
-    full_mask = torch.cat([mask, torch.ones_like(continuation)], 1)
-    start = ids.shape[1] - 1
-    ref = plain_logits(model, px[:, None, None], full, full_mask)[:, start:]
-    # the same plain forward one row at a time: how far two valid bf16 computations drift apart on their own
-    rowwise = torch.cat([plain_logits(model, px[i : i + 1, None, None], full[i : i + 1], full_mask[i : i + 1])
-                         for i in range(full.shape[0])])[:, start:]  # fmt: skip
-    with torch.inference_mode():
-        media = encode_images(model, px)[:, None]
-        ours = graphs.score(ids, mask, media, continuation)
-    rel = float((ours - ref).norm() / ref.norm())
-    results["checks"]["logits_noise_floor_rowwise"] = round(float((rowwise - ref).norm() / ref.norm()), 6)
-    results["checks"].update(
-        logits_relative_error=round(rel, 6), logits_max_abs_diff=round(float((ours - ref).abs().max()), 5),
-        logits_argmax_agreement=round(float((ours.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
-        logits_ok=rel < 1e-2,
-    )  # fmt: skip
-    log(
-        f"teacher-forced logits vs plain forward: relative error {rel:.2e} ({'ok' if rel < 1e-2 else 'TOO HIGH'})"
-    )
+    def logits_check():
+        # 4. correctness: teacher-forced logits of ours (prefill + graph-replayed steps) vs the plain forward
+        lengths = [prompt_len, prompt_len - 20, prompt_len // 2, prompt_len]
+        ids, mask, px = make_inputs(model, 4, prompt_len, image_size, device, dtype, seed=7, lengths=lengths)
+        continuation = torch.randint(3, model.lang_encoder.config.vocab_size - 3, (4, 32),
+                                     generator=torch.Generator().manual_seed(8)).to(device)  # fmt: skip
+        full = torch.cat([ids, continuation], 1)
+        full_mask = torch.cat([mask, torch.ones_like(continuation)], 1)
+        start = ids.shape[1] - 1
+        ref = plain_logits(model, px[:, None, None], full, full_mask)[:, start:]
+        # the same plain forward one row at a time: how far two valid bf16 computations drift apart on their own
+        rowwise = torch.cat([plain_logits(model, px[i : i + 1, None, None], full[i : i + 1], full_mask[i : i + 1])
+                             for i in range(full.shape[0])])[:, start:]  # fmt: skip
+        with torch.inference_mode():
+            media = encode_images(model, px)[:, None]
+            ours = graphs.score(ids, mask, media, continuation)
+        rel = float((ours - ref).norm() / ref.norm())
+        results["checks"]["logits_noise_floor_rowwise"] = round(float((rowwise - ref).norm() / ref.norm()), 6)
+        results["checks"].update(
+            logits_relative_error=round(rel, 6), logits_max_abs_diff=round(float((ours - ref).abs().max()), 5),
+            logits_argmax_agreement=round(float((ours.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+            logits_ok=rel < 1e-2,
+        )  # fmt: skip
+        log(
+            f"teacher-forced logits vs plain forward: relative error {rel:.2e} ({'ok' if rel < 1e-2 else 'TOO HIGH'})"
+        )
+
+    attempt("logits check", logits_check)
 
     if not args.no_levers:
-        levers(results, model, graphs, b0, prompt_len, new, image_size, device, dtype, record, tiny)
+        levers(results, model, graphs, b0, prompt_len, new, image_size, device, dtype, record, tiny, attempt)
     results["total_s"] = round(time.perf_counter() - started, 1)
     log(json.dumps({k: v for k, v in results.items() if k not in ("runs",)}, indent=1))
     if args.out:
@@ -315,11 +340,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def levers(results, model, graphs, batch, prompt_len, new, image_size, device, dtype, record, tiny) -> None:
-    """One measurement per lever, each against its own baseline in this run."""
-    ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=3)
+def levers(
+    results, model, graphs, batch, prompt_len, new, image_size, device, dtype, record, tiny, attempt
+) -> None:
+    """One measurement per lever, each against its own baseline in this run (a failing lever is recorded)."""
+    args = (results, model, graphs, batch, prompt_len, new, image_size, device, dtype, record, tiny)
+    for name, fn in (("lever cross-attn K/V", lever_cross_kv), ("lever length bucketing", lever_bucketing),
+                     ("lever prefetch", lever_prefetch), ("lever LoRA", lever_lora)):  # fmt: skip
+        attempt(name, fn, *args)
 
-    # cross-attention K/V once per batch vs recomputed every step (what open_flamingo does)
+
+def lever_cross_kv(results, model, graphs, batch, prompt_len, new, image_size, device, dtype, record, tiny):
+    """Cross-attention K/V once per batch vs recomputed every step (what open_flamingo does)."""
+    ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=3)
     recompute = FastFlamingoDecoder(model, cuda_graphs=graphs.cuda_graphs, recompute_cross_kv=True)
     timed(device, run_fast, recompute, model, ids, mask, px, new)
     base, seconds = timed(device, run_fast, recompute, model, ids, mask, px, new)
@@ -329,7 +362,9 @@ def levers(results, model, graphs, batch, prompt_len, new, image_size, device, d
     results["checks"]["recompute_cross_kv_same_tokens"] = bool(torch.equal(base, once))
     del recompute
 
-    # length bucketing: mixed prompt lengths, batches planned by length vs in arrival order
+
+def lever_bucketing(results, model, graphs, batch, prompt_len, new, image_size, device, dtype, record, tiny):
+    """Mixed prompt lengths: batches planned by length (token budget) vs in arrival order."""
     g = torch.Generator().manual_seed(5)
     n_rows, lo = batch * 4, max(8, prompt_len // 4)
     lengths = torch.randint(lo, prompt_len * 7 // 4 + 1, (n_rows,), generator=g).tolist()
@@ -350,10 +385,9 @@ def levers(results, model, graphs, batch, prompt_len, new, image_size, device, d
     _, seconds = timed(device, run_plan, bucketed)
     record("lever: mixed lengths, sorted + token budget", n_rows, seconds, batches=len(bucketed))
 
-    # overlapping image decoding (JPEG decode + resize/normalise on a CPU thread) with GPU work
-    lever_prefetch(model, graphs, batch, prompt_len, new, image_size, device, dtype, record, tiny)
 
-    # LoRA merged vs unmerged (peft rank 64 on every attention and MLP projection)
+def lever_lora(results, model, graphs, batch, prompt_len, new, image_size, device, dtype, record, tiny):
+    """LoRA merged vs unmerged (peft rank 64 on every attention and MLP projection). Runs last: it merges."""
     try:
         from models import lora
     except ImportError as exc:  # peft absent
@@ -374,7 +408,8 @@ def levers(results, model, graphs, batch, prompt_len, new, image_size, device, d
     record("lever: LoRA merged", batch, seconds)
 
 
-def lever_prefetch(model, decoder, batch, prompt_len, new, image_size, device, dtype, record, tiny) -> None:
+def lever_prefetch(results, model, decoder, batch, prompt_len, new, image_size, device, dtype, record, tiny):
+    """JPEG decode + resize/normalise on a CPU thread, overlapped with GPU work, vs before it."""
     import open_clip
     from PIL import Image
 
