@@ -16,13 +16,12 @@ greedy decoding; ``FastPathUnsupported`` tells the caller to use the plain path 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-KV_BLOCK = 64  # cache lengths and attention spans are rounded up to this, so few graphs are captured
-MAX_SESSIONS = 16  # batch shapes kept with their captured graphs (least recently used ones are dropped)
+from models.fast_cache import KV_BLOCK, Session, SessionCache, capture_step, round_up
 
 
 class FastPathUnsupported(RuntimeError):
@@ -31,17 +30,6 @@ class FastPathUnsupported(RuntimeError):
 
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _round_up(n: int, block: int) -> int:
-    return ((n + block - 1) // block) * block
-
-
-def batch_bucket(n: int) -> int:
-    """Batch sizes captured as graphs: powers of two up to 32, then multiples of 32."""
-    if n <= 32:
-        return 1 << (max(n, 1) - 1).bit_length()
-    return _round_up(n, 32)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -53,37 +41,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class DecodeOutput:
     tokens: torch.Tensor  # (B, steps) generated ids; pad after a row's end-of-sequence token
     nan: torch.Tensor  # (B,) a row saw NaN logits
-
-
-@dataclass
-class _Session:
-    """Static buffers of one batch shape; CUDA graphs captured for it read and write only these."""
-
-    bsz: int
-    cache_len: int
-    max_new: int
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    tok: torch.Tensor
-    slot: torch.Tensor
-    step: torch.Tensor
-    pad_len: torch.Tensor
-    has_media: torch.Tensor
-    finished: torch.Tensor
-    nan: torch.Tensor
-    out: torch.Tensor
-    logits: torch.Tensor
-    min_new: torch.Tensor
-    is_eos: torch.Tensor
-    pad_id: torch.Tensor
-    key_idx: torch.Tensor
-    xk: dict[int, torch.Tensor] = field(default_factory=dict)
-    xv: dict[int, torch.Tensor] = field(default_factory=dict)
-    media_last: torch.Tensor | None = (
-        None  # each row's last image latents (only kept to recompute keys/values)
-    )
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
-    slot_host: int = 0  # the cache slot the next step writes, known on the host (picks the attention span)
 
 
 class FastFlamingoDecoder:
@@ -130,8 +87,8 @@ class FastFlamingoDecoder:
         self.cuda_graphs = bool(cuda_graphs and self.device.type == "cuda")
         self._rotary = rotary
         self._cos = self._sin = None
-        self._arena: list[torch.Tensor] = []
-        self._sessions: dict[tuple[int, int, int], _Session] = {}
+        self._cache = SessionCache(len(self.layers), self.n_kv, self.head_dim, self.vocab, self.device, self.dtype,
+                                   bucket_batches=self.cuda_graphs, kv_block=kv_block)  # fmt: skip
         self._rope_table(int(getattr(cfg, "max_position_embeddings", 2048)))
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
@@ -146,61 +103,15 @@ class FastFlamingoDecoder:
         positions = torch.arange(n_positions, device=self.device)[None]
         cos, sin = self._rotary(dummy, positions)
         self._cos, self._sin = cos[0], sin[0]
-        self._sessions.clear()  # graphs captured against the old tables
+        self._cache.clear_sessions()  # graphs captured against the old tables
 
-    def _session(self, batch: int, prompt_len: int, max_new: int) -> _Session:
-        bsz = batch_bucket(batch) if self.cuda_graphs else batch
-        cache_len = _round_up(prompt_len + max_new, self.kv_block)
-        key = (bsz, cache_len, max_new)
-        if key in self._sessions:
-            self._sessions[key] = self._sessions.pop(key)  # most recently used last
-            return self._sessions[key]
-        while len(self._sessions) >= MAX_SESSIONS:  # each holds graphs and per-batch buffers
-            self._sessions.pop(next(iter(self._sessions)))
-        self._rope_table(cache_len)
-        per_layer = bsz * self.n_kv * cache_len * self.head_dim
-        if not self._arena or self._arena[0].numel() < per_layer:
-            # growing the arena moves the caches: every captured graph points at the old memory
-            self._sessions.clear()
-            self._arena = []
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            # zeros, not empty: masked-out cache slots are multiplied by 0 in attention, and 0 * NaN is NaN
-            self._arena = [
-                torch.zeros(per_layer, device=self.device, dtype=self.dtype)
-                for _ in range(2 * len(self.layers))
-            ]
-        shape = (bsz, self.n_kv, cache_len, self.head_dim)
-        dev = self.device
-        sess = _Session(
-            bsz=bsz,
-            cache_len=cache_len,
-            max_new=max_new,
-            k=[self._arena[2 * i][:per_layer].view(shape) for i in range(len(self.layers))],
-            v=[self._arena[2 * i + 1][:per_layer].view(shape) for i in range(len(self.layers))],
-            tok=torch.zeros(bsz, dtype=torch.long, device=dev),
-            slot=torch.zeros((), dtype=torch.long, device=dev),
-            step=torch.zeros((), dtype=torch.long, device=dev),
-            pad_len=torch.zeros(bsz, dtype=torch.long, device=dev),
-            has_media=torch.zeros(bsz, dtype=self.dtype, device=dev),
-            finished=torch.ones(bsz, dtype=torch.bool, device=dev),
-            nan=torch.zeros(bsz, dtype=torch.bool, device=dev),
-            out=torch.zeros(bsz, max_new, dtype=torch.long, device=dev),
-            logits=torch.zeros(bsz, self.vocab, dtype=torch.float32, device=dev),
-            min_new=torch.zeros((), dtype=torch.long, device=dev),
-            is_eos=torch.zeros(self.vocab, dtype=torch.bool, device=dev),
-            pad_id=torch.zeros((), dtype=torch.long, device=dev),
-            key_idx=torch.arange(cache_len, device=dev),
-        )
-        self._sessions[key] = sess
-        return sess
+    def _session(self, batch: int, prompt_len: int, max_new: int) -> Session:
+        self._rope_table(self._cache.cache_len(prompt_len, max_new))
+        return self._cache.get(batch, prompt_len, max_new)
 
     def reset(self) -> None:
         """Drop every cache and graph (e.g. after an out-of-memory error)."""
-        self._sessions.clear()
-        self._arena = []
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._cache.reset()
 
     # -- the model, piece by piece -----------------------------------------------------------------
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -250,7 +161,7 @@ class FastFlamingoDecoder:
         x = a.to_out(out) * block.attn_gate.tanh() + x
         return block.ff(x) * block.ff_gate.tanh() + x
 
-    def _select(self, sess: _Session, logits: torch.Tensor) -> None:
+    def _select(self, sess: Session, logits: torch.Tensor) -> None:
         """Greedy pick with Hugging Face's semantics (min_new_tokens, pad after eos), all on the device."""
         sess.logits.copy_(logits)
         sess.nan |= torch.isnan(logits).any(dim=-1)
@@ -262,7 +173,7 @@ class FastFlamingoDecoder:
         sess.tok.copy_(nxt)
         sess.step += 1
 
-    def _step(self, sess: _Session, keys: int) -> None:
+    def _step(self, sess: Session, keys: int) -> None:
         """One decode step for the whole (bucketed) batch; graph-capturable: no host syncs, fixed shapes."""
         b = sess.bsz
         x = self.embed(sess.tok).view(b, 1, -1)
@@ -286,7 +197,7 @@ class FastFlamingoDecoder:
         self._select(sess, logits)
         sess.slot += 1
 
-    def _prefill(self, sess: _Session, input_ids, attention_mask, media) -> torch.Tensor:
+    def _prefill(self, sess: Session, input_ids, attention_mask, media) -> torch.Tensor:
         """Run the prompt through every layer (cross-attention by open_flamingo's own modules), fill the cache
         and the per-batch cross-attention keys/values; return the last position's logits (float32)."""
         b, n = input_ids.shape
@@ -344,7 +255,7 @@ class FastFlamingoDecoder:
     # -- public ------------------------------------------------------------------------------------
     def _start(
         self, input_ids, attention_mask, media, max_new, min_new, eos_token_ids, pad_token_id
-    ) -> _Session:
+    ) -> Session:
         b, n = input_ids.shape
         if n + max_new > self._cos.shape[0] and n + max_new > 1 << 16:
             raise ValueError(
@@ -367,20 +278,20 @@ class FastFlamingoDecoder:
         self._select_first(sess, logits)
         return sess
 
-    def _select_first(self, sess: _Session, logits: torch.Tensor) -> None:
+    def _select_first(self, sess: Session, logits: torch.Tensor) -> None:
         full = torch.zeros(sess.bsz, self.vocab, device=self.device, dtype=torch.float32)
         full[: logits.shape[0]] = logits
         self._select(sess, full)
 
-    def _run_step(self, sess: _Session) -> None:
-        keys = min(_round_up(int(sess.slot_host) + 1, self.kv_block), sess.cache_len)
+    def _run_step(self, sess: Session) -> None:
+        keys = min(round_up(int(sess.slot_host) + 1, self.kv_block), sess.cache_len)
         if not self.cuda_graphs:
             self._step(sess, keys)
             return
         graph = sess.graphs.get(keys)
         if graph is None:
             try:
-                graph = self._capture(sess, keys)
+                graph = capture_step(self._step, sess, keys, self._pool)
             except Exception as exc:  # a kernel that cannot be captured: decode eagerly rather than fail
                 if is_oom(exc):
                     raise
@@ -391,26 +302,10 @@ class FastFlamingoDecoder:
                     f"CUDA graph capture failed, decoding without graphs: {self.graph_error}", stacklevel=2
                 )
                 self.cuda_graphs = False
-                self._sessions.clear()
+                self._cache.clear_sessions()
                 self._step(sess, keys)
                 return
         graph.replay()
-
-    def _capture(self, sess: _Session, keys: int) -> torch.cuda.CUDAGraph:
-        saved = [t.clone() for t in (sess.tok, sess.slot, sess.step, sess.finished, sess.nan)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._step(sess, keys)  # warm-up (cuBLAS handles, autotuning) outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        for dst, src in zip((sess.tok, sess.slot, sess.step, sess.finished, sess.nan), saved, strict=True):
-            dst.copy_(src)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CPU work on other threads (image prefetch) must not invalidate the capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._step(sess, keys)
-        sess.graphs[keys] = graph
-        return graph
 
     @torch.inference_mode()
     def generate(
@@ -440,8 +335,7 @@ class FastFlamingoDecoder:
             steps += 1
         if bool(sess.nan[:b].any()):
             # keep later batches safe: masked cache slots are multiplied by zero, and 0 * NaN is NaN
-            for t in self._arena:
-                t.zero_()
+            self._cache.zero()
         tokens = sess.out[:b, :steps].clone()
         finished = sess.finished[:b]
         if steps > 1 and bool(finished.all()):

@@ -180,3 +180,19 @@ def test_cuda_graphs_give_the_eager_tokens_and_bf16_logits_agree(images, tmp_pat
         assert float((ours - ref).norm() / ref.norm()) < (
             1e-3 if dtype == torch.float32 else 1e-2
         )  # cuDNN may use TF32 convolutions
+
+
+def test_bucketed_batches_with_dummy_rows_give_the_same_tokens(loaded, images):
+    """The graph path pads a batch of 5 to a bucket of 8 with finished dummy rows; check that logic on CPU."""
+    from models.fast_decode import FastFlamingoDecoder
+
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 14}), backend="plain")
+    ids, mask, media = gen._collate(_batch(gen, images))
+    plain = FastFlamingoDecoder(loaded.model, cuda_graphs=False)
+    bucketed = FastFlamingoDecoder(loaded.model, cuda_graphs=False)
+    bucketed._cache.bucket_batches = True
+    args = (ids, mask, media, 14, gen.eos_ids, 0)
+    expected = plain.generate(*args).tokens
+    assert torch.equal(bucketed.generate(*args).tokens, expected)
+    assert {s.bsz for s in bucketed._cache._sessions.values()} == {8}
+    assert torch.equal(bucketed.generate(*args).tokens, expected)  # a reused session starts clean

@@ -1,0 +1,153 @@
+"""Static buffers of the fast decoder (models/fast_decode.py): the KV-cache arena, one session of fixed-shape
+buffers per batch shape, and CUDA graph capture of a decode step over a session.
+
+A CUDA graph replays kernels on the exact memory it was captured with, so everything a decode step reads or writes
+lives in a session's preallocated tensors. The KV caches of all sessions are views into one arena per layer (only
+one batch decodes at a time); growing the arena drops every session, since their graphs point at the old memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+KV_BLOCK = 64  # cache lengths and attention spans are rounded up to this, so few graphs are captured
+MAX_SESSIONS = 16  # batch shapes kept with their captured graphs (least recently used ones are dropped)
+
+
+def round_up(n: int, block: int) -> int:
+    return ((n + block - 1) // block) * block
+
+
+def batch_bucket(n: int) -> int:
+    """Batch sizes captured as graphs: powers of two up to 32, then multiples of 32."""
+    if n <= 32:
+        return 1 << (max(n, 1) - 1).bit_length()
+    return round_up(n, 32)
+
+
+@dataclass
+class Session:
+    """Static buffers of one batch shape; CUDA graphs captured for it read and write only these."""
+
+    bsz: int
+    cache_len: int
+    max_new: int
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    tok: torch.Tensor
+    slot: torch.Tensor
+    step: torch.Tensor
+    pad_len: torch.Tensor
+    has_media: torch.Tensor
+    finished: torch.Tensor
+    nan: torch.Tensor
+    out: torch.Tensor
+    logits: torch.Tensor
+    min_new: torch.Tensor
+    is_eos: torch.Tensor
+    pad_id: torch.Tensor
+    key_idx: torch.Tensor
+    xk: dict[int, torch.Tensor] = field(default_factory=dict)
+    xv: dict[int, torch.Tensor] = field(default_factory=dict)
+    media_last: torch.Tensor | None = (
+        None  # each row's last image latents (only kept to recompute keys/values)
+    )
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    slot_host: int = 0  # the cache slot the next step writes, known on the host (picks the attention span)
+
+
+class SessionCache:
+    """Sessions by (batch bucket, cache length, max new tokens), least recently used dropped beyond ``MAX_SESSIONS``."""
+
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, vocab: int, device, dtype, bucket_batches: bool,
+                 kv_block: int = KV_BLOCK):  # fmt: skip
+        self.n_layers, self.n_kv, self.head_dim, self.vocab = n_layers, n_kv, head_dim, vocab
+        self.device, self.dtype = device, dtype
+        self.bucket_batches = bucket_batches
+        self.kv_block = kv_block
+        self._arena: list[torch.Tensor] = []
+        self._sessions: dict[tuple[int, int, int], Session] = {}
+
+    def cache_len(self, prompt_len: int, max_new: int) -> int:
+        return round_up(prompt_len + max_new, self.kv_block)
+
+    def clear_sessions(self) -> None:
+        self._sessions.clear()
+
+    def reset(self) -> None:
+        """Drop every session and the arena (e.g. after an out-of-memory error)."""
+        self._sessions.clear()
+        self._arena = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def zero(self) -> None:
+        """Zero the arena: after NaN logits, so later batches never multiply a stale NaN by zero."""
+        for t in self._arena:
+            t.zero_()
+
+    def get(self, batch: int, prompt_len: int, max_new: int) -> Session:
+        bsz = batch_bucket(batch) if self.bucket_batches else batch
+        cache_len = self.cache_len(prompt_len, max_new)
+        key = (bsz, cache_len, max_new)
+        if key in self._sessions:
+            self._sessions[key] = self._sessions.pop(key)  # most recently used last
+            return self._sessions[key]
+        while len(self._sessions) >= MAX_SESSIONS:  # each holds graphs and per-batch buffers
+            self._sessions.pop(next(iter(self._sessions)))
+        per_layer = bsz * self.n_kv * cache_len * self.head_dim
+        if not self._arena or self._arena[0].numel() < per_layer:
+            # growing the arena moves the caches: every captured graph points at the old memory
+            self.reset()
+            # zeros, not empty: masked-out cache slots are multiplied by 0 in attention, and 0 * NaN is NaN
+            self._arena = [
+                torch.zeros(per_layer, device=self.device, dtype=self.dtype) for _ in range(2 * self.n_layers)
+            ]
+        shape = (bsz, self.n_kv, cache_len, self.head_dim)
+        dev = self.device
+        sess = Session(
+            bsz=bsz,
+            cache_len=cache_len,
+            max_new=max_new,
+            k=[self._arena[2 * i][:per_layer].view(shape) for i in range(self.n_layers)],
+            v=[self._arena[2 * i + 1][:per_layer].view(shape) for i in range(self.n_layers)],
+            tok=torch.zeros(bsz, dtype=torch.long, device=dev),
+            slot=torch.zeros((), dtype=torch.long, device=dev),
+            step=torch.zeros((), dtype=torch.long, device=dev),
+            pad_len=torch.zeros(bsz, dtype=torch.long, device=dev),
+            has_media=torch.zeros(bsz, dtype=self.dtype, device=dev),
+            finished=torch.ones(bsz, dtype=torch.bool, device=dev),
+            nan=torch.zeros(bsz, dtype=torch.bool, device=dev),
+            out=torch.zeros(bsz, max_new, dtype=torch.long, device=dev),
+            logits=torch.zeros(bsz, self.vocab, dtype=torch.float32, device=dev),
+            min_new=torch.zeros((), dtype=torch.long, device=dev),
+            is_eos=torch.zeros(self.vocab, dtype=torch.bool, device=dev),
+            pad_id=torch.zeros((), dtype=torch.long, device=dev),
+            key_idx=torch.arange(cache_len, device=dev),
+        )
+        self._sessions[key] = sess
+        return sess
+
+
+def capture_step(
+    step: Callable[[Session, int], None], sess: Session, keys: int, pool
+) -> torch.cuda.CUDAGraph:
+    """Capture ``step(sess, keys)`` as a CUDA graph (after one warm-up run whose effects are undone)."""
+    state = (sess.tok, sess.slot, sess.step, sess.finished, sess.nan)
+    saved = [t.clone() for t in state]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(sess, keys)  # warm-up (cuBLAS handles, autotuning) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    for dst, src in zip(state, saved, strict=True):
+        dst.copy_(src)  # the cache slot and output column it wrote are rewritten by the real step
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: CPU work on other threads (image prefetch) must not invalidate the capture
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        step(sess, keys)
+    sess.graphs[keys] = graph
+    return graph
