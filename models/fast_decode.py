@@ -257,10 +257,6 @@ class FastFlamingoDecoder:
         self, input_ids, attention_mask, media, max_new, min_new, eos_token_ids, pad_token_id
     ) -> Session:
         b, n = input_ids.shape
-        if n + max_new > self._cos.shape[0] and n + max_new > 1 << 16:
-            raise ValueError(
-                f"prompt ({n}) + max_new_tokens ({max_new}) is longer than any supported context"
-            )
         sess = self._session(b, n, max_new)
         sess.is_eos.zero_()
         sess.is_eos[torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=self.device)] = True
