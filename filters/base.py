@@ -87,6 +87,9 @@ class Scorer:
     applies_to: ClassVar[frozenset[str] | None] = None  # task types; None = every type
     needs_image: ClassVar[bool] = False
     uses_model: ClassVar[bool] = False
+    rule_reads_details: ClassVar[bool] = (
+        False  # False: the SQL rule needs details only for errors (score NULL)
+    )
     batch_size: int = 1024
 
     def __init__(self, settings: Any = None, runtime: Runtime | None = None):

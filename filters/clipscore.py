@@ -108,6 +108,7 @@ def open_image(path: str):
 
 class ClipScoreScorer(Scorer):
     name = "clipscore"
+    rule_reads_details = True
     applies_to = CAPTION_TYPES
     needs_image = True
     uses_model = True

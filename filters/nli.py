@@ -43,6 +43,7 @@ def label_columns(id2label: dict[int, str]) -> dict[str, int]:
 
 class NLIScorer(Scorer):
     name = "nli"
+    rule_reads_details = True
     applies_to = QA_TYPES
     uses_model = True
 

@@ -51,9 +51,11 @@ def decide_sql(chain: Chain, scope: str = "TRUE", run_id: str | None = None) -> 
     pivot = []
     for s in chain.scorers:
         cond = f"scorer = {sql_str(s.name)} AND scorer_version = {sql_str(s.version)}"
+        # Carrying every details string through the group-by is its main cost: only where the rule reads it.
+        need = cond if s.rule_reads_details else f"{cond} AND score IS NULL"
         pivot += [
             f'max(score) FILTER (WHERE {cond}) AS "{s.name}__score"',
-            f'any_value(details) FILTER (WHERE {cond}) AS "{s.name}__details"',
+            f'any_value(details) FILTER (WHERE {need}) AS "{s.name}__details"',
             f'count(*) FILTER (WHERE {cond}) > 0 AS "{s.name}__has"',
         ]
     ok = []

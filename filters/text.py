@@ -34,6 +34,7 @@ class LengthScorer(Scorer):
     """score = tokens; details carries tokens and characters; the rule bounds both, both ends."""
 
     name = "length"
+    rule_reads_details = True
 
     def thresholds(self) -> dict[str, Any]:
         s = self.settings
@@ -218,6 +219,7 @@ class TruncatedScorer(Scorer):
     """score = 1.0 when the rewrite ends with '...' or mid-sentence, else 0.0; details say which."""
 
     name = "truncated"
+    rule_reads_details = True
 
     def measure(self, items: Sequence[ScoreInput]) -> list[tuple[float | None, dict[str, Any]]]:
         out = []
