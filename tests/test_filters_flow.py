@@ -184,6 +184,20 @@ def decisions(store, settings_hash):
     return {r.pop("rewrite_id"): r for r in rows}
 
 
+def assert_funnel_artifact(rows) -> None:
+    """The flow stored the funnel as a Prefect table artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["filter-funnel"]))
+        )
+    assert found and found[0].type == "table"
+    data = found[0].data if isinstance(found[0].data, list) else json.loads(found[0].data)
+    assert len(data) == len(rows)
+
+
 def assert_sql_matches_python(store, config):
     """The decisions --rethreshold wrote (SQL) equal what the Python chain decides from the same scores."""
     chain = build_chain(config["filters"])
@@ -268,6 +282,7 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
     final = next(r for r in rows if r["source"] == "(all)" and r["scorer"] == "final")
     assert final["kept"] == sum(d["kept"] for d in first.values()) == summary["kept"]
     assert rows == funnel(store, h)
+    assert_funnel_artifact(rows)
     assert {r["which"] for r in summary["rewards"]} == {"raw", "rewritten", "kept"} or not summary["kept"]
 
     # a bad image fails its own sample only, with the error recorded
