@@ -182,20 +182,26 @@ def _thumbnail(path: str) -> bytes | None:
 
 
 def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
-    """``n`` rewritten samples (before/after), kept ones first, spread over sources, in a stable order."""
+    """``n`` rewritten samples (before/after): kept ones first, one per distinct raw annotation, taken in turn
+    from each source and task type, in a stable order."""
     if n <= 0:
         return []
     with store.reader() as con:
         return con.execute(
-            """SELECT sample_id, source, task_type, instruction, raw_response, rewrite, reward, raw_reward, kept,
-                   decision_reason, image_path FROM (
+            """WITH candidates AS (
                 SELECT l.sample_id, l.source, l.task_type, l.instruction, l.raw_response,
                    coalesce(l.final_output, l.rewrite) AS rewrite, l.reward, l.raw_reward, l.kept, l.decision_reason,
                    (SELECT i.path FROM images i WHERE i.image_id = l.images[1]) AS image_path,
-                   row_number() OVER (PARTITION BY l.source ORDER BY coalesce(l.kept, false) DESC, hash(l.sample_id))
-                       AS rn
-                FROM lineage l WHERE l.rewrite_status = 'ok')
-               ORDER BY coalesce(kept, false) DESC, rn, source LIMIT $n""",
+                   coalesce(l.kept, false) AS is_kept, hash(l.sample_id) AS h
+                FROM lineage l WHERE l.rewrite_status = 'ok'
+                QUALIFY row_number() OVER (PARTITION BY l.raw_response ORDER BY coalesce(l.kept, false) DESC,
+                                           hash(l.sample_id)) = 1
+            ), ranked AS (
+                SELECT *, row_number() OVER (PARTITION BY source, task_type, is_kept ORDER BY h) AS rn FROM candidates
+            )
+            SELECT sample_id, source, task_type, instruction, raw_response, rewrite, reward, raw_reward, kept,
+                   decision_reason, image_path
+            FROM ranked ORDER BY is_kept DESC, rn, source, task_type LIMIT $n""",
             {"n": n},
         ).to_arrow_table().to_pylist()
 
