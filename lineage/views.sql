@@ -4,7 +4,7 @@ CREATE OR REPLACE VIEW latest_rewrites AS
 SELECT * EXCLUDE (rn) FROM (
     SELECT r.*, row_number() OVER (
         PARTITION BY r.sample_id
-        ORDER BY (r.status = 'ok') DESC, r.created_at DESC, r.attempt DESC, r.rewrite_id
+        ORDER BY (r.status = 'ok') DESC, (r.superseded_by IS NULL) DESC, r.created_at DESC, r.attempt DESC, r.rewrite_id
     ) AS rn
     FROM rewrites r
 ) WHERE rn = 1;
@@ -46,6 +46,7 @@ SELECT
     r.status        AS rewrite_status,
     r.output        AS rewrite,
     r.error         AS rewrite_error,
+    r.reason        AS rewrite_reason,
     r.run_id        AS rewrite_run_id,
     sc.reward, sc.raw_reward, sc.semantic, sc.nli, sc.clipscore,
     d.kept,
