@@ -100,9 +100,11 @@ def clip_weights_cached(model: str, tag: str) -> bool:
     return False
 
 
-def open_image(path: str):
+def open_image(path: str | None):
     from polite.images import ImageStore
 
+    if not path:
+        raise FileNotFoundError("the sample names an image that is not in the `images` table")
     return ImageStore("").open(path)
 
 
