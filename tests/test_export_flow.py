@@ -222,8 +222,10 @@ def test_push_uploads_the_folder_with_its_card(workspace, prefect_harness, monke
     real = texport.push_folder_to_hub
     monkeypatch.setattr(texport, "push_folder_to_hub", lambda folder, repo, private=True: real(folder, repo, private, FakeHub()))
     populate(workspace, rewards=False)
-    out = export_flow(workspace=workspace.root, formats=["pf1m"], push_to_hub="me/polite")
+    out = export_flow(config={"export": {"report": "html"}}, workspace=workspace.root, formats=["pf1m"],
+                      push_to_hub="me/polite")
     assert out["hub_url"] == "https://huggingface.co/datasets/me/polite"
+    assert out["report"].endswith("report.html") and "<img src='funnel.png'>" in Path(out["report"]).read_text()
     assert calls[0] == ("create_repo", {"repo_id": "me/polite", "repo_type": "dataset", "private": True, "exist_ok": True})
     assert calls[1][1]["repo_id"] == "me/polite" and "README.md" in calls[1][2] and "train-00000-of-00001.parquet" in calls[1][2]
 
