@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the fast tokenizer may use every core here
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +44,20 @@ def synthetic(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
         raw = " ".join(rng.choices(pool, k=1)).rstrip(".") + " " + rng.choice(WORDS)
         out.append((rng.choice(pool), raw, rewrite))
     return out
+
+
+# The defaults of polite.config.filters, as plain attributes: this script must run on a bare GPU image
+# (torch, transformers, sentence-transformers) without pydantic or pyarrow.
+DEFAULTS = {
+    "semantic": {"threshold": 0.40, "max_seq_length": 256, "fallback_model": None},
+    "nli": {"min_score": None, "max_length": 512},
+    "reward": {"min_score": None, "max_length": 512, "score_raw": True},
+    "clipscore": {"threshold": 17.0, "max_sentences": 10, "model_config_file": None, "pretrained": ""},
+}
+
+
+def scorer_settings(name: str, **values) -> SimpleNamespace:
+    return SimpleNamespace(**{"enabled": True, **DEFAULTS[name], **values})
 
 
 def timed(scorer, items, budget_s: float) -> dict:
@@ -93,7 +108,6 @@ def main() -> None:
     from filters.reward import RewardScorer
     from filters.semantic import SemanticScorer
     from filters.tiny import make_deberta_classifier, make_mpnet_sentence_model
-    from polite.config.filters import FilterSettings
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     runtime: Runtime = resolve_runtime(device, "auto")
@@ -130,7 +144,7 @@ def main() -> None:
             path = make_mpnet_sentence_model(
                 root / "mpnet", size="tiny" if args.tiny else "base", texts=texts
             )
-            settings = FilterSettings(semantic={"model": path, "batch_size": args.semantic_batch}).semantic
+            settings = scorer_settings("semantic", model=path, batch_size=args.semantic_batch)
             scorer = SemanticScorer(settings, runtime, model_ref=path)
             built = round(time.perf_counter() - t, 1)
             record(
@@ -155,7 +169,7 @@ def main() -> None:
                 real_vocab=not args.tiny,
                 save_dtype=None if args.tiny else "bfloat16",
             )
-            settings = getattr(FilterSettings(**{name: {"model": path, "batch_size": batch}}), name)
+            settings = scorer_settings(name, model=path, batch_size=batch)
             built = round(time.perf_counter() - t, 1)
             record(
                 name,
@@ -183,7 +197,7 @@ def main() -> None:
                     Image.new("RGB", (640, 480), (k * 4 % 255, 90, 160)).save(p)
                     images.append(str(p))
                 clip = make_clip(root / "clip") if args.tiny else {"model": "ViT-L-14-336", "pretrained": ""}
-                settings = FilterSettings(clipscore={**clip, "batch_size": args.clip_batch}).clipscore
+                settings = scorer_settings("clipscore", **clip, batch_size=args.clip_batch)
                 built = round(time.perf_counter() - t, 1)
                 record(
                     "clipscore",

@@ -17,6 +17,17 @@ from typing import Any, ClassVar
 
 from polite.ids import stable_hash
 
+# The same sets as polite.record's (a test keeps them in step). polite.record needs pyarrow, which a bare
+# GPU image for bench/gpu_filters.py may not have; the scorers need only these two sets.
+_CAPTION_TYPES = frozenset(
+    {"caption", "detailed_caption", "region_caption", "change_caption", "classification"}
+)
+_QA_TYPES = frozenset({"vqa", "vqa_rationale", "multiple_choice"})
+try:
+    from polite.record import CAPTION_TYPES, QA_TYPES
+except ImportError:
+    CAPTION_TYPES, QA_TYPES = _CAPTION_TYPES, _QA_TYPES
+
 
 class MissingDependencyError(ImportError):
     """An optional dependency of one scorer is not installed."""

@@ -15,10 +15,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from filters.base import Runtime, ScoreInput, Scorer, fmt, require, sql_num
+from filters.base import CAPTION_TYPES, Runtime, ScoreInput, Scorer, fmt, require, sql_num
 from filters.models import cached, exclusive, resolve_ref
 from filters.text import split_sentences
-from polite.record import CAPTION_TYPES
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
 _STRIP = " \t\n\r"
@@ -101,11 +100,17 @@ def clip_weights_cached(model: str, tag: str) -> bool:
 
 
 def open_image(path: str | None):
-    from polite.images import ImageStore
+    """An RGB image from any fsspec URL (the image store's paths)."""
+    import io
+
+    from fsspec.core import url_to_fs
+    from PIL import Image
 
     if not path:
         raise FileNotFoundError("the sample names an image that is not in the `images` table")
-    return ImageStore("").open(path)
+    fs, local = url_to_fs(path)
+    with fs.open(local, "rb") as handle:
+        return Image.open(io.BytesIO(handle.read())).convert("RGB")
 
 
 class ClipScoreScorer(Scorer):

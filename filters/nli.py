@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from filters.base import ScoreInput, Scorer, fmt, sql_num, strip_image_markers
+from filters.base import QA_TYPES, ScoreInput, Scorer, fmt, sql_num, strip_image_markers
 from filters.models import classify_pairs, load_sequence_classifier
-from polite.record import QA_TYPES
 
 LABELS = ("entailment", "neutral", "contradiction")
 

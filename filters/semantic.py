@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from filters.base import Runtime, ScoreInput, Scorer, fmt, require, sql_num
+from filters.base import CAPTION_TYPES, Runtime, ScoreInput, Scorer, fmt, require, sql_num
 from filters.models import available_locally, cached, exclusive, load_kwargs, resolve_ref
-from polite.record import CAPTION_TYPES
 
 
 def semantic_model_ref(settings: Any, allow_download: bool) -> str | None:

@@ -119,3 +119,10 @@ def test_a_bad_item_fails_alone_and_is_counted():
     assert [r.passed for r in results] == [True, False, True]
     assert results[1].score is None and "cannot score boom" in results[1].details["error"]
     assert scorer.counts["errors"] == 1 and scorer.counts["scored"] == 3
+
+
+def test_scorer_task_type_sets_match_the_sample_record():
+    from filters import base
+    from polite import record
+
+    assert base._CAPTION_TYPES == record.CAPTION_TYPES and base._QA_TYPES == record.QA_TYPES
