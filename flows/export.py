@@ -43,7 +43,7 @@ extra AS (
     FROM scores WHERE rewrite_id IN (SELECT rewrite_id FROM picked) GROUP BY rewrite_id
 )
 SELECT p.sample_id, p.rewrite_id, p.model_id, p.source, p.split, p.task_type, p.instruction, p.raw_response,
-    coalesce(p.final_output, p.rewrite) AS output,
+    coalesce(p.final_output, p.rewrite) AS output, p.rewrite,
     p.reward, p.raw_reward, p.semantic, p.nli, p.clipscore, e.rouge, e.clip_details,
     coalesce(ip.image_paths, []::VARCHAR[]) AS image_paths
 FROM picked p

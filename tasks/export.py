@@ -59,6 +59,16 @@ def _details(text: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _filtered_paragraphs(row: dict[str, Any]) -> list[str] | None:
+    """Paragraphs of the rewrite that CLIPScore removed (absent from the final output); null without CLIPScore."""
+    if row.get("clipscore") is None:
+        return None
+    from filters.clipscore import split_paragraphs
+
+    kept = set(split_paragraphs(row.get("output") or ""))
+    return [p for p in split_paragraphs(row.get("rewrite") or "") if p not in kept]
+
+
 def pf1m_record(row: dict[str, Any]) -> dict[str, Any]:
     """One selected row in the PF-1M layout; scores a scorer did not produce stay null."""
     clip = _details(row.get("clip_details"))
@@ -74,12 +84,8 @@ def pf1m_record(row: dict[str, Any]) -> dict[str, Any]:
         "rouge_score": row.get("rouge"),
         "nli_similarity": row.get("nli"),
         "sts_similarity": row.get("semantic"),
-        "filtered_paragraphs": clip.get("filtered_paragraphs", clip.get("dropped_paragraphs"))
-        if row.get("clipscore") is not None
-        else None,
-        "paragraph_clip_scores": clip.get("paragraph_scores", clip.get("paragraph_clip_scores"))
-        if row.get("clipscore") is not None
-        else None,
+        "filtered_paragraphs": _filtered_paragraphs(row),
+        "paragraph_clip_scores": clip.get("paragraph_scores") if row.get("clipscore") is not None else None,
     }
 
 
@@ -142,7 +148,7 @@ def _hf_table(rows: list[dict[str, Any]]):
             "images": datasets.Sequence(datasets.Image()),
             **{f: datasets.Value("string") for f in ("input", "output", "original")},
             **{f: datasets.Value("float64") for f in ("reward", "rouge_score", "nli_similarity", "sts_similarity")},
-            "filtered_paragraphs": datasets.Value("string"),  # JSON text: its shape is the scorer's
+            "filtered_paragraphs": datasets.Sequence(datasets.Value("string")),
             "paragraph_clip_scores": datasets.Sequence(datasets.Value("float64")),
             "rewrite_id": datasets.Value("string"),
         }
@@ -156,8 +162,6 @@ def _hf_table(rows: list[dict[str, Any]]):
             with fs.open(local, "rb") as handle:
                 images.append({"bytes": handle.read(), "path": _image_name(path)})
         rec["images"] = images
-        fp = rec["filtered_paragraphs"]
-        rec["filtered_paragraphs"] = None if fp is None else json.dumps(fp, ensure_ascii=False)
         scores = rec["paragraph_clip_scores"]
         rec["paragraph_clip_scores"] = None if scores is None else [float(s) for s in scores]
         rec["rewrite_id"] = row["rewrite_id"]

@@ -57,6 +57,7 @@ def populate(ws, rewards: bool = True) -> LineageStore:
     t0 = dt.datetime(2026, 1, 1)
     rewrites = [rw(f"s_coco_{i}", 1, "ok", f"The image shows {CAPTIONS[i % 3]}, seen clearly." if i != 2 else
                    CAPTIONS[2], t0) for i in range(4)]
+    rewrites[0]["output"] += "\n\nA second paragraph about nothing in the image."
     rewrites += [rw("s_gqa_0", 1, "ok", "The object is red.", t0), rw("s_gqa_1", 1, "ok", "It is blue.", t0),
                  rw("s_gqa_2", 1, "failed", None, t0), rw("s_gqa_2", 2, "ok", "The colour is red.", t0 + dt.timedelta(1)),
                  rw("s_gqa_3", 1, "failed", None, t0)]
@@ -80,12 +81,13 @@ def populate(ws, rewards: bool = True) -> LineageStore:
         else:
             score(rid, "nli", 0.9 if rid != "r_s_gqa_1_1" else 0.1, rid != "r_s_gqa_1_1")
         if rid == "r_s_coco_0_1":
-            score(rid, "clipscore", 21.0, True, {"paragraph_scores": [21.0, 12.5], "filtered_paragraphs": ["x y"]})
+            score(rid, "clipscore", 21.0, True, {"paragraph_scores": [21.0, 12.5]})
         if rewards:
             score(rid, "reward", 1.0, None)
             score(rid, "reward_raw", -2.0, None)
         decisions.append({"decision_id": "d_" + rid, "rewrite_id": rid, "kept": rid in kept,
-                          "reason": "kept" if rid in kept else "dropped", "final_output": None,
+                          "reason": "kept" if rid in kept else "dropped",
+                          "final_output": r["output"].split("\n\n")[0] if rid == "r_s_coco_0_1" else None,
                           "thresholds": json.dumps({"semantic": 0.4}), "run_id": "run_f"})
     store.ingest_arrow("scores", pa.Table.from_pylist(scores))
     store.ingest_arrow("decisions", pa.Table.from_pylist(decisions))
@@ -114,7 +116,9 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
     assert {"input", "output", "original", "reward", "rouge_score", "nli_similarity", "sts_similarity",
             "filtered_paragraphs", "paragraph_clip_scores"} <= set(first)
     assert first["sts_similarity"] == 0.8 and first["nli_similarity"] is None and first["rouge_score"] is None
-    assert first["paragraph_clip_scores"] == [21.0, 12.5] and first["filtered_paragraphs"] == ["x y"]
+    assert first["paragraph_clip_scores"] == [21.0, 12.5]
+    assert first["filtered_paragraphs"] == ["A second paragraph about nothing in the image."]
+    assert first["output"] == "The image shows a dog on a couch, seen clearly."  # the decision's final output
     assert coco[1]["paragraph_clip_scores"] is None
     assert gqa[1]["output"] == "The colour is red."  # the retried attempt, not the failed one
     assert gqa[0]["nli_similarity"] == 0.9 and gqa[0]["sts_similarity"] is None
