@@ -49,9 +49,13 @@ SELECT
     r.reason        AS rewrite_reason,
     r.run_id        AS rewrite_run_id,
     sc.reward, sc.raw_reward, sc.semantic, sc.nli, sc.clipscore,
+    sc.length AS length_score, sc.unchanged AS unchanged_score, sc.repetition AS repetition_score,
+    sc.truncated AS truncated_score,
     d.kept,
     d.reason        AS decision_reason,
     d.final_output,
+    d.dropped_by,
+    d.removed_paragraphs,
     x.export_id, x.export_path
 FROM samples s
 LEFT JOIN latest_rewrites r ON r.sample_id = s.sample_id
