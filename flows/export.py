@@ -148,8 +148,8 @@ def export_flow(
     push_to_hub: str | None = None,
 ) -> dict:
     """Export the kept rewrites (or a ``where`` selection over the lineage view) and write the report."""
-    from tasks.export import push_folder_to_hub, write_export_task
-    from tasks.report import card_facts, dataset_card, write_report
+    from tasks.export import card_facts, dataset_card, push_folder_to_hub, write_export_task
+    from tasks.report import write_report
 
     cfg = parse_config(config)
     settings = _settings(cfg.export, formats, where, push_to_hub)

@@ -18,14 +18,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from fsspec.core import url_to_fs
 from prefect import task
 
+from lineage.store import LineageStore
 from polite.record import CHUNK_END, IMAGE_MARKER
 from polite.shards import read_table, write_bytes_atomic
+from tasks.report import funnel, md_table
 
 SUCCESS = "_SUCCESS.json"
 PF1M_FIELDS = (
@@ -239,3 +243,102 @@ def push_folder_to_hub(folder: str, repo_id: str, private: bool = True, api: Any
         ignore_patterns=[SUCCESS, ".tmp-*"],
     )
     return f"https://huggingface.co/datasets/{repo_id}"
+
+
+# -- the dataset card (README.md of every export folder; what the Hub shows) ---------------------------
+
+def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, Any]:
+    """What a dataset card states, read from the lineage for the selected rewrites."""
+    with store.reader() as con:
+        con.register("selection", selection.select(["sample_id", "rewrite_id", "model_id", "source"]))
+        sources = con.execute(
+            "SELECT source, count(*) AS n FROM selection GROUP BY source ORDER BY source"
+        ).to_arrow_table().to_pylist()
+        thresholds = con.execute(
+            "SELECT d.thresholds, count(*) AS n FROM selection s JOIN latest_decisions d USING (rewrite_id) "
+            "GROUP BY d.thresholds ORDER BY n DESC"
+        ).fetchall()
+        models = con.execute(
+            "SELECT s.model_id, coalesce(m.kind, 'rewriter') AS kind, m.base, m.adapter, count(*) AS n "
+            "FROM selection s LEFT JOIN models m USING (model_id) "
+            "GROUP BY s.model_id, m.kind, m.base, m.adapter ORDER BY s.model_id"
+        ).to_arrow_table().to_pylist()
+        settings = con.execute(
+            "SELECT r.settings, r.prompt_version, count(*) AS n FROM selection s JOIN rewrites r USING (rewrite_id) "
+            "GROUP BY r.settings, r.prompt_version ORDER BY n DESC"
+        ).fetchall()
+        con.unregister("selection")
+    return {
+        "n_items": selection.num_rows,
+        "sources": sources,
+        "funnel": funnel(store),
+        "thresholds": [(t, n) for t, n in thresholds],
+        "models": models,
+        "settings": [(s, p, n) for s, p, n in settings],
+        "selection": sql.strip(),
+    }
+
+
+def dataset_card(facts: dict[str, Any], settings: Any = None) -> str:
+    """A Hub dataset card (YAML header + Markdown) from :func:`card_facts`."""
+    lines = [
+        "---",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        "  - split: train",
+        "    path: data/train-*.parquet",
+        "task_categories:",
+        "- visual-question-answering",
+        "- image-to-text",
+        "language:",
+        "- en",
+        "tags:",
+        "- polite-flamingo",
+        "- synthetic",
+        "---",
+        "",
+        "# Polite Flamingo rewrites",
+        "",
+        f"{facts['n_items']:,} raw vision-language annotations rewritten into helpful, well-formed responses by a "
+        "multimodal rewriter (Polite Flamingo, arXiv 2307.01003) and kept by its filter chain.",
+        "",
+        "## Sources",
+        "",
+        md_table(facts["sources"]),
+        "## Counts (funnel)",
+        "",
+        md_table([s for s in facts["funnel"] if s["step"] != "exported"]),
+        "## Filters and thresholds",
+        "",
+    ]
+    if facts["thresholds"]:
+        for text, n in facts["thresholds"]:
+            lines.append(f"- {n:,} items decided with: `{text}`")
+    else:
+        lines.append("- (no thresholds recorded)")
+    lines += ["", "## Models and settings", ""]
+    for model in facts["models"]:
+        lines.append(f"- {model['n']:,} items rewritten by `{model['model_id']}` ({model['kind']}): "
+                     f"base `{model['base']}`, adapter `{model['adapter']}`")
+    counts = Counter()
+    for text, prompt, n in facts["settings"]:
+        counts[(text, prompt)] += n
+    for (text, prompt), n in counts.most_common():
+        lines.append(f"- {n:,} rewrites with prompt `{prompt}` and generation settings `{text}`")
+    if settings is not None:
+        checks = json.dumps(settings.checks.model_dump(), sort_keys=True)
+        lines.append(f"- export checks: `{checks}`")
+    lines += [
+        "",
+        "## Lineage query that selected this export",
+        "",
+        "```sql",
+        facts["selection"],
+        "```",
+        "",
+        "Every item carries its `id` (sample_id) and `rewrite_id`; `polite explain <sample_id>` in the factory's "
+        "workspace shows its source row, distortions, rewrite attempts, scores and decision.",
+        "",
+    ]
+    return "\n".join(lines)

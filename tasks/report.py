@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
-from collections import Counter
 from typing import Any
 
 import pyarrow as pa
@@ -206,7 +204,7 @@ def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
         ).to_arrow_table().to_pylist()
 
 
-def _md_table(rows: list[dict[str, Any]]) -> str:
+def md_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "_(none)_\n"
     cols = list(rows[0])
@@ -240,10 +238,10 @@ def write_report(
         if data:
             write_bytes_atomic(data, f"{folder}/{name}")
 
-    md = ["# Polite Flamingo factory report\n", "## Funnel\n", "![funnel](funnel.png)\n", _md_table(steps)]
+    md = ["# Polite Flamingo factory report\n", "## Funnel\n", "![funnel](funnel.png)\n", md_table(steps)]
     if pictures["scores.png"]:
         md += ["## Scores: raw vs rewritten vs kept\n", "![scores](scores.png)\n"]
-    md += ["## Keep rate per source\n", "![sources](sources.png)\n" if pictures["sources.png"] else "", _md_table(sources)]
+    md += ["## Keep rate per source\n", "![sources](sources.png)\n" if pictures["sources.png"] else "", md_table(sources)]
     md.append("## Sample cards\n")
     for card in cards:
         verdict = "kept" if card["kept"] else (card["decision_reason"] or "dropped")
@@ -306,102 +304,3 @@ def _artifacts(markdown: str, steps, sources) -> None:
         create_table_artifact(table=sources, key="polite-keep-rate", description="keep rate per source")
     except Exception:
         return
-
-
-# -- the dataset card -------------------------------------------------------------------------------------
-
-def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, Any]:
-    """What a dataset card states, read from the lineage for the selected rewrites."""
-    with store.reader() as con:
-        con.register("selection", selection.select(["sample_id", "rewrite_id", "model_id", "source"]))
-        sources = con.execute(
-            "SELECT source, count(*) AS n FROM selection GROUP BY source ORDER BY source"
-        ).to_arrow_table().to_pylist()
-        thresholds = con.execute(
-            "SELECT d.thresholds, count(*) AS n FROM selection s JOIN latest_decisions d USING (rewrite_id) "
-            "GROUP BY d.thresholds ORDER BY n DESC"
-        ).fetchall()
-        models = con.execute(
-            "SELECT s.model_id, coalesce(m.kind, 'rewriter') AS kind, m.base, m.adapter, count(*) AS n "
-            "FROM selection s LEFT JOIN models m USING (model_id) "
-            "GROUP BY s.model_id, m.kind, m.base, m.adapter ORDER BY s.model_id"
-        ).to_arrow_table().to_pylist()
-        settings = con.execute(
-            "SELECT r.settings, r.prompt_version, count(*) AS n FROM selection s JOIN rewrites r USING (rewrite_id) "
-            "GROUP BY r.settings, r.prompt_version ORDER BY n DESC"
-        ).fetchall()
-        con.unregister("selection")
-    return {
-        "n_items": selection.num_rows,
-        "sources": sources,
-        "funnel": funnel(store),
-        "thresholds": [(t, n) for t, n in thresholds],
-        "models": models,
-        "settings": [(s, p, n) for s, p, n in settings],
-        "selection": sql.strip(),
-    }
-
-
-def dataset_card(facts: dict[str, Any], settings: Any = None) -> str:
-    """A Hub dataset card (YAML header + Markdown) from :func:`card_facts`."""
-    lines = [
-        "---",
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        "  - split: train",
-        "    path: data/train-*.parquet",
-        "task_categories:",
-        "- visual-question-answering",
-        "- image-to-text",
-        "language:",
-        "- en",
-        "tags:",
-        "- polite-flamingo",
-        "- synthetic",
-        "---",
-        "",
-        "# Polite Flamingo rewrites",
-        "",
-        f"{facts['n_items']:,} raw vision-language annotations rewritten into helpful, well-formed responses by a "
-        "multimodal rewriter (Polite Flamingo, arXiv 2307.01003) and kept by its filter chain.",
-        "",
-        "## Sources",
-        "",
-        _md_table(facts["sources"]),
-        "## Counts (funnel)",
-        "",
-        _md_table([s for s in facts["funnel"] if s["step"] != "exported"]),
-        "## Filters and thresholds",
-        "",
-    ]
-    if facts["thresholds"]:
-        for text, n in facts["thresholds"]:
-            lines.append(f"- {n:,} items decided with: `{text}`")
-    else:
-        lines.append("- (no thresholds recorded)")
-    lines += ["", "## Models and settings", ""]
-    for model in facts["models"]:
-        lines.append(f"- {model['n']:,} items rewritten by `{model['model_id']}` ({model['kind']}): "
-                     f"base `{model['base']}`, adapter `{model['adapter']}`")
-    counts = Counter()
-    for text, prompt, n in facts["settings"]:
-        counts[(text, prompt)] += n
-    for (text, prompt), n in counts.most_common():
-        lines.append(f"- {n:,} rewrites with prompt `{prompt}` and generation settings `{text}`")
-    if settings is not None:
-        checks = json.dumps(settings.checks.model_dump(), sort_keys=True)
-        lines.append(f"- export checks: `{checks}`")
-    lines += [
-        "",
-        "## Lineage query that selected this export",
-        "",
-        "```sql",
-        facts["selection"],
-        "```",
-        "",
-        "Every item carries its `id` (sample_id) and `rewrite_id`; `polite explain <sample_id>` in the factory's "
-        "workspace shows its source row, distortions, rewrite attempts, scores and decision.",
-        "",
-    ]
-    return "\n".join(lines)
