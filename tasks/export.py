@@ -10,7 +10,8 @@ Formats:
 JSON layouts reference images under ``images/`` in the export folder (hard-linked or copied).
 
 The output folder is derived from the export id, and ``_SUCCESS.json`` is written last: a repeated task
-finds it and does nothing, so exporting the same selection twice gives the same files.
+finds it and does nothing, so exporting the same selection twice gives the same files. The dataset card
+(``README.md`` of every export folder) is built here too, from facts read in the lineage.
 """
 
 from __future__ import annotations

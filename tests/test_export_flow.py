@@ -113,8 +113,11 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
     assert [r["id"] for r in coco] == ["s_coco_0", "s_coco_1", "s_coco_3"]
     assert [r["id"] for r in gqa] == ["s_gqa_0", "s_gqa_2"]
     first = coco[0]
-    assert {"input", "output", "original", "reward", "rouge_score", "nli_similarity", "sts_similarity",
-            "filtered_paragraphs", "paragraph_clip_scores"} <= set(first)
+    from tasks.export import PF1M_FIELDS
+
+    assert set(PF1M_FIELDS) == {"input", "output", "original", "reward", "rouge_score", "nli_similarity",
+                                "sts_similarity", "filtered_paragraphs", "paragraph_clip_scores"}  # METHOD.md
+    assert set(PF1M_FIELDS) <= set(first)
     assert first["sts_similarity"] == 0.8 and first["nli_similarity"] is None and first["rouge_score"] is None
     assert first["paragraph_clip_scores"] == [21.0, 12.5]
     assert first["filtered_paragraphs"] == ["A second paragraph about nothing in the image."]
