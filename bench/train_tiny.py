@@ -38,6 +38,18 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b).ratio()
 
 
+def word_f1(a: str, b: str) -> float:
+    """Bag-of-words F1 (case-folded, punctuation dropped): content kept, whatever the order."""
+    from collections import Counter
+
+    wa, wb = Counter(lowercase(a).split()), Counter(lowercase(b).split())
+    common = sum((wa & wb).values())
+    if not common:
+        return 0.0
+    p, r = common / sum(wa.values()), common / sum(wb.values())
+    return 2 * p * r / (p + r)
+
+
 def restore(model_dir: str, cases: list[dict], max_new: int) -> list[str]:
     from models import Inferencer
 
@@ -116,21 +128,22 @@ def main(argv: list[str] | None = None) -> dict:
     max_new = 140
     before = restore(base_dir, cases, max_new)
     after = restore(result["path"], cases, max_new)
-    table = {}
-    for kind in ("lowercase", "shuffle"):
-        idx = [i for i, c in enumerate(cases) if c["kind"] == kind]
-        table[kind] = {
-            "copy_input": round(
-                sum(similarity(cases[i]["distorted"], cases[i]["target"]) for i in idx) / len(idx), 3
-            ),
-            "untrained": round(sum(similarity(before[i], cases[i]["target"]) for i in idx) / len(idx), 3),
-            "trained": round(sum(similarity(after[i], cases[i]["target"]) for i in idx) / len(idx), 3),
-        }
-    figures["restoration_similarity"] = table
-    print("\nmean similarity to the original (1.0 = restored exactly):")
-    print(f"{'distortion':<12}{'input as is':>12}{'untrained':>12}{'trained':>12}")
-    for kind, t in table.items():
-        print(f"{kind:<12}{t['copy_input']:>12.3f}{t['untrained']:>12.3f}{t['trained']:>12.3f}")
+
+    def mean(metric, outputs, idx):
+        return round(sum(metric(outputs[i], cases[i]["target"]) for i in idx) / len(idx), 3)
+
+    inputs = [c["distorted"] for c in cases]
+    for metric_name, metric in (("similarity", similarity), ("word_f1", word_f1)):
+        table = {}
+        for kind in ("lowercase", "shuffle"):
+            idx = [i for i, c in enumerate(cases) if c["kind"] == kind]
+            table[kind] = {"input_as_is": mean(metric, inputs, idx), "untrained": mean(metric, before, idx),
+                           "trained": mean(metric, after, idx)}  # fmt: skip
+        figures[f"restoration_{metric_name}"] = table
+        print(f"\nmean {metric_name} to the original (1.0 = restored exactly):")
+        print(f"{'distortion':<12}{'input as is':>12}{'untrained':>12}{'trained':>12}")
+        for kind, t in table.items():
+            print(f"{kind:<12}{t['input_as_is']:>12.3f}{t['untrained']:>12.3f}{t['trained']:>12.3f}")
     print("\nexamples:")
     for i, c in enumerate(cases[:4]):
         print(f"- [{c['kind']}] input:     {c['distorted'][:200]}")

@@ -42,7 +42,7 @@ def default_groups(train_groups: list[str] | None, base_is_tiny: bool) -> list[s
     return ["lm", "cross_attn", "perceiver"] if base_is_tiny else ["lora"]
 
 
-def prepare_model(base_spec: FlamingoSpec, settings, groups: list[str]):
+def prepare_model(base_spec: FlamingoSpec, settings, groups: list[str], dtype=None):
     """Build the base for training: adapter unmerged (fresh or ``init_adapter``), only ``groups`` trainable."""
     from models import compat
     from models.flamingo import build_flamingo
@@ -58,7 +58,7 @@ def prepare_model(base_spec: FlamingoSpec, settings, groups: list[str]):
             dropout=settings.lora_dropout,
             targets=settings.lora_targets,
         )
-    model, tokenizer, image_processor, _ = build_flamingo(spec, lora_for_training=lora_cfg)
+    model, tokenizer, image_processor, _ = build_flamingo(spec, dtype=dtype, lora_for_training=lora_cfg)
     model.requires_grad_(False)
     compat.unfreeze(model, groups)
     return model, tokenizer, image_processor
@@ -188,9 +188,7 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
 
     torch.manual_seed(seed)
     base_spec = as_spec(base)
-    model, tokenizer, image_processor = prepare_model(base_spec, s, groups)
-    if bf16:
-        model.to(torch.bfloat16)
+    model, tokenizer, image_processor = prepare_model(base_spec, s, groups, torch.bfloat16 if bf16 else None)
     model.to(device)
     params = _trainable(model)
     for p in params.values():
@@ -225,8 +223,13 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
             for ids, mask, labels, vision_x in micro_batches(heldout):
                 loss, n = masked_loss_sum(model(vision_x, ids, attention_mask=mask).logits, labels)
                 total, count = total + float(loss), count + n
-        model.train()
+        train_mode()
         return total / max(count, 1)
+
+    def train_mode() -> None:
+        model.train()
+        if "vision" not in groups:  # a frozen tower stays in eval mode (no dropout or patch dropout)
+            model.vision_encoder.eval()
 
     optimizer = torch.optim.AdamW(list(params.values()), lr=s.learning_rate, weight_decay=s.weight_decay)
     state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "history": [], "heldout": []}
@@ -240,7 +243,7 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
         start = evaluate()
         state["heldout"] = [[0, start]] if start is not None else []
 
-    model.train()
+    train_mode()
     steps_this_run, t_run = 0, time.perf_counter()
     while state["step"] < total_steps and (s.time_budget_s is None or state["elapsed_s"] < s.time_budget_s):
         t0 = time.perf_counter()
