@@ -56,6 +56,20 @@ def ensure_tiny_base(ws: Workspace, training_set: str, seed: int, vocab_size: in
     return str(folder)
 
 
+def keep_training_set(training_set: str, out_dir: Path) -> str:
+    """A copy of the training set beside the model: the export path is reused by later runs, the model's own
+    record of which pairs it saw must not change."""
+    import shutil
+
+    kept = out_dir / "training_set.parquet"
+    if not kept.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = kept.with_name(".training_set.parquet.tmp")
+        shutil.copyfile(training_set, tmp)
+        tmp.replace(kept)
+    return str(kept)
+
+
 def pairs_query(where: str | None) -> str:
     """The SQL that selects the training pairs (as recorded in ``models.pairs_query``)."""
     return (
@@ -119,6 +133,7 @@ def train_rewriter_flow(
         learned = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _RUNTIME_ONLY}
         tag = stable_hash("rewriter", base_fp, file_digest(training_set), learned, cfg.seed, length=12)
         out_dir = Path(ws.models) / f"rewriter-{tag}"
+        training_set = keep_training_set(training_set, out_dir)
         log.info("training the rewriter on %d pairs from %s into %s", n_pairs, base_path, out_dir)
         summary = train_rewriter_task.submit(
             training_set, base_path, str(out_dir), settings.model_dump(mode="json"), cfg.seed, is_tiny

@@ -55,6 +55,7 @@ def test_flow_trains_records_and_reuses(prefect_harness, workspace):
     assert result["n_pairs"] == 16  # the predicate chose the augment pairs only
     assert result["model_id"] == fingerprint(FlamingoSpec.from_file(result["path"]))
     assert result["path"].startswith(workspace.models + "/rewriter-")
+    assert result["training_set"] == result["path"] + "/training_set.parquet"  # the model's own copy
 
     row = store.query("SELECT * FROM models").to_pylist()
     assert len(row) == 1
