@@ -242,9 +242,10 @@ def test_polite_export_command(workspace, prefect_harness):
 
     from polite.cli import app
 
-    populate(workspace)
-    ok = CliRunner().invoke(app, ["export", "-w", workspace.root, "--format", "llava"], env={"COLUMNS": "200"})
+    store = populate(workspace)
+    ok = CliRunner().invoke(app, ["export", "-w", workspace.root, "--format", "llava"])
     assert ok.exit_code == 0, ok.output
-    assert "exported 5 items" in ok.output and "llava-x_" in ok.output
+    assert "exported 5 items" in ok.output
+    assert store.query("SELECT format, n_items FROM exports").to_pylist() == [{"format": "llava", "n_items": 5}]
     held = CliRunner().invoke(app, ["export", "-w", workspace.root, "--where", "kept AND source = 'none'"])
     assert held.exit_code == 2 and "min_items: 0 items selected" in held.output  # a red line, not a traceback
