@@ -4,7 +4,8 @@ Builds the OpenFlamingo-9B (v1) shape - LLaMA-7B (32 layers, 4096 wide, 11008 ML
 open_clip ViT-L-14-336, perceiver depth 6 with 64 latents, gated cross-attention every 4 layers - in bf16 with
 random weights through models.flamingo.build_flamingo (nothing is downloaded), then measures:
 
-* a LoRA r64 training step (forward + masked loss + backward + AdamW) at context 1024: time and peak memory;
+* a LoRA r64 training step (forward + masked loss + backward + AdamW) at context 1024: time and peak memory,
+  at micro-batches 1 and 4, and 8 with activation checkpointing;
 * greedy generation through models.flamingo.generate at batch 1 and 64: new tokens per second, peak memory.
 
     python bench/gpu_model.py --out bench/results/gpu_model.json            # on the GPU (~2 min on an H200)
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--train-batches", default=None, help="comma-separated micro-batch sizes (default 1,4)"
     )
     parser.add_argument("--gen-batches", default="1,64", help="comma-separated generation batch sizes")
+    parser.add_argument("--ckpt-batches", default=None, help="micro-batches to time with activation "
+                        "checkpointing (default 8; tiny 2; '' for none)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 64; tiny 8)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per batch size")
     parser.add_argument(
@@ -227,6 +230,20 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.empty_cache()
             results["train"].append(row)
             print("train", row, flush=True)
+        ckpt = args.ckpt_batches if args.ckpt_batches is not None else ("2" if args.tiny else "8")
+        if ckpt:
+            from models.compat import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
+            for b in [int(x) for x in ckpt.split(",")]:
+                try:
+                    row = bench_train(model, tok, device, dtype, b, context, image_size, args.steps)
+                except torch.OutOfMemoryError as exc:
+                    row = {"batch": b, "context": context, "error": f"out of memory: {str(exc)[:200]}"}
+                    torch.cuda.empty_cache()
+                row["activation_checkpointing"] = True
+                results["train"].append(row)
+                print("train", row, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")

@@ -176,3 +176,16 @@ def unfreeze(model: torch.nn.Module, groups: tuple[str, ...] | list[str]) -> Non
                 param.requires_grad_(True)
     if "vision" in groups:
         model.vision_encoder.requires_grad_(True)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant: frozen inputs need no grad).
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name
+    goes in v6); the decoder layers sit inside open_flamingo's FlamingoLayer and are found all the same.
+    """
+    lm = language_model(model)
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -190,6 +190,10 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
     base_spec = as_spec(base)
     model, tokenizer, image_processor = prepare_model(base_spec, s, groups, torch.bfloat16 if bf16 else None)
     model.to(device)
+    if s.activation_checkpointing:
+        from models.compat import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     params = _trainable(model)
     for p in params.values():
         p.data = p.data.float()  # master weights of what we train stay fp32

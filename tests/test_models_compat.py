@@ -155,3 +155,30 @@ def test_get_peft_model_freezes_cross_attention_and_unfreeze_restores(built):
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="unknown parameter groups"):
         compat.unfreeze(model, ["everything"])
+
+
+def test_activation_checkpointing_reaches_the_wrapped_decoder_layers(built):
+    from models.train_data import masked_loss_sum
+
+    model, tok = built
+    lora.add_lora(model, rank=4, dropout=0.0)
+    model.requires_grad_(False)
+    compat.unfreeze(model, ["lora", "cross_attn"])
+    model.train()
+    enc = tok(["<image><|endofchunk|> a red bus on the street"], return_tensors="pt")
+    vision_x = torch.randn(1, 1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss, _ = masked_loss_sum(model(vision_x, enc["input_ids"]).logits, enc["input_ids"])
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    compat.enable_activation_checkpointing(model)
+    layers = [m for m in model.lang_encoder.model.layers]
+    assert all(getattr(layer.decoder_layer, "gradient_checkpointing", False) for layer in layers)
+    recomputed = grads()
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(plain[name], recomputed[name], rtol=1e-5, atol=1e-6)

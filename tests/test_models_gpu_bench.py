@@ -31,6 +31,7 @@ def test_tiny_mode_writes_results(tmp_path):
         g["tokens_per_s"] > 0 for g in data["generate"]
     )
     assert data["train"][0]["context"] == 64 and data["train"][0]["step_s"] > 0
+    assert data["train"][-1]["activation_checkpointing"] is True and data["train"][-1]["step_s"] > 0
     assert 0 < data["lora_trainable"] < data["params_total"]
 
 

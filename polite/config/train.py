@@ -47,6 +47,7 @@ class TrainSettings(BaseModel):
     checkpoint_every: int = Field(default=50, ge=1)
     eval_every: int = Field(default=50, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False  # recompute decoder layers in backward: less memory, ~30% slower
     device: str | None = None  # None: CUDA when available
     num_threads: int | None = Field(default=None, ge=1)  # CPU threads for torch (None: torch's default)
 
