@@ -110,18 +110,34 @@ def factory_breakdown(config_path: str | None, sets: list[str], workspace: str) 
         intervals = [(_ts(t.start_time), _ts(t.end_time)) for t in mine]
         wall = _ts(fr.end_time) - _ts(fr.start_time)
         in_tasks = _union(intervals)
-        rows.append({
-            "flow": name, "wall_s": wall, "tasks": len(mine), "in_tasks_s": in_tasks,
-            "task_sum_s": sum(b - a for a, b in intervals), "flow_side_s": wall - in_tasks,
-        })
+        rows.append(
+            {
+                "flow": name,
+                "wall_s": wall,
+                "tasks": len(mine),
+                "in_tasks_s": in_tasks,
+                "task_sum_s": sum(b - a for a, b in intervals),
+                "flow_side_s": wall - in_tasks,
+            }
+        )
     rows.sort(key=lambda r: (r["flow"] != "factory", r["flow"]))
-    rows.append({"flow": "(process, incl. start-up)", "wall_s": wall_total, "tasks": 0, "in_tasks_s": 0.0,
-                 "task_sum_s": 0.0, "flow_side_s": 0.0})
+    rows.append(
+        {
+            "flow": "(process, incl. start-up)",
+            "wall_s": wall_total,
+            "tasks": 0,
+            "in_tasks_s": 0.0,
+            "task_sum_s": 0.0,
+            "flow_side_s": 0.0,
+        }
+    )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", dest="sets", action="append", default=[])
     parser.add_argument("--tasks", type=int, default=100, help="no-op tasks for the per-task cost")
@@ -143,20 +159,28 @@ def main() -> None:
     if not args.micro_only:
         rows = factory_breakdown(args.config, args.sets, os.path.join(home, "ws"))
         print("\n(factory: its tasks are the stage subflows; in tasks = time inside stage flows)")
-        print(f"\n{'flow':<28}{'wall s':>9}{'tasks':>7}{'in tasks s':>12}{'task sum s':>12}{'flow-side s':>13}")
+        print(
+            f"\n{'flow':<28}{'wall s':>9}{'tasks':>7}{'in tasks s':>12}{'task sum s':>12}{'flow-side s':>13}"
+        )
         for r in rows:
-            print(f"{r['flow']:<28}{r['wall_s']:>9.1f}{r['tasks']:>7}{r['in_tasks_s']:>12.1f}"
-                  f"{r['task_sum_s']:>12.1f}{r['flow_side_s']:>13.1f}")
+            print(
+                f"{r['flow']:<28}{r['wall_s']:>9.1f}{r['tasks']:>7}{r['in_tasks_s']:>12.1f}"
+                f"{r['task_sum_s']:>12.1f}{r['flow_side_s']:>13.1f}"
+            )
         factory = next(r for r in rows if r["flow"] == "factory")
         stages = [r for r in rows if r["flow"] not in ("factory",) and not r["flow"].startswith("(")]
         in_tasks = sum(r["in_tasks_s"] for r in stages)
         flow_side = sum(r["flow_side_s"] for r in stages)
         glue = factory["wall_s"] - sum(r["wall_s"] for r in stages)
-        print(f"\nfactory wall {factory['wall_s']:.1f} s = stage tasks {in_tasks:.1f} s "
-              f"+ stage flow-side {flow_side:.1f} s + factory glue between stages {glue:.1f} s")
+        print(
+            f"\nfactory wall {factory['wall_s']:.1f} s = stage tasks {in_tasks:.1f} s "
+            f"+ stage flow-side {flow_side:.1f} s + factory glue between stages {glue:.1f} s"
+        )
     costs = micro(args.tasks, args.flows)
-    print(f"\nPrefect fixed costs (no-op work, thread runner): {costs['per_task_ms']:.1f} ms per task, "
-          f"{costs['per_subflow_ms']:.1f} ms per subflow")
+    print(
+        f"\nPrefect fixed costs (no-op work, thread runner): {costs['per_task_ms']:.1f} ms per task, "
+        f"{costs['per_subflow_ms']:.1f} ms per subflow"
+    )
 
 
 if __name__ == "__main__":

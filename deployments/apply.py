@@ -47,9 +47,19 @@ class DeploymentSpec:
         out = []
         for entry in self.schedules:
             if "cron" not in entry:
-                raise ValueError(f"deployment {self.name}: only cron schedules are supported here, got {entry}")
-            out.append(Schedule(cron=entry["cron"], timezone=entry.get("timezone", "UTC"), active=entry.get("active", True)))
-            CronSchedule(cron=entry["cron"], timezone=entry.get("timezone", "UTC"))  # validates the expression
+                raise ValueError(
+                    f"deployment {self.name}: only cron schedules are supported here, got {entry}"
+                )
+            out.append(
+                Schedule(
+                    cron=entry["cron"],
+                    timezone=entry.get("timezone", "UTC"),
+                    active=entry.get("active", True),
+                )
+            )
+            CronSchedule(
+                cron=entry["cron"], timezone=entry.get("timezone", "UTC")
+            )  # validates the expression
         return out
 
 
@@ -58,7 +68,9 @@ def load_specs(path: str | Path = DEFAULT_FILE, only: list[str] | None = None) -
     data = yaml.safe_load(Path(path).read_text())
     specs = []
     for entry in data.get("deployments") or []:
-        known = {k: entry[k] for k in DeploymentSpec.__dataclass_fields__ if k in entry and entry[k] is not None}
+        known = {
+            k: entry[k] for k in DeploymentSpec.__dataclass_fields__ if k in entry and entry[k] is not None
+        }
         specs.append(DeploymentSpec(**known))
     if only:
         missing = sorted(set(only) - {s.name for s in specs})
@@ -111,7 +123,9 @@ def ensure_work_pool(name: str, kind: str = "process") -> bool:
             return True
 
 
-def deploy_all(specs: list[DeploymentSpec], root: Path = PROJECT_DIR, work_pool: str | None = None) -> list[str]:
+def deploy_all(
+    specs: list[DeploymentSpec], root: Path = PROJECT_DIR, work_pool: str | None = None
+) -> list[str]:
     """Register every deployment with its work pool (process pool by default); returns deployment ids."""
     os.environ.setdefault("POLITE_PROJECT_DIR", str(root))
     ids = []

@@ -157,8 +157,10 @@ def export_flow(
     with stage_run("export", cfg.model_dump(mode="json"), workspace or cfg.workspace, parent_run_id) as run:
         ws, store, log = run.workspace, run.store, logger()
         if settings.where and "kept" not in settings.where.lower():
-            log.warning("export --where %r does not mention `kept`: rewrites the filters dropped may be exported",
-                        settings.where)
+            log.warning(
+                "export --where %r does not mention `kept`: rewrites the filters dropped may be exported",
+                settings.where,
+            )
         selection = select(store, sql)
         failures = run_checks(store, selection, settings.checks)
         digest = content_digest(selection)
@@ -166,16 +168,28 @@ def export_flow(
             # The report shows why (funnel, score histograms, dropped examples) even when nothing is published.
             held = None
             if settings.report != "none":
-                held = write_report(store, ws.url("reports", f"held-{digest[:12]}"), settings.report,
-                                    n_cards=settings.sample_cards, selection=selection)
-            raise ExportCheckFailed("export stopped by failed check(s):\n  - " + "\n  - ".join(failures)
-                                    + (f"\nreport: {held}" if held else ""))
-        selection_url = write_table_atomic(selection, ws.url("shards", "exports", f"selection-{digest}.parquet"))
+                held = write_report(
+                    store,
+                    ws.url("reports", f"held-{digest[:12]}"),
+                    settings.report,
+                    n_cards=settings.sample_cards,
+                    selection=selection,
+                )
+            raise ExportCheckFailed(
+                "export stopped by failed check(s):\n  - "
+                + "\n  - ".join(failures)
+                + (f"\nreport: {held}" if held else "")
+            )
+        selection_url = write_table_atomic(
+            selection, ws.url("shards", "exports", f"selection-{digest}.parquet")
+        )
         facts = card_facts(store, sql, selection)
         jobs = []
         for fmt in settings.formats:
             export_id = export_id_for(sql, fmt, digest)
-            jobs.append({"export_id": export_id, "format": fmt, "out_dir": ws.url("exports", f"{fmt}-{export_id}")})
+            jobs.append(
+                {"export_id": export_id, "format": fmt, "out_dir": ws.url("exports", f"{fmt}-{export_id}")}
+            )
         items = selection.select(["sample_id", "rewrite_id"])
         exports: dict[str, dict] = {}
 
@@ -184,27 +198,49 @@ def export_flow(
             with store.writer() as con:
                 store.ingest_arrow(
                     "exports",
-                    pa.table({
-                        "export_id": [job["export_id"]], "format": [job["format"]], "path": [job["out_dir"]],
-                        "run_id": [run.run_id], "selection": [sql], "n_items": [manifest["n_items"]],
-                    }),
+                    pa.table(
+                        {
+                            "export_id": [job["export_id"]],
+                            "format": [job["format"]],
+                            "path": [job["out_dir"]],
+                            "run_id": [run.run_id],
+                            "selection": [sql],
+                            "n_items": [manifest["n_items"]],
+                        }
+                    ),
                     con=con,
                 )
                 store.ingest_arrow(
                     "export_items",
-                    items.append_column("export_id", pa.array([job["export_id"]] * items.num_rows, pa.string())),
+                    items.append_column(
+                        "export_id", pa.array([job["export_id"]] * items.num_rows, pa.string())
+                    ),
                     con=con,
                 )
-            exports[job["format"]] = {"export_id": job["export_id"], "path": job["out_dir"], "n_items": manifest["n_items"]}
+            exports[job["format"]] = {
+                "export_id": job["export_id"],
+                "path": job["out_dir"],
+                "n_items": manifest["n_items"],
+            }
 
         map_shards(
-            write_export_task, jobs, record, "export", selection_url=selection_url, images=settings.images,
+            write_export_task,
+            jobs,
+            record,
+            "export",
+            selection_url=selection_url,
+            images=settings.images,
             card=dataset_card(facts, settings),
         )
         report = None
         if settings.report != "none":
-            report = write_report(store, ws.url("reports", f"export-{digest[:12]}"), settings.report,
-                                  n_cards=settings.sample_cards, selection=selection)
+            report = write_report(
+                store,
+                ws.url("reports", f"export-{digest[:12]}"),
+                settings.report,
+                n_cards=settings.sample_cards,
+                selection=selection,
+            )
         hub_url = None
         if settings.push_to_hub:
             hub_url = push_folder_to_hub(exports["parquet"]["path"], settings.push_to_hub, settings.private)

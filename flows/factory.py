@@ -75,7 +75,11 @@ def _compact(result: Any) -> Any:
     """Stage summaries for the factory's own summary: scalars and short lists only."""
     if not isinstance(result, dict):
         return result
-    return {k: v for k, v in result.items() if isinstance(v, str | int | float | bool | type(None)) or k == "exports"}
+    return {
+        k: v
+        for k, v in result.items()
+        if isinstance(v, str | int | float | bool | type(None)) or k == "exports"
+    }
 
 
 @flow(name="factory")
@@ -117,7 +121,13 @@ def factory_flow(
             if stage == "train" and isinstance(result, dict):
                 chosen = result.get("path") or result.get("model_id")
             run.summary["model"] = chosen
-    return {"run_id": run.run_id, "workspace": ws.root, "db": str(ws.db_path), "model": chosen, "stages": stages}
+    return {
+        "run_id": run.run_id,
+        "workspace": ws.root,
+        "db": str(ws.db_path),
+        "model": chosen,
+        "stages": stages,
+    }
 
 
 # -- the plan printed by `polite run --dry-run` -----------------------------------------------------------
@@ -165,15 +175,24 @@ def plan(cfg: FactoryConfig, workspace: str | None = None, model: str | None = N
     for spec in cfg.ingest.sources:
         adapter = get_adapter(spec, ws.root)
         rows, how = _source_rows(spec, adapter)
-        sources.append({
-            "source": spec.label, "adapter": spec.adapter, "from": adapter.source if spec.adapter != "demo" else "(bundled)",
-            "split": adapter.split, "config": adapter.config_name, "rows": rows, "rows_from": how,
-            "shards": math.ceil(rows / cfg.ingest.shard_size) if rows else None,
-        })
+        sources.append(
+            {
+                "source": spec.label,
+                "adapter": spec.adapter,
+                "from": adapter.source if spec.adapter != "demo" else "(bundled)",
+                "split": adapter.split,
+                "config": adapter.config_name,
+                "rows": rows,
+                "rows_from": how,
+                "shards": math.ceil(rows / cfg.ingest.shard_size) if rows else None,
+            }
+        )
     chosen = given_model(cfg, model)
     stages = [s for s in STAGES if _enabled(cfg, s) and not (s == "train" and chosen)]
-    settings = {section: getattr(cfg, section).model_dump(mode="json")
-                for section in ("distort", "train", "rewrite", "filters", "export", "runner")}
+    settings = {
+        section: getattr(cfg, section).model_dump(mode="json")
+        for section in ("distort", "train", "rewrite", "filters", "export", "runner")
+    }
     return {
         "workspace": ws.root,
         "stages": stages,
@@ -192,7 +211,11 @@ def _where(ref: str, allow_download: bool = False) -> str:
         if ref.startswith("package:"):
             return "bundled Python package"
         return "present" if path.exists() else "ABSENT on this machine"
-    return "Hub id, downloaded on first use" if allow_download else "Hub id (local cache only: downloads are off)"
+    return (
+        "Hub id, downloaded on first use"
+        if allow_download
+        else "Hub id (local cache only: downloads are off)"
+    )
 
 
 def _models(cfg: FactoryConfig, stages: list[str], chosen: str | None) -> list[dict[str, str]]:
@@ -204,8 +227,13 @@ def _models(cfg: FactoryConfig, stages: list[str], chosen: str | None) -> list[d
         out.append({"role": f"distorter ({llm.backend})", "model": llm.model, "where": where})
     if "train" in stages:
         base = cfg.train.base
-        out.append({"role": "rewriter base (trained here)", "model": base,
-                    "where": "made in the workspace" if base == "tiny" else _where(base)})
+        out.append(
+            {
+                "role": "rewriter base (trained here)",
+                "model": base,
+                "where": "made in the workspace" if base == "tiny" else _where(base),
+            }
+        )
     if chosen:
         out.append({"role": "rewriter", "model": chosen, "where": _where(chosen)})
     if "filter" in stages:

@@ -63,7 +63,9 @@ def task_runner_for(settings: RunnerSettings, stage: str | None = None):
     try:
         from prefect_ray import RayTaskRunner
     except ImportError as exc:  # the `ray` extra is optional
-        raise RuntimeError("runner.kind = ray needs `pip install 'polite-flamingo[ray]'` (prefect-ray, ray)") from exc
+        raise RuntimeError(
+            "runner.kind = ray needs `pip install 'polite-flamingo[ray]'` (prefect-ray, ray)"
+        ) from exc
     return RayTaskRunner(address=settings.ray_address, init_kwargs=ray_init_kwargs(settings))
 
 

@@ -122,7 +122,10 @@ def place_images(rows: list[dict[str, Any]], out_dir: str, mode: str) -> int:
         if fs_dst.exists(dst_path):
             continue
         fs_src, src_path = url_to_fs(src)
-        both_local = fs_src.protocol in ("file", ("file", "local")) and fs_dst.protocol in ("file", ("file", "local"))
+        both_local = fs_src.protocol in ("file", ("file", "local")) and fs_dst.protocol in (
+            "file",
+            ("file", "local"),
+        )
         if mode == "link" and both_local:
             try:
                 os.link(src_path, dst_path)
@@ -152,7 +155,10 @@ def _hf_table(rows: list[dict[str, Any]]):
             "task_type": datasets.Value("string"),
             "images": datasets.Sequence(datasets.Image()),
             **{f: datasets.Value("string") for f in ("input", "output", "original")},
-            **{f: datasets.Value("float64") for f in ("reward", "rouge_score", "nli_similarity", "sts_similarity")},
+            **{
+                f: datasets.Value("float64")
+                for f in ("reward", "rouge_score", "nli_similarity", "sts_similarity")
+            },
             "filtered_paragraphs": datasets.Sequence(datasets.Value("string")),
             "paragraph_clip_scores": datasets.Sequence(datasets.Value("float64")),
             "rewrite_id": datasets.Value("string"),
@@ -174,7 +180,9 @@ def _hf_table(rows: list[dict[str, Any]]):
     return datasets.Dataset.from_list(records, features=features)
 
 
-def write_export(selection_url: str, fmt: str, out_dir: str, images: str = "link", card: str | None = None) -> dict:
+def write_export(
+    selection_url: str, fmt: str, out_dir: str, images: str = "link", card: str | None = None
+) -> dict:
     """Write the rows of ``selection_url`` to ``out_dir`` in format ``fmt``; a no-op when already done.
 
     Returns the manifest: format, folder, files (relative) and item count.
@@ -248,22 +256,29 @@ def push_folder_to_hub(folder: str, repo_id: str, private: bool = True, api: Any
 
 # -- the dataset card (README.md of every export folder; what the Hub shows) ---------------------------
 
+
 def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, Any]:
     """What a dataset card states, read from the lineage for the selected rewrites."""
     with store.reader() as con:
         con.register("selection", selection.select(["sample_id", "rewrite_id", "model_id", "source"]))
-        sources = con.execute(
-            "SELECT source, count(*) AS n FROM selection GROUP BY source ORDER BY source"
-        ).to_arrow_table().to_pylist()
+        sources = (
+            con.execute("SELECT source, count(*) AS n FROM selection GROUP BY source ORDER BY source")
+            .to_arrow_table()
+            .to_pylist()
+        )
         thresholds = con.execute(
             "SELECT d.thresholds, count(*) AS n FROM selection s JOIN latest_decisions d USING (rewrite_id) "
             "GROUP BY d.thresholds ORDER BY n DESC"
         ).fetchall()
-        models = con.execute(
-            "SELECT s.model_id, coalesce(m.kind, 'rewriter') AS kind, m.base, m.adapter, count(*) AS n "
-            "FROM selection s LEFT JOIN models m USING (model_id) "
-            "GROUP BY s.model_id, m.kind, m.base, m.adapter ORDER BY s.model_id"
-        ).to_arrow_table().to_pylist()
+        models = (
+            con.execute(
+                "SELECT s.model_id, coalesce(m.kind, 'rewriter') AS kind, m.base, m.adapter, count(*) AS n "
+                "FROM selection s LEFT JOIN models m USING (model_id) "
+                "GROUP BY s.model_id, m.kind, m.base, m.adapter ORDER BY s.model_id"
+            )
+            .to_arrow_table()
+            .to_pylist()
+        )
         settings = con.execute(
             "SELECT r.settings, r.prompt_version, count(*) AS n FROM selection s JOIN rewrites r USING (rewrite_id) "
             "GROUP BY r.settings, r.prompt_version ORDER BY n DESC"
@@ -320,8 +335,10 @@ def dataset_card(facts: dict[str, Any], settings: Any = None) -> str:
         lines.append("- (no thresholds recorded)")
     lines += ["", "## Models and settings", ""]
     for model in facts["models"]:
-        lines.append(f"- {model['n']:,} items rewritten by `{model['model_id']}` ({model['kind']}): "
-                     f"base `{model['base']}`, adapter `{model['adapter']}`")
+        lines.append(
+            f"- {model['n']:,} items rewritten by `{model['model_id']}` ({model['kind']}): "
+            f"base `{model['base']}`, adapter `{model['adapter']}`"
+        )
     counts = Counter()
     for text, prompt, n in facts["settings"]:
         counts[(text, prompt)] += n

@@ -61,13 +61,17 @@ def funnel(store: LineageStore) -> list[dict[str, Any]]:
 
 def per_source(store: LineageStore) -> list[dict[str, Any]]:
     with store.reader() as con:
-        return con.execute(
-            """SELECT source, count(*) AS samples, count(*) FILTER (WHERE rewrite_status = 'ok') AS rewritten,
+        return (
+            con.execute(
+                """SELECT source, count(*) AS samples, count(*) FILTER (WHERE rewrite_status = 'ok') AS rewritten,
                    count(*) FILTER (WHERE kept) AS kept,
                    round(count(*) FILTER (WHERE kept) / nullif(count(*) FILTER (WHERE kept IS NOT NULL), 0), 3)
                        AS keep_rate
                FROM lineage GROUP BY source ORDER BY source"""
-        ).to_arrow_table().to_pylist()
+            )
+            .to_arrow_table()
+            .to_pylist()
+        )
 
 
 def _score_table(store: LineageStore) -> pa.Table:
@@ -124,8 +128,11 @@ def plot_histograms(scores: pa.Table) -> bytes | None:
     if not rows:
         return None
     panels = [("words", "raw_words", "rewrite_words")]
-    panels += [(name, "raw_reward" if name == "reward" else None, name)
-               for name in ("reward", "semantic", "nli", "clipscore") if any(r[name] is not None for r in rows)]
+    panels += [
+        (name, "raw_reward" if name == "reward" else None, name)
+        for name in ("reward", "semantic", "nli", "clipscore")
+        if any(r[name] is not None for r in rows)
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, (title, raw_col, col) in zip(axes[0], panels, strict=True):
         series = []
@@ -140,7 +147,13 @@ def plot_histograms(scores: pa.Table) -> bytes | None:
         bins = 20 if hi > lo else 1
         for label, vs in series:
             if vs:
-                ax.hist(vs, bins=bins, range=(lo, hi if hi > lo else lo + 1), alpha=0.5, label=f"{label} ({len(vs)})")
+                ax.hist(
+                    vs,
+                    bins=bins,
+                    range=(lo, hi if hi > lo else lo + 1),
+                    alpha=0.5,
+                    label=f"{label} ({len(vs)})",
+                )
         ax.set_title(title)
         ax.legend(fontsize=8)
     return _png(fig)
@@ -185,8 +198,9 @@ def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
     if n <= 0:
         return []
     with store.reader() as con:
-        return con.execute(
-            """WITH candidates AS (
+        return (
+            con.execute(
+                """WITH candidates AS (
                 SELECT l.sample_id, l.source, l.task_type, l.instruction, l.raw_response,
                    coalesce(l.final_output, l.rewrite) AS rewrite, l.reward, l.raw_reward, l.kept, l.decision_reason,
                    (SELECT i.path FROM images i WHERE i.image_id = l.images[1]) AS image_path,
@@ -200,8 +214,11 @@ def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
             SELECT sample_id, source, task_type, instruction, raw_response, rewrite, reward, raw_reward, kept,
                    decision_reason, image_path
             FROM ranked ORDER BY is_kept DESC, rn, source, task_type LIMIT $n""",
-            {"n": n},
-        ).to_arrow_table().to_pylist()
+                {"n": n},
+            )
+            .to_arrow_table()
+            .to_pylist()
+        )
 
 
 def md_table(rows: list[dict[str, Any]]) -> str:
@@ -210,7 +227,9 @@ def md_table(rows: list[dict[str, Any]]) -> str:
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
-        lines.append("| " + " | ".join("" if row[c] is None else str(row[c]).replace("|", "\\|") for c in cols) + " |")
+        lines.append(
+            "| " + " | ".join("" if row[c] is None else str(row[c]).replace("|", "\\|") for c in cols) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +238,11 @@ def _quote(text: str | None) -> str:
 
 
 def write_report(
-    store: LineageStore, folder: str, fmt: str = "markdown", n_cards: int = 6, selection: pa.Table | None = None
+    store: LineageStore,
+    folder: str,
+    fmt: str = "markdown",
+    n_cards: int = 6,
+    selection: pa.Table | None = None,
 ) -> str:
     """Write the report (``report.md`` or ``report.html`` + PNGs) into ``folder``; returns its URL."""
     steps = funnel(store)
@@ -241,7 +264,11 @@ def write_report(
     md = ["# Polite Flamingo factory report\n", "## Funnel\n", "![funnel](funnel.png)\n", md_table(steps)]
     if pictures["scores.png"]:
         md += ["## Scores: raw vs rewritten vs kept\n", "![scores](scores.png)\n"]
-    md += ["## Keep rate per source\n", "![sources](sources.png)\n" if pictures["sources.png"] else "", md_table(sources)]
+    md += [
+        "## Keep rate per source\n",
+        "![sources](sources.png)\n" if pictures["sources.png"] else "",
+        md_table(sources),
+    ]
     md.append("## Sample cards\n")
     for card in cards:
         verdict = "kept" if card["kept"] else (card["decision_reason"] or "dropped")
@@ -270,17 +297,26 @@ def _to_html(steps, sources, cards, pictures) -> str:
             return "<p>(none)</p>"
         head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in r.values()) + "</tr>"
+            "<tr>"
+            + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in r.values())
+            + "</tr>"
             for r in rows
         )
         return f"<table><tr>{head}</tr>{body}</table>"
 
-    parts = ["<html><head><meta charset='utf-8'><title>Polite Flamingo report</title></head><body>",
-             "<h1>Polite Flamingo factory report</h1><h2>Funnel</h2><img src='funnel.png'>", table(steps)]
+    parts = [
+        "<html><head><meta charset='utf-8'><title>Polite Flamingo report</title></head><body>",
+        "<h1>Polite Flamingo factory report</h1><h2>Funnel</h2><img src='funnel.png'>",
+        table(steps),
+    ]
     if pictures.get("scores.png"):
         parts.append("<h2>Scores: raw vs rewritten vs kept</h2><img src='scores.png'>")
-    parts += ["<h2>Keep rate per source</h2>", "<img src='sources.png'>" if pictures.get("sources.png") else "",
-              table(sources), "<h2>Sample cards</h2>"]
+    parts += [
+        "<h2>Keep rate per source</h2>",
+        "<img src='sources.png'>" if pictures.get("sources.png") else "",
+        table(sources),
+        "<h2>Sample cards</h2>",
+    ]
     for card in cards:
         parts.append(f"<h3>{html.escape(card['sample_id'])} ({html.escape(card['source'])})</h3>")
         if card["picture"]:
@@ -300,7 +336,9 @@ def _artifacts(markdown: str, steps, sources) -> None:
         if FlowRunContext.get() is None:
             return
         create_markdown_artifact(markdown=markdown, key="polite-report", description="Polite Flamingo report")
-        create_table_artifact(table=steps, key="polite-funnel", description="funnel: samples left after each step")
+        create_table_artifact(
+            table=steps, key="polite-funnel", description="funnel: samples left after each step"
+        )
         create_table_artifact(table=sources, key="polite-keep-rate", description="keep rate per source")
     except Exception:
         return

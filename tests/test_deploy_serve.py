@@ -22,14 +22,25 @@ BIN = Path(sys.executable).parent
 def test_every_deployment_names_a_flow_file_and_valid_schedules():
     specs = load_specs(DEFAULT_FILE)
     names = {s.name for s in specs}
-    assert {"factory", "nightly", "ingest", "distort", "train-rewriter", "rewrite", "filter", "export"} <= names
+    assert {
+        "factory",
+        "nightly",
+        "ingest",
+        "distort",
+        "train-rewriter",
+        "rewrite",
+        "filter",
+        "export",
+    } <= names
     for spec in specs:
         assert spec.entrypoint.startswith("flows/") and spec.work_pool["name"] == "polite-process"
         spec.prefect_schedules()  # cron expressions parse
         flow = spec.load_flow()  # the entrypoint names a real flow whose parameters take the YAML's
         assert set(spec.parameters) <= set(flow.parameters.properties), (spec.name, spec.parameters)
     nightly = next(s for s in specs if s.name == "nightly")
-    assert nightly.schedules[0]["cron"] == "0 2 * * *" and nightly.parameters == {"config": "configs/nightly.yaml"}
+    assert nightly.schedules[0]["cron"] == "0 2 * * *" and nightly.parameters == {
+        "config": "configs/nightly.yaml"
+    }
     with pytest.raises(ValueError, match="no deployment named"):
         load_specs(DEFAULT_FILE, only=["nope"])
 
@@ -75,14 +86,22 @@ def test_serve_runs_a_triggered_export_and_deploy_registers_schedules(tmp_path):
     populate(ws)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
     logs = tmp_path / "logs"
     logs.mkdir()
     server = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, cwd=tmp_path, start_new_session=True,
-        stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=open(logs / "server.log", "w"),
+        stderr=subprocess.STDOUT,
     )
     serving = None
     try:
@@ -96,8 +115,12 @@ def test_serve_runs_a_triggered_export_and_deploy_registers_schedules(tmp_path):
 
         _wait(healthy, 180, "the Prefect server", [server])
         serving = subprocess.Popen(
-            [str(BIN / "polite"), "serve", "--only", "export"], env=env, cwd=REPO, start_new_session=True,
-            stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT,
+            [str(BIN / "polite"), "serve", "--only", "export"],
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+            stdout=open(logs / "serve.log", "w"),
+            stderr=subprocess.STDOUT,
         )
 
         def deployment():
@@ -105,8 +128,10 @@ def test_serve_runs_a_triggered_export_and_deploy_registers_schedules(tmp_path):
             return r.json() if r.status_code == 200 else None
 
         dep = _wait(deployment, 120, "the served deployment", [serving])
-        run = http.post(f"/deployments/{dep['id']}/create_flow_run",
-                        json={"parameters": {"workspace": ws.root, "formats": ["pf1m"]}}).json()
+        run = http.post(
+            f"/deployments/{dep['id']}/create_flow_run",
+            json={"parameters": {"workspace": ws.root, "formats": ["pf1m"]}},
+        ).json()
 
         def finished():
             state = http.get(f"/flow_runs/{run['id']}").json()["state"]
@@ -120,8 +145,14 @@ def test_serve_runs_a_triggered_export_and_deploy_registers_schedules(tmp_path):
         assert runs == [{"flow": "export", "status": "completed", "prefect_flow_run_id": run["id"]}]
 
         # `polite deploy`: the process work pool and the deployments, with their schedules
-        deployed = subprocess.run([str(BIN / "polite"), "deploy", "--only", "export", "--only", "nightly"],
-                                  env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+        deployed = subprocess.run(
+            [str(BIN / "polite"), "deploy", "--only", "export", "--only", "nightly"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert http.get("/work_pools/polite-process").json()["type"] == "process"
         nightly = http.get("/deployments/name/factory/nightly").json()

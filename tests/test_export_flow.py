@@ -37,37 +37,85 @@ def populate(ws, rewards: bool = True) -> LineageStore:
     store.ingest_arrow("images", pa.Table.from_pylist([s.to_row() for s in stored]))
     samples = []
     for i in range(4):
-        samples.append(Sample(sample_id=f"s_coco_{i}", source="coco", split="train", task_type="caption",
-                              instruction="<image><|endofchunk|>Describe the image.",
-                              raw_response=CAPTIONS[i % 3], images=[stored[i % 3].image_id]))
+        samples.append(
+            Sample(
+                sample_id=f"s_coco_{i}",
+                source="coco",
+                split="train",
+                task_type="caption",
+                instruction="<image><|endofchunk|>Describe the image.",
+                raw_response=CAPTIONS[i % 3],
+                images=[stored[i % 3].image_id],
+            )
+        )
     for i in range(5):
-        samples.append(Sample(sample_id=f"s_gqa_{i}", source="gqa", split="train", task_type="vqa",
-                              instruction="<image><|endofchunk|>What colour is it?", raw_response="red",
-                              images=[stored[(i + 1) % 3].image_id],
-                              status="failed" if i == 4 else "ok", error="bad image" if i == 4 else None))
+        samples.append(
+            Sample(
+                sample_id=f"s_gqa_{i}",
+                source="gqa",
+                split="train",
+                task_type="vqa",
+                instruction="<image><|endofchunk|>What colour is it?",
+                raw_response="red",
+                images=[stored[(i + 1) % 3].image_id],
+                status="failed" if i == 4 else "ok",
+                error="bad image" if i == 4 else None,
+            )
+        )
     store.ingest_arrow("samples", samples_to_table(samples))
 
     def rw(sid, attempt, status, output, at):
-        return {"rewrite_id": f"r_{sid}_{attempt}", "sample_id": sid, "model_id": "m_tiny", "prompt_version": "v1",
-                "settings_hash": "h1", "settings": json.dumps({"num_beams": 1}), "attempt": attempt,
-                "status": status, "output": output, "error": None if status == "ok" else "OOM", "run_id": "run_x",
-                "created_at": at}
+        return {
+            "rewrite_id": f"r_{sid}_{attempt}",
+            "sample_id": sid,
+            "model_id": "m_tiny",
+            "prompt_version": "v1",
+            "settings_hash": "h1",
+            "settings": json.dumps({"num_beams": 1}),
+            "attempt": attempt,
+            "status": status,
+            "output": output,
+            "error": None if status == "ok" else "OOM",
+            "run_id": "run_x",
+            "created_at": at,
+        }
+
     import datetime as dt
 
     t0 = dt.datetime(2026, 1, 1)
-    rewrites = [rw(f"s_coco_{i}", 1, "ok", f"The image shows {CAPTIONS[i % 3]}, seen clearly." if i != 2 else
-                   CAPTIONS[2], t0) for i in range(4)]
+    rewrites = [
+        rw(
+            f"s_coco_{i}",
+            1,
+            "ok",
+            f"The image shows {CAPTIONS[i % 3]}, seen clearly." if i != 2 else CAPTIONS[2],
+            t0,
+        )
+        for i in range(4)
+    ]
     rewrites[0]["output"] += "\n\nA second paragraph about nothing in the image."
-    rewrites += [rw("s_gqa_0", 1, "ok", "The object is red.", t0), rw("s_gqa_1", 1, "ok", "It is blue.", t0),
-                 rw("s_gqa_2", 1, "failed", None, t0), rw("s_gqa_2", 2, "ok", "The colour is red.", t0 + dt.timedelta(1)),
-                 rw("s_gqa_3", 1, "failed", None, t0)]
+    rewrites += [
+        rw("s_gqa_0", 1, "ok", "The object is red.", t0),
+        rw("s_gqa_1", 1, "ok", "It is blue.", t0),
+        rw("s_gqa_2", 1, "failed", None, t0),
+        rw("s_gqa_2", 2, "ok", "The colour is red.", t0 + dt.timedelta(1)),
+        rw("s_gqa_3", 1, "failed", None, t0),
+    ]
     store.ingest_arrow("rewrites", pa.Table.from_pylist(rewrites))
 
     scores, decisions = [], []
 
     def score(rid, scorer, value, passed, details=None):
-        scores.append({"rewrite_id": rid, "scorer": scorer, "scorer_version": "1", "score": value, "passed": passed,
-                       "details": json.dumps(details) if details else None})
+        scores.append(
+            {
+                "rewrite_id": rid,
+                "scorer": scorer,
+                "scorer_version": "1",
+                "score": value,
+                "passed": passed,
+                "details": json.dumps(details) if details else None,
+            }
+        )
 
     kept = {"r_s_coco_0_1", "r_s_coco_1_1", "r_s_coco_3_1", "r_s_gqa_0_1", "r_s_gqa_2_2"}
     for r in rewrites:
@@ -85,10 +133,17 @@ def populate(ws, rewards: bool = True) -> LineageStore:
         if rewards:
             score(rid, "reward", 1.0, None)
             score(rid, "reward_raw", -2.0, None)
-        decisions.append({"decision_id": "d_" + rid, "rewrite_id": rid, "kept": rid in kept,
-                          "reason": "kept" if rid in kept else "dropped",
-                          "final_output": r["output"].split("\n\n")[0] if rid == "r_s_coco_0_1" else None,
-                          "thresholds": json.dumps({"semantic": 0.4}), "run_id": "run_f"})
+        decisions.append(
+            {
+                "decision_id": "d_" + rid,
+                "rewrite_id": rid,
+                "kept": rid in kept,
+                "reason": "kept" if rid in kept else "dropped",
+                "final_output": r["output"].split("\n\n")[0] if rid == "r_s_coco_0_1" else None,
+                "thresholds": json.dumps({"semantic": 0.4}),
+                "run_id": "run_f",
+            }
+        )
     store.ingest_arrow("scores", pa.Table.from_pylist(scores))
     store.ingest_arrow("decisions", pa.Table.from_pylist(decisions))
     return store
@@ -115,8 +170,17 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
     first = coco[0]
     from tasks.export import PF1M_FIELDS
 
-    assert set(PF1M_FIELDS) == {"input", "output", "original", "reward", "rouge_score", "nli_similarity",
-                                "sts_similarity", "filtered_paragraphs", "paragraph_clip_scores"}  # METHOD.md
+    assert set(PF1M_FIELDS) == {
+        "input",
+        "output",
+        "original",
+        "reward",
+        "rouge_score",
+        "nli_similarity",
+        "sts_similarity",
+        "filtered_paragraphs",
+        "paragraph_clip_scores",
+    }  # METHOD.md
     assert set(PF1M_FIELDS) <= set(first)
     assert first["sts_similarity"] == 0.8 and first["nli_similarity"] is None and first["rouge_score"] is None
     assert first["paragraph_clip_scores"] == [21.0, 12.5]
@@ -130,18 +194,25 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
 
     llava = json.loads(Path(out["exports"]["llava"]["path"], "llava.json").read_text())
     assert llava[0]["conversations"][0] == {"from": "human", "value": "<image>Describe the image."}
-    assert llava[0]["conversations"][1]["from"] == "gpt" and Path(out["exports"]["llava"]["path"], llava[0]["image"]).is_file()
+    assert (
+        llava[0]["conversations"][1]["from"] == "gpt"
+        and Path(out["exports"]["llava"]["path"], llava[0]["image"]).is_file()
+    )
 
     import datasets
 
     ds = datasets.load_from_disk(out["exports"]["datasets"]["path"])
     assert ds.num_rows == 5 and ds[0]["images"][0].size == (24, 16)
-    pq = datasets.Dataset.from_parquet(str(Path(out["exports"]["parquet"]["path"], "data/train-00000-of-00001.parquet")))
+    pq = datasets.Dataset.from_parquet(
+        str(Path(out["exports"]["parquet"]["path"], "data/train-00000-of-00001.parquet"))
+    )
     assert pq.num_rows == 5 and pq.features["images"].feature.__class__.__name__ == "Image"
     card = Path(out["exports"]["parquet"]["path"], "README.md").read_text()
     assert "| coco | 3 |" in card and "kept" in card and "m_tiny" in card and '{"semantic": 0.4}' in card
 
-    items = store.query("SELECT export_id, sample_id, rewrite_id FROM export_items ORDER BY export_id, sample_id")
+    items = store.query(
+        "SELECT export_id, sample_id, rewrite_id FROM export_items ORDER BY export_id, sample_id"
+    )
     assert items.num_rows == 20
     assert ("s_gqa_2", "r_s_gqa_2_2") in {(r["sample_id"], r["rewrite_id"]) for r in items.to_pylist()}
     lineage = store.query("SELECT count(*) AS n FROM lineage WHERE export_id IS NOT NULL")
@@ -150,13 +221,17 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
     report = Path(out["report"])
     assert report.is_file() and (report.parent / "funnel.png").stat().st_size > 1000
     text = report.read_text()
-    assert "| passed unchanged | 6 | -1 |" in text and "| passed nli | 5 | -1 |" in text and "card-0.png" in text
+    assert (
+        "| passed unchanged | 6 | -1 |" in text and "| passed nli | 5 | -1 |" in text and "card-0.png" in text
+    )
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:  # the report is mirrored into Prefect artifacts
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["polite-funnel", "polite-report"])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["polite-funnel", "polite-report"]))
+        )
     kinds = {a.key: a.type for a in arts}
     assert kinds == {"polite-funnel": "table", "polite-report": "markdown"}
 
@@ -180,7 +255,10 @@ def test_exporting_twice_gives_the_same_export_and_files(workspace, prefect_harn
     assert _tree(folder) == before
     # a different selection is a different export
     other = export_flow(workspace=workspace.root, formats=["pf1m"], where="kept AND source = 'gqa'")
-    assert other["n_items"] == 2 and other["exports"]["pf1m"]["export_id"] != first["exports"]["pf1m"]["export_id"]
+    assert (
+        other["n_items"] == 2
+        and other["exports"]["pf1m"]["export_id"] != first["exports"]["pf1m"]["export_id"]
+    )
 
 
 def test_a_failing_gate_stops_the_export_and_names_the_check(workspace, prefect_harness):
@@ -190,7 +268,9 @@ def test_a_failing_gate_stops_the_export_and_names_the_check(workspace, prefect_
     config = {"export": {"checks": {"min_keep_rate": 0.9}}}
     with pytest.raises(ExportCheckFailed, match="keep_rate: 5 of 7") as held:
         export_flow(config=config, workspace=workspace.root, formats=["pf1m"])
-    assert Path(str(held.value).rsplit("report: ", 1)[1]).with_name("funnel.png").is_file()  # the why, as a report
+    assert (
+        Path(str(held.value).rsplit("report: ", 1)[1]).with_name("funnel.png").is_file()
+    )  # the why, as a report
     with store.writer() as con:  # rewards that got worse fail the reward gate
         con.execute("UPDATE scores SET score = -3 WHERE scorer = 'reward'")
     with pytest.raises(ExportCheckFailed, match="median_reward_gain"):
@@ -227,14 +307,31 @@ def test_push_uploads_the_folder_with_its_card(workspace, prefect_harness, monke
             calls.append(("upload_folder", kw, sorted(p.name for p in Path(kw["folder_path"]).rglob("*"))))
 
     real = texport.push_folder_to_hub
-    monkeypatch.setattr(texport, "push_folder_to_hub", lambda folder, repo, private=True: real(folder, repo, private, FakeHub()))
+    monkeypatch.setattr(
+        texport,
+        "push_folder_to_hub",
+        lambda folder, repo, private=True: real(folder, repo, private, FakeHub()),
+    )
     populate(workspace, rewards=False)
-    out = export_flow(config={"export": {"report": "html"}}, workspace=workspace.root, formats=["pf1m"],
-                      push_to_hub="me/polite")
+    out = export_flow(
+        config={"export": {"report": "html"}},
+        workspace=workspace.root,
+        formats=["pf1m"],
+        push_to_hub="me/polite",
+    )
     assert out["hub_url"] == "https://huggingface.co/datasets/me/polite"
-    assert out["report"].endswith("report.html") and "<img src='funnel.png'>" in Path(out["report"]).read_text()
-    assert calls[0] == ("create_repo", {"repo_id": "me/polite", "repo_type": "dataset", "private": True, "exist_ok": True})
-    assert calls[1][1]["repo_id"] == "me/polite" and "README.md" in calls[1][2] and "train-00000-of-00001.parquet" in calls[1][2]
+    assert (
+        out["report"].endswith("report.html") and "<img src='funnel.png'>" in Path(out["report"]).read_text()
+    )
+    assert calls[0] == (
+        "create_repo",
+        {"repo_id": "me/polite", "repo_type": "dataset", "private": True, "exist_ok": True},
+    )
+    assert (
+        calls[1][1]["repo_id"] == "me/polite"
+        and "README.md" in calls[1][2]
+        and "train-00000-of-00001.parquet" in calls[1][2]
+    )
 
 
 def test_polite_export_command(workspace, prefect_harness):
@@ -246,6 +343,8 @@ def test_polite_export_command(workspace, prefect_harness):
     ok = CliRunner().invoke(app, ["export", "-w", workspace.root, "--format", "llava"])
     assert ok.exit_code == 0, ok.output
     assert "exported 5 items" in ok.output
-    assert store.query("SELECT format, n_items FROM exports").to_pylist() == [{"format": "llava", "n_items": 5}]
+    assert store.query("SELECT format, n_items FROM exports").to_pylist() == [
+        {"format": "llava", "n_items": 5}
+    ]
     held = CliRunner().invoke(app, ["export", "-w", workspace.root, "--where", "kept AND source = 'none'"])
     assert held.exit_code == 2 and "min_items: 0 items selected" in held.output  # a red line, not a traceback

@@ -31,9 +31,18 @@ def test_pf1m_dry_run_prints_the_plan_without_data_or_weights():
     from flows.factory import plan
 
     p = plan(load_config(CONFIGS / "pf1m.yaml"))
-    assert p["stages"] == ["ingest", "rewrite", "filter", "export"]  # distort/train off: the released rewriter
+    assert p["stages"] == [
+        "ingest",
+        "rewrite",
+        "filter",
+        "export",
+    ]  # distort/train off: the released rewriter
     vqa = next(s for s in p["sources"] if s["adapter"] == "vqav2")
-    assert (vqa["from"], vqa["rows"], vqa["shards"]) == ("lmms-lab/VQAv2", 214_354, 108)  # estimated, 2000/shard
+    assert (vqa["from"], vqa["rows"], vqa["shards"]) == (
+        "lmms-lab/VQAv2",
+        214_354,
+        108,
+    )  # estimated, 2000/shard
     assert vqa["rows_from"].startswith("estimated")
     rewriter = next(m for m in p["models"] if m["role"] == "rewriter")
     assert rewriter["model"] == "/models/polite-flamingo" and rewriter["where"].startswith("ABSENT")
@@ -44,8 +53,10 @@ def test_pf1m_dry_run_prints_the_plan_without_data_or_weights():
 
 
 def test_overrides_apply_before_validation_and_bad_values_fail_with_the_key():
-    data = apply_overrides({"ingest": {"sources": [{"adapter": "demo"}]}},
-                           ["rewrite.preset=beam", "ingest.sources.0.limit=5", "export.formats=[pf1m]"])
+    data = apply_overrides(
+        {"ingest": {"sources": [{"adapter": "demo"}]}},
+        ["rewrite.preset=beam", "ingest.sources.0.limit=5", "export.formats=[pf1m]"],
+    )
     assert data["rewrite"] == {"preset": "beam"} and data["ingest"]["sources"][0]["limit"] == 5
     assert data["export"]["formats"] == ["pf1m"]
     with pytest.raises(ValueError, match="section.key=value"):
@@ -77,10 +88,16 @@ def test_factory_runs_every_stage_as_subflows_and_a_rerun_skips_finished_work(tm
     assert [(r["flow"], r["parent_run_id"]) for r in runs[1:]] == [
         (s, first["run_id"]) for s in ("ingest", "distort", "rewrite", "filter", "export")
     ]
-    counts = "SELECT (SELECT count(*) FROM samples) s, (SELECT count(*) FROM pairs) p, " \
-             "(SELECT count(*) FROM rewrites) r, (SELECT count(*) FROM decisions) d, (SELECT count(*) FROM exports) e"
+    counts = (
+        "SELECT (SELECT count(*) FROM samples) s, (SELECT count(*) FROM pairs) p, "
+        "(SELECT count(*) FROM rewrites) r, (SELECT count(*) FROM decisions) d, (SELECT count(*) FROM exports) e"
+    )
     before = store.query(counts).to_pylist()[0]
-    assert before["s"] == 32 and before["r"] == first["stages"]["rewrite"]["ok"] > 0 and before["d"] == before["r"]
+    assert (
+        before["s"] == 32
+        and before["r"] == first["stages"]["rewrite"]["ok"] > 0
+        and before["d"] == before["r"]
+    )
     assert first["stages"]["export"]["n_items"] == before["r"]
 
     second = factory_flow(config=config, workspace=ws, model=str(model), where="kept IS NOT NULL")

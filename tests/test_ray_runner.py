@@ -16,7 +16,9 @@ def _lineage(root: str) -> tuple[list, list]:
 
     store = LineageStore(Workspace.resolve(root).db_path)
     samples = store.query(f"SELECT {COLUMNS} FROM samples ORDER BY sample_id").to_pylist()
-    images = store.query("SELECT image_id, format, width, height, n_bytes FROM images ORDER BY image_id").to_pylist()
+    images = store.query(
+        "SELECT image_id, format, width, height, n_bytes FROM images ORDER BY image_id"
+    ).to_pylist()
     return samples, images
 
 

@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
         where: Annotated[
             str | None, typer.Option(help="Selection over the lineage view; replaces the default `kept`.")
         ] = None,
-        push_to_hub: Annotated[str | None, typer.Option(help="Push to this Hub dataset repo (user/name).")] = None,
+        push_to_hub: Annotated[
+            str | None, typer.Option(help="Push to this Hub dataset repo (user/name).")
+        ] = None,
     ) -> None:
         """Export kept rewrites of latest rewrites, after the publishing checks pass.
 
@@ -35,8 +37,13 @@ def register(app: typer.Typer) -> None:
         from polite.config import load_config
 
         cfg = load_config(config)
-        result = export_flow(config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace,
-                             formats=formats, where=where, push_to_hub=push_to_hub)
+        result = export_flow(
+            config=cfg.model_dump(mode="json", by_alias=True),
+            workspace=workspace,
+            formats=formats,
+            where=where,
+            push_to_hub=push_to_hub,
+        )
         console.print(f"exported {result['n_items']:,} items")
         for fmt, info in result["exports"].items():
             console.print(f"  {fmt}: {info['path']}  ({info['export_id']})")

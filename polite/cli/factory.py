@@ -10,9 +10,9 @@ import typer
 from polite.cli.common import ConfigOpt, WorkspaceOpt, console, err_console, user_errors
 
 TRY_SQL = [
-    "polite sql \"SELECT source, count(*) AS samples, count(*) FILTER (WHERE kept) AS kept FROM lineage GROUP BY source\"",
-    "polite sql \"SELECT decision_reason, count(*) AS n FROM lineage WHERE kept = false GROUP BY 1 ORDER BY n DESC\"",
-    "polite sql \"SELECT sample_id, raw_response, rewrite, semantic FROM lineage WHERE kept ORDER BY semantic LIMIT 5\"",
+    'polite sql "SELECT source, count(*) AS samples, count(*) FILTER (WHERE kept) AS kept FROM lineage GROUP BY source"',
+    'polite sql "SELECT decision_reason, count(*) AS n FROM lineage WHERE kept = false GROUP BY 1 ORDER BY n DESC"',
+    'polite sql "SELECT sample_id, raw_response, rewrite, semantic FROM lineage WHERE kept ORDER BY semantic LIMIT 5"',
 ]
 
 
@@ -22,7 +22,9 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
 
     for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"--set {pair!r}: write it as section.key=value, e.g. --set rewrite.batch_size=8")
+            raise ValueError(
+                f"--set {pair!r}: write it as section.key=value, e.g. --set rewrite.batch_size=8"
+            )
         dotted, raw = pair.split("=", 1)
         keys = dotted.strip().split(".")
         node: Any = data
@@ -43,7 +45,9 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
     return data
 
 
-def read_config(path: str | None, sets: list[str], limit: int | None, runner: str | None, ray_address: str | None):
+def read_config(
+    path: str | None, sets: list[str], limit: int | None, runner: str | None, ray_address: str | None
+):
     """The validated config: file (or demo defaults), then CLI overrides, validated once."""
     from flows.factory import demo_config
     from polite.config import load_config, parse_config
@@ -77,13 +81,19 @@ def print_plan(p: dict[str, Any]) -> None:
     from rich.table import Table
 
     console.rule("[bold]plan (dry run: nothing was run)[/]")
-    console.print(f"workspace: {p['workspace']}\nstages: {' -> '.join(p['stages'])}\nrewriter: {p['rewriter']}")
+    console.print(
+        f"workspace: {p['workspace']}\nstages: {' -> '.join(p['stages'])}\nrewriter: {p['rewriter']}"
+    )
     table = Table(title="sources")
     for col in ("source", "adapter", "from", "split", "config", "rows", "rows_from", "shards"):
         table.add_column(col)
     for s in p["sources"]:
-        table.add_row(*["" if s[c] is None else f"{s[c]:,}" if isinstance(s[c], int) else str(s[c])
-                        for c in ("source", "adapter", "from", "split", "config", "rows", "rows_from", "shards")])
+        table.add_row(
+            *[
+                "" if s[c] is None else f"{s[c]:,}" if isinstance(s[c], int) else str(s[c])
+                for c in ("source", "adapter", "from", "split", "config", "rows", "rows_from", "shards")
+            ]
+        )
     console.print(table)
     models = Table(title="models")
     for col in ("role", "model", "where"):
@@ -93,7 +103,9 @@ def print_plan(p: dict[str, Any]) -> None:
     console.print(models)
     console.print(f"task runners: {p['runner']}")
     for section, values in p["settings"].items():
-        console.print(f"[bold]{section}[/]: " + json.dumps(values, default=str), highlight=False, soft_wrap=True)
+        console.print(
+            f"[bold]{section}[/]: " + json.dumps(values, default=str), highlight=False, soft_wrap=True
+        )
 
 
 def print_summary(result: dict[str, Any]) -> None:
@@ -122,10 +134,15 @@ def print_summary(result: dict[str, Any]) -> None:
     table = Table(title="counts per stage")
     for col in ("stage", "ok", "failed / dropped"):
         table.add_column(col)
-    rows = [("ingest: samples", counts[0], counts[1]), ("distort: pairs", counts[2], counts[3]),
-            ("train: rewriters", counts[4], ""), ("rewrite: rewrites", counts[5], counts[6]),
-            ("filter: scores", counts[7], ""), ("filter: decisions kept", counts[8], counts[9]),
-            ("export: items (all formats)", counts[10], "")]
+    rows = [
+        ("ingest: samples", counts[0], counts[1]),
+        ("distort: pairs", counts[2], counts[3]),
+        ("train: rewriters", counts[4], ""),
+        ("rewrite: rewrites", counts[5], counts[6]),
+        ("filter: scores", counts[7], ""),
+        ("filter: decisions kept", counts[8], counts[9]),
+        ("export: items (all formats)", counts[10], ""),
+    ]
     for name, ok, bad in rows:
         table.add_row(name, f"{ok:,}", str(bad))
     console.print(table)
@@ -139,7 +156,9 @@ def print_summary(result: dict[str, Any]) -> None:
     console.rule("[bold]before / after[/]")
     for card in sample_cards(store, 3):
         verdict = "[green]kept[/]" if card["kept"] else f"[yellow]{card['decision_reason'] or 'dropped'}[/]"
-        console.print(f"[bold]{card['sample_id']}[/] ({card['source']}, {card['task_type']}) {verdict}", highlight=False)
+        console.print(
+            f"[bold]{card['sample_id']}[/] ({card['source']}, {card['task_type']}) {verdict}", highlight=False
+        )
         console.print(f"  instruction: {card['instruction']}", highlight=False)
         console.print(f"  [red]before:[/] {card['raw_response']}", highlight=False)
         console.print(f"  [green]after:[/]  {card['rewrite']}", highlight=False)
@@ -152,8 +171,11 @@ def print_summary(result: dict[str, Any]) -> None:
     console.print(f"lineage database: {result['db']}")
     console.rule("[bold]try[/]")
     for line in TRY_SQL:
-        console.print(("  " + line + (f" -w {result['workspace']}" if "workspace" in result else "")), highlight=False,
-                      soft_wrap=True)
+        console.print(
+            ("  " + line + (f" -w {result['workspace']}" if "workspace" in result else "")),
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"  polite explain <sample_id> -w {result['workspace']}", highlight=False)
 
 
@@ -163,15 +185,27 @@ def register(app: typer.Typer) -> None:
     def run(
         config: ConfigOpt = None,
         workspace: WorkspaceOpt = None,
-        set_: Annotated[list[str] | None, typer.Option("--set", help="Override a setting: section.key=value (repeat).")] = None,
-        model: Annotated[str | None, typer.Option(help="Use this rewriter (path or model_id) instead of training one.")] = None,
+        set_: Annotated[
+            list[str] | None, typer.Option("--set", help="Override a setting: section.key=value (repeat).")
+        ] = None,
+        model: Annotated[
+            str | None, typer.Option(help="Use this rewriter (path or model_id) instead of training one.")
+        ] = None,
         limit: Annotated[int | None, typer.Option(help="Ingest at most N rows of every source.")] = None,
         runner: Annotated[str | None, typer.Option(help="Task runner: threads or ray.")] = None,
-        ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (auto, ray://host:10001).")] = None,
+        ray_address: Annotated[
+            str | None, typer.Option(help="Join this Ray cluster (auto, ray://host:10001).")
+        ] = None,
         formats: Annotated[list[str] | None, typer.Option("--format", help="Export format (repeat).")] = None,
-        where: Annotated[str | None, typer.Option(help="Export selection over the lineage view (default: kept).")] = None,
-        push_to_hub: Annotated[str | None, typer.Option(help="Push the export to this Hub dataset repo.")] = None,
-        dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; run nothing.")] = False,
+        where: Annotated[
+            str | None, typer.Option(help="Export selection over the lineage view (default: kept).")
+        ] = None,
+        push_to_hub: Annotated[
+            str | None, typer.Option(help="Push the export to this Hub dataset repo.")
+        ] = None,
+        dry_run: Annotated[
+            bool, typer.Option("--dry-run", help="Validate and print the plan; run nothing.")
+        ] = False,
     ) -> None:
         """Run the whole factory; with no arguments, the offline demo on the bundled mini dataset.
 
@@ -191,24 +225,37 @@ def register(app: typer.Typer) -> None:
         from polite.workspace import Workspace
 
         try:
-            result = factory_flow(config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace,
-                                  model=model, formats=formats, where=where, push_to_hub=push_to_hub)
+            result = factory_flow(
+                config=cfg.model_dump(mode="json", by_alias=True),
+                workspace=workspace,
+                model=model,
+                formats=formats,
+                where=where,
+                push_to_hub=push_to_hub,
+            )
         except ExportCheckFailed as exc:
             # Every stage before export finished and is recorded: show it, then say which gate held.
             ws = Workspace.resolve(workspace or cfg.workspace)
             print_summary({"workspace": ws.root, "db": str(ws.db_path), "stages": {}})
-            err_console.print(f"[bold red]export not published:[/] {exc}\n"
-                              "Relax export.checks (e.g. --set export.checks.min_keep_rate=null) and run again: "
-                              "finished stages are skipped.", highlight=False)
+            err_console.print(
+                f"[bold red]export not published:[/] {exc}\n"
+                "Relax export.checks (e.g. --set export.checks.min_keep_rate=null) and run again: "
+                "finished stages are skipped.",
+                highlight=False,
+            )
             raise typer.Exit(1) from None
         print_summary(result)
 
     @app.command("deploy")
     @user_errors
     def deploy(
-        file: Annotated[str | None, typer.Option(help="prefect.yaml to apply. Default: deployments/prefect.yaml.")] = None,
+        file: Annotated[
+            str | None, typer.Option(help="prefect.yaml to apply. Default: deployments/prefect.yaml.")
+        ] = None,
         only: Annotated[list[str] | None, typer.Option(help="Only this deployment (repeat).")] = None,
-        work_pool: Annotated[str | None, typer.Option(help="Work pool (created as a process pool if missing).")] = None,
+        work_pool: Annotated[
+            str | None, typer.Option(help="Work pool (created as a process pool if missing).")
+        ] = None,
     ) -> None:
         """Register the deployments of deployments/prefect.yaml (schedules included) with the Prefect API.
 
@@ -229,7 +276,9 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     @user_errors
     def serve(
-        file: Annotated[str | None, typer.Option(help="prefect.yaml to serve. Default: deployments/prefect.yaml.")] = None,
+        file: Annotated[
+            str | None, typer.Option(help="prefect.yaml to serve. Default: deployments/prefect.yaml.")
+        ] = None,
         only: Annotated[list[str] | None, typer.Option(help="Only this deployment (repeat).")] = None,
         limit: Annotated[int | None, typer.Option(help="At most N concurrent flow runs.")] = None,
     ) -> None:
