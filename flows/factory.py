@@ -153,8 +153,13 @@ KNOWN_ROWS: dict[tuple[str, str | None, str | None], int] = {
 
 def _source_rows(spec, adapter) -> tuple[int | None, str]:
     """Rows of one source: from local data when it is here, else the known split size."""
+    if spec.adapter == "demo":  # generated at ingest; a dry run writes nothing
+        from tasks.sources.demo import DEFAULT_SCENES
+
+        rows = int(spec.options.get("scenes", DEFAULT_SCENES))
+        return (min(rows, spec.limit) if spec.limit else rows), "bundled demo scenes"
     origin = adapter.source
-    if spec.adapter == "demo" or (spec.from_ and Path(spec.from_).expanduser().exists()):
+    if spec.from_ and Path(spec.from_).expanduser().exists():
         try:
             rows = adapter.load().num_rows
             return (min(rows, spec.limit) if spec.limit else rows), "counted"
@@ -242,7 +247,10 @@ def _models(cfg: FactoryConfig, stages: list[str], chosen: str | None) -> list[d
             if scorer is None or scorer.enabled is False:
                 continue
             where = _where(scorer.model, cfg.filters.allow_download)
-            if scorer.enabled == "auto":
+            fallback = getattr(scorer, "fallback_model", None)
+            if fallback and not where.startswith("present"):
+                where += f"; else {fallback}"
+            elif scorer.enabled == "auto" and not where.startswith("present"):
                 where += "; auto: skipped when not available"
             out.append({"role": f"filter {name}", "model": scorer.model, "where": where})
     return out
