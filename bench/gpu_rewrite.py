@@ -44,7 +44,7 @@ def log(msg: str) -> None:
 
 
 # -- the model -------------------------------------------------------------------------------------------
-def build(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def build(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0, lm_overrides: dict | None = None):
     """A random-weight Flamingo of the 9B (or tiny) shape, built directly on ``device`` in ``dtype``."""
     import open_clip
     from open_flamingo.src.flamingo import Flamingo
@@ -58,7 +58,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, seed: int = 0):
     try:
         with torch.device(device):
             lm = LlamaForCausalLM(LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                              tie_word_embeddings=False, **(TINY_LM if tiny else LLAMA_7B)))  # fmt: skip
+                                              tie_word_embeddings=False, **{**(TINY_LM if tiny else LLAMA_7B), **(lm_overrides or {})}))  # fmt: skip
             if tiny:
                 clip = open_clip.model.CLIP(embed_dim=64, vision_cfg=TINY_VISION,
                                             text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1))  # fmt: skip
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--seed-samples", type=int, default=2, help="samples through the seed path (batch 1)")
     parser.add_argument("--no-levers", action="store_true", help="skip the per-lever measurements")
+    parser.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 exactness check (GPU only)")
     parser.add_argument("--bandwidth-tbs", type=float, default=None, help="peak memory bandwidth, TB/s")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -301,43 +302,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if seed_row:
             results["speedup_vs_seed"] = round(best["tokens_per_s"] / seed_row["tokens_per_s"], 1)
 
-    def logits_check():
+    def bf16_check():
         # 4. correctness: teacher-forced logits of ours (prefill + graph-replayed steps) vs the plain forward
-        lengths = [prompt_len, prompt_len - 20, prompt_len // 2, prompt_len]
-        ids, mask, px = make_inputs(model, 4, prompt_len, image_size, device, dtype, seed=7, lengths=lengths)
-        continuation = torch.randint(3, model.lang_encoder.config.vocab_size - 3, (4, 32),
-                                     generator=torch.Generator().manual_seed(8)).to(device)  # fmt: skip
-        full = torch.cat([ids, continuation], 1)
-        full_mask = torch.cat([mask, torch.ones_like(continuation)], 1)
-        start = ids.shape[1] - 1
-        ref = plain_logits(model, px[:, None, None], full, full_mask)[:, start:]
-        # the same plain forward one row at a time: how far two valid bf16 computations drift apart on their own
-        rowwise = torch.cat([plain_logits(model, px[i : i + 1, None, None], full[i : i + 1], full_mask[i : i + 1])
-                             for i in range(full.shape[0])])[:, start:]  # fmt: skip
-        with torch.inference_mode():
-            media = encode_images(model, px)[:, None]
-            ours = graphs.score(ids, mask, media, continuation)
-        rel = float((ours - ref).norm() / ref.norm())
-        results["checks"]["logits_noise_floor_rowwise"] = round(float((rowwise - ref).norm() / ref.norm()), 6)
-        results["checks"].update(
-            logits_relative_error=round(rel, 6), logits_max_abs_diff=round(float((ours - ref).abs().max()), 5),
-            logits_argmax_agreement=round(float((ours.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
-            logits_ok=rel < 1e-2,
-        )  # fmt: skip
-        log(
-            f"teacher-forced logits vs plain forward: relative error {rel:.2e} ({'ok' if rel < 1e-2 else 'TOO HIGH'})"
-        )
+        results["checks"].update(logits_check(model, graphs, prompt_len, image_size, device, dtype))
 
-    attempt("logits check", logits_check)
+    attempt("logits check", bf16_check)
 
     if not args.no_levers:
         levers(results, model, graphs, b0, prompt_len, new, image_size, device, dtype, record, tiny, attempt)
+    if device.type == "cuda" and not args.no_fp32_check:
+        graphs.reset()
+        attempt("fp32 logits check", fp32_check, results, tiny, prompt_len, image_size, device)
     results["total_s"] = round(time.perf_counter() - started, 1)
     log(json.dumps({k: v for k, v in results.items() if k not in ("runs",)}, indent=1))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def logits_check(model, decoder, prompt_len: int, image_size: int, device, dtype) -> dict[str, Any]:
+    """Teacher-forced logits of the fast decoder (prefill + replayed steps) against the plain forward.
+
+    Also returns the plain forward against itself run row by row: how far two valid computations in this
+    dtype drift apart on their own (random bf16 weights make that floor far from zero).
+    """
+    lengths = [prompt_len, prompt_len - 20, prompt_len // 2, prompt_len]
+    ids, mask, px = make_inputs(model, 4, prompt_len, image_size, device, dtype, seed=7, lengths=lengths)
+    continuation = torch.randint(3, model.lang_encoder.config.vocab_size - 3, (4, 32),
+                                 generator=torch.Generator().manual_seed(8)).to(device)  # fmt: skip
+    full = torch.cat([ids, continuation], 1)
+    full_mask = torch.cat([mask, torch.ones_like(continuation)], 1)
+    start = ids.shape[1] - 1
+    ref = plain_logits(model, px[:, None, None], full, full_mask)[:, start:]
+    rowwise = torch.cat([plain_logits(model, px[i : i + 1, None, None], full[i : i + 1], full_mask[i : i + 1])
+                         for i in range(full.shape[0])])[:, start:]  # fmt: skip
+    with torch.inference_mode():
+        media = encode_images(model, px)[:, None]
+        ours = decoder.score(ids, mask, media, continuation)
+    rel = float((ours - ref).norm() / ref.norm())
+    log(f"teacher-forced logits ({dtype}) vs plain forward: relative error {rel:.2e} ({'ok' if rel < 1e-2 else 'TOO HIGH'})")
+    return {
+        "logits_noise_floor_rowwise": round(float((rowwise - ref).norm() / ref.norm()), 6),
+        "logits_relative_error": round(rel, 6),
+        "logits_max_abs_diff": round(float((ours - ref).abs().max()), 5),
+        "logits_argmax_agreement": round(float((ours.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+        "logits_ok": rel < 1e-2,
+    }
+
+
+def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device) -> None:
+    """The same check in fp32 (TF32 off) on a full-width, 8-layer model: exactness of the algorithm on the GPU.
+
+    In bf16 a random 32-layer model's own batched-vs-row-wise drift is a few percent, which hides whether the fast
+    path computes the same function; in fp32 any real difference (masking, positions, cached K/V) stands out.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model32, _ = build(tiny, device, torch.float32, lm_overrides={"num_hidden_layers": 8})
+    decoder = FastFlamingoDecoder(model32, cuda_graphs=True)
+    checks = logits_check(model32, decoder, prompt_len, image_size, device, torch.float32)
+    checks["cuda_graph_error"] = decoder.graph_error
+    results["checks"]["fp32_8_layers"] = checks
+    del decoder, model32
+    torch.cuda.empty_cache()
 
 
 def levers(

@@ -70,12 +70,20 @@ class SessionCache:
         self.kv_block = kv_block
         self._arena: list[torch.Tensor] = []
         self._sessions: dict[tuple[int, int, int], Session] = {}
+        self.pool = self._new_pool()
+
+    def _new_pool(self):
+        # A private graph pool dies with the last graph captured into it; capturing into a dead pool's handle
+        # trips an allocator assert (seen on an H200 when the arena grew from batch 64 to 256). So every time
+        # all sessions, and with them all graphs, are dropped, later captures get a fresh pool.
+        return torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
     def cache_len(self, prompt_len: int, max_new: int) -> int:
         return round_up(prompt_len + max_new, self.kv_block)
 
     def clear_sessions(self) -> None:
         self._sessions.clear()
+        self.pool = self._new_pool()
 
     def reset(self) -> None:
         """Drop every session and the arena (e.g. after an out-of-memory error)."""
@@ -83,6 +91,7 @@ class SessionCache:
         self._arena = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        self.pool = self._new_pool()
 
     def zero(self) -> None:
         """Zero the arena: after NaN logits, so later batches never multiply a stale NaN by zero."""

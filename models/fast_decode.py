@@ -90,7 +90,6 @@ class FastFlamingoDecoder:
         self._cache = SessionCache(len(self.layers), self.n_kv, self.head_dim, self.vocab, self.device, self.dtype,
                                    bucket_batches=self.cuda_graphs, kv_block=kv_block)  # fmt: skip
         self._rope_table(int(getattr(cfg, "max_position_embeddings", 2048)))
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
 
     # -- tables and buffers ------------------------------------------------------------------------
@@ -287,7 +286,7 @@ class FastFlamingoDecoder:
         graph = sess.graphs.get(keys)
         if graph is None:
             try:
-                graph = capture_step(self._step, sess, keys, self._pool)
+                graph = capture_step(self._step, sess, keys, self._cache.pool)
             except Exception as exc:  # a kernel that cannot be captured: decode eagerly rather than fail
                 if is_oom(exc):
                     raise

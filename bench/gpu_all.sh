@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device-machine session: install the carried wheels, then run every GPU benchmark, each under its own
+# time box so one slow part cannot starve the others. Results (JSON + logs) land in $OUT (or bench/out/gpu).
+#
+#   carry: .whl (open_flamingo, open_clip, einops_exts, ftfy, wcwidth for Python 3.12; see BENCHMARKS.md)
+#   run:   bash bench/gpu_all.sh
+set -uo pipefail
+OUT=${OUT:-bench/out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+run() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (time box ${secs}s)"
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"
+  tail -n 25 "$OUT/$name.log"
+}
+run gpu_rewrite "${REWRITE_S:-260}" python3 bench/gpu_rewrite.py --out "$OUT/gpu_rewrite.json"
+run gpu_model "${MODEL_S:-150}" python3 bench/gpu_model.py --out "$OUT/gpu_model.json"
+run gpu_filters "${FILTERS_S:-110}" python3 bench/gpu_filters.py --out "$OUT/gpu_filters.json"
