@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from filters.answer import AnswerScorer
 from filters.base import Runtime, ScoreInput, Scorer, ScoreResult
 from filters.clipscore import ClipScoreScorer, clip_weights_cached, keep_paragraphs
 from filters.models import available_locally, is_local_path
@@ -30,6 +31,7 @@ CHAIN_ORDER = (
     "unchanged",
     "repetition",
     "truncated",
+    "answer",
     "semantic",
     "nli",
     "clipscore",
@@ -41,6 +43,7 @@ SCORER_CLASSES: dict[str, type[Scorer]] = {
     "unchanged": UnchangedScorer,
     "repetition": RepetitionScorer,
     "truncated": TruncatedScorer,
+    "answer": AnswerScorer,
     "semantic": SemanticScorer,
     "nli": NLIScorer,
     "clipscore": ClipScoreScorer,

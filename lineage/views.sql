@@ -25,7 +25,8 @@ SELECT rewrite_id,
     max(score) FILTER (WHERE scorer = 'length')      AS length,
     max(score) FILTER (WHERE scorer = 'unchanged')   AS unchanged,
     max(score) FILTER (WHERE scorer = 'repetition')  AS repetition,
-    max(score) FILTER (WHERE scorer = 'truncated')   AS truncated
+    max(score) FILTER (WHERE scorer = 'truncated')   AS truncated,
+    max(score) FILTER (WHERE scorer = 'answer')      AS answer
 FROM scores GROUP BY rewrite_id;
 
 CREATE OR REPLACE VIEW latest_exports AS
@@ -50,7 +51,7 @@ SELECT
     r.run_id        AS rewrite_run_id,
     sc.reward, sc.raw_reward, sc.semantic, sc.nli, sc.clipscore,
     sc.length AS length_score, sc.unchanged AS unchanged_score, sc.repetition AS repetition_score,
-    sc.truncated AS truncated_score,
+    sc.truncated AS truncated_score, sc.answer AS answer_score,
     d.kept,
     d.reason        AS decision_reason,
     d.final_output,

@@ -94,7 +94,7 @@ def test_factory_runs_every_stage_as_subflows_and_a_rerun_skips_finished_work(tm
     )
     before = store.query(counts).to_pylist()[0]
     assert (
-        before["s"] == 32
+        before["s"] == 48  # 8 scenes x (description + 2 polite answers + 2 VQA + caption)
         and before["r"] == first["stages"]["rewrite"]["ok"] > 0
         and before["d"] == before["r"]
     )

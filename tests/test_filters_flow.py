@@ -233,6 +233,7 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
         "unchanged",
         "repetition",
         "truncated",
+        "answer",
         "semantic",
         "nli",
         "clipscore",

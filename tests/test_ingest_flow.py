@@ -21,22 +21,22 @@ def _one(store: LineageStore, sql: str):
 def test_flow_ingests_the_demo_and_re_ingest_adds_nothing(prefect_harness, workspace):
     config = {"ingest": {"sources": [{"adapter": "demo", "options": {"scenes": 40}}], "shard_size": 64}}
     summary = ingest_flow(config=config, workspace=workspace.root)
-    assert summary["ok"] == 160 and summary["new_samples"] == 160 and summary["new_images"] == 40
+    assert summary["ok"] == 240 and summary["new_samples"] == 240 and summary["new_images"] == 40
     assert summary["sources"]["demo"]["shards"] == 1
     store = LineageStore(workspace.db_path)
     rows = _one(store, "SELECT split, task_type, count(*) AS n FROM samples GROUP BY ALL ORDER BY ALL")
     assert [(r["split"], r["task_type"], r["n"]) for r in rows] == [
-        ("hq", "detailed_caption", 40), ("raw", "caption", 40), ("raw", "vqa", 80)]
+        ("hq", "conversation", 80), ("hq", "detailed_caption", 40), ("raw", "caption", 40), ("raw", "vqa", 80)]
     ids = [r["sample_id"] for r in _one(store, "SELECT sample_id FROM samples ORDER BY 1")]
     # every sample's images are rows of `images`, and every sample knows its shard and ingest run
     assert _one(store, "SELECT count(*) AS n FROM samples s, unnest(s.images) AS u(i) "
                        "WHERE i NOT IN (SELECT image_id FROM images)")[0]["n"] == 0
     assert _one(store, "SELECT count(*) AS n FROM samples WHERE shard IS NULL OR run_id IS NULL")[0]["n"] == 0
     run = store.query("SELECT status, summary FROM runs WHERE run_id = ?", [summary["run_id"]]).to_pylist()[0]
-    assert run["status"] == "completed" and json.loads(run["summary"])["ok"] == 160
+    assert run["status"] == "completed" and json.loads(run["summary"])["ok"] == 240
 
     again = ingest_flow(config=config, workspace=workspace.root)
-    assert again["new_samples"] == 0 and again["new_images"] == 0 and again["ok"] == 160
+    assert again["new_samples"] == 0 and again["new_images"] == 0 and again["ok"] == 240
     assert [r["sample_id"] for r in _one(store, "SELECT sample_id FROM samples ORDER BY 1")] == ids
 
 

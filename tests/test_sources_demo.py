@@ -26,12 +26,12 @@ def test_two_generations_are_byte_identical(tmp_path):
 def test_demo_ingest_ids_counts_and_shape(tmp_path, workspace):
     spec = {"adapter": "demo", "options": {"scenes": 30}}
     _, samples, images = run_source(spec, workspace, shard_size=16)
-    assert len(samples) == 120 and all(s.status == "ok" for s in samples) and len(images) == 30
+    assert len(samples) == 180 and all(s.status == "ok" for s in samples) and len(images) == 30
     by_type = {}
     for s in samples:
         by_type.setdefault((s.split, s.task_type), []).append(s)
     assert {k: len(v) for k, v in by_type.items()} == {
-        ("hq", "detailed_caption"): 30, ("raw", "vqa"): 60, ("raw", "caption"): 30}
+        ("hq", "detailed_caption"): 30, ("hq", "conversation"): 60, ("raw", "vqa"): 60, ("raw", "caption"): 30}
     for s in by_type[("hq", "detailed_caption")]:
         assert 40 <= len(s.raw_response.split()) <= 120
         assert len(s.meta["captions"]) == 5
@@ -41,6 +41,10 @@ def test_demo_ingest_ids_counts_and_shape(tmp_path, workspace):
         text = format_captions_and_boxes(s.meta["captions"], s.meta["boxes"])  # what distortion method 3 builds
         assert parse_captions_and_boxes(text)[0] == s.meta["captions"]
     assert all(len(s.raw_response.split()) <= 2 for s in by_type[("raw", "vqa")])
+    for s in by_type[("hq", "conversation")]:  # polite answers: full sentences that contain the short answer
+        assert s.raw_response[0].isupper() and s.raw_response.endswith(".") and len(s.raw_response.split()) >= 6
+        short = s.meta["short_answer"]
+        assert short in s.raw_response.lower() or short in ("1", "2", "3", "4", "0", "yes", "no")
     assert len({s.raw_response for s in by_type[("hq", "detailed_caption")]}) == 30
     # a second workspace generates the same data again and gets the same ids
     _, again, _ = run_source(spec, type(workspace).resolve(str(tmp_path / "other")).ensure(), shard_size=50)
@@ -52,11 +56,13 @@ def test_answers_are_true_of_the_scene():
         scene = make_scene(index)
         record = scene_record(scene)
         names = [s.name for s in scene.shapes]
-        for question, answer in record["qa"]:
+        for question, answer, polite in record["qa"]:
             if question == "How many shapes are there?":
                 assert answer == str(len(scene.shapes))
-            elif question.startswith("Is there a "):
-                assert answer == ("yes" if question[len("Is there a "):-1] in names else "no")
+            elif question.startswith("Is there "):
+                asked = question[len("Is there "):-1].split(" ", 1)[1]  # drop the article
+                assert answer == ("yes" if asked in names else "no")
+                assert polite.startswith("Yes, " if answer == "yes" else "No, ")
             elif question.startswith("What colour is the ") and question != "What colour is the background?":
                 kind = question[len("What colour is the "):-1]
                 assert f"{answer} {kind}" in names

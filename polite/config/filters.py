@@ -50,6 +50,13 @@ class TruncatedSettings(_Scorer):
     pass
 
 
+class AnswerSettings(_Scorer):
+    """QA rewrites must keep every word of a short raw answer (yes/no by polarity); see filters/answer.py."""
+
+    max_answer_words: int = Field(4, ge=1)  # longer raw answers are left to the nli scorer
+    min_recall: float = Field(1.0, ge=0.0, le=1.0)
+
+
 class SemanticSettings(_Scorer):
     enabled: Enabled = "auto"
     model: str = "sentence-transformers/all-mpnet-base-v2"
@@ -102,6 +109,7 @@ class FilterSettings(BaseModel):
     unchanged: UnchangedSettings = Field(default_factory=UnchangedSettings)
     repetition: RepetitionSettings = Field(default_factory=RepetitionSettings)
     truncated: TruncatedSettings = Field(default_factory=TruncatedSettings)
+    answer: AnswerSettings = Field(default_factory=AnswerSettings)
     semantic: SemanticSettings = Field(default_factory=SemanticSettings)
     nli: NLISettings = Field(default_factory=NLISettings)
     clipscore: ClipScoreSettings = Field(default_factory=ClipScoreSettings)

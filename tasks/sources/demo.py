@@ -4,7 +4,8 @@ The generator writes a small Hub-layout parquet dataset (``data/train-00000-of-0
 ``image`` column of the `datasets` Image feature and a ``scene`` JSON column), and the adapter reads it back
 through the same `datasets` loading path as every other source. Per scene: one long description
 (``detailed_caption``, split ``hq``, the side distortion degrades; meta carries ``captions`` and ``boxes``),
-two short VQA answers and one short caption (split ``raw``, the annotations to rewrite).
+two short VQA answers and one short caption (split ``raw``, the annotations to rewrite), and two polite answers
+to other questions about the scene (``conversation``, split ``hq``: the QA half of the high-quality side).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tasks.sources.base import Adapter, Draft
 from tasks.sources.demo_scenes import make_scene, render_png, scene_record
 from tasks.sources.loading import SourceError, cached, load_source
 
-DEMO_VERSION = "v2"  # bump when the scenes or their texts change: the generated folder is reused by name
+DEMO_VERSION = "v3"  # bump when the scenes or their texts change: the generated folder is reused by name
 DEFAULT_SCENES = 200
 
 
@@ -62,7 +63,7 @@ class Demo(Adapter):
     task_type = "detailed_caption"
     columns = ("scene_id", "image", "scene")
     key_column = "scene_id"
-    summary = "bundled synthetic scenes: 1 detailed description (hq) + 2 VQA + 1 caption (raw) per scene"
+    summary = "bundled synthetic scenes: 1 description + 2 polite QA answers (hq), 2 VQA + 1 caption (raw) per scene"
 
     @property
     def source(self) -> str:
@@ -84,7 +85,12 @@ class Demo(Adapter):
             raw=scene["description"], task_type="detailed_caption", images=[image], split="hq",
             meta={"captions": scene["captions"], "boxes": scene["boxes"], "shapes": scene["shapes"]},
         )
-        for turn, (question, answer) in enumerate(scene["qa"], start=1):
-            yield Draft(raw=answer, task_type="vqa", question=question, images=[image], split="raw", turn=turn)
+        raw_qa, hq_qa = scene["qa"][:2], scene["qa"][2:]
+        for turn, (question, short, _) in enumerate(raw_qa, start=1):
+            yield Draft(raw=short, task_type="vqa", question=question, images=[image], split="raw", turn=turn)
         yield Draft(raw=scene["captions"][0], task_type="caption", images=[image], split="raw",
-                    turn=len(scene["qa"]) + 1, meta={"captions": scene["captions"]})
+                    turn=len(raw_qa) + 1, meta={"captions": scene["captions"]})
+        # polite answers to other questions about the same scene: the QA half of the high-quality side
+        for turn, (question, short, polite) in enumerate(hq_qa, start=len(raw_qa) + 2):
+            yield Draft(raw=polite, task_type="conversation", question=question, images=[image], split="hq",
+                        turn=turn, meta={"short_answer": short})

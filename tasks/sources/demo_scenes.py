@@ -128,27 +128,53 @@ def boxes(scene: Scene) -> list[list]:
     return [[s.name, [round(v, 4) for v in normalise_box(s.box, SIZE, SIZE)]] for s in scene.shapes]
 
 
-def qa_pairs(scene: Scene, k: int = 2) -> list[tuple[str, str]]:
-    """``k`` short question/answer pairs, picked deterministically from those true of the scene."""
+def _count_phrase(n: int, noun: str) -> str:
+    if n == 0:
+        return f"there are no {noun}s"
+    return f"there is one {noun}" if n == 1 else f"there are {NUMBERS[n]} {noun}s"
+
+
+def qa_pairs(scene: Scene, k: int = 2) -> list[tuple[str, str, str]]:
+    """``k`` (question, short answer, polite answer) triples, picked deterministically from those true of the scene.
+
+    The short answer is the curt raw annotation a VQA dataset would hold; the polite answer is the well-formed
+    response the rewriter should learn to give: it answers in its first sentence, then adds one fact about the
+    scene, like the helpful answers of LLaVA-Instruct.
+    """
     rng = random.Random(f"demo-qa-{scene.index}")
     kinds = [s.kind for s in scene.shapes]
     colours = [s.colour for s in scene.shapes]
-    pool: list[tuple[str, str]] = [("How many shapes are there?", str(len(scene.shapes))),
-                                   ("What colour is the background?", scene.background)]
+    names = [s.name for s in scene.shapes]
+    n = len(scene.shapes)
+    all_shapes = _listing(names)
+    pool: list[tuple[str, str, str]] = [
+        ("How many shapes are there?", str(n),
+         f"There are {NUMBERS[n]} shapes in the image: {all_shapes}."),
+        ("What colour is the background?", scene.background,
+         f"The background is {scene.background}. It is a plain, uniform colour with only the {NUMBERS[n]} shapes on it."),
+    ]  # fmt: skip
     for s in scene.shapes:
+        where = _where(s.position)
         if kinds.count(s.kind) == 1:
-            pool.append((f"What colour is the {s.kind}?", s.colour))
+            pool.append((f"What colour is the {s.kind}?", s.colour,
+                         f"The {s.kind} is {s.colour}. It is the only {s.kind} in the image, and it sits {where}."))  # fmt: skip
         if colours.count(s.colour) == 1:
-            pool.append((f"What shape is the {s.colour} object?", s.kind))
-            pool.append((f"Where is the {s.name}?", s.position))
+            pool.append((f"What shape is the {s.colour} object?", s.kind,
+                         f"The {s.colour} object is {_a(s.kind)}. You can find it {where} of the image."))  # fmt: skip
+            pool.append((f"Where is the {s.name}?", s.position,
+                         f"The {s.name} is {where} of the image. It is one of {NUMBERS[n]} shapes in the picture."))  # fmt: skip
     for kind in SHAPES:
-        pool.append((f"How many {kind}s are there?", str(kinds.count(kind))))
+        count = kinds.count(kind)
+        pool.append((f"How many {kind}s are there?", str(count),
+                     f"{_count_phrase(count, kind).capitalize()} in the image. Altogether the picture shows {all_shapes}."))  # fmt: skip
     colour, kind = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     present = any(s.colour == colour and s.kind == kind for s in scene.shapes)
-    pool.append((f"Is there a {colour} {kind}?", "yes" if present else "no"))
+    pool.append((f"Is there {_a(colour + ' ' + kind)}?", "yes" if present else "no",
+                 f"Yes, there is {_a(colour + ' ' + kind)} in the image." if present
+                 else f"No, there is no {colour} {kind} in the image. The shapes are {all_shapes}."))  # fmt: skip
     s = rng.choice(scene.shapes)
-    pool.append((f"Is there a {s.name}?", "yes"))
-    return rng.sample(pool, k)
+    pool.append((f"Is there {_a(s.name)}?", "yes", f"Yes, there is {_a(s.name)} {_where(s.position)} of the image."))
+    return rng.sample(pool, min(k, len(pool)))
 
 
 OPENINGS = (
@@ -206,6 +232,6 @@ def scene_record(scene: Scene) -> dict:
         "shapes": [{"kind": s.kind, "colour": s.colour, "box": list(s.box), "position": s.position} for s in scene.shapes],
         "captions": captions(scene),
         "boxes": boxes(scene),
-        "qa": [list(pair) for pair in qa_pairs(scene)],
+        "qa": [list(triple) for triple in qa_pairs(scene, k=4)],  # 2 raw annotations + 2 polite (hq) answers
         "description": description(scene),
     }
