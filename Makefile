@@ -35,6 +35,10 @@ lint: setup
 
 bench: setup
 	$(PY) bench/ingest.py
+	$(PY) bench/distort.py
+	$(PY) bench/filters.py
+	$(PY) bench/train_tiny.py
+	$(PY) bench/orchestration.py
 
 clean:
 	rm -rf workspace .pytest_cache

@@ -68,7 +68,7 @@ def selection_sql(where: str | None) -> str:
 def select(store: LineageStore, sql: str) -> pa.Table:
     """Run the selection read-only and without file access (the predicate is user text)."""
     with store.reader(sandboxed=True) as con:
-        return con.execute(sql).to_arrow_table()
+        return con.sql(sql).to_arrow_table()
 
 
 def run_checks(store: LineageStore, selection: pa.Table, checks: ExportChecks) -> list[str]:

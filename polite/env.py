@@ -9,6 +9,8 @@ _DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true",
+    # Prefect waits 20 s for its ephemeral API server by default, which a busy 2-core machine can miss.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     # Tokenizers fork warnings are noise in Prefect worker threads.
     "TOKENIZERS_PARALLELISM": "false",
 }

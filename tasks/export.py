@@ -262,7 +262,7 @@ def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, 
     with store.reader() as con:
         con.register("selection", selection.select(["sample_id", "rewrite_id", "model_id", "source"]))
         sources = (
-            con.execute("SELECT source, count(*) AS n FROM selection GROUP BY source ORDER BY source")
+            con.sql("SELECT source, count(*) AS n FROM selection GROUP BY source ORDER BY source")
             .to_arrow_table()
             .to_pylist()
         )
@@ -271,7 +271,7 @@ def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, 
             "GROUP BY d.thresholds ORDER BY n DESC"
         ).fetchall()
         models = (
-            con.execute(
+            con.sql(
                 "SELECT s.model_id, coalesce(m.kind, 'rewriter') AS kind, m.base, m.adapter, count(*) AS n "
                 "FROM selection s LEFT JOIN models m USING (model_id) "
                 "GROUP BY s.model_id, m.kind, m.base, m.adapter ORDER BY s.model_id"

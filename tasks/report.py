@@ -62,7 +62,7 @@ def funnel(store: LineageStore) -> list[dict[str, Any]]:
 def per_source(store: LineageStore) -> list[dict[str, Any]]:
     with store.reader() as con:
         return (
-            con.execute(
+            con.sql(
                 """SELECT source, count(*) AS samples, count(*) FILTER (WHERE rewrite_status = 'ok') AS rewritten,
                    count(*) FILTER (WHERE kept) AS kept,
                    round(count(*) FILTER (WHERE kept) / nullif(count(*) FILTER (WHERE kept IS NOT NULL), 0), 3)
@@ -76,7 +76,7 @@ def per_source(store: LineageStore) -> list[dict[str, Any]]:
 
 def _score_table(store: LineageStore) -> pa.Table:
     with store.reader() as con:
-        return con.execute(
+        return con.sql(
             """SELECT sample_id, source, kept, raw_response, rewrite, coalesce(final_output, rewrite) AS output,
                    reward, raw_reward, semantic, nli, clipscore,
                    length(string_split(trim(raw_response), ' ')) AS raw_words,
@@ -199,7 +199,7 @@ def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
         return []
     with store.reader() as con:
         return (
-            con.execute(
+            con.sql(
                 """WITH candidates AS (
                 SELECT l.sample_id, l.source, l.task_type, l.instruction, l.raw_response,
                    coalesce(l.final_output, l.rewrite) AS rewrite, l.reward, l.raw_reward, l.kept, l.decision_reason,
@@ -214,7 +214,7 @@ def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
             SELECT sample_id, source, task_type, instruction, raw_response, rewrite, reward, raw_reward, kept,
                    decision_reason, image_path
             FROM ranked ORDER BY is_kept DESC, rn, source, task_type LIMIT $n""",
-                {"n": n},
+                params={"n": n},
             )
             .to_arrow_table()
             .to_pylist()

@@ -65,16 +65,10 @@ def read_config(
 
 
 def quiet_library_warnings() -> None:
-    """Before a flow runs: keep the terminal for our output, and give Prefect's ephemeral API server time.
-
-    DuckDB's Arrow-copy note is not for users. Prefect waits 20 s for its ephemeral server by default, which a
-    busy 2-core machine can miss; 120 s unless the user chose otherwise (set before Prefect reads settings).
-    """
-    import os
+    """Before a flow runs: keep the terminal for our output (DuckDB's Arrow-copy note is not for users)."""
     import warnings
 
     warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def print_plan(p: dict[str, Any]) -> None:

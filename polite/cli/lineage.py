@@ -38,6 +38,18 @@ def print_table(arrow_table, title: str | None = None, max_rows: int = 50, max_w
         console.print(f"... {arrow_table.num_rows - max_rows} more rows (use --format csv|json|parquet for all)")
 
 
+def compact_summary(summary, width: int = 90) -> str:
+    """The numeric counts of a run's summary; paths, hashes and nested detail (funnels) stay in SQL."""
+    if not isinstance(summary, dict):
+        return "" if summary is None else str(summary)[:width]
+    text = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    )
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("sql")
     @user_errors
@@ -108,11 +120,15 @@ def register(app: typer.Typer) -> None:
 
         Example: polite runs --limit 5
         """
-        import pyarrow as pa
-
         from lineage.queries import recent_runs
 
         rows = recent_runs(_store(workspace), limit)
+        table = Table(title="recent runs (full rows: polite sql \"SELECT * FROM runs\")")
+        for name, opts in (("run_id", {"no_wrap": True}), ("flow", {}), ("status", {}), ("started", {"no_wrap": True}),
+                           ("s", {"justify": "right"}), ("summary", {"overflow": "fold"})):  # fmt: skip
+            table.add_column(name, **opts)
         for row in rows:
-            row["summary"] = json.dumps(row["summary"]) if row["summary"] is not None else ""
-        print_table(pa.Table.from_pylist(rows) if rows else pa.table({"run_id": []}), title="recent runs")
+            started = row["started_at"].strftime("%H:%M:%S") if row["started_at"] else ""
+            table.add_row(row["run_id"], row["flow"], row["status"], started, str(row["seconds"]),
+                          compact_summary(row["summary"]))  # fmt: skip
+        console.print(table)
