@@ -13,11 +13,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from filters.chain import CHAIN_ORDER  # the funnel lists scorers in the order the chain runs them
 from lineage.store import LineageStore
 from polite.shards import write_bytes_atomic
 
-# The filter chain's order (METHOD.md, stage 4); scorers not listed come after, by name.
-CHAIN_ORDER = ("length", "unchanged", "repetition", "truncated", "semantic", "nli", "clipscore", "reward")
 INFO_SCORERS = ("reward_raw", "rouge", "rouge_l")  # recorded for reference, never a gate
 
 
