@@ -164,17 +164,16 @@ def export_flow(
         selection = select(store, sql)
         failures = run_checks(store, selection, settings.checks)
         digest = content_digest(selection)
+
+        def report(prefix: str) -> str | None:
+            if settings.report == "none":
+                return None
+            folder = ws.url("reports", f"{prefix}-{digest[:12]}")
+            return write_report(store, folder, settings.report, n_cards=settings.sample_cards, selection=selection)
+
         if failures:
             # The report shows why (funnel, score histograms, dropped examples) even when nothing is published.
-            held = None
-            if settings.report != "none":
-                held = write_report(
-                    store,
-                    ws.url("reports", f"held-{digest[:12]}"),
-                    settings.report,
-                    n_cards=settings.sample_cards,
-                    selection=selection,
-                )
+            held = report("held")
             raise ExportCheckFailed(
                 "export stopped by failed check(s):\n  - "
                 + "\n  - ".join(failures)
@@ -232,25 +231,17 @@ def export_flow(
             images=settings.images,
             card=dataset_card(facts, settings),
         )
-        report = None
-        if settings.report != "none":
-            report = write_report(
-                store,
-                ws.url("reports", f"export-{digest[:12]}"),
-                settings.report,
-                n_cards=settings.sample_cards,
-                selection=selection,
-            )
+        report_path = report("export")
         hub_url = None
         if settings.push_to_hub:
             hub_url = push_folder_to_hub(exports["parquet"]["path"], settings.push_to_hub, settings.private)
             log.info("pushed %s to %s", exports["parquet"]["path"], hub_url)
-        run.summary.update({"n_items": selection.num_rows, "formats": sorted(exports), "report": report})
+        run.summary.update({"n_items": selection.num_rows, "formats": sorted(exports), "report": report_path})
         return {
             "run_id": run.run_id,
             "n_items": selection.num_rows,
             "selection": sql,
             "exports": exports,
-            "report": report,
+            "report": report_path,
             "hub_url": hub_url,
         }
