@@ -61,7 +61,11 @@ class LineageBatcher:
         with self.store.writer() as con:
             for label, results in groups.items():  # DuckDB reads the shard files itself
                 self.counts[label]["new_images"] += self.store.ingest_parquet("images", [r["images"] for r in results], con=con)
-            self.store.ingest_parquet("samples", [r["samples"] for r in self.pending], con=con)
+            shards = [r["samples"] for r in self.pending]
+            # A sample that failed before (a corrupt image, say) and is ok in these shards, because the source
+            # was fixed, is replaced; ok samples are never touched (ingest stays idempotent on sample_id).
+            self.store.replace_failed("samples", "sample_id", shards, con=con)
+            self.store.ingest_parquet("samples", shards, con=con)
             # rows inserted just now are the only ones without a run: count them, then stamp them
             fresh = con.execute("SELECT source, count(*) FROM samples WHERE run_id IS NULL GROUP BY source").fetchall()
             con.execute("UPDATE samples SET run_id = ? WHERE run_id IS NULL", [self.run_id])

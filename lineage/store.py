@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from polite.shards import read_table
 from polite.workspace import is_local
 
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -156,8 +157,6 @@ class LineageStore:
             paths = [u[len("file://") :] if u.startswith("file://") else u for u in urls]
             source = f"read_parquet({paths!r}, union_by_name = true)"
             return self._insert_from(table, source, con, replace)
-        from polite.shards import read_table
-
         data = pa.concat_tables([read_table(u) for u in urls], promote_options="default")
         return self.ingest_arrow(table, data, con=con, replace=replace)
 
@@ -200,6 +199,30 @@ class LineageStore:
         )
         after = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
         return int(after - before)
+
+    def replace_failed(self, table: str, key: str, urls: Sequence[str], con: duckdb.DuckDBPyConnection) -> int:
+        """Delete rows with status 'failed' whose key comes back with status 'ok' in these shard files.
+
+        The following ``ingest_parquet`` then inserts the good rows: a failure is repaired by re-running on
+        fixed input, while rows that were ok stay exactly as they were.
+        """
+        data = pa.concat_tables([read_table(u, columns=[key, "status"]) for u in urls]) if urls else None
+        if data is None or data.num_rows == 0:
+            return 0
+        con.register("_repaired", data)
+        try:
+            victims = con.execute(
+                f"SELECT count(*) FROM {table} WHERE status = 'failed' AND {key} IN "
+                f"(SELECT {key} FROM _repaired WHERE status = 'ok')"
+            ).fetchall()[0][0]
+            if victims:
+                con.execute(
+                    f"DELETE FROM {table} WHERE status = 'failed' AND {key} IN "
+                    f"(SELECT {key} FROM _repaired WHERE status = 'ok')"
+                )
+        finally:
+            con.unregister("_repaired")
+        return int(victims)
 
     # -- reading -----------------------------------------------------------------------------------
     def query(self, sql: str, params: Sequence | None = None, timeout_s: float | None = None) -> pa.Table:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -15,6 +17,27 @@ from tasks.sources import fixtures
 
 def _one(store: LineageStore, sql: str):
     return store.query(sql).to_pylist()
+
+
+def test_re_ingesting_fixed_data_repairs_failed_samples_only(prefect_harness, workspace, tmp_path):
+    vqa = fixtures.vqav2(tmp_path / "vqav2")
+    ingest_flow(workspace=workspace.root, sources=[vqa.spec])
+    store = LineageStore(workspace.db_path)
+    before = {r["sample_id"]: r for r in _one(store, "SELECT sample_id, status, error, ingested_at FROM samples")}
+    broken = [sid for sid, r in before.items() if r["error"] and "image" in r["error"]]
+    assert len(broken) == 1
+    # the source is fixed: the truncated image of question 4001 is replaced by a good one
+    path = next((tmp_path / "vqav2" / "data").glob("*.parquet"))
+    rows = pq.read_table(path).to_pylist()
+    rows[-1]["image"] = fixtures.image(5)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    ingest_flow(workspace=workspace.root, sources=[vqa.spec])
+    after = {r["sample_id"]: r for r in _one(store, "SELECT sample_id, status, error, ingested_at FROM samples")}
+    assert after.keys() == before.keys()  # same ids, nothing added
+    assert after[broken[0]]["status"] == "ok" and after[broken[0]]["error"] is None
+    for sid, row in before.items():  # everything else is untouched, including the other failure (empty answer)
+        if sid != broken[0]:
+            assert after[sid] == row
 
 
 @pytest.mark.slow

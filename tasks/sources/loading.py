@@ -8,6 +8,7 @@ so memory stays flat however large the dataset is.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -88,6 +89,22 @@ def _load_local(path: Path, split: str | None, config_name: str | None, cache_di
     return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
 
 
+def local_state(from_: str) -> str | None:
+    """A signature of a local source's files (names, sizes, modification times); None for a Hub id.
+
+    Part of the per-process cache key, so a long-lived worker (``polite serve`` running a nightly schedule over a
+    growing or repaired local dataset) reloads it when its files change instead of reading a stale copy.
+    """
+    if not looks_local(from_):
+        return None
+    path = Path(os.path.expanduser(from_))
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    signature = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.blake2b(repr(signature).encode(), digest_size=12).hexdigest()
+
+
 def load_source(
     from_: str,
     split: str | None = None,
@@ -97,7 +114,7 @@ def load_source(
     data_files: str | None = None,
 ):
     """The dataset (one split) behind ``from_``, cached per process. Raises ``SourceError`` with what to fix."""
-    key = ("dataset", from_, split, config_name, revision, cache_dir, data_files)
+    key = ("dataset", from_, split, config_name, revision, cache_dir, data_files, local_state(from_))
 
     def build():
         import datasets
