@@ -188,10 +188,15 @@ def assert_funnel_artifact(rows) -> None:
     """The flow stored the funnel as a Prefect table artifact."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
+    # The Prefect test server is shared by every test on this worker (the factory test files a funnel too):
+    # the newest artifact under the key is this flow's, since one worker runs its tests one at a time.
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["filter-funnel"]))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["filter-funnel"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
         )
     assert found and found[0].type == "table"
     data = found[0].data if isinstance(found[0].data, list) else json.loads(found[0].data)
