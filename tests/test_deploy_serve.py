@@ -128,10 +128,24 @@ def test_serve_runs_a_triggered_export_and_deploy_registers_schedules(tmp_path):
             return r.json() if r.status_code == 200 else None
 
         dep = _wait(deployment, 120, "the served deployment", [serving])
-        run = http.post(
-            f"/deployments/{dep['id']}/create_flow_run",
-            json={"parameters": {"workspace": ws.root, "formats": ["pf1m"]}},
-        ).json()
+        replies: list[str] = []
+
+        def trigger():
+            # The API can answer an error for a moment right after the deployment appears (seen once on a
+            # clean-clone CI run): retry, and name the replies if it never accepts the run.
+            r = http.post(
+                f"/deployments/{dep['id']}/create_flow_run",
+                json={"parameters": {"workspace": ws.root, "formats": ["pf1m"]}},
+            )
+            if r.status_code in (200, 201) and "id" in r.json():
+                return r.json()
+            replies.append(f"{r.status_code}: {r.text[:300]}")
+            return None
+
+        try:
+            run = _wait(trigger, 60, "the API to accept a flow run", [serving])
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; replies: {replies[-3:]}") from None
 
         def finished():
             state = http.get(f"/flow_runs/{run['id']}").json()["state"]
