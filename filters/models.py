@@ -29,12 +29,6 @@ def cached(key: tuple, load: Callable[[], Any]) -> Any:
         return _CACHE[key]
 
 
-def preload(key: tuple, obj: Any) -> None:
-    """Put an already-built model in the cache (benchmarks build full-size random models this way)."""
-    with _LOCK:
-        _CACHE[key] = obj
-
-
 def clear_cache() -> None:
     with _LOCK:
         _CACHE.clear()

@@ -341,7 +341,7 @@ def rewrite_flow(
         def ingest(result: dict) -> None:
             ingest_result(store, result["path"], run.run_id, key)
             run.count("reused_shards", int(bool(result.get("reused"))))
-            for name in ("output_tokens", "generate_s", "splits", "oom_splits"):
+            for name in ("output_tokens", "generate_s", "load_wait_s", "splits", "oom_splits"):
                 if name in result:
                     run.count(name, result[name])
 

@@ -211,18 +211,13 @@ class LineageStore:
             return 0
         con.register("_repaired", data)
         try:
-            victims = con.execute(
-                f"SELECT count(*) FROM {table} WHERE status = 'failed' AND {key} IN "
-                f"(SELECT {key} FROM _repaired WHERE status = 'ok')"
-            ).fetchall()[0][0]
-            if victims:
-                con.execute(
-                    f"DELETE FROM {table} WHERE status = 'failed' AND {key} IN "
-                    f"(SELECT {key} FROM _repaired WHERE status = 'ok')"
-                )
+            deleted = con.execute(
+                f"DELETE FROM {table} WHERE status = 'failed' AND {key} IN "
+                f"(SELECT {key} FROM _repaired WHERE status = 'ok') RETURNING {key}"
+            ).fetchall()
         finally:
             con.unregister("_repaired")
-        return int(victims)
+        return len(deleted)
 
     # -- reading -----------------------------------------------------------------------------------
     def query(self, sql: str, params: Sequence | None = None, timeout_s: float | None = None) -> pa.Table:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from polite.markers import CHUNK_END, IMAGE_MARKER
+
 PROMPT_VERSION = "pf-v1"
 
 SYSTEM = (
@@ -18,8 +20,8 @@ SYSTEM = (
 REWRITE_TEMPLATE = "{system}\n### Human: {instruction}\n### Assistent: (Drafted Response): {raw}\n (Revised Response): "
 CHAT_TEMPLATE = "{system}\n### Human: {instruction}\n### Assistant: "
 
-IMAGE_TOKEN = "<image>"
-CHUNK_END_TOKEN = "<|endofchunk|>"
+IMAGE_TOKEN = IMAGE_MARKER
+CHUNK_END_TOKEN = CHUNK_END
 PAD_TOKEN = "<PAD>"
 ADDED_TOKENS = (CHUNK_END_TOKEN, IMAGE_TOKEN, PAD_TOKEN)
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

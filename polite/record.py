@@ -8,6 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from polite.markers import CHUNK_END, IMAGE_MARKER  # noqa: F401  (re-exported: part of the record's contract)
+
 TASK_TYPES = (
     "caption",
     "detailed_caption",
@@ -22,8 +24,6 @@ TASK_TYPES = (
 CAPTION_TYPES = frozenset({"caption", "detailed_caption", "region_caption", "change_caption", "classification"})
 QA_TYPES = frozenset({"vqa", "vqa_rationale", "multiple_choice"})
 
-IMAGE_MARKER = "<image>"
-CHUNK_END = "<|endofchunk|>"
 
 
 @dataclass(slots=True)

@@ -183,7 +183,7 @@ def _thumbnail(path: str) -> bytes | None:
         fs, local = url_to_fs(path)
         with fs.open(local, "rb") as handle:
             image = Image.open(io.BytesIO(handle.read())).convert("RGB")
-    except Exception:  # a card without a picture beats no report
+    except (OSError, ValueError, SyntaxError):  # unreadable image: a card without a picture beats no report
         return None
     image.thumbnail((256, 256))
     buf = io.BytesIO()
@@ -327,7 +327,7 @@ def _to_html(steps, sources, cards, pictures) -> str:
 
 
 def _artifacts(markdown: str, steps, sources) -> None:
-    """Mirror the report into Prefect artifacts; outside a flow run (or without an API) skip quietly."""
+    """Mirror the report into Prefect artifacts; outside a flow run skip, and say so if the API refuses."""
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
         from prefect.context import FlowRunContext
@@ -339,5 +339,7 @@ def _artifacts(markdown: str, steps, sources) -> None:
             table=steps, key="polite-funnel", description="funnel: samples left after each step"
         )
         create_table_artifact(table=sources, key="polite-keep-rate", description="keep rate per source")
-    except Exception:
-        return
+    except Exception as exc:  # an artifact needs the API; the report files are written regardless
+        import logging
+
+        logging.getLogger("polite").warning("could not store the report artifacts: %s", exc)

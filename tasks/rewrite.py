@@ -156,6 +156,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         "output_tokens": sum(r["output_tokens"] or 0 for r in rows),
         "seconds": round(time.perf_counter() - started, 3),
         "generate_s": round(stats.generate_s, 3),
+        "load_wait_s": round(stats.load_wait_s, 3),  # image loading the prefetch did not hide
         "batches": stats.batches,
         "splits": stats.splits,
         "oom_splits": stats.oom_splits,
