@@ -44,13 +44,13 @@ def test_keep_first_keeps_a_prefix_of_whole_sentences():
 
 
 def test_each_step_fires_about_half_the_time_and_both_branches_are_hit():
-    settings = AugmentSettings()
+    settings = AugmentSettings(max_redraws=0)  # the raw coin flips, before unchanged draws are drawn again
     fired = {"keep_first": 0, "shuffle": 0, "char": 0, "word": 0}
     joiners, char_actions, word_actions = set(), set(), set()
     n = 400
     short = "A dog runs fast. A cat sits still! Two cars wait? The sky is blue.\nA bus stops here."
     for seed in range(n):
-        _, steps = augment_text(short, settings, seed)
+        _, steps, _ = augment_text(short, settings, seed)
         for step in steps:
             fired[step["op"]] += 1
             joiners.add(step.get("joiner"))
@@ -69,10 +69,10 @@ def test_each_step_fires_about_half_the_time_and_both_branches_are_hit():
 
 def test_augment_steps_do_what_they_say():
     settings = AugmentSettings(p_keep_first=1, p_shuffle=0, p_char=0, p_word=0)
-    text, steps = augment_text(RESPONSE, settings, seed=5)
+    text, steps, _ = augment_text(RESPONSE, settings, seed=5)
     assert RESPONSE.startswith(text) and steps[0]["op"] == "keep_first"
     shuffle_only = AugmentSettings(p_keep_first=0, p_shuffle=1, p_char=0, p_word=0)
-    text, steps = augment_text(RESPONSE, shuffle_only, seed=11)
+    text, steps, _ = augment_text(RESPONSE, shuffle_only, seed=11)
     originals = sorted(RESPONSE[a:b].strip() for a, b in sentence_spans(RESPONSE))
     joiner = steps[0]["joiner"]
     pieces = text.split("\n") if joiner == "\n" else None
@@ -80,10 +80,29 @@ def test_augment_steps_do_what_they_say():
         assert sorted(pieces) == originals  # a permutation of the sentences
     assert sorted("".join(originals)) == sorted(text.replace("\n", ""))
     delete_words = AugmentSettings(p_keep_first=0, p_shuffle=0, p_char=0, p_word=1, word_actions=["delete"])
-    text, steps = augment_text(RESPONSE, delete_words, seed=3)
+    text, steps, _ = augment_text(RESPONSE, delete_words, seed=3)
     assert len(text.split()) < len(RESPONSE.split())
     assert set(text.lower().split()) <= set(RESPONSE.lower().split())  # deleted, nothing invented
     assert text.count("\n") == RESPONSE.count("\n")  # noise is applied line by line
+
+
+def test_a_draw_that_changes_nothing_is_drawn_again_and_counted():
+    rows = [row(i) for i in range(400)]
+    once = distort_augment(rows, AugmentSettings(max_redraws=0), "v_x", run_seed=0)
+    failed_once = [p for p in once if p.status == "failed"]
+    assert 0.03 * len(rows) < len(failed_once) < 0.11 * len(rows)  # about 1 in 16 draws no step
+    assert all(p.error.startswith("unchanged") and "(1 draws)" in p.error for p in failed_once)
+    redrawn = distort_augment(rows, AugmentSettings(), "v_x", run_seed=0)
+    assert all(p.status == "ok" for p in redrawn)
+    draws = [p.params["draws"] for p in redrawn]
+    assert max(draws) >= 2 and sum(d > 1 for d in draws) >= len(failed_once)
+    by_id = {p.sample_id: p for p in once}
+    for pair in redrawn:  # a first draw that changed the text is kept as it was
+        if pair.params["draws"] == 1:
+            assert pair.distorted == by_id[pair.sample_id].distorted
+    # One word and no character noise: word noise keeps at least one word, so no draw can change it.
+    one_word = distort_augment([row(0, response="Yes")], AugmentSettings(p_char=0), "v_x", run_seed=0)[0]
+    assert one_word.status == "failed" and one_word.error.startswith("unchanged") and "(4 draws)" in one_word.error
 
 
 def test_augment_is_deterministic_and_independent_of_global_random_state():
@@ -105,6 +124,69 @@ def test_augment_is_deterministic_and_independent_of_global_random_state():
         else:
             assert r["error"].startswith("unchanged")
         assert json.loads(r["params"])["steps"] is not None
+
+
+@pytest.mark.parametrize(
+    "kind,actions",
+    [("char", ["insert", "substitute", "swap", "delete"]), ("word", ["delete", "swap", "crop", "substitute"])],
+)
+def test_lean_doc_gives_exactly_what_nlpaugs_doc_gives(kind, actions):
+    """Our augmenters build LeanDoc; the same class on nlpaug's own Doc must give the same text and change logs."""
+    import nlpaug.augmenter.char as nac
+    import nlpaug.augmenter.word as naw
+
+    from tasks.distort.augment import _seeded_classes
+
+    lean_cls = _seeded_classes()[0 if kind == "char" else 1]
+    stock_base = nac.RandomCharAug if kind == "char" else naw.RandomWordAug
+    stock_cls = type("Stock" + lean_cls.__name__, (lean_cls,), {})
+    for name in actions:  # nlpaug's own action methods, building its own Doc
+        setattr(stock_cls, name, getattr(stock_base, name))
+    texts = [
+        RESPONSE.replace("\n", " "),
+        "i think i saw 3.5 cats, i did.",
+        "One",
+        "Two words",
+        "  spaced   out   text with   gaps  ",
+        "A dog (brown) sits on the couch; it's \"happy\" -- really!",
+    ]
+    compared = changed = 0
+    for action in actions:
+        kwargs = {"action": action, "tokenizer": str.split, "reverse_tokenizer": " ".join}
+        if kind == "char":
+            lean, stock = (c(aug_char_max=None, aug_word_max=None, **kwargs) for c in (lean_cls, stock_cls))
+            lean.aug_word_p = stock.aug_word_p = lean.aug_char_p = stock.aug_char_p = 0.3
+        else:
+            if action == "substitute":
+                kwargs["target_words"] = ["X"]
+            lean, stock = (c(aug_max=None, **kwargs) for c in (lean_cls, stock_cls))
+            lean.aug_p = stock.aug_p = 0.3
+        lean.include_detail = stock.include_detail = True  # the change logs must agree too
+        for seed in range(60):
+            for text in texts:
+                lean.rng, stock.rng = random.Random(seed), random.Random(seed)
+                got = getattr(lean, action)(text.strip())
+                expected = getattr(stock, action)(text.strip())
+                assert got == expected, (action, seed, text)
+                compared += 1
+                changed += (got[0] if isinstance(got, tuple) else got) != text.strip()
+    assert compared == len(actions) * 60 * len(texts)
+    assert changed > compared // 2  # the comparison covers real changes, not only untouched texts
+
+
+def test_lean_doc_updating_an_unchanged_token_keeps_its_original_like_nlpaugs_doc():
+    from nlpaug.util.doc import Doc
+
+    from tasks.distort.lean_doc import LeanDoc
+
+    docs = [cls("i saw i", ["i", "saw", "i"]) for cls in (Doc, LeanDoc)]
+    for doc in docs:
+        doc.update_change_log(0, token="I")
+        doc.add_change_log(2, new_token="me", action="substitute", change_seq=1)
+    stock, lean = docs
+    assert lean.get_original_tokens() == stock.get_original_tokens() == ["i", "saw", "i"]
+    assert lean.get_augmented_tokens() == stock.get_augmented_tokens() == ["I", "saw", "me"]
+    assert lean.get_change_logs() == stock.get_change_logs()
 
 
 # -- method 3: retrieve -------------------------------------------------------------------------------------

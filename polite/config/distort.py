@@ -89,6 +89,9 @@ class AugmentSettings(BaseModel):
     char_rate: tuple[float, float] = (0.05, 0.3)
     word_actions: list[Literal["delete", "swap", "crop"]] = Field(default_factory=lambda: list(WORD_ACTIONS))
     word_rate: tuple[float, float] = (0.05, 0.3)  # share of words deleted/swapped/cropped, drawn uniformly
+    # With four coin flips, 1 draw in 16 changes nothing; an unchanged copy teaches the rewriter nothing, so the
+    # steps are drawn again (from the same seeded generator) up to this many more times before the pair fails.
+    max_redraws: int = Field(default=3, ge=0, le=20)
 
     @model_validator(mode="after")
     def _check(self) -> AugmentSettings:

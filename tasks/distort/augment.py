@@ -4,7 +4,8 @@ Each of the four steps fires independently with its probability (0.5 by default)
 parameters; every random choice comes from one ``random.Random`` seeded by the pair's seed. nlpaug draws from
 the process-global ``random``/``numpy`` generators, which threads would share; our subclasses route its two
 sampling hooks (``sample``, ``prob``) to a per-call generator instead, so results do not depend on what other
-threads do. Only offline augmenters are used (RandomCharAug, RandomWordAug need no downloaded resources).
+threads do. Their action methods build ``LeanDoc`` (tasks/distort/lean_doc.py) in place of nlpaug's slower
+``Doc``, with the same results. Only offline augmenters are used (RandomCharAug, RandomWordAug need no downloaded resources).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from polite.config.distort import AugmentSettings
+from tasks.distort.lean_doc import with_lean_doc
 from tasks.distort.record import AUGMENT_VERSION, Pair, new_pair
 
 # A sentence ends at . ! ? (plus closing quotes/brackets) before whitespace, or at a line break.
@@ -55,15 +57,19 @@ def _seeded_classes():
 
         def sample(self, x, num=None):  # shadows nlpaug's classmethod that uses the global generators
             if isinstance(x, list):
-                return self.rng.sample(x, num)
+                # One draw (a replacement character, most calls) is a choice: random.sample's set-up
+                # costs several times the draw itself.
+                return [self.rng.choice(x)] if num == 1 else self.rng.sample(x, num)
             return self.rng.randint(1, x - 2)  # numpy's randint(1, x-1) excludes the upper bound
 
         def prob(self):
             return self.rng.random()
 
+    @with_lean_doc
     class SeededCharAug(_Seeded, nac.RandomCharAug):
         pass
 
+    @with_lean_doc
     class SeededWordAug(_Seeded, naw.RandomWordAug):
         def _get_aug_range_idxes(self, tokens):
             # nlpaug 1.1.11 slices tokens[:-0] (nothing) when one word is to be cropped, then fails to
@@ -125,9 +131,7 @@ def _rate(rng: random.Random, bounds: tuple[float, float]) -> float:
     return round(rng.uniform(*bounds), 4)
 
 
-def augment_text(text: str, settings: AugmentSettings, seed: int) -> tuple[str, list[dict[str, Any]]]:
-    """The augmented text and the steps applied, each with its drawn parameters (for ``pairs.params``)."""
-    rng = random.Random(seed)
+def _draw_steps(text: str, settings: AugmentSettings, rng: random.Random) -> tuple[str, list[dict[str, Any]]]:
     steps: list[dict[str, Any]] = []
     spans = sentence_spans(text)
     if rng.random() < settings.p_keep_first and len(spans) >= 2:
@@ -154,19 +158,38 @@ def augment_text(text: str, settings: AugmentSettings, seed: int) -> tuple[str, 
     return text, steps
 
 
+def unchanged(text: str, original: str) -> bool:
+    return " ".join(text.split()) == " ".join(original.split())
+
+
+def augment_text(text: str, settings: AugmentSettings, seed: int) -> tuple[str, list[dict[str, Any]], int]:
+    """The augmented text, the steps applied (each with its drawn parameters) and how many draws it took.
+
+    A draw that leaves the text as it was is drawn again, up to ``settings.max_redraws`` more times; all draws
+    come from one generator seeded by ``seed``, so the result is still a function of the seed.
+    """
+    rng = random.Random(seed)
+    for draw in range(1, settings.max_redraws + 2):
+        augmented, steps = _draw_steps(text, settings, rng)
+        if not unchanged(augmented, text):
+            break
+    return augmented, steps, draw
+
+
 def distort_augment(rows: list[dict[str, Any]], settings: AugmentSettings, variant: str, run_seed: int) -> list[Pair]:
-    """One pair per sample row. A draw that leaves the text as it was is a failed pair ('unchanged')."""
+    """One pair per sample row; a text that no draw changed is a failed pair ('unchanged')."""
     pairs = []
     for row in rows:
         pair = new_pair(row, "augment", variant, run_seed, AUGMENT_VERSION)
         try:
-            text, steps = augment_text(pair.original, settings, pair.seed)
+            text, steps, draws = augment_text(pair.original, settings, pair.seed)
         except Exception as exc:  # nlpaug on odd input: this sample fails, the shard goes on
             pairs.append(pair.fail(f"augmentation error: {type(exc).__name__}: {exc}"))
             continue
-        pair.params = {"steps": steps}
-        if " ".join(text.split()) == " ".join(pair.original.split()):
-            pair.fail("unchanged: no drawn step changed the text" if steps else "unchanged: no step was drawn")
+        pair.params = {"steps": steps, "draws": draws}
+        if unchanged(text, pair.original):
+            why = "no drawn step changed the text" if steps else "no step was drawn"
+            pair.fail(f"unchanged: {why} ({draws} draws)")
         else:
             pair.distorted = text
         pairs.append(pair)

@@ -17,7 +17,7 @@ import pyarrow as pa
 from polite.config.distort import DistortSettings
 from polite.ids import seed_for, stable_hash
 
-AUGMENT_VERSION = "augment-v1"
+AUGMENT_VERSION = "augment-v2"  # v2: one-character draws use choice(), so texts differ from v1
 RETRIEVE_VERSION = "retrieve-v1"
 
 PAIR_SCHEMA = pa.schema(
