@@ -207,12 +207,13 @@ class Chain:
             if not result.passed:
                 dropped_by, reason = scorer.name, f"dropped: {scorer.reason(result.score, result.details)}"
                 break
-        final_output, removed = item.rewrite, None
+        final_output, removed = None, None  # None: the rewrite as it is (see filters/sql.py)
         clip = results.get("clipscore", {}).get(item.rewrite_id)
         if clip is not None and clip.score is not None:
-            final_output, removed = keep_paragraphs(
+            cut, removed = keep_paragraphs(
                 item.rewrite, clip.details["paragraph_scores"], self.settings.clipscore.threshold
             )
+            final_output = cut if removed else None
         return {
             "decision_id": decision_id(item.rewrite_id, self.settings_hash),
             "rewrite_id": item.rewrite_id,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from filters.base import CAPTION_TYPES, Runtime, ScoreInput, Scorer, fmt, require, sql_num
-from filters.models import cached, exclusive, resolve_ref
+from filters.models import cached, compute_precision, exclusive, resolve_ref
 from filters.text import split_sentences
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")
@@ -49,7 +49,7 @@ def load_clip(settings: Any, runtime: Runtime) -> tuple[Any, Any, Any]:
 
     def load():
         open_clip = require("open_clip", "open-clip-torch", "clipscore")
-        from filters.models import torch_dtype
+        from filters.models import weights_dtype
 
         if settings.model_config_file:
             open_clip.add_model_config(resolve_ref(settings.model_config_file))
@@ -66,9 +66,7 @@ def load_clip(settings: Any, runtime: Runtime) -> tuple[Any, Any, Any]:
         model, _, preprocess = open_clip.create_model_and_transforms(
             settings.model, pretrained=resolve_ref(pretrained) if pretrained else None, device=runtime.device
         )
-        if runtime.dtype != "float32":
-            model.to(torch_dtype(runtime.dtype))
-        model.eval()
+        model.to(weights_dtype(runtime)).eval()
         return model, preprocess, open_clip.get_tokenizer(settings.model)
 
     key = (
@@ -151,7 +149,7 @@ class ClipScoreScorer(Scorer):
                 item_spans.append((len(sentences), len(sentences) + len(sents)))
                 sentences.extend(sents)
             spans.append(item_spans)
-        with exclusive(model), torch.inference_mode():
+        with exclusive(model), torch.inference_mode(), compute_precision(self.runtime):
             img = torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1)
             txt = (
                 torch.cat(
@@ -195,14 +193,18 @@ class ClipScoreScorer(Scorer):
             f"ELSE 'clipscore ' || printf('%.2f', {score}) || ' < {fmt(self.settings.threshold)} (no paragraph left)' END"
         )
 
-    def final_output_sql(self, text: str, details: str) -> tuple[str, str]:
-        """SQL for (text without low paragraphs, removed 0-based indices) given stored paragraph scores."""
-        scores = f"CAST(json_extract({details}, '$.paragraph_scores') AS DOUBLE[])"
+    @staticmethod
+    def paragraph_scores_sql(details: str) -> str:
+        return f"CAST(json_extract({details}, '$.paragraph_scores') AS DOUBLE[])"
+
+    def final_output_sql(self, text: str, scores: str) -> tuple[str, str]:
+        """SQL for (text without its low paragraphs, or NULL when none is cut; removed 0-based indices), given
+        the paragraph scores as a DOUBLE[] expression (``paragraph_scores_sql``, parsed once by the caller)."""
         thr = sql_num(float(self.settings.threshold))
         paragraphs = PARAGRAPHS_SQL.format(text=text)
-        # Most rewrites lose no paragraph: skip the regex split for them.
+        # Most rewrites lose no paragraph: the regex split runs only for those that do.
         kept = (
-            f"CASE WHEN list_min({scores}) >= {thr} THEN trim({text}, E' \\t\\n\\r') ELSE "
+            f"CASE WHEN list_min({scores}) < {thr} THEN "
             f"array_to_string(list_filter({paragraphs}, lambda p, i: {scores}[i] >= {thr}), E'\\n\\n') END"
         )
         removed = f"list_filter(list_transform({scores}, lambda s, i: CASE WHEN s < {thr} THEN i - 1 END), lambda x: x IS NOT NULL)"

@@ -71,7 +71,7 @@ class NLIScorer(Scorer):
             [h for _, h in pairs],
             self.settings.batch_size,
             self.settings.max_length,
-            self.runtime.device,
+            self.runtime,
         )
         probs = torch.from_numpy(logits).softmax(-1).numpy()
         out = []

@@ -25,7 +25,7 @@ def reward_scores(
         list(answers),
         settings.batch_size,
         settings.max_length,
-        runtime.device,
+        runtime,
     )
     return [round(float(v), 6) for v in logits[:, 0]]
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from filters.base import CAPTION_TYPES, Runtime, ScoreInput, Scorer, fmt, require, sql_num
-from filters.models import available_locally, cached, exclusive, load_kwargs, resolve_ref
+from filters.models import available_locally, cached, compute_precision, exclusive, load_kwargs, resolve_ref
 
 
 def semantic_model_ref(settings: Any, allow_download: bool) -> str | None:
@@ -23,11 +23,10 @@ def load_sentence_model(ref: str, runtime: Runtime, max_seq_length: int | None =
         require("sentence_transformers", "sentence-transformers", "semantic")
         from sentence_transformers import SentenceTransformer
 
-        from filters.models import torch_dtype
+        from filters.models import weights_dtype
 
         model = SentenceTransformer(resolve_ref(ref), device=runtime.device, **load_kwargs(runtime, ref))
-        if runtime.dtype != "float32":
-            model.to(torch_dtype(runtime.dtype))
+        model.to(weights_dtype(runtime))
         if max_seq_length:
             model.max_seq_length = min(max_seq_length, model.max_seq_length or max_seq_length)
         model.eval()
@@ -36,7 +35,9 @@ def load_sentence_model(ref: str, runtime: Runtime, max_seq_length: int | None =
     return cached(("sentence", ref, runtime.device, runtime.dtype, max_seq_length), load)
 
 
-def cosine_pairs(model: Any, firsts: Sequence[str], seconds: Sequence[str], batch_size: int) -> list[float]:
+def cosine_pairs(
+    model: Any, firsts: Sequence[str], seconds: Sequence[str], batch_size: int, runtime: Runtime
+) -> list[float]:
     """Cosine of each (first, second) pair; each distinct text is encoded once (raw captions repeat)."""
     import torch
 
@@ -44,7 +45,7 @@ def cosine_pairs(model: Any, firsts: Sequence[str], seconds: Sequence[str], batc
     if not unique:
         return []
     index = {t: i for i, t in enumerate(unique)}
-    with exclusive(model):
+    with exclusive(model), compute_precision(runtime):
         emb = model.encode(
             unique,
             batch_size=batch_size,
@@ -91,6 +92,7 @@ class SemanticScorer(Scorer):
             [i.rewrite for i in items],
             [i.raw_response for i in items],
             self.settings.batch_size,
+            self.runtime,
         )
         return [(round(s, 6), {}) for s in sims]
 

@@ -34,6 +34,9 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "export_items": ("export_id", "sample_id"),
 }
 
+# Tables whose key the writer keeps unique itself, without an index (see migrations/007).
+UNINDEXED_TABLES = frozenset({"decisions"})
+
 
 class LineageLockedError(RuntimeError):
     """Another process held the database for longer than the caller was willing to wait."""
@@ -191,12 +194,22 @@ class LineageStore:
         cols = ", ".join(shared)
         key_list = ", ".join(keys)
         before = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         # Deduplicate within the source too: two rows with one key in a single statement would be an error.
-        con.execute(
-            f"{verb} INTO {table} ({cols}) SELECT {cols} FROM ("
-            f"SELECT *, row_number() OVER (PARTITION BY {key_list}) AS _rn FROM {source}) WHERE _rn = 1"
-        )
+        deduped = f"SELECT *, row_number() OVER (PARTITION BY {key_list}) AS _rn FROM {source}"
+        if table in UNINDEXED_TABLES:
+            # No index to conflict on: replace = delete the keys first; ignore = insert only new keys.
+            match = f"({key_list}) IN (SELECT {key_list} FROM {source})"
+            if replace:
+                con.execute(f"DELETE FROM {table} WHERE {match}")
+                where = "TRUE"
+            else:
+                where = f"NOT ({key_list}) IN (SELECT {key_list} FROM {table})"
+            con.execute(
+                f"INSERT INTO {table} ({cols}) SELECT {cols} FROM ({deduped}) WHERE _rn = 1 AND {where}"
+            )
+        else:
+            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+            con.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM ({deduped}) WHERE _rn = 1")
         after = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
         return int(after - before)
 

@@ -54,7 +54,7 @@ SELECT
     sc.truncated AS truncated_score, sc.answer AS answer_score,
     d.kept,
     d.reason        AS decision_reason,
-    d.final_output,
+    CASE WHEN d.rewrite_id IS NOT NULL THEN coalesce(d.final_output, r.output) END AS final_output,  -- NULL stored: uncut
     d.dropped_by,
     d.removed_paragraphs,
     x.export_id, x.export_path

@@ -253,7 +253,10 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
     )
     first = decisions(store, h)
     assert set(first) == {f"r_{i:02d}" for i in range(len(CASES))}
-    assert first["r_00"]["kept"] and first["r_00"]["final_output"] == CAPTION_TEXT
+    # No paragraph cut: the decision stores no copy of the text, the lineage view shows the rewrite itself.
+    assert first["r_00"]["kept"] and first["r_00"]["final_output"] is None
+    r_00 = store.query("SELECT l.final_output FROM lineage l WHERE l.rewrite_id = 'r_00'").to_pylist()
+    assert r_00 == [{"final_output": CAPTION_TEXT}]
     assert first["r_01"]["reason"] == "dropped: unchanged 1.00 >= 0.95"
     assert first["r_02"]["dropped_by"] == "semantic" and first["r_02"]["reason"].startswith(
         "dropped: semantic 0."

@@ -59,6 +59,58 @@ def test_ingest_parquet_is_idempotent_on_keys(workspace):
     assert store.query("SELECT count(*) AS n FROM samples").column("n")[0].as_py() == 150
 
 
+def decision_rows(ids, reason: str) -> pa.Table:
+    return pa.table(
+        {
+            "decision_id": [f"d_{i}" for i in ids],
+            "rewrite_id": [f"r_{i}" for i in ids],
+            "kept": [True] * len(ids),
+            "reason": [reason] * len(ids),
+        }
+    )
+
+
+def test_decisions_keep_their_key_unique_without_an_index(workspace):
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    assert store.ingest_arrow("decisions", decision_rows(range(5), "first")) == 5
+    # ignore (the default): existing keys are skipped, new ones added, duplicates in one shard collapse
+    assert store.ingest_arrow("decisions", decision_rows([3, 4, 5, 5], "second")) == 1
+    # replace: existing keys take the new row, and the count is still of new keys
+    assert store.ingest_arrow("decisions", decision_rows([0, 6], "third"), replace=True) == 1
+    rows = store.query("SELECT decision_id, reason FROM decisions ORDER BY decision_id").to_pylist()
+    assert [(r["decision_id"], r["reason"]) for r in rows] == [
+        ("d_0", "third"), ("d_1", "first"), ("d_2", "first"), ("d_3", "first"),
+        ("d_4", "first"), ("d_5", "second"), ("d_6", "third"),
+    ]  # fmt: skip
+
+
+def test_migration_007_keeps_existing_decisions(workspace, monkeypatch):
+    import lineage.store as store_module
+
+    real = store_module._migrations
+    monkeypatch.setattr(store_module, "_migrations", lambda: [m for m in real() if m[0] < 7])
+    monkeypatch.setattr(store_module, "_views_sql", lambda: "SELECT 1")  # the views of 007 need its schema
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    with store.writer() as con:
+        con.execute(
+            "INSERT INTO decisions (decision_id, rewrite_id, kept, reason, final_output, settings_hash, "
+            "removed_paragraphs) VALUES ('d_a', 'r_a', false, 'dropped: x', 'text', 'h', [1, 2])"
+        )
+    monkeypatch.undo()
+    assert store.migrate() == ["007_decisions_unindexed.sql"]
+    row = store.query("SELECT * EXCLUDE (decided_at) FROM decisions").to_pylist()
+    assert row == [
+        {"decision_id": "d_a", "rewrite_id": "r_a", "kept": False, "reason": "dropped: x", "final_output": "text",
+         "thresholds": None, "run_id": None, "settings_hash": "h", "dropped_by": None, "removed_paragraphs": [1, 2]}
+    ]  # fmt: skip
+    with store.reader() as con:
+        assert con.execute("SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'decisions' "
+                           "AND constraint_type = 'PRIMARY KEY'").fetchall() == [(0,)]  # fmt: skip
+        assert con.execute("SELECT count(*) FROM lineage").fetchall() == [(0,)]  # the views are back
+
+
 def test_ingest_rejects_a_shard_without_the_key(workspace):
     store = LineageStore(workspace.db_path)
     store.migrate()

@@ -169,11 +169,12 @@ def augment_text(text: str, settings: AugmentSettings, seed: int) -> tuple[str, 
     come from one generator seeded by ``seed``, so the result is still a function of the seed.
     """
     rng = random.Random(seed)
-    for draw in range(1, settings.max_redraws + 2):
+    draws = 0
+    while True:
+        draws += 1
         augmented, steps = _draw_steps(text, settings, rng)
-        if not unchanged(augmented, text):
-            break
-    return augmented, steps, draw
+        if draws > settings.max_redraws or not unchanged(augmented, text):
+            return augmented, steps, draws
 
 
 def distort_augment(rows: list[dict[str, Any]], settings: AugmentSettings, variant: str, run_seed: int) -> list[Pair]:

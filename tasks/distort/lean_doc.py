@@ -27,7 +27,12 @@ class LeanToken:
         self.change_seq = change_seq
 
     def to_dict(self) -> dict[str, Any]:
-        return {"token": self.token, "action": self.action, "start_pos": self.start_pos, "change_seq": self.change_seq}
+        return {
+            "token": self.token,
+            "action": self.action,
+            "start_pos": self.start_pos,
+            "change_seq": self.change_seq,
+        }
 
 
 class LeanChangeLog:
@@ -44,7 +49,9 @@ class LeanChangeLog:
         self.latest = LeanToken(token, -1, action, change_seq)
         self.changes += 1
 
-    def update(self, token: str | None = None, action: str | None = None, change_seq: int | None = None) -> None:
+    def update(
+        self, token: str | None = None, action: str | None = None, change_seq: int | None = None
+    ) -> None:
         if self.latest is self.orig_token:  # nlpaug's latest entry is a copy: the original stays as it was
             self.latest = LeanToken(self.orig_token.token, self.orig_token.start_pos, "original", 0)
         self.changes = max(self.changes, 1)
@@ -91,7 +98,9 @@ class LeanDoc:
         self.changed_cnt += 1
         self.tokens[idx].add(new_token, action, change_seq)
 
-    def update_change_log(self, token_idx: int, change_idx=None, token=None, action=None, change_seq=None) -> None:
+    def update_change_log(
+        self, token_idx: int, change_idx=None, token=None, action=None, change_seq=None
+    ) -> None:
         # nlpaug's callers always update the latest entry (change_idx None), the only one we keep.
         if change_idx is not None and change_idx != self.tokens[token_idx].size():
             raise NotImplementedError("LeanDoc keeps only the latest change of a token")
@@ -144,7 +153,9 @@ def with_lean_doc(cls: type) -> type:
         if not isinstance(method, types.FunctionType) or "Doc" not in method.__globals__:
             continue
         scope = dict(method.__globals__, Doc=LeanDoc)
-        lean = types.FunctionType(method.__code__, scope, method.__name__, method.__defaults__, method.__closure__)
+        lean = types.FunctionType(
+            method.__code__, scope, method.__name__, method.__defaults__, method.__closure__
+        )
         lean.__qualname__, lean.__doc__ = method.__qualname__, method.__doc__
         setattr(cls, name, lean)
     return cls
