@@ -44,8 +44,13 @@ def target_sql(scope: str = "TRUE") -> str:
     )
 
 
-def decide_sql(chain: Chain, scope: str = "TRUE", run_id: str | None = None) -> str:
-    """A SELECT producing one ``decisions`` row per rewrite in scope, from stored scores only."""
+def decide_sql(
+    chain: Chain, scope: str = "TRUE", run_id: str | None = None, target_table: str | None = None
+) -> str:
+    """A SELECT producing one ``decisions`` row per rewrite in scope, from stored scores only.
+
+    ``target_table``: a table already holding ``target_sql(scope)``'s rows (the CTE is read twice, and
+    recomputing ``latest_rewrites`` each time costs more than materialising it once)."""
     if not chain.scorers:
         raise ValueError("no scorer is enabled: nothing to decide on")
     # Each (scorer, version) gets a small integer once, by a join, so the 3 aggregates per scorer filter on an
@@ -90,7 +95,7 @@ def decide_sql(chain: Chain, scope: str = "TRUE", run_id: str | None = None) -> 
         final, removed_sql, clip_scores = "CAST(NULL AS VARCHAR)", "CAST(NULL AS INTEGER[])", ""
     h = chain.settings_hash
     return f"""
-WITH target AS ({target_sql(scope)}),
+WITH target AS ({f"SELECT * FROM {target_table}" if target_table else target_sql(scope)}),
 keys(k, scorer, scorer_version) AS (VALUES {keys}),
 piv AS (
     SELECT rewrite_id, {", ".join(pivot)}
@@ -135,17 +140,13 @@ def rethreshold(con, chain: Chain, run_id: str | None = None, scope: str | None 
     cols = ", ".join(DECISION_COLUMNS)
     con.execute("BEGIN TRANSACTION")
     try:
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _rethreshold_scope AS SELECT rewrite_id FROM ({target_sql(scope)})"
-        )
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _rethreshold_scope AS {target_sql(scope)}")
         con.execute(
             f"DELETE FROM decisions WHERE settings_hash = {h} "
             "AND rewrite_id IN (SELECT rewrite_id FROM _rethreshold_scope)"
         )
-        con.execute(
-            f"INSERT INTO decisions ({cols}, decided_at) SELECT {cols}, {NOW_UTC} "
-            f"FROM ({decide_sql(chain, 'r.rewrite_id IN (SELECT rewrite_id FROM _rethreshold_scope)', run_id)})"
-        )
+        decided = decide_sql(chain, run_id=run_id, target_table="_rethreshold_scope")
+        con.execute(f"INSERT INTO decisions ({cols}, decided_at) SELECT {cols}, {NOW_UTC} FROM ({decided})")
         n, kept = con.execute(
             "SELECT count(*), count(*) FILTER (WHERE kept) FROM decisions "
             f"WHERE settings_hash = {h} AND rewrite_id IN (SELECT rewrite_id FROM _rethreshold_scope)"
