@@ -220,7 +220,6 @@ class Chain:
             "kept": dropped_by is None,
             "reason": reason,
             "final_output": final_output,
-            "thresholds": self.thresholds_json(),
             "run_id": run_id,
             "settings_hash": self.settings_hash,
             "dropped_by": dropped_by,

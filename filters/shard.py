@@ -34,7 +34,6 @@ DECISION_SCHEMA = pa.schema(
         ("kept", pa.bool_()),
         ("reason", pa.string()),
         ("final_output", pa.string()),
-        ("thresholds", pa.string()),
         ("run_id", pa.string()),
         ("settings_hash", pa.string()),
         ("dropped_by", pa.string()),

@@ -16,7 +16,6 @@ DECISION_COLUMNS = (
     "kept",
     "reason",
     "final_output",
-    "thresholds",
     "run_id",
     "settings_hash",
     "dropped_by",
@@ -119,13 +118,20 @@ SELECT
     dropped_by IS NULL AS kept,
     reason,
     {final} AS final_output,
-    {sql_str(chain.thresholds_json())} AS thresholds,
     {sql_str(run_id) if run_id else "CAST(NULL AS VARCHAR)"} AS run_id,
     {sql_str(h)} AS settings_hash,
     dropped_by,
     CAST({removed_sql} AS INTEGER[]) AS removed_paragraphs
 FROM decided
 """
+
+
+def record_settings(con, chain: Chain) -> None:
+    """The chain's thresholds, once per settings hash; decisions refer to them by ``settings_hash``."""
+    con.execute(
+        "INSERT OR IGNORE INTO decision_settings (settings_hash, thresholds) VALUES (?, ?)",
+        [chain.settings_hash, chain.thresholds_json()],
+    )
 
 
 def rethreshold(con, chain: Chain, run_id: str | None = None, scope: str | None = None) -> dict[str, int]:
@@ -140,6 +146,7 @@ def rethreshold(con, chain: Chain, run_id: str | None = None, scope: str | None 
     cols = ", ".join(DECISION_COLUMNS)
     con.execute("BEGIN TRANSACTION")
     try:
+        record_settings(con, chain)
         con.execute(f"CREATE OR REPLACE TEMP TABLE _rethreshold_scope AS {target_sql(scope)}")
         con.execute(
             f"DELETE FROM decisions WHERE settings_hash = {h} "

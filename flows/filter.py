@@ -71,8 +71,8 @@ def filter_flow(
     """
     from filters.chain import ScorerUnavailableError, build_chain
     from filters.funnel import funnel, reward_distribution
+    from filters.sql import record_settings, work_sql
     from filters.sql import rethreshold as redecide
-    from filters.sql import work_sql
 
     cfg = parse_config(config)
     try:
@@ -100,6 +100,8 @@ def filter_flow(
         else:
             work = store.query(work_sql(chain, full_scoring))
             run.summary["rewrites"] = work.num_rows
+            with store.writer() as con:  # the decisions' thresholds, before any decision refers to them
+                record_settings(con, chain)
             folder = run.workspace.stage_dir("filter")
             urls = _write_work_shards(work, cfg.filters.shard_size, f"{folder}/work", h, full_scoring)
             run.summary["shards"] = len(urls)

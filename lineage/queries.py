@@ -15,7 +15,9 @@ _EXPLAIN_PARTS: dict[str, str] = {
     "rewrites": "SELECT * FROM rewrites WHERE sample_id = $id ORDER BY created_at, attempt",
     "scores": "SELECT sc.* FROM scores sc JOIN rewrites r USING (rewrite_id) WHERE r.sample_id = $id "
     "ORDER BY sc.created_at, sc.scorer",
-    "decisions": "SELECT d.* FROM decisions d JOIN rewrites r USING (rewrite_id) WHERE r.sample_id = $id "
+    "decisions": "SELECT d.* REPLACE (coalesce(d.thresholds, ds.thresholds) AS thresholds) FROM decisions d "
+    "JOIN rewrites r ON r.rewrite_id = d.rewrite_id "
+    "LEFT JOIN decision_settings ds ON ds.settings_hash = d.settings_hash WHERE r.sample_id = $id "
     "ORDER BY d.decided_at",
     "exports": "SELECT e.*, ei.rewrite_id FROM export_items ei JOIN exports e USING (export_id) "
     "WHERE ei.sample_id = $id ORDER BY e.created_at",

@@ -30,6 +30,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "rewrites": ("rewrite_id",),
     "scores": ("rewrite_id", "scorer", "scorer_version"),
     "decisions": ("decision_id",),
+    "decision_settings": ("settings_hash",),
     "exports": ("export_id",),
     "export_items": ("export_id", "sample_id"),
 }

@@ -9,10 +9,12 @@ SELECT * EXCLUDE (rn) FROM (
     FROM rewrites r
 ) WHERE rn = 1;
 
+-- thresholds: stored once per settings_hash in decision_settings (migration 008), per row before that.
 CREATE OR REPLACE VIEW latest_decisions AS
 SELECT * EXCLUDE (rn) FROM (
-    SELECT d.*, row_number() OVER (PARTITION BY d.rewrite_id ORDER BY d.decided_at DESC, d.decision_id) AS rn
-    FROM decisions d
+    SELECT d.* REPLACE (coalesce(d.thresholds, ds.thresholds) AS thresholds),
+        row_number() OVER (PARTITION BY d.rewrite_id ORDER BY d.decided_at DESC, d.decision_id) AS rn
+    FROM decisions d LEFT JOIN decision_settings ds ON ds.settings_hash = d.settings_hash
 ) WHERE rn = 1;
 
 CREATE OR REPLACE VIEW score_columns AS

@@ -337,8 +337,15 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
     # back to the first thresholds: their decisions become the latest again, from stored scores
     back = filter_flow(config=config, workspace=workspace.root)
     assert back["rewrites"] == 0 and back["refreshed"] == len(CASES)
-    latest = store.query("SELECT rewrite_id, settings_hash FROM latest_decisions").to_pylist()
+    latest = store.query("SELECT rewrite_id, settings_hash, thresholds FROM latest_decisions").to_pylist()
     assert {r["settings_hash"] for r in latest if r["rewrite_id"] in first} == {h}
+    # thresholds are stored once per settings hash, and the view gives them to every decision
+    stored = {r["settings_hash"]: json.loads(r["thresholds"]) for r in store.query(
+        "SELECT * FROM decision_settings").to_pylist()}  # fmt: skip
+    assert set(stored) == {h, re["settings_hash"]} and stored[h]["settings_hash"] == h
+    assert stored[re["settings_hash"]]["scorers"]["semantic"]["threshold"] == 0.99
+    assert all(json.loads(r["thresholds"]) == stored[h] for r in latest if r["rewrite_id"] in first)
+    assert store.query("SELECT count(thresholds) AS n FROM decisions")["n"][0].as_py() == 0
 
     # full scoring fills the costly scores of early drops without changing any decision
     full = filter_flow(config=config, workspace=workspace.root, full_scoring=True)

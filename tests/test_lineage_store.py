@@ -85,7 +85,7 @@ def test_decisions_keep_their_key_unique_without_an_index(workspace):
     ]  # fmt: skip
 
 
-def test_migration_007_keeps_existing_decisions(workspace, monkeypatch):
+def test_migrations_007_008_keep_existing_decisions_and_their_thresholds(workspace, monkeypatch):
     import lineage.store as store_module
 
     real = store_module._migrations
@@ -96,19 +96,21 @@ def test_migration_007_keeps_existing_decisions(workspace, monkeypatch):
     with store.writer() as con:
         con.execute(
             "INSERT INTO decisions (decision_id, rewrite_id, kept, reason, final_output, settings_hash, "
-            "removed_paragraphs) VALUES ('d_a', 'r_a', false, 'dropped: x', 'text', 'h', [1, 2])"
+            "removed_paragraphs, thresholds) VALUES ('d_a', 'r_a', false, 'dropped: x', 'text', 'h', [1, 2], '{}')"
         )
     monkeypatch.undo()
-    assert store.migrate() == ["007_decisions_unindexed.sql"]
+    assert store.migrate() == ["007_decisions_unindexed.sql", "008_decision_settings.sql"]
     row = store.query("SELECT * EXCLUDE (decided_at) FROM decisions").to_pylist()
     assert row == [
         {"decision_id": "d_a", "rewrite_id": "r_a", "kept": False, "reason": "dropped: x", "final_output": "text",
-         "thresholds": None, "run_id": None, "settings_hash": "h", "dropped_by": None, "removed_paragraphs": [1, 2]}
+         "thresholds": "{}", "run_id": None, "settings_hash": "h", "dropped_by": None, "removed_paragraphs": [1, 2]}
     ]  # fmt: skip
     with store.reader() as con:
         assert con.execute("SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'decisions' "
                            "AND constraint_type = 'PRIMARY KEY'").fetchall() == [(0,)]  # fmt: skip
         assert con.execute("SELECT count(*) FROM lineage").fetchall() == [(0,)]  # the views are back
+        assert con.execute("SELECT settings_hash, thresholds FROM decision_settings").fetchall() == [("h", "{}")]
+        assert con.execute("SELECT thresholds FROM latest_decisions").fetchall() == [("{}",)]
 
 
 def test_ingest_rejects_a_shard_without_the_key(workspace):
