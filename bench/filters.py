@@ -118,7 +118,29 @@ def bench_scorers(
             key = label + " short"
             figures[key] = round(rate(scorer, short), 1)
             print(f"{key:32s} {figures[key]:>12,.1f} pairs/s  ({n} one-sentence rewrites)", flush=True)
+            if scorer.runtime.dtype != "float32":
+                figures.update(precision_check(scorer, items[:1000]))
     return figures
+
+
+def precision_check(scorer, items) -> dict[str, float]:
+    """How far the scorer's reduced-precision scores are from fp32 ones on the same pairs."""
+    from filters.base import Runtime
+    from filters.semantic import SemanticScorer
+
+    fp32 = SemanticScorer(scorer.settings, Runtime(scorer.runtime.device, "float32"), model_ref=scorer.model_ref)
+    low = [r.score for r in scorer.score_batch(items)]
+    ref = [r.score for r in fp32.score_batch(items)]
+    diffs = [abs(a - b) for a, b in zip(low, ref, strict=True)]
+    threshold = scorer.settings.threshold
+    flipped = sum((a >= threshold) != (b >= threshold) for a, b in zip(low, ref, strict=True))
+    out = {"semantic max_abs_diff": max(diffs), "semantic mean_abs_diff": sum(diffs) / len(diffs)}
+    print(
+        f"semantic {scorer.runtime.dtype} vs float32 on {len(items)} pairs: max |diff| {out['semantic max_abs_diff']:.4f}, "
+        f"mean {out['semantic mean_abs_diff']:.5f}, decisions flipped at {threshold}: {flipped}",
+        flush=True,
+    )
+    return out
 
 
 def bench_rethreshold(n: int, root: Path, repeat: int = 5) -> dict[str, float]:
