@@ -59,7 +59,7 @@ EXTRAS = [
 
 def synthetic_pairs(n: int, seed: int = 0, short: bool = False) -> list[tuple[str, str, str]]:
     """(instruction, raw caption, rewrite) triples with caption-like lengths (raw ~8 words, rewrite ~40
-    words, ~45 tokens); ``short``: one-sentence rewrites (~12 tokens)."""
+    words, ~45 tokens); ``short``: one-sentence rewrites (~14 tokens)."""
     rng = random.Random(seed)
     out = []
     for k in range(n):

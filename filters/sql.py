@@ -52,8 +52,9 @@ def decide_sql(
     recomputing ``latest_rewrites`` each time costs more than materialising it once)."""
     if not chain.scorers:
         raise ValueError("no scorer is enabled: nothing to decide on")
-    # Each (scorer, version) gets a small integer once, by a join, so the 3 aggregates per scorer filter on an
-    # integer instead of comparing two strings per score row (1M rows at 100k rewrites x 10 scorers).
+    # Each (scorer, version) gets a small integer once, by a join, so the per-scorer aggregates filter on an
+    # integer instead of comparing two strings per score row (1M rows at 100k rewrites x 10 scorers), and
+    # one bit mask says which scorers have a row.
     keys = ", ".join(f"({k}, {sql_str(s.name)}, {sql_str(s.version)})" for k, s in enumerate(chain.scorers))
     pivot = ["bit_or(1::UBIGINT << k) AS _has"]
     for k, s in enumerate(chain.scorers):
@@ -84,7 +85,7 @@ def decide_sql(
     clip = chain.scorer("clipscore")
     if clip is not None:
         # NULL final_output means "the rewrite as it is": most rewrites lose no paragraph, and copying
-        # every rewrite's text into each decision was a third of a re-decision's time.
+        # every rewrite's text into each decision was a third of the decide query's time.
         final, removed = clip.final_output_sql("output", "_clip_scores")
         has_clip = '"clipscore__has" AND "clipscore__score" IS NOT NULL'
         final = f"CASE WHEN {has_clip} THEN {final} END"
