@@ -101,6 +101,10 @@ def test_factory_runs_every_stage_as_subflows_and_a_rerun_skips_finished_work(tm
         and before["d"] == before["r"]
     )
     assert first["stages"]["export"]["n_items"] == before["r"]
+    # the dataset card names the thresholds, stored once per settings hash (decision_settings), for every item
+    (card,) = list((Path(ws) / "exports").glob("pf1m-*/README.md"))
+    (settings,) = store.query("SELECT thresholds FROM decision_settings").to_pylist()
+    assert f"- {before['r']} items decided with: `{settings['thresholds']}`" in card.read_text()
 
     second = factory_flow(config=config, workspace=ws, model=str(model), where="kept IS NOT NULL")
     assert second["stages"]["ingest"]["new_samples"] == 0
