@@ -26,14 +26,6 @@ class LeanToken:
         self.action = action
         self.change_seq = change_seq
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "token": self.token,
-            "action": self.action,
-            "start_pos": self.start_pos,
-            "change_seq": self.change_seq,
-        }
-
 
 class LeanChangeLog:
     """One token: its original and its latest form (nlpaug keeps every intermediate form, never read back)."""
