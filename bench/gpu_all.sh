@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One device-machine session: install the carried wheels, then run every GPU benchmark, each under its own
-# time box so one slow part cannot starve the others. Results (JSON + logs) land in $OUT (or bench/out/gpu).
+# One device-machine session: install the carried wheels, then run the GPU benchmarks, each under its own time
+# box so one slow part cannot starve the others. Results (JSON + logs) land in $OUT (or bench/out/gpu).
 #
 #   carry: .whl (open_flamingo, open_clip, einops_exts, ftfy, wcwidth for Python 3.12; see BENCHMARKS.md)
-#   run:   bash bench/gpu_all.sh
+#   run:   bash bench/gpu_all.sh              # the rewrite benchmark: paths, attention variants, profile, checks
+#          LEVERS=1 ALL=1 bash bench/gpu_all.sh   # also session 1's per-lever runs, gpu_model and gpu_filters
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}
 mkdir -p "$OUT"
@@ -14,7 +15,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
 run() {  # name, seconds, command...
@@ -24,8 +25,12 @@ run() {  # name, seconds, command...
   timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   echo "=== $name rc=$rc in $((SECONDS - t0))s"
-  tail -n 25 "$OUT/$name.log"
+  tail -n 40 "$OUT/$name.log"
 }
-run gpu_rewrite "${REWRITE_S:-260}" python3 bench/gpu_rewrite.py --out "$OUT/gpu_rewrite.json"
-run gpu_model "${MODEL_S:-150}" python3 bench/gpu_model.py --out "$OUT/gpu_model.json"
-run gpu_filters "${FILTERS_S:-110}" python3 bench/gpu_filters.py --out "$OUT/gpu_filters.json"
+levers=--no-levers
+[ "${LEVERS:-0}" = 1 ] && levers=
+run gpu_rewrite "${REWRITE_S:-420}" python3 bench/gpu_rewrite.py $levers --out "$OUT/gpu_rewrite.json"
+if [ "${ALL:-0}" = 1 ]; then
+  run gpu_model "${MODEL_S:-150}" python3 bench/gpu_model.py --out "$OUT/gpu_model.json"
+  run gpu_filters "${FILTERS_S:-110}" python3 bench/gpu_filters.py --out "$OUT/gpu_filters.json"
+fi

@@ -37,6 +37,7 @@ TINY_LM = dict(vocab_size=611, hidden_size=128, intermediate_size=256, num_hidde
                num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
 TINY_VISION = dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32)
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s, datasheets
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12}  # dense, datasheets
 
 
 def log(msg: str) -> None:
@@ -133,27 +134,42 @@ def run_fast(decoder, model, ids, mask, pixels, new_tokens: int):
     return out.tokens
 
 
+def step_costs(model, batch: int, context: float) -> tuple[float, float, float]:
+    """What one decode step must do: (weight bytes read once, KV-cache bytes read, matrix FLOPs of the weights)."""
+    lm = model.lang_encoder
+    weights = [p for n, p in lm.named_parameters() if "embed_tokens" not in n]
+    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
+    cfg = lm.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv_bytes = batch * context * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
+    flops = 2.0 * batch * sum(p.numel() for p in weights if p.dim() == 2)
+    return weight_bytes, kv_bytes, flops
+
+
 def floor_ms_per_step(model, batch: int, context: float, peak: float | None) -> float | None:
     """Bytes one decode step must read (LM + cross-attention weights once, KV cache per row) / peak bandwidth."""
     if not peak:
         return None
-    lm = model.lang_encoder
-    weight_bytes = sum(
-        p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n
-    )
-    cfg = lm.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    kv_bytes = batch * context * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
+    weight_bytes, kv_bytes, _ = step_costs(model, batch, context)
     return 1000.0 * (weight_bytes + kv_bytes) / peak
 
 
-def peak_bandwidth(device, override: float | None) -> tuple[float | None, str]:
+def roofline_ms_per_step(model, batch: int, context: float, peak: float | None, flops_peak: float | None):
+    """A tighter floor for large batches: the weight matrices run at max(read time, compute time) at peak FLOPs,
+    then attention reads the KV cache at peak bandwidth (the two phases alternate within a layer)."""
+    if not (peak and flops_peak):
+        return None
+    weight_bytes, kv_bytes, flops = step_costs(model, batch, context)
+    return 1000.0 * (max(weight_bytes / peak, flops / flops_peak) + kv_bytes / peak)
+
+
+def peak_bandwidth(device, override: float | None, table: dict = PEAK_BANDWIDTH) -> tuple[float | None, str]:
     if override:
         return override * 1e12, "given"
     if device.type != "cuda":
         return None, "n/a on cpu"
     name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_BANDWIDTH.items():
+    for key, value in table.items():
         if key in name:
             return value, f"datasheet for {key}"
     return None, f"unknown for {name}"
@@ -174,6 +190,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--seed-samples", type=int, default=2, help="samples through the seed path (batch 1)")
     parser.add_argument("--no-levers", action="store_true", help="skip the per-lever measurements")
+    parser.add_argument("--attention", default="sdpa:64,sdpa:16,flex:64,flex:32",
+                        help="decode-attention variants (kind:kv_block) timed at --attention-batch; '' skips")  # fmt: skip
+    parser.add_argument("--attention-batch", type=int, default=None,
+                        help="batch for the attention variants and the profile, default the best batch above")  # fmt: skip
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of prefill/steps")
+    parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 exactness check (GPU only)")
     parser.add_argument("--bandwidth-tbs", type=float, default=None, help="peak memory bandwidth, TB/s")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -187,11 +209,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours_batches = [int(b) for b in (args.batches or ("4,16" if tiny else "64,256,512")).split(",")]
     naive_batches = [int(b) for b in (args.naive_batches or ("4" if tiny else "64")).split(",") if b]
     peak, peak_from = peak_bandwidth(device, args.bandwidth_tbs)
+    flops_peak, _ = peak_bandwidth(device, None, PEAK_BF16_FLOPS)
+    variants = []
+    for item in filter(None, args.attention.split(",")):
+        kind, _, block = item.partition(":")
+        variants.append((kind, int(block or 64)))
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "shape": "tiny" if tiny else "9b",
         "prompt_len": prompt_len, "new_tokens": new, "peak_bandwidth_tbs": peak and peak / 1e12,
-        "peak_bandwidth_from": peak_from, "runs": [], "checks": {},
+        "peak_bandwidth_from": peak_from, "peak_bf16_tflops": flops_peak and flops_peak / 1e12, "runs": [],
+        "checks": {},
     }  # fmt: skip
     import transformers
 
@@ -203,6 +231,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(
         f"built {results['shape']} Flamingo ({n_params / 1e9:.2f}B params) on {results['device']} in {build_s:.1f}s"
     )
+
+    def step_figures(seconds: float, prefill_s: float, batch: int) -> dict[str, Any]:
+        """ms per decode step (the run minus a one-token run) against the bandwidth floor and the roofline."""
+        step_ms = 1000.0 * (seconds - prefill_s) / max(new - 1, 1)
+        context = prompt_len + new / 2
+        floor = floor_ms_per_step(model, batch, context, peak)
+        roof = roofline_ms_per_step(model, batch, context, peak, flops_peak)
+        return dict(prefill_s=round(prefill_s, 3), step_ms=round(step_ms, 2), floor_step_ms=floor and round(floor, 2),
+                    floor_fraction=floor and round(floor / step_ms, 3), roofline_step_ms=roof and round(roof, 2),
+                    roofline_fraction=roof and round(roof / step_ms, 3))  # fmt: skip
 
     def record(name: str, batch: int, seconds: float, **extra) -> dict:
         tokens = batch * new
@@ -289,18 +327,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             log(f"  batch {batch}: {type(exc).__name__}: {first_line} - skipped")
             continue
-        step_ms = 1000.0 * (seconds - prefill_s) / max(new - 1, 1)
-        floor = floor_ms_per_step(model, batch, prompt_len + new / 2, peak)
         label = "ours, CUDA graphs" if graphs.cuda_graphs else "ours (no CUDA graphs off GPU)"
-        row = record(label, batch, seconds, prefill_s=round(prefill_s, 3), step_ms=round(step_ms, 2),
-                     floor_step_ms=floor and round(floor, 2), floor_fraction=floor and round(floor / step_ms, 3))  # fmt: skip
+        row = record(label, batch, seconds, **step_figures(seconds, prefill_s, batch))
         if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
             best = row
     results["checks"]["cuda_graph_error"] = graphs.graph_error
-    if best is not None:
-        results["best_tokens_per_s"] = best["tokens_per_s"]
-        if seed_row:
-            results["speedup_vs_seed"] = round(best["tokens_per_s"] / seed_row["tokens_per_s"], 1)
 
     def bf16_check():
         # 4. correctness: teacher-forced logits of ours (prefill + graph-replayed steps) vs the plain forward
@@ -308,11 +339,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     attempt("logits check", bf16_check)
 
+    big = args.attention_batch or (best["batch"] if best else ours_batches[0])
+    if variants:
+        graphs.reset()  # its KV arena at the largest batch would not leave room for another decoder's
+        for attention, kv_block in variants:
+            row = attempt(f"attention {attention}:{kv_block}", lever_attention, model, attention, kv_block, big,
+                          prompt_len, new, image_size, device, dtype, record, step_figures)  # fmt: skip
+            if row and (best is None or row["tokens_per_s"] > best["tokens_per_s"]):
+                best = row
+    if not args.no_profile:
+        graphs.reset()
+        kinds = sorted({kind for kind, _ in variants} | {"sdpa"})
+        results["profile"] = attempt("profile", profile_kernels, model, kinds, big, prompt_len, image_size,
+                                     device, dtype, args.profile_steps)  # fmt: skip
+    if best is not None:
+        results["best_tokens_per_s"] = best["tokens_per_s"]
+        results["best_path"] = f"{best['path']}, batch {best['batch']}"
+        if seed_row:
+            results["speedup_vs_seed"] = round(best["tokens_per_s"] / seed_row["tokens_per_s"], 1)
+
     if not args.no_levers:
         levers(results, model, graphs, b0, prompt_len, new, image_size, device, dtype, record, tiny, attempt)
     if device.type == "cuda" and not args.no_fp32_check:
         graphs.reset()
-        attempt("fp32 logits check", fp32_check, results, tiny, prompt_len, image_size, device)
+        kinds = sorted({kind for kind, _ in variants} | {"sdpa"})
+        attempt("fp32 logits check", fp32_check, results, tiny, prompt_len, image_size, device, kinds)
     results["total_s"] = round(time.perf_counter() - started, 1)
     log(json.dumps({k: v for k, v in results.items() if k not in ("runs",)}, indent=1))
     if args.out:
@@ -351,7 +402,7 @@ def logits_check(model, decoder, prompt_len: int, image_size: int, device, dtype
     }
 
 
-def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device) -> None:
+def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device, kinds=("sdpa",)) -> None:
     """The same check in fp32 (TF32 off) on a full-width, 8-layer model: exactness of the algorithm on the GPU.
 
     In bf16 a random 32-layer model's own batched-vs-row-wise drift is a few percent, which hides whether the fast
@@ -360,12 +411,94 @@ def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device) ->
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     model32, _ = build(tiny, device, torch.float32, lm_overrides={"num_hidden_layers": 8})
-    decoder = FastFlamingoDecoder(model32, cuda_graphs=True)
-    checks = logits_check(model32, decoder, prompt_len, image_size, device, torch.float32)
-    checks["cuda_graph_error"] = decoder.graph_error
-    results["checks"]["fp32_8_layers"] = checks
-    del decoder, model32
+    for kind in kinds:
+        decoder = FastFlamingoDecoder(model32, cuda_graphs=True, attention=kind)
+        try:
+            checks = logits_check(model32, decoder, prompt_len, image_size, device, torch.float32)
+        except Exception as exc:  # noqa: BLE001 - one kind failing leaves the other's check
+            checks = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        checks["cuda_graph_error"] = decoder.graph_error
+        results["checks"]["fp32_8_layers" if kind == "sdpa" else f"fp32_8_layers_{kind}"] = checks
+        decoder.reset()
+        del decoder
+    del model32
     torch.cuda.empty_cache()
+
+
+def lever_attention(model, attention, kv_block, batch, prompt_len, new, image_size, device, dtype, record, figures):
+    """One decode-attention variant at ``batch`` with CUDA graphs: the first run compiles and captures, the
+    second is timed, a one-token run gives the prefill share."""
+    ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=2)
+    decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention, kv_block=kv_block)
+    try:
+        _, warm_s = timed(device, run_fast, decoder, model, ids, mask, px, new)
+        _, seconds = timed(device, run_fast, decoder, model, ids, mask, px, new)
+        _, prefill_s = timed(device, run_fast, decoder, model, ids, mask, px, 1)
+        return record(f"decode attention {attention}, kv_block {kv_block}", batch, seconds,
+                      first_run_s=round(warm_s, 2), cuda_graph_error=decoder.graph_error,
+                      **figures(seconds, prefill_s, batch))  # fmt: skip
+    finally:
+        decoder.reset()
+        del decoder
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def profile_kernels(model, kinds, batch, prompt_len, image_size, device, dtype, steps: int) -> dict[str, Any]:
+    """Where the time goes: the top kernels of one prefill (image encoding included) and of ``steps`` eager
+    decode steps per attention kind, from torch.profiler (device time on CUDA, CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
+    ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=2)
+    eos = [model.eoc_token_id, 2]
+    out: dict[str, Any] = {"batch": batch, "steps": steps, "clock": "device" if cuda else "cpu"}
+    for kind in kinds:
+        # eager (no graphs) so the profiler sees each kernel; kernel times are those a graph replays
+        decoder = FastFlamingoDecoder(model, cuda_graphs=False, attention=kind)
+        try:
+            run_fast(decoder, model, ids, mask, px, 2)  # compile / allocate outside the profile
+            with profile(activities=[activity]) as prefill:
+                media = encode_images(model, px)[:, None]
+                # the decoder's own prefill and steps, called one by one so the two phases profile apart
+                sess = decoder._start(ids, mask, media, steps + 1, steps + 1, eos, 0)
+                sync(device)
+            with profile(activities=[activity]) as decode:
+                sess.slot_host = ids.shape[1]
+                for _ in range(steps):
+                    decoder._run_step(sess)
+                    sess.slot_host += 1
+                sync(device)
+            if "prefill" not in out:
+                out["prefill"] = top_kernels(prefill, cuda, 1)
+            out[f"decode_step_{kind}"] = top_kernels(decode, cuda, steps)
+        finally:
+            decoder.reset()
+            del decoder
+    for name, table in out.items():
+        if isinstance(table, dict):
+            log(f"profile {name}: {table['total_ms']} ms")
+            for k in table["kernels"][:8]:
+                log(f"  {k['ms']:9.3f} ms {k['share']:6.1%} x{k['calls']:<5} {k['name']}")
+    return out
+
+
+def top_kernels(prof, cuda: bool, per: int, n: int = 15) -> dict[str, Any]:
+    """The ``n`` kernels with the most self time, per run (``per`` runs profiled), with their share."""
+
+    def self_us(event) -> float:
+        if not cuda:
+            return event.self_cpu_time_total
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    total = sum(self_us(e) for e in events) or 1.0
+    events.sort(key=self_us, reverse=True)
+    kernels = [{"name": e.key[:120], "calls": e.count // per, "ms": round(self_us(e) / 1000 / per, 3),
+                "share": round(self_us(e) / total, 4)} for e in events[:n]]  # fmt: skip
+    return {"total_ms": round(total / 1000 / per, 3), "kernels": kernels}
 
 
 def levers(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -56,6 +57,7 @@ class Session:
         None  # each row's last image latents (only kept to recompute keys/values)
     )
     graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    flex: Any = None  # models.flex_decode.FlexDecodeMask when the decoder attends with FlexAttention
     slot_host: int = 0  # the cache slot the next step writes, known on the host (picks the attention span)
 
 

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from models.fast_cache import KV_BLOCK, Session, SessionCache, capture_step, round_up
 
+ATTENTION_KINDS = ("sdpa", "flex")
+
 
 class FastPathUnsupported(RuntimeError):
     """This model or these settings are not handled by the fast decoder; use the plain path."""
@@ -56,9 +58,19 @@ class FastFlamingoDecoder:
         cuda_graphs: bool = True,
         kv_block: int = KV_BLOCK,
         recompute_cross_kv: bool = False,
+        attention: str = "sdpa",
     ):
-        """``recompute_cross_kv`` recomputes the cross-attention keys/values every step, as open_flamingo does:
+        """``attention`` picks the decode step's self-attention: ``sdpa`` (one masked span for the whole batch,
+        rounded up to ``kv_block``) or ``flex`` (FlexAttention reading each row's own cache blocks, compiled on
+        CUDA; models/flex_decode.py). Both compute the same function; the prefill always uses SDPA.
+
+        ``recompute_cross_kv`` recomputes the cross-attention keys/values every step, as open_flamingo does:
         only for measuring what precomputing them saves (bench/gpu_rewrite.py)."""
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
+        if kv_block < 1 or (attention == "flex" and kv_block % 16):
+            raise ValueError(f"kv_block must be >= 1 (a multiple of 16 for flex attention), got {kv_block}")
+        self.attention = attention
         lm = model.lang_encoder
         self.recompute_cross_kv = recompute_cross_kv
         self.media_token_id = int(model.media_token_id)
@@ -85,6 +97,13 @@ class FastFlamingoDecoder:
         self.device, self.dtype = param.device, param.dtype
         self.kv_block = kv_block
         self.cuda_graphs = bool(cuda_graphs and self.device.type == "cuda")
+        self._flex_attention = None
+        if attention == "flex":
+            from models import flex_decode
+
+            # compiled only where it pays: on CPU the eager form is exact and compiling costs ~25 s per shape
+            cuda = self.device.type == "cuda"
+            self._flex_attention = flex_decode.compiled_flex_attention() if cuda else flex_decode.eager_flex_attention
         self._rotary = rotary
         self._cos = self._sin = None
         self._cache = SessionCache(len(self.layers), self.n_kv, self.head_dim, self.vocab, self.device, self.dtype,
@@ -131,6 +150,10 @@ class FastFlamingoDecoder:
         else:  # one decode step, every row at the same cache slot
             kc.index_copy_(2, write_at, k)
             vc.index_copy_(2, write_at, v)
+        if write_at is not None and self._flex_attention is not None:
+            out = self._flex_attention(q, kc[:b], vc[:b], block_mask=sess.flex.block_mask, scale=self.scaling,
+                                       enable_gqa=self.n_kv != self.n_heads)  # fmt: skip
+            return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         out = F.scaled_dot_product_attention(
             q,
             kc[:b, :, :keys],
@@ -179,8 +202,12 @@ class FastFlamingoDecoder:
         pos = (sess.slot - sess.pad_len).clamp(min=0)
         cos = self._cos[pos].view(b, 1, 1, -1)
         sin = self._sin[pos].view(b, 1, 1, -1)
-        idx = sess.key_idx[:keys]
-        mask = ((idx >= sess.pad_len.view(b, 1)) & (idx <= sess.slot)).view(b, 1, 1, keys)
+        if sess.flex is not None:
+            sess.flex.advance(sess.slot)
+            mask = None
+        else:
+            idx = sess.key_idx[:keys]
+            mask = ((idx >= sess.pad_len.view(b, 1)) & (idx <= sess.slot)).view(b, 1, 1, keys)
         write_at = sess.slot.view(1)
         for i, layer in enumerate(self.layers):
             block = layer.gated_cross_attn_layer
@@ -270,6 +297,12 @@ class FastFlamingoDecoder:
         logits = self._prefill(
             sess, input_ids.to(self.device), attention_mask.to(self.device), media.to(self.device)
         )
+        if self.attention == "flex":
+            if sess.flex is None:
+                from models.flex_decode import FlexDecodeMask
+
+                sess.flex = FlexDecodeMask(sess.pad_len, sess.slot, sess.cache_len, self.kv_block)
+            sess.flex.start(sess.pad_len)
         self._select_first(sess, logits)
         return sess
 
@@ -279,7 +312,10 @@ class FastFlamingoDecoder:
         self._select(sess, full)
 
     def _run_step(self, sess: Session) -> None:
-        keys = min(round_up(int(sess.slot_host) + 1, self.kv_block), sess.cache_len)
+        if sess.flex is not None:  # rows' block lists follow the slot on the device: one graph per session
+            keys = sess.cache_len
+        else:
+            keys = min(round_up(int(sess.slot_host) + 1, self.kv_block), sess.cache_len)
         if not self.cuda_graphs:
             self._step(sess, keys)
             return

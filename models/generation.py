@@ -191,15 +191,19 @@ _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _decoders_lock = threading.Lock()
 
 
-def fast_decoder(loaded, cuda_graphs: bool = True):
-    """One ``FastFlamingoDecoder`` per loaded model and process, so captured graphs survive across shards."""
+def fast_decoder(loaded, cuda_graphs: bool = True, attention: str = "sdpa", kv_block: int = 64):
+    """One ``FastFlamingoDecoder`` per loaded model, options and process, so captured graphs survive across
+    shards."""
     from models.fast_decode import FastFlamingoDecoder
 
+    key = (bool(cuda_graphs), attention, int(kv_block))
     with _decoders_lock:
         per_model = _decoders.setdefault(loaded.model, {})
-        if bool(cuda_graphs) not in per_model:
-            per_model[bool(cuda_graphs)] = FastFlamingoDecoder(loaded.model, cuda_graphs=cuda_graphs)
-        return per_model[bool(cuda_graphs)]
+        if key not in per_model:
+            per_model[key] = FastFlamingoDecoder(
+                loaded.model, cuda_graphs=cuda_graphs, attention=attention, kv_block=kv_block
+            )
+        return per_model[key]
 
 
 class RewriteGenerator:
@@ -213,6 +217,8 @@ class RewriteGenerator:
         max_prompt_tokens: int = 1024,
         cuda_graphs: bool = True,
         image_cache_size: int = 256,
+        decode_attention: str = "sdpa",
+        kv_block: int = 64,
     ):
         from models.fast_decode import FastPathUnsupported
 
@@ -230,7 +236,9 @@ class RewriteGenerator:
             )
         if backend != "plain" and fast_supported(self.settings):
             try:
-                self.decoder = fast_decoder(loaded, cuda_graphs=cuda_graphs)
+                self.decoder = fast_decoder(
+                    loaded, cuda_graphs=cuda_graphs, attention=decode_attention, kv_block=kv_block
+                )
             except FastPathUnsupported:
                 if backend == "fast":
                     raise
@@ -240,11 +248,14 @@ class RewriteGenerator:
 
     def runtime(self) -> dict[str, Any]:
         """What ran the settings (recorded next to them; not part of the settings hash)."""
-        return {
+        runtime = {
             "backend": self.backend,
             "device": str(self.loaded.device),
             "dtype": str(self.loaded.dtype).replace("torch.", ""),
         }
+        if self.decoder is not None:
+            runtime["decode_attention"] = self.decoder.attention
+        return runtime
 
     # -- CPU side ----------------------------------------------------------------------------------
     def prompt_ids(self, instruction: str, raw_response: str) -> list[int]:

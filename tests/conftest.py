@@ -33,3 +33,19 @@ def workspace(tmp_path):
     from polite.workspace import Workspace
 
     return Workspace.resolve(str(tmp_path / "ws")).ensure()
+
+
+@pytest.fixture
+def bench_script():
+    """Load a script of bench/ as a module by name (they are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

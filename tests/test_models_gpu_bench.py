@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from models.tiny import make_tiny_rewriter
 
-
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_model.py"
-    spec = importlib.util.spec_from_file_location("gpu_model_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 QUICK = ["--steps", "1", "--gen-batches", "1,2", "--train-batches", "2", "--new-tokens", "3"]
 
 
-def test_tiny_mode_writes_results(tmp_path):
+def test_tiny_mode_writes_results(tmp_path, bench_script):
     out = tmp_path / "tiny.json"
-    _bench().main(["--tiny", "--out", str(out), *QUICK])
+    bench_script("gpu_model").main(["--tiny", "--out", str(out), *QUICK])
     data = json.loads(out.read_text())
     assert data["tiny"] is True and data["dtype"] == "float32"
     assert [g["batch"] for g in data["generate"]] == [1, 2] and all(
@@ -36,13 +25,13 @@ def test_tiny_mode_writes_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_size_path_in_bf16_with_small_shapes(tmp_path):
+def test_full_size_path_in_bf16_with_small_shapes(tmp_path, bench_script):
     """The GPU path (config-built LLaMA, bf16 weights created in place, vocab kept at 32003) on CPU."""
     vision = make_tiny_rewriter(tmp_path / "tiny", seed=0) / "vision"
     small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 2,
              "num_key_value_heads": 2}  # fmt: skip
     out = tmp_path / "full.json"
-    _bench().main(["--device", "cpu", "--out", str(out), "--lm-config", json.dumps(small),
+    bench_script("gpu_model").main(["--device", "cpu", "--out", str(out), "--lm-config", json.dumps(small),
                    "--vision", f"local-dir:{vision}", "--context", "32", *QUICK])  # fmt: skip
     data = json.loads(out.read_text())
     assert data["dtype"] == "bfloat16" and data["shape"]["lm"]["vocab_size"] == 32003

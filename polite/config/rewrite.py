@@ -58,6 +58,10 @@ class RewriteSettings(BaseModel):
     device: str | None = None  # None: cuda when available, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     cuda_graphs: bool = True
+    # the fast decoder's step attention: one masked span per batch (sdpa) or each row's own cache blocks (flex,
+    # FlexAttention compiled on CUDA); same function, the faster one depends on the card (BENCHMARKS.md)
+    decode_attention: Literal["sdpa", "flex"] = "sdpa"
+    kv_block: int = Field(default=64, ge=16, multiple_of=16)  # KV-cache granularity (keys) of the decode step
     prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
 
     @model_validator(mode="after")

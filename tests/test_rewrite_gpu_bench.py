@@ -1,0 +1,37 @@
+"""bench/gpu_rewrite.py runs end to end on CPU with the tiny shape: every path, the decode-attention variants and
+the kernel profile, so the device session spends its minutes measuring, not debugging."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
+    import torch
+
+    torch.set_num_threads(1)
+    out = tmp_path / "rewrite.json"
+    bench_script("gpu_rewrite").main(["--tiny", "--device", "cpu", "--no-levers", "--profile-steps", "2", "--seed-samples", "1",
+                   "--attention", "sdpa:64,flex:32", "--attention-batch", "8", "--out", str(out)])  # fmt: skip
+    data = json.loads(out.read_text())
+    assert "errors" not in data, data.get("errors")
+    paths = [r["path"] for r in data["runs"]]
+    assert paths[0].startswith("seed") and "naive HF greedy" in paths
+    variants = [r for r in data["runs"] if r["path"].startswith("decode attention")]
+    assert [r["path"] for r in variants] == [
+        "decode attention sdpa, kv_block 64",
+        "decode attention flex, kv_block 32",
+    ]
+    assert all(r["tokens_per_s"] > 0 and r["batch"] == 8 for r in variants)
+    checks = data["checks"]
+    assert checks["logits_ok"] and checks["greedy_token_agreement"] == 1.0
+    profile = data["profile"]
+    assert set(profile) >= {"prefill", "decode_step_sdpa", "decode_step_flex"}
+    assert any("mm" in k["name"] for k in profile["prefill"]["kernels"])
+    ours = [r for r in data["runs"] if r["path"].startswith(("ours (", "ours, CUDA", "decode attention"))]
+    assert data["best_tokens_per_s"] == max(r["tokens_per_s"] for r in ours)
+    assert data["speedup_vs_seed"] > 1
