@@ -38,19 +38,23 @@ class Session:
     max_new: int
     k: list[torch.Tensor]
     v: list[torch.Tensor]
-    tok: torch.Tensor
+    tok: torch.Tensor  # (bsz,) the token each row feeds into the next step
+    # The write position, shared by all rows. It counts up without bound; the cache is a ring of cache_len
+    # slots, and a key written at slot s lives at s % cache_len.
     slot: torch.Tensor
-    step: torch.Tensor
-    pad_len: torch.Tensor
+    gen_step: torch.Tensor  # (bsz,) tokens generated so far per row (a finished row stops counting)
+    pad_len: torch.Tensor  # (bsz,) the slot of each row's first real key (prompts are left-padded; may be < 0)
     has_media: torch.Tensor
     finished: torch.Tensor
     nan: torch.Tensor
-    out: torch.Tensor
+    out: torch.Tensor  # (bsz, max_new + 1) generated ids; the last column takes finished rows' writes
     logits: torch.Tensor
-    min_new: torch.Tensor
+    min_new: torch.Tensor  # (bsz,)
+    max_new_row: torch.Tensor  # (bsz,) a row finishes after this many tokens
     is_eos: torch.Tensor
     pad_id: torch.Tensor
     key_idx: torch.Tensor
+    rows: torch.Tensor  # arange(bsz)
     xk: dict[int, torch.Tensor] = field(default_factory=dict)
     xv: dict[int, torch.Tensor] = field(default_factory=dict)
     media_last: torch.Tensor | None = (
@@ -59,6 +63,7 @@ class Session:
     graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
     flex: Any = None  # models.flex_decode.FlexDecodeMask when the decoder attends with FlexAttention
     slot_host: int = 0  # the cache slot the next step writes, known on the host (picks the attention span)
+    full_span: bool = False  # rows may hold keys anywhere in the ring (continuous batching): attend all of it
 
 
 class SessionCache:
@@ -100,9 +105,9 @@ class SessionCache:
         for t in self._arena:
             t.zero_()
 
-    def get(self, batch: int, prompt_len: int, max_new: int) -> Session:
+    def get(self, batch: int, prompt_len: int, max_new: int, cache_len: int | None = None) -> Session:
         bsz = batch_bucket(batch) if self.bucket_batches else batch
-        cache_len = self.cache_len(prompt_len, max_new)
+        cache_len = round_up(cache_len, self.kv_block) if cache_len else self.cache_len(prompt_len, max_new)
         key = (bsz, cache_len, max_new)
         if key in self._sessions:
             self._sessions[key] = self._sessions.pop(key)  # most recently used last
@@ -127,17 +132,19 @@ class SessionCache:
             v=[self._arena[2 * i + 1][:per_layer].view(shape) for i in range(self.n_layers)],
             tok=torch.zeros(bsz, dtype=torch.long, device=dev),
             slot=torch.zeros((), dtype=torch.long, device=dev),
-            step=torch.zeros((), dtype=torch.long, device=dev),
+            gen_step=torch.zeros(bsz, dtype=torch.long, device=dev),
             pad_len=torch.zeros(bsz, dtype=torch.long, device=dev),
             has_media=torch.zeros(bsz, dtype=self.dtype, device=dev),
             finished=torch.ones(bsz, dtype=torch.bool, device=dev),
             nan=torch.zeros(bsz, dtype=torch.bool, device=dev),
-            out=torch.zeros(bsz, max_new, dtype=torch.long, device=dev),
+            out=torch.zeros(bsz, max_new + 1, dtype=torch.long, device=dev),
             logits=torch.zeros(bsz, self.vocab, dtype=torch.float32, device=dev),
-            min_new=torch.zeros((), dtype=torch.long, device=dev),
+            min_new=torch.zeros(bsz, dtype=torch.long, device=dev),
+            max_new_row=torch.zeros(bsz, dtype=torch.long, device=dev),
             is_eos=torch.zeros(self.vocab, dtype=torch.bool, device=dev),
             pad_id=torch.zeros((), dtype=torch.long, device=dev),
             key_idx=torch.arange(cache_len, device=dev),
+            rows=torch.arange(bsz, device=dev),
         )
         self._sessions[key] = sess
         return sess
@@ -147,7 +154,7 @@ def capture_step(
     step: Callable[[Session, int], None], sess: Session, keys: int, pool
 ) -> torch.cuda.CUDAGraph:
     """Capture ``step(sess, keys)`` as a CUDA graph (after one warm-up run whose effects are undone)."""
-    state = (sess.tok, sess.slot, sess.step, sess.finished, sess.nan)
+    state = (sess.tok, sess.slot, sess.gen_step, sess.finished, sess.nan)
     saved = [t.clone() for t in state]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -16,7 +16,9 @@ greedy decoding; ``FastPathUnsupported`` tells the caller to use the plain path 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,19 @@ def is_oom(exc: BaseException) -> bool:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class Admission:
+    """Rows joining a running batch (``FastFlamingoDecoder.stream``): left-padded prompts, their image latents
+    (k, T_img, n_latents, dim) and per-row token limits, under caller-chosen keys."""
+
+    keys: list
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    media: torch.Tensor
+    max_new: list[int]
+    min_new: list[int]
 
 
 @dataclass
@@ -123,9 +138,10 @@ class FastFlamingoDecoder:
         self._cos, self._sin = cos[0], sin[0]
         self._cache.clear_sessions()  # graphs captured against the old tables
 
-    def _session(self, batch: int, prompt_len: int, max_new: int) -> Session:
-        self._rope_table(self._cache.cache_len(prompt_len, max_new))
-        return self._cache.get(batch, prompt_len, max_new)
+    def _session(self, batch: int, prompt_len: int, max_new: int, cache_len: int | None = None) -> Session:
+        length = round_up(cache_len, self.kv_block) if cache_len else self._cache.cache_len(prompt_len, max_new)
+        self._rope_table(length)
+        return self._cache.get(batch, prompt_len, max_new, cache_len=cache_len)
 
     def reset(self) -> None:
         """Drop every cache and graph (e.g. after an out-of-memory error)."""
@@ -135,8 +151,13 @@ class FastFlamingoDecoder:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return (x * cos) + (_rotate_half(x) * sin)
 
-    def _self_attention(self, layer_idx, dl, x, cos, sin, write_at, keys, mask, sess) -> torch.Tensor:
-        """One decoder block's self-attention; writes this input's keys/values into the cache first."""
+    def _self_attention(self, layer_idx, dl, x, cos, sin, write_at, keys, mask, sess, rows=None) -> torch.Tensor:
+        """One decoder block's self-attention; writes this input's keys/values into the cache first.
+
+        Decode step (``write_at`` = the ring position of the slot): every row writes there, then attends the cache.
+        Prefill (``write_at`` None): the prompt's keys go to ``rows`` (None: rows ``[:b]``) at ring positions
+        ``keys`` (an index tensor; None: ``[0, n)``), and the prompt attends its own keys under ``mask``.
+        """
         b, n, _ = x.shape
         attn = dl.self_attn
         q = attn.q_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
@@ -144,24 +165,24 @@ class FastFlamingoDecoder:
         v = attn.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         kc, vc = sess.k[layer_idx], sess.v[layer_idx]
-        if write_at is None:  # prefill: rows [:b], positions [:n]
-            kc[:b, :, :n] = k
-            vc[:b, :, :n] = v
-        else:  # one decode step, every row at the same cache slot
-            kc.index_copy_(2, write_at, k)
-            vc.index_copy_(2, write_at, v)
-        if write_at is not None and self._flex_attention is not None:
-            out = self._flex_attention(q, kc[:b], vc[:b], block_mask=sess.flex.block_mask, scale=self.scaling,
-                                       enable_gqa=self.n_kv != self.n_heads)  # fmt: skip
+        gqa = self.n_kv != self.n_heads
+        if write_at is None:
+            if rows is None:  # a batch's first prefill: rows [:b], positions [:n]
+                kc[:b, :, :n] = k
+                vc[:b, :, :n] = v
+            else:  # rows joining a running batch: (row, ring position) pairs
+                kc[rows.view(-1, 1), :, keys.view(1, -1)] = k.transpose(1, 2)
+                vc[rows.view(-1, 1), :, keys.view(1, -1)] = v.transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
             return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-        out = F.scaled_dot_product_attention(
-            q,
-            kc[:b, :, :keys],
-            vc[:b, :, :keys],
-            attn_mask=mask,
-            scale=self.scaling,
-            enable_gqa=self.n_kv != self.n_heads,
-        )
+        kc.index_copy_(2, write_at, k)
+        vc.index_copy_(2, write_at, v)
+        if self._flex_attention is not None:
+            out = self._flex_attention(q, kc[:b], vc[:b], block_mask=sess.flex.block_mask, scale=self.scaling,
+                                       enable_gqa=gqa)  # fmt: skip
+        else:
+            out = F.scaled_dot_product_attention(q, kc[:b, :, :keys], vc[:b, :, :keys], attn_mask=mask,
+                                                 scale=self.scaling, enable_gqa=gqa)  # fmt: skip
         return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
     @staticmethod
@@ -183,32 +204,41 @@ class FastFlamingoDecoder:
         x = a.to_out(out) * block.attn_gate.tanh() + x
         return block.ff(x) * block.ff_gate.tanh() + x
 
-    def _select(self, sess: Session, logits: torch.Tensor) -> None:
-        """Greedy pick with Hugging Face's semantics (min_new_tokens, pad after eos), all on the device."""
-        sess.logits.copy_(logits)
-        sess.nan |= torch.isnan(logits).any(dim=-1)
-        blocked = (sess.step < sess.min_new) & sess.is_eos
+    def _select(self, sess: Session, logits: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Greedy pick with Hugging Face's semantics (min_new_tokens, pad after eos), per row, on the device.
+
+        ``rows``: pick for these rows only (rows just prefilled); None: every row (a graph-capturable step)."""
+        at = slice(None) if rows is None else rows
+        index = sess.rows if rows is None else rows
+        finished, done = sess.finished[at], sess.gen_step[at]
+        sess.logits[at] = logits
+        sess.nan[at] = sess.nan[at] | torch.isnan(logits).any(dim=-1)
+        blocked = (done < sess.min_new[at]).view(-1, 1) & sess.is_eos.view(1, -1)
         logits = logits.masked_fill(blocked, float("-inf"))
-        nxt = torch.where(sess.finished, sess.pad_id, logits.argmax(dim=-1))
-        sess.out.index_copy_(1, sess.step.view(1), nxt.view(-1, 1))
-        sess.finished |= sess.is_eos[nxt]
-        sess.tok.copy_(nxt)
-        sess.step += 1
+        nxt = torch.where(finished, sess.pad_id, logits.argmax(dim=-1))
+        trash = sess.out.shape[1] - 1  # finished rows write there, so a row's own tokens stay put
+        sess.out[index, torch.where(finished, trash, done)] = nxt
+        done = done + (~finished).long()
+        sess.gen_step[at] = done
+        sess.finished[at] = finished | sess.is_eos[nxt] | (done >= sess.max_new_row[at])
+        sess.tok[at] = nxt
 
     def _step(self, sess: Session, keys: int) -> None:
         """One decode step for the whole (bucketed) batch; graph-capturable: no host syncs, fixed shapes."""
         b = sess.bsz
+        ring = sess.cache_len
         x = self.embed(sess.tok).view(b, 1, -1)
-        pos = (sess.slot - sess.pad_len).clamp(min=0)
+        span = sess.slot - sess.pad_len  # how far back each row's first key is; idle rows may drift past the ring
+        pos = span.clamp(min=0, max=ring - 1)
         cos = self._cos[pos].view(b, 1, 1, -1)
         sin = self._sin[pos].view(b, 1, 1, -1)
         if sess.flex is not None:
             sess.flex.advance(sess.slot)
             mask = None
         else:
-            idx = sess.key_idx[:keys]
-            mask = ((idx >= sess.pad_len.view(b, 1)) & (idx <= sess.slot)).view(b, 1, 1, keys)
-        write_at = sess.slot.view(1)
+            age = torch.remainder(sess.slot - sess.key_idx[:keys], ring)  # slots since each position was written
+            mask = (age.view(1, keys) <= span.view(b, 1)).view(b, 1, 1, keys)
+        write_at = torch.remainder(sess.slot, ring).view(1)
         for i, layer in enumerate(self.layers):
             block = layer.gated_cross_attn_layer
             if block is not None:
@@ -223,9 +253,12 @@ class FastFlamingoDecoder:
         self._select(sess, logits)
         sess.slot += 1
 
-    def _prefill(self, sess: Session, input_ids, attention_mask, media) -> torch.Tensor:
+    def _prefill(self, sess: Session, input_ids, attention_mask, media, rows=None, offset: int = 0) -> torch.Tensor:
         """Run the prompt through every layer (cross-attention by open_flamingo's own modules), fill the cache
-        and the per-batch cross-attention keys/values; return the last position's logits (float32)."""
+        and the per-row cross-attention keys/values; return the last position's logits (float32).
+
+        ``rows`` None: a new batch in rows ``[:b]`` at slots ``[0, n)``. Else the prompts join a running batch in
+        those rows, at slots ``[offset, offset + n)`` of the ring; the other rows are untouched."""
         b, n = input_ids.shape
         mask2d = attention_mask.bool()
         if not bool((mask2d.long().diff(dim=1) >= 0).all()):
@@ -242,6 +275,7 @@ class FastFlamingoDecoder:
         media_locations = input_ids == self.media_token_id
         n_images = media_locations.sum(dim=1)
         media = media.to(self.dtype)
+        target = slice(0, b) if rows is None else rows
         last = media[torch.arange(b, device=self.device), (n_images - 1).clamp(min=0)]  # (b, latents, dim)
         if self.recompute_cross_kv:
             if sess.media_last is None or sess.media_last.shape[1:] != last.shape[1:]:
@@ -249,7 +283,9 @@ class FastFlamingoDecoder:
                     (sess.bsz, *last.shape[1:]), device=self.device, dtype=self.dtype
                 )
                 sess.graphs.clear()
-            sess.media_last[:b] = last
+            sess.media_last[target] = last
+        ring_pos = None if rows is None else torch.remainder(offset + torch.arange(n, device=self.device),
+                                                             sess.cache_len)  # fmt: skip
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             block = layer.gated_cross_attn_layer
@@ -261,58 +297,81 @@ class FastFlamingoDecoder:
                     sess.xk[i] = torch.zeros(full, device=self.device, dtype=self.dtype)
                     sess.xv[i] = torch.zeros(full, device=self.device, dtype=self.dtype)
                     sess.graphs.clear()
-                sess.xk[i][:b] = k
-                sess.xv[i][:b] = v
+                sess.xk[i][target] = k
+                sess.xv[i][target] = v
             dl = layer.decoder_layer
-            x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, None, n, attend, sess)
+            x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, None, ring_pos, attend, sess, rows)
             x = x + dl.mlp(dl.post_attention_layernorm(x))
         # under the v1 masking rule text after the prompt sees no image; under the current rule, the last one
         v1 = any(getattr(x_.gated_cross_attn_layer.attn, "v1_masking", False) for x_ in self._xattn_layers())
-        sess.pad_len.zero_()
-        sess.pad_len[:b] = pad_len
-        sess.has_media.zero_()
-        if not v1:
-            sess.has_media[:b] = (n_images > 0).to(self.dtype)
+        if rows is None:
+            sess.pad_len.zero_()
+            sess.has_media.zero_()
+        sess.pad_len[target] = offset + pad_len
+        sess.has_media[target] = 0.0 if v1 else (n_images > 0).to(self.dtype)
         return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
 
     def _xattn_layers(self):
         return [layer for layer in self.layers if layer.gated_cross_attn_layer is not None]
 
     # -- public ------------------------------------------------------------------------------------
-    def _start(
-        self, input_ids, attention_mask, media, max_new, min_new, eos_token_ids, pad_token_id
-    ) -> Session:
-        b, n = input_ids.shape
-        sess = self._session(b, n, max_new)
+    def _reset_state(self, sess: Session, eos_token_ids, pad_token_id, slot: int) -> None:
+        """Every row finished and empty, the write slot at ``slot``."""
         sess.is_eos.zero_()
         sess.is_eos[torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=self.device)] = True
         sess.pad_id.fill_(int(pad_token_id))
-        sess.min_new.fill_(int(min_new))
-        sess.step.zero_()
-        sess.slot.fill_(n)
-        sess.nan.zero_()
+        for t in (sess.min_new, sess.max_new_row, sess.gen_step, sess.pad_len, sess.has_media, sess.nan):
+            t.zero_()
         sess.finished.fill_(True)
-        sess.finished[:b] = False
         sess.tok.fill_(int(pad_token_id))
-        logits = self._prefill(
-            sess, input_ids.to(self.device), attention_mask.to(self.device), media.to(self.device)
-        )
+        sess.out.fill_(int(pad_token_id))
+        sess.slot.fill_(slot)
+        sess.slot_host = slot
+
+    def _ensure_flex(self, sess: Session) -> None:
         if self.attention == "flex":
             if sess.flex is None:
                 from models.flex_decode import FlexDecodeMask
 
                 sess.flex = FlexDecodeMask(sess.pad_len, sess.slot, sess.cache_len, self.kv_block)
             sess.flex.start(sess.pad_len)
-        self._select_first(sess, logits)
+
+    def _start(
+        self, input_ids, attention_mask, media, max_new, min_new, eos_token_ids, pad_token_id
+    ) -> Session:
+        b, n = input_ids.shape
+        sess = self._session(b, n, max_new)
+        self._reset_state(sess, eos_token_ids, pad_token_id, slot=n)
+        sess.full_span = False
+        sess.min_new[:b] = int(min_new)
+        sess.max_new_row[:b] = int(max_new)
+        sess.finished[:b] = False
+        logits = self._prefill(
+            sess, input_ids.to(self.device), attention_mask.to(self.device), media.to(self.device)
+        )
+        self._ensure_flex(sess)
+        self._select(sess, logits, rows=sess.rows[:b])
         return sess
 
-    def _select_first(self, sess: Session, logits: torch.Tensor) -> None:
-        full = torch.zeros(sess.bsz, self.vocab, device=self.device, dtype=torch.float32)
-        full[: logits.shape[0]] = logits
-        self._select(sess, full)
+    def _admit(self, sess: Session, rows: list[int], joining: Admission) -> None:
+        """Prefill ``joining``'s prompts into the free ``rows`` of a running batch, ending at the current slot,
+        and pick their first tokens; their next token is decoded with everyone else's at the next step."""
+        ids = joining.input_ids.to(self.device)
+        n = ids.shape[1]
+        at = torch.as_tensor(rows, dtype=torch.long, device=self.device)
+        sess.gen_step[at] = 0
+        sess.min_new[at] = torch.as_tensor(joining.min_new, dtype=torch.long, device=self.device)
+        sess.max_new_row[at] = torch.as_tensor(joining.max_new, dtype=torch.long, device=self.device)
+        sess.nan[at] = False
+        sess.finished[at] = False
+        sess.out[at] = sess.pad_id
+        logits = self._prefill(sess, ids, joining.attention_mask.to(self.device), joining.media.to(self.device),
+                               rows=at, offset=sess.slot_host - n)  # fmt: skip
+        self._ensure_flex(sess)
+        self._select(sess, logits, rows=at)
 
     def _run_step(self, sess: Session) -> None:
-        if sess.flex is not None:  # rows' block lists follow the slot on the device: one graph per session
+        if sess.flex is not None or sess.full_span:  # flex: rows' block lists follow the slot on the device
             keys = sess.cache_len
         else:
             keys = min(round_up(int(sess.slot_host) + 1, self.kv_block), sess.cache_len)
@@ -375,6 +434,88 @@ class FastFlamingoDecoder:
             keep = int(alive.max()) + 1 if alive.numel() else 1
             tokens = tokens[:, :keep]
         return DecodeOutput(tokens=tokens, nan=sess.nan[:b].clone())
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        fetch: Callable[[int], Admission | None],
+        rows: int,
+        cache_len: int,
+        max_new_tokens: int,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        check_every: int = 8,
+        refill_at: int | None = None,
+    ) -> Iterator[tuple[Any, torch.Tensor, bool]]:
+        """Continuous batching: keep up to ``rows`` rows decoding and refill the rows that finish.
+
+        ``fetch(k)`` returns up to ``k`` new rows (an ``Admission``), or None when there are no more. Yields
+        ``(key, tokens, nan)`` per row as it finishes, in finishing order: its generated ids (the end-of-sequence
+        token included, if any) and whether its logits saw NaN. Every prompt plus its ``max_new`` must fit in
+        ``cache_len`` (rounded up to ``kv_block``); ``max_new_tokens`` bounds every row's ``max_new``. Each row's
+        tokens are the ones ``generate`` gives it alone.
+
+        The cache is a ring shared by one write slot: a joining prompt is written to the slots just before the
+        current one, so all rows keep stepping together (and one CUDA graph serves every step). Free rows are
+        refilled once ``refill_at`` of them (default rows / 8) are free, to keep joining prefills batched.
+        """
+        sess = self._session(rows, 1, max_new_tokens, cache_len=cache_len)
+        self._reset_state(sess, eos_token_ids, pad_token_id, slot=0)
+        sess.full_span = True
+        self._ensure_flex(sess)
+        refill_at = max(1, refill_at or rows // 8)
+        owner: list[Any] = [None] * rows
+        exhausted = False
+        while True:
+            free = [r for r in range(rows) if owner[r] is None]
+            if free and not exhausted and (len(free) >= refill_at or len(free) == rows):
+                joining = fetch(len(free))
+                if joining is None or not joining.keys:
+                    exhausted = True
+                else:
+                    self._check_fits(joining, sess.cache_len, max_new_tokens, len(free))
+                    taken = free[: len(joining.keys)]
+                    self._admit(sess, taken, joining)
+                    for r, key in zip(taken, joining.keys, strict=True):
+                        owner[r] = key
+            busy = [r for r in range(rows) if owner[r] is not None]
+            if not busy:
+                if exhausted:
+                    return
+                continue
+            for _ in range(check_every):
+                self._run_step(sess)
+                sess.slot_host += 1
+            finished = sess.finished[:rows].tolist()
+            done = [r for r in busy if finished[r]]
+            if not done:
+                continue
+            at = torch.as_tensor(done, dtype=torch.long, device=self.device)
+            tokens, counts, nan = sess.out[at].cpu(), sess.gen_step[at].tolist(), sess.nan[at].tolist()
+            # park the finished rows: their span restarts at the slot, so idle steps read only fresh keys
+            sess.pad_len[at] = sess.slot
+            if any(nan):
+                # 0 * NaN is NaN: a masked NaN left in a row's cache would poison the row's next prompt
+                bad = at[torch.as_tensor(nan, device=self.device)]
+                for k, v in zip(sess.k, sess.v, strict=True):
+                    k[bad] = 0
+                    v[bad] = 0
+            if sess.flex is not None:
+                sess.flex.start(sess.pad_len)
+            for i, r in enumerate(done):
+                key, owner[r] = owner[r], None
+                yield key, tokens[i, : counts[i]], bool(nan[i])
+
+    @staticmethod
+    def _check_fits(joining: Admission, cache_len: int, max_new_tokens: int, free: int) -> None:
+        n = joining.input_ids.shape[1]
+        if len(joining.keys) > free:
+            raise ValueError(f"fetch returned {len(joining.keys)} rows for {free} free ones")
+        if max(joining.max_new) > max_new_tokens or n + max(joining.max_new) > cache_len:
+            raise ValueError(
+                f"a joining row needs {n} prompt + {max(joining.max_new)} new tokens; the ring holds {cache_len} "
+                f"and max_new_tokens is {max_new_tokens}"
+            )
 
     @torch.inference_mode()
     def score(self, input_ids, attention_mask, media, continuation: torch.Tensor) -> torch.Tensor:

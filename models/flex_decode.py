@@ -48,9 +48,11 @@ def eager_flex_attention(*args, **kwargs):
 class FlexDecodeMask:
     """Which cache blocks each row of a session reads at the current step, as a FlexAttention ``BlockMask``.
 
-    Rows are left-padded and share one write slot: row ``r`` attends keys ``pad_len[r] .. slot`` (inclusive, the
-    slot holding the key written this step). ``pad_len`` and ``slot`` are the session's own tensors; the mask
-    function reads them, so it is always exact, and the block lists only decide what is skipped.
+    Rows share one write slot that counts up without bound; the cache is a ring, so the key written at slot ``s``
+    lives at ``s % cache_len``. Row ``r`` attends the keys written at slots ``pad_len[r] .. slot`` (inclusive:
+    the key written this step is included); a row's span never exceeds the ring. ``pad_len`` and ``slot`` are
+    the session's own tensors. The mask function reads them, so it is always exact, and the block lists only
+    decide what is skipped.
     """
 
     def __init__(self, pad_len: torch.Tensor, slot: torch.Tensor, cache_len: int, block: int):
@@ -65,7 +67,9 @@ class FlexDecodeMask:
         self._ramp = torch.arange(self.n_blocks, dtype=torch.int32, device=device)
 
         def row_span(b, h, q_idx, kv_idx):
-            return (kv_idx >= pad_len[b]) & (kv_idx <= slot)
+            # how many slots ago position kv_idx was written, modulo the ring
+            age = torch.remainder(slot - kv_idx, cache_len)
+            return age <= slot - pad_len[b]
 
         kwargs = dict(BLOCK_SIZE=(128, block), mask_mod=row_span, seq_lengths=(1, cache_len))
         try:  # the query-side lists only serve the backward pass; newer PyTorch can skip them
@@ -76,14 +80,15 @@ class FlexDecodeMask:
             self.block_mask = BlockMask.from_kv_blocks(self.num_blocks, self.indices, **kwargs)
 
     def start(self, pad_len: torch.Tensor) -> None:
-        """After the prefill: each row's block list starts at the block of its first real key."""
+        """After a prefill: each row's block list starts at the block of its first real key, going round the
+        ring."""
         self.first.copy_(torch.div(pad_len, self.block, rounding_mode="floor"))
-        self.indices.copy_((self.first.view(-1, 1, 1, 1) + self._ramp).clamp(max=self.n_blocks - 1))
+        self.indices.copy_(torch.remainder(self.first.view(-1, 1, 1, 1) + self._ramp, self.n_blocks))
 
     def advance(self, slot: torch.Tensor) -> None:
-        """Inside the (captured) step: read up to the block holding ``slot``."""
+        """Inside the (captured) step: read up to the block holding ``slot``, never a block twice."""
         last = torch.div(slot, self.block, rounding_mode="floor").to(torch.int32)
-        self.num_blocks.copy_((last + 1 - self.first).view(-1, 1, 1))
+        self.num_blocks.copy_((last + 1 - self.first).clamp(max=self.n_blocks).view(-1, 1, 1))
 
     def dense_blocks(self) -> torch.Tensor:
         """(rows, n_blocks) bool: the blocks each row reads now, read back from the lists (tests, inspection)."""
