@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,17 +368,52 @@ class RewriteGenerator:
             if self.decoder is not None and is_oom_error(exc):
                 self.decoder.reset()
             raise
-        results: list[Generated | Exception] = []
-        for row, p in enumerate(batch):
-            if row in nan_rows:
-                results.append(FloatingPointError("NaN in the logits while generating"))
-                continue
-            tokens = new[row].tolist()
-            cut = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
-            kept = tokens if cut is None else tokens[:cut]
-            n_out = len(tokens) if cut is None else cut + 1
-            text = split_response(self.tokenizer.decode(kept, skip_special_tokens=True))
-            results.append(
-                Generated(text=text, input_tokens=len(p.input_ids), output_tokens=n_out, token_ids=kept)
+        return [self._result(p, new[row].tolist(), row in nan_rows) for row, p in enumerate(batch)]
+
+    def _result(self, prepared: Prepared, tokens: list[int], nan: bool) -> Generated | Exception:
+        """A row's generated ids -> its rewrite (cut at the first end-of-sequence token), or why it failed."""
+        if nan:
+            return FloatingPointError("NaN in the logits while generating")
+        cut = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        kept = tokens if cut is None else tokens[:cut]
+        n_out = len(tokens) if cut is None else cut + 1
+        text = split_response(self.tokenizer.decode(kept, skip_special_tokens=True))
+        return Generated(text=text, input_tokens=len(prepared.input_ids), output_tokens=n_out, token_ids=kept)
+
+    def stream(
+        self, fetch: Callable[[int], list[tuple[Any, Prepared]]], rows: int, longest_prompt: int
+    ) -> Iterator[tuple[Any, Generated | Exception]]:
+        """Continuous batching with the fast decoder (``FastFlamingoDecoder.stream``): ``fetch(k)`` gives up to
+        ``k`` (key, prepared sample) pairs, an empty list when there are no more; yields (key, result) as rows
+        finish. ``longest_prompt`` sizes the ring cache (prompt + max_new_tokens)."""
+        from models.fast_decode import Admission
+
+        if self.decoder is None:
+            raise ValueError(
+                "continuous batching needs the fast decoder (greedy settings, backend auto or fast)"
             )
-        return results
+        max_new = int(self.settings["max_new_tokens"])
+        min_new = int(self.settings.get("min_new_tokens", 0) or 0)
+        joined: dict[Any, Prepared] = {}
+
+        def admission(k: int) -> Admission | None:
+            batch = fetch(k)
+            if not batch:
+                return None
+            joined.update(batch)
+            ids, mask, media = self._collate([p for _, p in batch])
+            keys = [key for key, _ in batch]
+            return Admission(
+                keys, ids, mask, media, max_new=[max_new] * len(keys), min_new=[min_new] * len(keys)
+            )
+
+        try:
+            for key, tokens, nan in self.decoder.stream(admission, rows, longest_prompt + max_new, max_new,
+                                                        self.eos_ids, PAD_ID):  # fmt: skip
+                yield key, self._result(joined.pop(key), tokens.tolist(), nan)
+        except BaseException as exc:
+            from models.batching import is_oom_error
+
+            if is_oom_error(exc):
+                self.decoder.reset()
+            raise

@@ -56,8 +56,8 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
     """Rewrite the samples of ``job["work"]`` into ``job["out"]``; returns the path and counts.
 
     ``job``: work, out (URLs); model_path, model_id; prompt_version; settings (decoding), settings_hash;
-    run_id; and the runtime options backend, device, dtype, cuda_graphs, decode_attention, kv_block, token_budget,
-    max_batch_size,
+    run_id; and the runtime options backend, device, dtype, cuda_graphs, decode_attention, kv_block, scheduling,
+    token_budget, max_batch_size,
     max_prompt_tokens, prefetch_images.
     """
     out = job["out"]
@@ -98,14 +98,18 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         except PromptTooLong as exc:
             early[i] = str(exc)
     todo = sorted(prompt_ids)
-    batches = plan_batches(
-        [len(prompt_ids[i]) for i in todo],
-        max_new_tokens=int(settings["max_new_tokens"]),
-        token_budget=int(job.get("token_budget", 65536)),
-        max_batch_size=int(job.get("max_batch_size", 256)),
-        width=int(settings.get("num_beams", 1)),
-    )
-    batches = [[todo[j] for j in batch] for batch in batches]
+    max_new = int(settings["max_new_tokens"])
+
+    def plan(indices: list[int]) -> list[list[int]]:
+        return plan_batches(
+            [len(prompt_ids[i]) for i in indices],
+            max_new_tokens=max_new,
+            token_budget=int(job.get("token_budget", 65536)),
+            max_batch_size=int(job.get("max_batch_size", 256)),
+            width=int(settings.get("num_beams", 1)),
+        )
+
+    batches = [[todo[j] for j in batch] for batch in plan(todo)]
 
     def load_item(i: int):
         row = work[i]
@@ -117,12 +121,40 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         with lock:
             return gen.generate(batch)
 
-    outcomes, stats = run_batches(
-        batches, load_item, generate, prefetch=bool(job.get("prefetch_images", True))
+    prefetch = bool(job.get("prefetch_images", True))
+    scheduling = (
+        "continuous"
+        if job.get("scheduling") == "continuous" and gen.decoder is not None and todo
+        else "static"
     )
+    if scheduling == "continuous":
+        from models.continuous import run_continuous
+
+        longest = max(len(prompt_ids[i]) for i in todo)
+        rows = max(
+            1,
+            min(
+                int(job.get("max_batch_size", 256)),
+                int(job.get("token_budget", 65536)) // (longest + max_new),
+            ),
+        )
+
+        def stream(fetch):
+            with lock:
+                yield from gen.stream(fetch, rows, longest)
+
+        def plan_fallback(indices: list[int]) -> list[list[int]]:
+            return [[indices[j] for j in batch] for batch in plan(indices)]
+
+        order = [i for batch in batches for i in batch]  # longest prompts first, as the batches were planned
+        outcomes, stats = run_continuous(order, load_item, stream, generate, plan_fallback, prefetch=prefetch)
+    else:
+        outcomes, stats = run_batches(batches, load_item, generate, prefetch=prefetch)
     by_index = {o.index: o for o in outcomes}
 
-    recorded = json.dumps({**settings, "runtime": gen.runtime()}, sort_keys=True)
+    recorded = json.dumps(
+        {**settings, "runtime": {**gen.runtime(), "scheduling": scheduling}}, sort_keys=True
+    )
     rows = []
     for i, row in enumerate(work):
         outcome = by_index.get(i)
@@ -164,6 +196,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         "splits": stats.splits,
         "oom_splits": stats.oom_splits,
         "backend": gen.backend,
+        "scheduling": scheduling,
     }
 
 

@@ -118,3 +118,72 @@ def test_rewrite_settings_validate_before_any_work():
     ):
         with pytest.raises(ConfigError, match=where):
             parse_config({"rewrite": bad})
+
+
+def _fake_stream(rows: int, fail_after: int | None = None, poison: int | None = None):
+    """A stand-in for a continuous decoder: ``rows`` slots, item i takes 1 + i % 4 steps; value = i * 10."""
+
+    def stream(fetch):
+        active: dict[int, int] = {}
+        finished = 0
+        exhausted = False
+        while True:
+            if not exhausted and len(active) < rows:
+                joined = fetch(rows - len(active))
+                exhausted = not joined
+                for i, item in joined:
+                    assert item == f"item{i}"
+                    active[i] = 1 + i % 4
+            if not active:
+                return
+            for i in list(active):
+                active[i] -= 1
+                if active[i] == 0:
+                    del active[i]
+                    if fail_after is not None and finished == fail_after:
+                        raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+                    finished += 1
+                    yield i, (ValueError("NaN in row") if i == poison else i * 10)
+
+    return stream
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_continuous_runs_every_item_once_and_isolates_failures(prefetch):
+    from models.continuous import run_continuous
+
+    def load(i):
+        if i == 3:
+            raise OSError("image 3 unreadable")
+        return f"item{i}"
+
+    def static(batch):  # the fallback must never be needed here
+        raise AssertionError("no fallback expected")
+
+    order = list(range(20))
+    outcomes, stats = run_continuous(order, load, _fake_stream(rows=4, poison=7), static, lambda idx: [idx],
+                                     prefetch=prefetch, chunk=3)  # fmt: skip
+    assert [o.index for o in outcomes] == order
+    assert (
+        outcomes[3].error == "OSError: image 3 unreadable" and outcomes[7].error == "ValueError: NaN in row"
+    )
+    assert all(o.value == o.index * 10 and o.latency_s >= 0 for o in outcomes if o.index not in (3, 7))
+    assert stats.load_failures == 1 and stats.splits == 0
+
+
+def test_a_failing_stream_hands_the_unfinished_items_to_static_batches():
+    from models.continuous import run_continuous
+
+    seen: list[list[str]] = []
+
+    def static(batch):
+        seen.append(list(batch))
+        return [int(item[4:]) * 10 for item in batch]
+
+    order = list(range(12))
+    outcomes, stats = run_continuous(order, lambda i: f"item{i}", _fake_stream(rows=3, fail_after=4), static,
+                                     lambda idx: [idx[k : k + 5] for k in range(0, len(idx), 5)])  # fmt: skip
+    assert [o.index for o in outcomes] == order and all(o.value == o.index * 10 for o in outcomes)
+    redone = sorted(int(item[4:]) for batch in seen for item in batch)
+    assert len(redone) == 12 - 4 and stats.oom_splits == 1  # the 4 finished items were kept, not redone
+    assert "OutOfMemoryError" in stats.errors[0]

@@ -42,16 +42,7 @@ def test_poisoned_sample_fails_alone_and_retry_failed_redoes_only_it(prefect_har
 
     samples = make_samples(workspace, n=8)
     register_model(workspace, model_path)
-    # one more sample with an image of its own, then break that image's file in the store
-    stored = ImageStore(workspace.images).put(png((5, 250, 120), size=48))
-    poisoned = Sample(sample_id="s_poison", source="gqa", split="val", task_type="vqa",
-                      instruction="<image>\nIs it green?", raw_response="yes", images=[stored.image_id])  # fmt: skip
-    lineage = LineageStore(workspace.db_path)
-    with lineage.writer() as con:
-        lineage.ingest_arrow("images", _image_table(stored), con=con)
-        lineage.ingest_arrow("samples", samples_to_table([poisoned]), con=con)
-    good_bytes = Path(stored.path).read_bytes()
-    Path(stored.path).write_bytes(good_bytes[: len(good_bytes) // 3])  # truncated PNG
+    stored, good_bytes = _add_poisoned_sample(workspace)
 
     first = rewrite_flow(config=_config(shard_size=3), workspace=workspace.root)
     raw = [s.sample_id for s in samples if s.task_type != "detailed_caption"]
@@ -88,6 +79,48 @@ def test_poisoned_sample_fails_alone_and_retry_failed_redoes_only_it(prefect_har
             assert r == untouched[r["rewrite_id"]]
     view = _rows(workspace, "SELECT rewrite_status, attempt FROM lineage WHERE sample_id = 's_poison'")
     assert view == [{"rewrite_status": "ok", "attempt": 2}]
+
+
+def test_continuous_scheduling_gives_the_static_rewrites(prefect_harness, workspace, model_path):
+    """Rows refilled as others finish (models/continuous.py) write the same rewrites as static batches; a bad
+    image still fails alone."""
+    from flows.rewrite import rewrite_flow
+
+    make_samples(workspace, n=10)
+    register_model(workspace, model_path)
+    _add_poisoned_sample(workspace)
+    # 3 rows, so the rows of a 6-sample shard are refilled as they finish
+    cfg = dict(shard_size=6, max_batch_size=3, overrides={"max_new_tokens": 16})
+    continuous = rewrite_flow(config=_config(scheduling="continuous", **cfg), workspace=workspace.root)
+    assert (continuous["ok"], continuous["failed"]) == (continuous["selected"] - 1, 1)
+    first = {r["sample_id"]: r for r in _rows(workspace, "SELECT * FROM rewrites")}
+    assert "cannot be decoded" in first["s_poison"]["error"]
+    ok = [r for r in first.values() if r["status"] == "ok"]
+    assert all('"scheduling": "continuous"' in r["settings"] and r["latency_ms"] > 0 for r in ok)
+    assert continuous["selected"] > 2 * 3  # more samples per shard than rows: freed rows were refilled
+
+    chosen = ", ".join(f"'{r['sample_id']}'" for r in ok)
+    static = rewrite_flow(config=_config(scheduling="static", **cfg), workspace=workspace.root,
+                          where=f"sample_id IN ({chosen})")  # fmt: skip
+    assert static["ok"] == len(ok)
+    redone = _rows(workspace, "SELECT * FROM rewrites WHERE attempt = 2")
+    assert all('"scheduling": "static"' in r["settings"] for r in redone)
+    assert {r["sample_id"]: r["output"] for r in redone} == {r["sample_id"]: r["output"] for r in ok}
+
+
+def _add_poisoned_sample(workspace):
+    """One more sample ('s_poison') with an image of its own, whose file in the store is then truncated; returns
+    the stored image and its good bytes."""
+    stored = ImageStore(workspace.images).put(png((5, 250, 120), size=48))
+    poisoned = Sample(sample_id="s_poison", source="gqa", split="val", task_type="vqa",
+                      instruction="<image>\nIs it green?", raw_response="yes", images=[stored.image_id])  # fmt: skip
+    lineage = LineageStore(workspace.db_path)
+    with lineage.writer() as con:
+        lineage.ingest_arrow("images", _image_table(stored), con=con)
+        lineage.ingest_arrow("samples", samples_to_table([poisoned]), con=con)
+    good_bytes = Path(stored.path).read_bytes()
+    Path(stored.path).write_bytes(good_bytes[: len(good_bytes) // 3])
+    return stored, good_bytes
 
 
 def _image_table(stored):

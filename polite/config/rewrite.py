@@ -62,6 +62,9 @@ class RewriteSettings(BaseModel):
     # FlexAttention compiled on CUDA); same function, the faster one depends on the card (BENCHMARKS.md)
     decode_attention: Literal["sdpa", "flex"] = "sdpa"
     kv_block: int = Field(default=64, ge=16, multiple_of=16)  # KV-cache granularity (keys) of the decode step
+    # static: each batch decodes until its longest rewrite ends. continuous: rows that finish are refilled with
+    # the next samples at once (fast decoder only; the plain path stays static)
+    scheduling: Literal["static", "continuous"] = "static"
     prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
 
     @model_validator(mode="after")
