@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--attention-batch", type=int, default=None,
                         help="batch for the attention variants and the profile, default the best batch above")  # fmt: skip
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of prefill/steps")
+    parser.add_argument("--scheduling-batch", type=int, default=None,
+                        help="rows for the static-vs-continuous comparison, default 256 (tiny: 16); 0 skips")  # fmt: skip
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 exactness check (GPU only)")
     parser.add_argument("--bandwidth-tbs", type=float, default=None, help="peak memory bandwidth, TB/s")
@@ -242,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     floor_fraction=floor and round(floor / step_ms, 3), roofline_step_ms=roof and round(roof, 2),
                     roofline_fraction=roof and round(roof / step_ms, 3))  # fmt: skip
 
-    def record(name: str, batch: int, seconds: float, **extra) -> dict:
-        tokens = batch * new
+    def record(name: str, batch: int, seconds: float, tokens: int | None = None, **extra) -> dict:
+        tokens = batch * new if tokens is None else tokens
         row = {"path": name, "batch": batch, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
                "samples_per_s": round(batch / seconds, 2), **extra}  # fmt: skip
         if device.type == "cuda":
@@ -347,6 +349,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           prompt_len, new, image_size, device, dtype, record, step_figures)  # fmt: skip
             if row and (best is None or row["tokens_per_s"] > best["tokens_per_s"]):
                 best = row
+    sched_batch = (16 if tiny else 256) if args.scheduling_batch is None else args.scheduling_batch
+    if sched_batch:
+        graphs.reset()
+        attempt("scheduling", lever_scheduling, results, model, sched_batch, prompt_len, image_size, device,
+                dtype, record, 48 if tiny else 128)  # fmt: skip
     if not args.no_profile:
         graphs.reset()
         kinds = sorted({kind for kind, _ in variants} | {"sdpa"})
@@ -442,6 +449,58 @@ def lever_attention(model, attention, kv_block, batch, prompt_len, new, image_si
         del decoder
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtype, record, new: int) -> None:
+    """Rewrites differ in length: static batches decode until their longest row ends, continuous batching
+    refills rows as they finish. Output lengths are drawn (log-normal around 40% of ``new``, 8..new) and forced
+    per row; 3 x ``batch`` prompts; tokens/s counts only the tokens rows asked for."""
+    import math
+
+    from models.fast_decode import Admission
+
+    n_rows = 3 * batch
+    g = torch.Generator().manual_seed(13)
+    lengths = torch.empty(n_rows).log_normal_(math.log(0.4 * new), 0.6, generator=g).clamp(8, new).long().tolist()
+    ids, mask, px = make_inputs(model, n_rows, prompt_len, image_size, device, dtype, seed=14)
+    eos = [model.eoc_token_id, 2]
+    useful = sum(lengths)
+    results["scheduling"] = {"rows": batch, "prompts": n_rows, "new_max": new, "mean_length": useful / n_rows}
+
+    def static(decoder, rows):
+        for k in range(0, len(rows), batch):
+            sel = torch.tensor(rows[k : k + batch], device=device)
+            media = encode_images(model, px[sel])[:, None]
+            limits = [lengths[i] for i in sel.tolist()]
+            decoder.generate(ids[sel], mask[sel], media, limits, eos, 0, min_new_tokens=limits)
+
+    def continuous(decoder, rows):
+        queue = list(rows)
+
+        def fetch(k):
+            take, queue[:] = queue[:k], queue[k:]
+            if not take:
+                return None
+            sel = torch.tensor(take, device=device)
+            limits = [lengths[i] for i in take]
+            return Admission(take, ids[sel], mask[sel], encode_images(model, px[sel])[:, None], limits, limits)
+
+        for _ in decoder.stream(fetch, batch, prompt_len + new, new, eos, 0):
+            pass
+
+    every = list(range(n_rows))
+    for label, run, attention in (("static batches", static, "sdpa"), ("continuous", continuous, "sdpa"),
+                                  ("continuous", continuous, "flex")):  # fmt: skip
+        decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention)
+        try:
+            run(decoder, every[:batch])  # capture graphs / compile on one batch's worth first
+            _, seconds = timed(device, run, decoder, every)
+            record(f"scheduling: {label}, {attention}", n_rows, seconds, tokens=useful)
+        finally:
+            decoder.reset()
+            del decoder
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 @torch.inference_mode()

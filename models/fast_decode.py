@@ -16,7 +16,7 @@ greedy decoding; ``FastPathUnsupported`` tells the caller to use the plain path 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from models.fast_cache import KV_BLOCK, Session, SessionCache, capture_step, round_up
 
 ATTENTION_KINDS = ("sdpa", "flex")
+
+
+def _most(limit: int | Sequence[int]) -> int:
+    return int(limit) if isinstance(limit, int) else max(int(x) for x in limit)
 
 
 class FastPathUnsupported(RuntimeError):
@@ -340,11 +344,11 @@ class FastFlamingoDecoder:
         self, input_ids, attention_mask, media, max_new, min_new, eos_token_ids, pad_token_id
     ) -> Session:
         b, n = input_ids.shape
-        sess = self._session(b, n, max_new)
+        sess = self._session(b, n, _most(max_new))
         self._reset_state(sess, eos_token_ids, pad_token_id, slot=n)
         sess.full_span = False
-        sess.min_new[:b] = int(min_new)
-        sess.max_new_row[:b] = int(max_new)
+        sess.min_new[:b] = torch.as_tensor(min_new, dtype=torch.long, device=self.device)
+        sess.max_new_row[:b] = torch.as_tensor(max_new, dtype=torch.long, device=self.device)
         sess.finished[:b] = False
         logits = self._prefill(
             sess, input_ids.to(self.device), attention_mask.to(self.device), media.to(self.device)
@@ -403,13 +407,15 @@ class FastFlamingoDecoder:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         media: torch.Tensor,
-        max_new_tokens: int,
+        max_new_tokens: int | Sequence[int],
         eos_token_ids: list[int],
         pad_token_id: int,
-        min_new_tokens: int = 0,
+        min_new_tokens: int | Sequence[int] = 0,
         check_every: int = 8,
     ) -> DecodeOutput:
-        """Greedy decoding of a left-padded batch; identical tokens to Hugging Face greedy ``generate``."""
+        """Greedy decoding of a left-padded batch; identical tokens to Hugging Face greedy ``generate``.
+
+        The token limits are one for all rows or one per row; the batch runs until every row has finished."""
         b, n = input_ids.shape
         sess = self._start(
             input_ids, attention_mask, media, max_new_tokens, min_new_tokens, eos_token_ids, pad_token_id
@@ -417,7 +423,7 @@ class FastFlamingoDecoder:
         steps = 1
         sess.slot_host = n
         every = 1 if self.device.type == "cpu" else max(1, check_every)
-        while steps < max_new_tokens:
+        while steps < _most(max_new_tokens):
             if steps % every == 0 and bool(sess.finished[:b].all()):
                 break
             self._run_step(sess)

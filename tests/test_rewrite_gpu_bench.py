@@ -27,6 +27,10 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
         "decode attention flex, kv_block 32",
     ]
     assert all(r["tokens_per_s"] > 0 and r["batch"] == 8 for r in variants)
+    scheduling = [r for r in data["runs"] if r["path"].startswith("scheduling")]
+    assert [r["path"] for r in scheduling] == ["scheduling: static batches, sdpa", "scheduling: continuous, sdpa",
+                                               "scheduling: continuous, flex"]  # fmt: skip
+    assert all(r["batch"] == 48 and r["tokens_per_s"] > 0 for r in scheduling)
     checks = data["checks"]
     assert checks["logits_ok"] and checks["greedy_token_agreement"] == 1.0
     profile = data["profile"]

@@ -77,3 +77,16 @@ def test_stream_rejects_rows_that_do_not_fit(loaded, images):  # noqa: F811
     with pytest.raises(ValueError, match="the ring holds 16"):
         list(decoder.stream(lambda k: joining, rows=2, cache_len=16, max_new_tokens=8, eos_token_ids=gen.eos_ids,
                             pad_token_id=0))  # fmt: skip
+
+
+def test_static_batches_take_per_row_limits(loaded, images):  # noqa: F811
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 17}), backend="plain")
+    items = _items(gen, images, 5)
+    decoder = FastFlamingoDecoder(loaded.model, cuda_graphs=False)
+    ids, mask, media = gen._collate([p for p, _ in items])
+    limits = [new for _, new in items]
+    out = decoder.generate(ids, mask, media, limits, gen.eos_ids, 0, min_new_tokens=limits).tokens
+    assert out.shape[1] == max(limits)
+    for row, (prepared, new) in enumerate(items):
+        assert out[row, :new].tolist() == _alone(decoder, gen, prepared, new)
+        assert (out[row, new:] == 0).all()  # padded after its own limit
