@@ -122,11 +122,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
             return gen.generate(batch)
 
     prefetch = bool(job.get("prefetch_images", True))
-    scheduling = (
-        "continuous"
-        if job.get("scheduling") == "continuous" and gen.decoder is not None and todo
-        else "static"
-    )
+    scheduling = choose_scheduling(str(job.get("scheduling", "auto")), gen) if todo else "static"
     if scheduling == "continuous":
         from models.continuous import run_continuous
 
@@ -198,6 +194,16 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         "backend": gen.backend,
         "scheduling": scheduling,
     }
+
+
+def choose_scheduling(requested: str, gen) -> str:
+    """``auto``: continuous where it was measured to pay (CPU: 1.32x on the demo's rewrites) or where each row
+    reads only its own span (flex); static for sdpa on CUDA until a GPU run compares them (BENCHMARKS.md)."""
+    if gen.decoder is None:  # the plain path (beams, sampling) batches statically
+        return "static"
+    if requested != "auto":
+        return requested
+    return "continuous" if gen.decoder.device.type == "cpu" or gen.decoder.attention == "flex" else "static"
 
 
 def _dtype(name: str | None):

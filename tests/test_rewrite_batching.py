@@ -187,3 +187,20 @@ def test_a_failing_stream_hands_the_unfinished_items_to_static_batches():
     redone = sorted(int(item[4:]) for batch in seen for item in batch)
     assert len(redone) == 12 - 4 and stats.oom_splits == 1  # the 4 finished items were kept, not redone
     assert "OutOfMemoryError" in stats.errors[0]
+
+
+def test_auto_scheduling_is_continuous_where_it_pays():
+    from types import SimpleNamespace
+
+    from tasks.rewrite import choose_scheduling
+
+    def gen(device: str | None, attention: str = "sdpa"):
+        decoder = None if device is None else SimpleNamespace(device=torch.device(device), attention=attention)
+        return SimpleNamespace(decoder=decoder)
+
+    assert choose_scheduling("auto", gen("cpu")) == "continuous"
+    assert choose_scheduling("auto", gen("cuda")) == "static"  # sdpa would read the whole ring every step
+    assert choose_scheduling("auto", gen("cuda", "flex")) == "continuous"
+    assert choose_scheduling("static", gen("cpu")) == "static"
+    assert choose_scheduling("continuous", gen("cuda")) == "continuous"
+    assert choose_scheduling("continuous", gen(None)) == "static"  # the plain path cannot stream

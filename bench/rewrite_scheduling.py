@@ -1,0 +1,104 @@
+"""Static batches vs continuous batching through the production rewrite task, on a workspace's own samples.
+
+Runs ``tasks.rewrite.rewrite_shard`` (the function behind the Prefect task: batching, image loading, the fast
+decoder, result files) on the work shards of a workspace's first rewrite run, once per scheduling, alternating
+for ``--rounds`` rounds, with the workspace's latest rewriter. Rewrites of a trained model differ in length,
+which is what continuous batching is for. Prints the time per run, tokens/s over the generation time, and
+whether both schedulings wrote the same rewrites.
+
+    .venv/bin/polite run --workspace /tmp/demo_ws               # once: a trained tiny rewriter and 600 samples
+    .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    import pyarrow as pa
+    import torch
+
+    from lineage.store import LineageStore
+    from models.generation import resolve_generation
+    from models.prompts import PROMPT_VERSION
+    from polite.ids import settings_hash
+    from polite.shards import read_table, write_table_atomic
+    from polite.workspace import Workspace
+    from tasks.rewrite import rewrite_shard
+
+    torch.set_num_threads(args.threads)
+    ws = Workspace.resolve(args.workspace)
+    store = LineageStore(ws.db_path)
+    model = store.query(
+        "SELECT model_id, path FROM models WHERE kind = 'rewriter' ORDER BY created_at DESC LIMIT 1"
+    )
+    model = model.to_pylist()[0]
+    work = [read_table(str(p)) for p in sorted(Path(ws.root, "shards", "rewrites", "work").glob("*.parquet"))]
+    first = pa.concat_tables([t for t in work if set(t.column("reason").to_pylist()) == {"first"}])
+    tmp = Path(tempfile.mkdtemp(prefix="rewrite-scheduling-"))
+    work_path = str(tmp / "work.parquet")
+    write_table_atomic(first, work_path)
+    settings = resolve_generation("greedy", {"max_new_tokens": args.max_new_tokens})
+    base = {"work": work_path, "model_path": model["path"], "model_id": model["model_id"],
+            "prompt_version": PROMPT_VERSION, "settings": settings, "settings_hash": settings_hash(settings),
+            "run_id": None, "backend": "auto", "device": "cpu", "token_budget": 65536,
+            "max_batch_size": args.max_batch_size, "prefetch_images": True}  # fmt: skip
+    print(
+        f"{first.num_rows} samples, model {model['model_id']}, max_new_tokens {args.max_new_tokens}",
+        flush=True,
+    )
+
+    runs, outputs = [], {}
+    warm = dict(base, work=str(tmp / "warm.parquet"), out=str(tmp / "warm-out.parquet"))
+    write_table_atomic(first.slice(0, 8), warm["work"])
+    rewrite_shard(warm)  # load the model once, outside the timings
+    for k in range(args.rounds):
+        for scheduling in ("static", "continuous") if k % 2 == 0 else ("continuous", "static"):
+            out = str(tmp / f"{scheduling}-{k}.parquet")
+            started = time.perf_counter()
+            stats = rewrite_shard(dict(base, out=out, scheduling=scheduling))
+            wall = time.perf_counter() - started
+            rows = read_table(out).to_pylist()
+            outputs.setdefault(scheduling, {r["sample_id"]: r["output"] for r in rows})
+            row = {"scheduling": stats["scheduling"], "round": k, "seconds": round(wall, 2),
+                   "generate_s": stats["generate_s"], "output_tokens": stats["output_tokens"],
+                   "tokens_per_s": round(stats["output_tokens"] / stats["generate_s"], 1), "ok": stats["ok"],
+                   "batches": stats["batches"]}  # fmt: skip
+            runs.append(row)
+            print(json.dumps(row), flush=True)
+    same = sum(outputs["static"][s] == outputs["continuous"].get(s) for s in outputs["static"])
+    result = {
+        "samples": first.num_rows,
+        "runs": runs,
+        "identical_rewrites": f"{same}/{len(outputs['static'])}",
+    }
+    for scheduling in ("static", "continuous"):
+        mine = sorted(r["generate_s"] for r in runs if r["scheduling"] == scheduling)
+        result[f"{scheduling}_median_generate_s"] = mine[len(mine) // 2]
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
