@@ -340,6 +340,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["checks"].update(logits_check(model, graphs, prompt_len, image_size, device, dtype))
 
     attempt("logits check", bf16_check)
+    if device.type == "cpu":  # fp32 here: exact; on the GPU it runs in fp32_check instead
+        for kind in ("sdpa", "flex"):
+            check = attempt(f"stream check {kind}", stream_check, model,
+                            FastFlamingoDecoder(model, cuda_graphs=False, attention=kind), prompt_len, image_size,
+                            device, dtype)  # fmt: skip
+            results["checks"][f"stream_{kind}"] = check
 
     big = args.attention_batch or (best["batch"] if best else ours_batches[0])
     if variants:
@@ -409,6 +415,33 @@ def logits_check(model, decoder, prompt_len: int, image_size: int, device, dtype
     }
 
 
+def stream_check(model, decoder, prompt_len: int, image_size: int, device, dtype) -> dict[str, Any]:
+    """Continuous batching against each row alone: 12 prompts of mixed lengths through 4 rows, forced output
+    lengths 4..24; the share of rows whose tokens are identical (exact in fp32; bf16 ties may differ)."""
+    from models.fast_decode import Admission
+
+    lengths = [prompt_len - (7 * k) % (prompt_len // 2) for k in range(12)]
+    ids, mask, px = make_inputs(model, 12, prompt_len, image_size, device, dtype, seed=21, lengths=lengths)
+    media = encode_images(model, px)[:, None]
+    limits = [4 + (5 * k) % 21 for k in range(12)]
+    eos = [model.eoc_token_id, 2]
+    alone = [decoder.generate(ids[i : i + 1], mask[i : i + 1], media[i : i + 1], limits[i], eos, 0,
+                              min_new_tokens=limits[i]).tokens[0, : limits[i]].tolist() for i in range(12)]  # fmt: skip
+    queue = list(range(12))
+
+    def fetch(k):
+        take, queue[:] = queue[:k], queue[k:]
+        sel = torch.tensor(take, device=device, dtype=torch.long)
+        lim = [limits[i] for i in take]
+        return Admission(take, ids[sel], mask[sel], media[sel], lim, lim) if take else None
+
+    streamed = {key: tokens.tolist() for key, tokens, _ in decoder.stream(fetch, 4, prompt_len + 24, 24, eos, 0,
+                                                                         check_every=3, refill_at=1)}  # fmt: skip
+    same = sum(streamed.get(i) == alone[i] for i in range(12))
+    log(f"continuous batching vs each row alone ({dtype}, {decoder.attention}): {same}/12 rows identical")
+    return {"stream_rows_identical": f"{same}/12"}
+
+
 def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device, kinds=("sdpa",)) -> None:
     """The same check in fp32 (TF32 off) on a full-width, 8-layer model: exactness of the algorithm on the GPU.
 
@@ -422,6 +455,7 @@ def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device, ki
         decoder = FastFlamingoDecoder(model32, cuda_graphs=True, attention=kind)
         try:
             checks = logits_check(model32, decoder, prompt_len, image_size, device, torch.float32)
+            checks.update(stream_check(model32, decoder, prompt_len, image_size, device, torch.float32))
         except Exception as exc:  # noqa: BLE001 - one kind failing leaves the other's check
             checks = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         checks["cuda_graph_error"] = decoder.graph_error

@@ -33,6 +33,7 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     assert all(r["batch"] == 48 and r["tokens_per_s"] > 0 for r in scheduling)
     checks = data["checks"]
     assert checks["logits_ok"] and checks["greedy_token_agreement"] == 1.0
+    assert checks["stream_sdpa"] == checks["stream_flex"] == {"stream_rows_identical": "12/12"}
     profile = data["profile"]
     assert set(profile) >= {"prefill", "decode_step_sdpa", "decode_step_flex"}
     assert any("mm" in k["name"] for k in profile["prefill"]["kernels"])
