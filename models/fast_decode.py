@@ -7,7 +7,12 @@ whatever the batch) and recomputes the cross-attention keys/values from the imag
 * cross-attention keys/values computed once per batch (from each row's last image) instead of once per step;
 * the whole step - embedding, layers, greedy pick, end-of-sequence bookkeeping - captured in a CUDA graph per
   (batch bucket, cache length, attention span) and replayed, so a step costs one launch;
-* the prompt (prefill) runs eagerly through the very same open_flamingo cross-attention modules.
+* the prompt (prefill) runs eagerly through the very same open_flamingo cross-attention modules;
+* per-row decoding state (tokens generated, limits, end of sequence) and a ring-shaped cache shared by one write
+  slot, so ``stream`` can refill a finished row with a new prompt while the others keep decoding (continuous
+  batching) and every step is still the same captured graph;
+* the step's self-attention is SDPA over one masked span, or FlexAttention over each row's own cache blocks
+  (models/flex_decode.py).
 
 The decoder calls the model's own modules (norms, projections, MLPs, cross-attention), so merged LoRA weights and
 either cross-attention masking rule (models/compat.py) are honoured. It supports LLaMA-style language models and
