@@ -455,7 +455,7 @@ class FastFlamingoDecoder:
         max_new_tokens: int,
         eos_token_ids: list[int],
         pad_token_id: int,
-        check_every: int = 8,
+        check_every: int | None = None,
         refill_at: int | None = None,
     ) -> Iterator[tuple[Any, torch.Tensor, bool]]:
         """Continuous batching: keep up to ``rows`` rows decoding and refill the rows that finish.
@@ -475,6 +475,9 @@ class FastFlamingoDecoder:
         sess.full_span = True
         self._ensure_flex(sess)
         refill_at = max(1, refill_at or rows // 8)
+        # how many steps between looks at which rows finished: a look is a device sync on CUDA, free on CPU
+        # (where looking every step measured 5% faster than every 8th on the demo's rewrites)
+        every = check_every or (1 if self.device.type == "cpu" else 8)
         owner: list[Any] = [None] * rows
         exhausted = False
         while True:
@@ -494,7 +497,7 @@ class FastFlamingoDecoder:
                 if exhausted:
                     return
                 continue
-            for _ in range(check_every):
+            for _ in range(every):
                 self._run_step(sess)
                 sess.slot_host += 1
             finished = sess.finished[:rows].tolist()
