@@ -127,17 +127,13 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         from models.continuous import run_continuous
 
         longest = max(len(prompt_ids[i]) for i in todo)
-        rows = max(
-            1,
-            min(
-                int(job.get("max_batch_size", 256)),
-                int(job.get("token_budget", 65536)) // (longest + max_new),
-            ),
-        )
+        # as many rows as a static batch of the longest prompts could have, and no more than there are samples
+        budget_rows = int(job.get("token_budget", 65536)) // (longest + max_new)
+        slots = max(1, min(int(job.get("max_batch_size", 256)), budget_rows, len(todo)))
 
         def stream(fetch):
             with lock:
-                yield from gen.stream(fetch, rows, longest)
+                yield from gen.stream(fetch, slots, longest)
 
         def plan_fallback(indices: list[int]) -> list[list[int]]:
             return [[indices[j] for j in batch] for batch in plan(indices)]

@@ -33,14 +33,8 @@ def _alone(decoder, gen, prepared, new: int) -> list[int]:
     return out.tokens[0, :new].tolist()
 
 
-@pytest.mark.parametrize("attention,bucketed", [("sdpa", False), ("flex", False), ("sdpa", True)])
-def test_stream_rows_get_the_tokens_they_get_alone(loaded, images, attention, bucketed):  # noqa: F811
-    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 17}), backend="plain")
-    items = _items(gen, images, 36)
-    decoder = FastFlamingoDecoder(loaded.model, cuda_graphs=False, kv_block=16, attention=attention)
-    expected = {k: _alone(decoder, gen, p, new) for k, (p, new) in enumerate(items)}
-    # the CUDA-graph path pads 3 rows to a bucket of 4 with an idle row; force that on CPU
-    decoder._cache.bucket_batches = bucketed
+def _stream_all(decoder, gen, items, rows: int) -> tuple[dict[int, list[int]], list[int]]:
+    """Every item through ``decoder.stream`` (forced per-item lengths, max 17); tokens by item, fetch sizes."""
     longest = max(len(p.input_ids) for p, _ in items)
     queue = list(range(len(items)))
     fetched = []
@@ -57,15 +51,48 @@ def test_stream_rows_get_the_tokens_they_get_alone(loaded, images, attention, bu
         )
 
     got = {}
-    for key, tokens, nan in decoder.stream(fetch, rows=3, cache_len=longest + 17, max_new_tokens=17,
+    for key, tokens, nan in decoder.stream(fetch, rows=rows, cache_len=longest + 17, max_new_tokens=17,
                                            eos_token_ids=gen.eos_ids, pad_token_id=0, check_every=3, refill_at=1):  # fmt: skip
         assert key not in got and not nan
         got[key] = tokens.tolist()
+    return got, fetched
+
+
+@pytest.mark.parametrize("attention,bucketed", [("sdpa", False), ("flex", False), ("sdpa", True)])
+def test_stream_rows_get_the_tokens_they_get_alone(loaded, images, attention, bucketed):  # noqa: F811
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 17}), backend="plain")
+    items = _items(gen, images, 36)
+    decoder = FastFlamingoDecoder(loaded.model, cuda_graphs=False, kv_block=16, attention=attention)
+    expected = {k: _alone(decoder, gen, p, new) for k, (p, new) in enumerate(items)}
+    # the CUDA-graph path pads 3 rows to a bucket of 4 with an idle row; force that on CPU
+    decoder._cache.bucket_batches = bucketed
+    got, fetched = _stream_all(decoder, gen, items, rows=3)
     assert got == expected
     assert list(got) != sorted(got)  # rows finished out of order, so rows really were refilled mid-batch
     assert max(fetched) == 3 and min(fetched[:-1]) < 3  # a full first batch, then partial refills
     sess = next(iter(decoder._cache._sessions.values()))
     assert sess.slot_host > sess.cache_len  # the ring wrapped
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_cuda_graphs_give_eager_tokens_in_static_and_continuous_batches(images, tmp_path, attention):  # noqa: F811
+    """On a GPU in fp32 (TF32 off): graph-replayed steps, either attention, static or continuous batches, give
+    the eager SDPA path's tokens for every sample."""
+    from models.loader import load_rewriter
+    from models.tiny import make_tiny_rewriter
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    on_gpu = load_rewriter(make_tiny_rewriter(tmp_path / "tiny", seed=3), device="cuda", dtype=torch.float32)
+    gen = RewriteGenerator(on_gpu, resolve_generation("greedy", {"max_new_tokens": 17}), backend="plain")
+    items = _items(gen, images, 20)
+    eager = FastFlamingoDecoder(on_gpu.model, cuda_graphs=False, kv_block=16)
+    graphs = FastFlamingoDecoder(on_gpu.model, cuda_graphs=True, kv_block=16, attention=attention)
+    expected = {k: _alone(eager, gen, p, new) for k, (p, new) in enumerate(items)}
+    assert {k: _alone(graphs, gen, p, new) for k, (p, new) in enumerate(items)} == expected
+    got, _ = _stream_all(graphs, gen, items, rows=5)
+    assert got == expected and graphs.graph_error is None
 
 
 def test_stream_rejects_rows_that_do_not_fit(loaded, images):  # noqa: F811
