@@ -33,7 +33,9 @@ def compiled_flex_attention():
         if _compiled is None:
             import torch._dynamo
 
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
             _compiled = torch.compile(flex_attention, fullgraph=True)
         return _compiled
 
