@@ -29,7 +29,7 @@ run() {  # name, seconds, command...
 }
 levers=--no-levers
 [ "${LEVERS:-0}" = 1 ] && levers=
-run gpu_rewrite "${REWRITE_S:-420}" python3 bench/gpu_rewrite.py $levers --out "$OUT/gpu_rewrite.json"
+run gpu_rewrite "${REWRITE_S:-540}" python3 bench/gpu_rewrite.py $levers --out "$OUT/gpu_rewrite.json"
 if [ "${ALL:-0}" = 1 ]; then
   run gpu_model "${MODEL_S:-150}" python3 bench/gpu_model.py --out "$OUT/gpu_model.json"
   run gpu_filters "${FILTERS_S:-110}" python3 bench/gpu_filters.py --out "$OUT/gpu_filters.json"

@@ -253,7 +253,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
         results["runs"].append(row)
         log("  " + json.dumps(row))
+        save()
         return row
+
+    def save() -> None:
+        """Write what is measured so far: a run cut short by its time box still leaves its figures."""
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
     def attempt(what: str, fn, *args):
         """Run one part; if it fails, record why and go on, so one broken path still leaves the others measured."""
@@ -379,9 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         attempt("fp32 logits check", fp32_check, results, tiny, prompt_len, image_size, device, kinds)
     results["total_s"] = round(time.perf_counter() - started, 1)
     log(json.dumps({k: v for k, v in results.items() if k not in ("runs",)}, indent=1))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    save()
     return results
 
 
