@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--seed-samples", type=int, default=2, help="samples through the seed path (batch 1)")
     parser.add_argument("--no-levers", action="store_true", help="skip the per-lever measurements")
-    parser.add_argument("--attention", default="sdpa:64,sdpa:16,flex:64,flex:32",
-                        help="decode-attention variants (kind:kv_block) timed at --attention-batch; '' skips")  # fmt: skip
+    parser.add_argument("--attention", default="sdpa:64,sdpa:64:unfused,sdpa:16,flex:64,flex:32",
+                        help="decode variants (kind:kv_block[:unfused]) timed at --attention-batch; '' skips")  # fmt: skip
     parser.add_argument("--attention-batch", type=int, default=None,
                         help="batch for the attention variants and the profile, default the best batch above")  # fmt: skip
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of prefill/steps")
@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops_peak, _ = peak_bandwidth(device, None, PEAK_BF16_FLOPS)
     variants = []
     for item in filter(None, args.attention.split(",")):
-        kind, _, block = item.partition(":")
-        variants.append((kind, int(block or 64)))
+        kind, *more = item.split(":")
+        block = int(more[0]) if more and more[0] else 64
+        variants.append((kind, block, "unfused" not in more[1:]))
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "shape": "tiny" if tiny else "9b",
@@ -357,9 +358,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     big = args.attention_batch or (best["batch"] if best else ours_batches[0])
     if variants:
         graphs.reset()  # its KV arena at the largest batch would not leave room for another decoder's
-        for attention, kv_block in variants:
+        for attention, kv_block, fuse in variants:
             row = attempt(f"attention {attention}:{kv_block}", lever_attention, model, attention, kv_block, big,
-                          prompt_len, new, image_size, device, dtype, record, step_figures)  # fmt: skip
+                          prompt_len, new, image_size, device, dtype, record, step_figures, fuse)  # fmt: skip
             if row and (best is None or row["tokens_per_s"] > best["tokens_per_s"]):
                 best = row
     sched_batch = (16 if tiny else 256) if args.scheduling_batch is None else args.scheduling_batch
@@ -369,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 dtype, record, 48 if tiny else 128)  # fmt: skip
     if not args.no_profile:
         graphs.reset()
-        kinds = sorted({kind for kind, _ in variants} | {"sdpa"})
+        kinds = sorted({kind for kind, *_ in variants} | {"sdpa"})
         results["profile"] = attempt("profile", profile_kernels, model, kinds, big, prompt_len, image_size,
                                      device, dtype, args.profile_steps)  # fmt: skip
     if best is not None:
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         levers(results, model, graphs, b0, prompt_len, new, image_size, device, dtype, record, tiny, attempt)
     if device.type == "cuda" and not args.no_fp32_check:
         graphs.reset()
-        kinds = sorted({kind for kind, _ in variants} | {"sdpa"})
+        kinds = sorted({kind for kind, *_ in variants} | {"sdpa"})
         attempt("fp32 logits check", fp32_check, results, tiny, prompt_len, image_size, device, kinds)
     results["total_s"] = round(time.perf_counter() - started, 1)
     log(json.dumps({k: v for k, v in results.items() if k not in ("runs",)}, indent=1))
@@ -471,16 +472,19 @@ def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device, ki
     torch.cuda.empty_cache()
 
 
-def lever_attention(model, attention, kv_block, batch, prompt_len, new, image_size, device, dtype, record, figures):
+def lever_attention(model, attention, kv_block, batch, prompt_len, new, image_size, device, dtype, record, figures,
+                    fuse: bool = True):  # fmt: skip
     """One decode-attention variant at ``batch`` with CUDA graphs: the first run compiles and captures, the
     second is timed, a one-token run gives the prefill share."""
     ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=2)
-    decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention, kv_block=kv_block)
+    decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention, kv_block=kv_block,
+                                  fuse_projections=fuse)  # fmt: skip
     try:
         _, warm_s = timed(device, run_fast, decoder, model, ids, mask, px, new)
         _, seconds = timed(device, run_fast, decoder, model, ids, mask, px, new)
         _, prefill_s = timed(device, run_fast, decoder, model, ids, mask, px, 1)
-        return record(f"decode attention {attention}, kv_block {kv_block}", batch, seconds,
+        label = f"decode attention {attention}, kv_block {kv_block}" + ("" if fuse else ", unfused projections")
+        return record(label, batch, seconds,
                       first_run_s=round(warm_s, 2), cuda_graph_error=decoder.graph_error,
                       **figures(seconds, prefill_s, batch))  # fmt: skip
     finally:

@@ -37,6 +37,39 @@ def _most(limit: int | Sequence[int]) -> int:
     return int(limit) if isinstance(limit, int) else max(int(x) for x in limit)
 
 
+def _fuse_linears(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, list[int]] | None:
+    """One weight for several bias-free ``nn.Linear`` layers on the same input, with their weights re-pointed
+    at its rows (same values, same memory); None when any of them is something else (e.g. a LoRA wrapper)."""
+    if any(type(m) is not torch.nn.Linear or m.bias is not None for m in linears):
+        return None
+    weights = [m.weight.data for m in linears]
+    if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+        return None
+    sizes = [w.shape[0] for w in weights]
+    first, cols = weights[0], weights[0].shape[1]
+    starts = [sum(sizes[:j]) * cols * first.element_size() for j in range(len(sizes))]
+    storage = first.untyped_storage()
+    end = first.storage_offset() * first.element_size() + sum(sizes) * cols * first.element_size()
+    adjacent = all(
+        w.is_contiguous()
+        and w.untyped_storage().data_ptr() == storage.data_ptr()
+        and w.data_ptr() == first.data_ptr() + at
+        for w, at in zip(weights, starts, strict=True)
+    )
+    if adjacent and end <= storage.nbytes():
+        # already rows of one matrix (an earlier decoder fused them, or they loaded so): view, do not copy
+        whole = torch.empty(0, dtype=first.dtype, device=first.device)
+        return whole.set_(
+            first.untyped_storage(), first.storage_offset(), (sum(sizes), cols), (cols, 1)
+        ), sizes
+    fused = torch.cat(weights)
+    start = 0
+    for m, rows in zip(linears, sizes, strict=True):
+        m.weight.data = fused[start : start + rows]
+        start += rows
+    return fused, sizes
+
+
 class FastPathUnsupported(RuntimeError):
     """This model or these settings are not handled by the fast decoder; use the plain path."""
 
@@ -83,10 +116,17 @@ class FastFlamingoDecoder:
         kv_block: int = KV_BLOCK,
         recompute_cross_kv: bool = False,
         attention: str = "sdpa",
+        fuse_projections: bool = True,
     ):
         """``attention`` picks the decode step's self-attention: ``sdpa`` (one masked span for the whole batch,
         rounded up to ``kv_block``) or ``flex`` (FlexAttention reading each row's own cache blocks, compiled on
         CUDA; models/flex_decode.py). Both compute the same function; the prefill always uses SDPA.
+
+        ``fuse_projections``: run each layer's q/k/v projections as one matrix product, and gate/up as another.
+        The model's own weights become views into the fused matrices (same values, no extra memory), so other
+        users of the model see no change. At decode batch sizes the separate products are too small to fill a
+        large GPU. Layers whose projections are not plain ``nn.Linear`` without bias (an unmerged LoRA
+        adapter, say) stay unfused.
 
         ``recompute_cross_kv`` recomputes the cross-attention keys/values every step, as open_flamingo does:
         only for measuring what precomputing them saves (bench/gpu_rewrite.py)."""
@@ -127,12 +167,28 @@ class FastFlamingoDecoder:
 
             # compiled only where it pays: on CPU the eager form is exact and compiling costs ~25 s per shape
             cuda = self.device.type == "cuda"
-            self._flex_attention = flex_decode.compiled_flex_attention() if cuda else flex_decode.eager_flex_attention
+            self._flex_attention = (
+                flex_decode.compiled_flex_attention() if cuda else flex_decode.eager_flex_attention
+            )
         self._rotary = rotary
         self._cos = self._sin = None
         self._cache = SessionCache(len(self.layers), self.n_kv, self.head_dim, self.vocab, self.device, self.dtype,
                                    bucket_batches=self.cuda_graphs, kv_block=kv_block)  # fmt: skip
         self._rope_table(int(getattr(cfg, "max_position_embeddings", 2048)))
+        self._qkv: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        self._gate_up: dict[int, tuple[torch.Tensor, list[int]]] = {}
+        if fuse_projections:
+            with torch.no_grad():
+                for i, layer in enumerate(self.layers):
+                    dl = layer.decoder_layer
+                    attn, mlp = dl.self_attn, dl.mlp
+                    fused = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+                    if fused is not None:
+                        self._qkv[i] = fused
+                    if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                        fused = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+                        if fused is not None:
+                            self._gate_up[i] = fused
         self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
 
     # -- tables and buffers ------------------------------------------------------------------------
@@ -148,7 +204,9 @@ class FastFlamingoDecoder:
         self._cache.clear_sessions()  # graphs captured against the old tables
 
     def _session(self, batch: int, prompt_len: int, max_new: int, cache_len: int | None = None) -> Session:
-        length = round_up(cache_len, self.kv_block) if cache_len else self._cache.cache_len(prompt_len, max_new)
+        length = (
+            round_up(cache_len, self.kv_block) if cache_len else self._cache.cache_len(prompt_len, max_new)
+        )
         self._rope_table(length)
         return self._cache.get(batch, prompt_len, max_new, cache_len=cache_len)
 
@@ -160,7 +218,9 @@ class FastFlamingoDecoder:
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return (x * cos) + (_rotate_half(x) * sin)
 
-    def _self_attention(self, layer_idx, dl, x, cos, sin, write_at, keys, mask, sess, rows=None) -> torch.Tensor:
+    def _self_attention(
+        self, layer_idx, dl, x, cos, sin, write_at, keys, mask, sess, rows=None
+    ) -> torch.Tensor:
         """One decoder block's self-attention; writes this input's keys/values into the cache first.
 
         Decode step (``write_at`` = the ring position of the slot): every row writes there, then attends the cache.
@@ -169,9 +229,14 @@ class FastFlamingoDecoder:
         """
         b, n, _ = x.shape
         attn = dl.self_attn
-        q = attn.q_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        if layer_idx in self._qkv:
+            weight, sizes = self._qkv[layer_idx]
+            q, k, v = F.linear(x, weight).split(sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.reshape(b, n, -1, self.head_dim).transpose(1, 2)
+        k = k.reshape(b, n, -1, self.head_dim).transpose(1, 2)
+        v = v.reshape(b, n, -1, self.head_dim).transpose(1, 2)
         q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         kc, vc = sess.k[layer_idx], sess.v[layer_idx]
         gqa = self.n_kv != self.n_heads
@@ -193,6 +258,13 @@ class FastFlamingoDecoder:
             out = F.scaled_dot_product_attention(q, kc[:b, :, :keys], vc[:b, :, :keys], attn_mask=mask,
                                                  scale=self.scaling, enable_gqa=gqa)  # fmt: skip
         return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _mlp(self, layer_idx: int, dl, x: torch.Tensor) -> torch.Tensor:
+        if layer_idx not in self._gate_up:
+            return dl.mlp(x)
+        weight, sizes = self._gate_up[layer_idx]
+        gate, up = F.linear(x, weight).split(sizes, dim=-1)
+        return dl.mlp.down_proj(dl.mlp.act_fn(gate) * up)
 
     @staticmethod
     def _cross_kv(block, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +309,9 @@ class FastFlamingoDecoder:
         b = sess.bsz
         ring = sess.cache_len
         x = self.embed(sess.tok).view(b, 1, -1)
-        span = sess.slot - sess.pad_len  # how far back each row's first key is; idle rows may drift past the ring
+        span = (
+            sess.slot - sess.pad_len
+        )  # how far back each row's first key is; idle rows may drift past the ring
         pos = span.clamp(min=0, max=ring - 1)
         cos = self._cos[pos].view(b, 1, 1, -1)
         sin = self._sin[pos].view(b, 1, 1, -1)
@@ -245,7 +319,9 @@ class FastFlamingoDecoder:
             sess.flex.advance(sess.slot)
             mask = None
         else:
-            age = torch.remainder(sess.slot - sess.key_idx[:keys], ring)  # slots since each position was written
+            age = torch.remainder(
+                sess.slot - sess.key_idx[:keys], ring
+            )  # slots since each position was written
             mask = (age.view(1, keys) <= span.view(b, 1)).view(b, 1, 1, keys)
         write_at = torch.remainder(sess.slot, ring).view(1)
         for i, layer in enumerate(self.layers):
@@ -257,12 +333,14 @@ class FastFlamingoDecoder:
                 x = self._cross_attention_step(block, x, xk, xv, sess.has_media)
             dl = layer.decoder_layer
             x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, write_at, keys, mask, sess)
-            x = x + dl.mlp(dl.post_attention_layernorm(x))
+            x = x + self._mlp(i, dl, dl.post_attention_layernorm(x))
         logits = self.lm_head(self.norm(x))[:, -1].float()
         self._select(sess, logits)
         sess.slot += 1
 
-    def _prefill(self, sess: Session, input_ids, attention_mask, media, rows=None, offset: int = 0) -> torch.Tensor:
+    def _prefill(
+        self, sess: Session, input_ids, attention_mask, media, rows=None, offset: int = 0
+    ) -> torch.Tensor:
         """Run the prompt through every layer (cross-attention by open_flamingo's own modules), fill the cache
         and the per-row cross-attention keys/values; return the last position's logits (float32).
 
@@ -309,8 +387,10 @@ class FastFlamingoDecoder:
                 sess.xk[i][target] = k
                 sess.xv[i][target] = v
             dl = layer.decoder_layer
-            x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, None, ring_pos, attend, sess, rows)
-            x = x + dl.mlp(dl.post_attention_layernorm(x))
+            x = x + self._self_attention(
+                i, dl, dl.input_layernorm(x), cos, sin, None, ring_pos, attend, sess, rows
+            )
+            x = x + self._mlp(i, dl, dl.post_attention_layernorm(x))
         # under the v1 masking rule text after the prompt sees no image; under the current rule, the last one
         v1 = any(getattr(x_.gated_cross_attn_layer.attn, "v1_masking", False) for x_ in self._xattn_layers())
         if rows is None:

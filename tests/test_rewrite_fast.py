@@ -196,3 +196,28 @@ def test_bucketed_batches_with_dummy_rows_give_the_same_tokens(loaded, images):
     assert torch.equal(bucketed.generate(*args).tokens, expected)
     assert {s.bsz for s in bucketed._cache._sessions.values()} == {8}
     assert torch.equal(bucketed.generate(*args).tokens, expected)  # a reused session starts clean
+
+
+def test_fused_projections_share_the_models_weights(loaded, images):
+    """q/k/v and gate/up run as one product each; the model's weights become views of those matrices (a second
+    decoder reuses them), adapters or biases keep a layer unfused, and tokens do not change."""
+    from models.fast_decode import FastFlamingoDecoder, _fuse_linears
+
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 12}), backend="plain")
+    ids, mask, media = gen._collate(_batch(gen, images))
+    args = (ids, mask, media, 12, gen.eos_ids, 0)
+    unfused = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=False).generate(*args).tokens
+    first = FastFlamingoDecoder(loaded.model, cuda_graphs=False)
+    second = FastFlamingoDecoder(loaded.model, cuda_graphs=False)
+    n_layers = len(first.layers)
+    assert len(first._qkv) == len(first._gate_up) == n_layers
+    attn = first.layers[0].decoder_layer.self_attn
+    assert attn.q_proj.weight.data_ptr() == first._qkv[0][0].data_ptr() == second._qkv[0][0].data_ptr()
+    assert torch.equal(first.generate(*args).tokens, unfused)
+
+    a, b = torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(4, 5, bias=False)
+    before = torch.cat([a.weight.detach(), b.weight.detach()])
+    fused, sizes = _fuse_linears([a, b])
+    assert sizes == [3, 5] and torch.equal(fused, before) and b.weight.data_ptr() == fused[3:].data_ptr()
+    assert _fuse_linears([a, torch.nn.Linear(4, 2)]) is None  # a bias
+    assert _fuse_linears([a, torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))]) is None  # a wrapper

@@ -16,7 +16,7 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     torch.set_num_threads(1)
     out = tmp_path / "rewrite.json"
     bench_script("gpu_rewrite").main(["--tiny", "--device", "cpu", "--no-levers", "--profile-steps", "2", "--seed-samples", "1",
-                   "--attention", "sdpa:64,flex:32", "--attention-batch", "8", "--out", str(out)])  # fmt: skip
+                   "--attention", "sdpa:64,sdpa:64:unfused,flex:32", "--attention-batch", "8", "--out", str(out)])  # fmt: skip
     data = json.loads(out.read_text())
     assert "errors" not in data, data.get("errors")
     paths = [r["path"] for r in data["runs"]]
@@ -24,6 +24,7 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     variants = [r for r in data["runs"] if r["path"].startswith("decode attention")]
     assert [r["path"] for r in variants] == [
         "decode attention sdpa, kv_block 64",
+        "decode attention sdpa, kv_block 64, unfused projections",
         "decode attention flex, kv_block 32",
     ]
     assert all(r["tokens_per_s"] > 0 and r["batch"] == 8 for r in variants)
