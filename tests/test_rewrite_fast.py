@@ -207,8 +207,9 @@ def test_fused_projections_share_the_models_weights(loaded, images):
     ids, mask, media = gen._collate(_batch(gen, images))
     args = (ids, mask, media, 12, gen.eos_ids, 0)
     unfused = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=False).generate(*args).tokens
-    first = FastFlamingoDecoder(loaded.model, cuda_graphs=False)
-    second = FastFlamingoDecoder(loaded.model, cuda_graphs=False)
+    assert not FastFlamingoDecoder(loaded.model, cuda_graphs=False)._qkv  # not by default on CPU
+    first = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=True)
+    second = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=True)
     n_layers = len(first.layers)
     assert len(first._qkv) == len(first._gate_up) == n_layers
     attn = first.layers[0].decoder_layer.self_attn
