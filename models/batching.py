@@ -97,7 +97,8 @@ class BatchStats:
     errors: list[str] = field(default_factory=list)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """An outcome's error text: the exception type and the first line of its message, at most 500 characters."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:500]
 
@@ -127,7 +128,7 @@ def run_batches(
                 loaded.append((i, load_item(i)))
             except Exception as exc:  # a bad sample fails alone
                 stats.load_failures += 1
-                outcomes[i] = Outcome(index=i, error=_describe(exc))
+                outcomes[i] = Outcome(index=i, error=describe_error(exc))
         return loaded
 
     def generate_split(loaded: list[tuple[int, Any]]) -> None:
@@ -144,7 +145,7 @@ def run_batches(
                 on_oom()
             if len(loaded) == 1:
                 i = loaded[0][0]
-                reason = ("out of memory even alone: " if oom else "") + _describe(exc)
+                reason = ("out of memory even alone: " if oom else "") + describe_error(exc)
                 stats.errors.append(reason)
                 outcomes[i] = Outcome(index=i, error=reason, batch_size=1)
                 return
@@ -160,7 +161,7 @@ def run_batches(
         for (i, _), value in zip(loaded, values, strict=True):
             if isinstance(value, BaseException):
                 outcomes[i] = Outcome(
-                    index=i, error=_describe(value), latency_s=elapsed, batch_size=len(loaded)
+                    index=i, error=describe_error(value), latency_s=elapsed, batch_size=len(loaded)
                 )
             else:
                 outcomes[i] = Outcome(index=i, value=value, latency_s=elapsed, batch_size=len(loaded))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from models.batching import BatchStats, Outcome, _describe, is_oom_error, run_batches
+from models.batching import BatchStats, Outcome, describe_error, is_oom_error, run_batches
 
 Fetch = Callable[[int], list[tuple[int, Any]]]
 
@@ -45,7 +45,7 @@ class _Loader:
             except Exception as exc:  # a bad sample fails alone
                 with self.lock:
                     self.stats.load_failures += 1
-                    self.outcomes[i] = Outcome(index=i, error=_describe(exc))
+                    self.outcomes[i] = Outcome(index=i, error=describe_error(exc))
         return loaded
 
     def _collect(self) -> None:
@@ -106,7 +106,7 @@ def run_continuous(
         for i, value in stream(fetch):
             latency = time.perf_counter() - admitted.pop(i)
             if isinstance(value, BaseException):
-                outcomes[i] = Outcome(index=i, error=_describe(value), latency_s=latency)
+                outcomes[i] = Outcome(index=i, error=describe_error(value), latency_s=latency)
             else:
                 outcomes[i] = Outcome(index=i, value=value, latency_s=latency)
         stats.batches += 1
@@ -114,7 +114,7 @@ def run_continuous(
         oom = is_oom_error(exc)
         stats.splits += 1
         stats.oom_splits += int(oom)
-        stats.errors.append(_describe(exc))
+        stats.errors.append(describe_error(exc))
         rest = sorted(admitted) + loader.rest()
         loader.close()
         fallback, more = run_batches(plan_fallback(rest), load_item, fallback_generate, prefetch=prefetch)
