@@ -31,12 +31,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--shard-size", type=int, default=512, help="samples per rewrite_shard call, as the flow"
+    )
+    parser.add_argument("--order", choices=("image", "sample"), default="image",
+                        help="work order: the flow's (by first image, then sample id) or by sample id alone")  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
+    import duckdb
     import pyarrow as pa
     import torch
 
+    from flows.rewrite import WORK_ORDER
     from lineage.store import LineageStore
     from models.generation import resolve_generation
     from models.prompts import PROMPT_VERSION
@@ -54,11 +61,15 @@ def main(argv: list[str] | None = None) -> dict:
     model = model.to_pylist()[0]
     work = [read_table(str(p)) for p in sorted(Path(ws.root, "shards", "rewrites", "work").glob("*.parquet"))]
     first = pa.concat_tables([t for t in work if set(t.column("reason").to_pylist()) == {"first"}])
+    order = WORK_ORDER if args.order == "image" else "sample_id"
+    first = duckdb.sql(f"SELECT * FROM first ORDER BY {order}").to_arrow_table().cast(first.schema)
     tmp = Path(tempfile.mkdtemp(prefix="rewrite-scheduling-"))
-    work_path = str(tmp / "work.parquet")
-    write_table_atomic(first, work_path)
+    shards = []
+    for start in range(0, first.num_rows, args.shard_size):
+        shards.append(str(tmp / f"work-{start}.parquet"))
+        write_table_atomic(first.slice(start, args.shard_size), shards[-1])
     settings = resolve_generation("greedy", {"max_new_tokens": args.max_new_tokens})
-    base = {"work": work_path, "model_path": model["path"], "model_id": model["model_id"],
+    base = {"model_path": model["path"], "model_id": model["model_id"],
             "prompt_version": PROMPT_VERSION, "settings": settings, "settings_hash": settings_hash(settings),
             "run_id": None, "backend": "auto", "device": "cpu", "token_budget": 65536,
             "max_batch_size": args.max_batch_size, "prefetch_images": True}  # fmt: skip
@@ -73,21 +84,25 @@ def main(argv: list[str] | None = None) -> dict:
     rewrite_shard(warm)  # load the model once, outside the timings
     for k in range(args.rounds):
         for scheduling in ("static", "continuous") if k % 2 == 0 else ("continuous", "static"):
-            out = str(tmp / f"{scheduling}-{k}.parquet")
             started = time.perf_counter()
-            stats = rewrite_shard(dict(base, out=out, scheduling=scheduling))
+            total: dict[str, float] = {}
+            for n, work_path in enumerate(shards):  # one generator per shard, as in the flow
+                out = str(tmp / f"{scheduling}-{k}-{n}.parquet")
+                stats = rewrite_shard(dict(base, work=work_path, out=out, scheduling=scheduling))
+                for name in ("generate_s", "output_tokens", "ok", "batches", "images_encoded"):
+                    total[name] = total.get(name, 0) + stats[name]
+                rows = read_table(out).to_pylist()
+                outputs.setdefault(scheduling, {}).update((r["sample_id"], r["output"]) for r in rows)
             wall = time.perf_counter() - started
-            rows = read_table(out).to_pylist()
-            outputs.setdefault(scheduling, {r["sample_id"]: r["output"] for r in rows})
-            row = {"scheduling": stats["scheduling"], "round": k, "seconds": round(wall, 2),
-                   "generate_s": stats["generate_s"], "output_tokens": stats["output_tokens"],
-                   "tokens_per_s": round(stats["output_tokens"] / stats["generate_s"], 1), "ok": stats["ok"],
-                   "batches": stats["batches"]}  # fmt: skip
+            row = {"scheduling": stats["scheduling"], "round": k, "seconds": round(wall, 2), "shards": len(shards),
+                   **{name: round(value, 3) for name, value in total.items()},
+                   "tokens_per_s": round(total["output_tokens"] / total["generate_s"], 1)}  # fmt: skip
             runs.append(row)
             print(json.dumps(row), flush=True)
     same = sum(outputs["static"][s] == outputs["continuous"].get(s) for s in outputs["static"])
     result = {
         "samples": first.num_rows,
+        "order": args.order,
         "runs": runs,
         "identical_rewrites": f"{same}/{len(outputs['static'])}",
     }

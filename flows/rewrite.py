@@ -103,10 +103,18 @@ ORDER BY sel.sample_id
 """
 
 
+WORK_ORDER = "coalesce(image_ids[1], ''), sample_id"  # SQL for the order select_work sorts by
+
+
 def select_work(
     store: LineageStore, rs, key: dict[str, str], mode: str, where: str | None, limit: int | None
 ):
-    """The work rows (``WORK_SCHEMA``) for ``mode`` first / retry-failed / rerun."""
+    """The work rows (``WORK_SCHEMA``) for ``mode`` first / retry-failed / rerun, in shard order.
+
+    ``limit`` keeps the first samples by ``sample_id``; the rows are then ordered by their first image, then
+    ``sample_id`` (``WORK_ORDER``), so that the questions about one image (hundreds per image in GQA) share a
+    shard, and its image is read, decoded and encoded once there. The order is a fixed function of the selected
+    rows, so a resumed run cuts the same shards."""
     params: dict[str, Any] = {
         "model": key["model_id"],
         "prompt": key["prompt_version"],
@@ -169,6 +177,7 @@ def select_work(
                 "image_paths": [paths.get(i, "") for i in images],
             }
         )
+    rows.sort(key=lambda r: (r["image_ids"][0] if r["image_ids"] else "", r["sample_id"]))
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
 
@@ -195,7 +204,8 @@ def _not_done(store: LineageStore, work: pa.Table) -> pa.Table:
         con.register("_work", work)
         return (
             con.sql(
-                "SELECT * FROM _work WHERE rewrite_id NOT IN (SELECT rewrite_id FROM rewrites) ORDER BY sample_id"
+                "SELECT * FROM _work WHERE rewrite_id NOT IN (SELECT rewrite_id FROM rewrites) ORDER BY "
+                + WORK_ORDER
             )
             .to_arrow_table()
             .cast(WORK_SCHEMA)

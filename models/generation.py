@@ -218,6 +218,7 @@ class RewriteGenerator:
         max_prompt_tokens: int = 1024,
         cuda_graphs: bool = True,
         image_cache_size: int = 256,
+        latent_cache_size: int = 1024,
         decode_attention: str = "sdpa",
         kv_block: int = 64,
     ):
@@ -246,6 +247,11 @@ class RewriteGenerator:
         self.backend = "fast" if self.decoder is not None else "plain"
         self._images: OrderedDict[str, Any] = OrderedDict()
         self._image_cache_size = image_cache_size
+        # image latents on the device, across batches: questions about one image usually share a shard (the
+        # flow orders work by image), and a 9B-shape latent is 128 KB, so 1024 of them cost 128 MB
+        self._latents: OrderedDict[str, Any] = OrderedDict()
+        self._latent_cache_size = latent_cache_size
+        self.images_encoded = 0  # vision-tower passes, one per image not found in the latent cache
 
     def runtime(self) -> dict[str, Any]:
         """What ran the settings (recorded next to them; not part of the settings hash)."""
@@ -312,21 +318,16 @@ class RewriteGenerator:
             ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids, dtype=torch.long)
             mask[row, width - len(p.input_ids) :] = 1
         keys: dict[str, int] = {}
-        pixels = []
+        pixels: dict[str, Any] = {}
         for p in batch:
             for key, px in zip(p.image_keys, p.pixels, strict=True):
                 if key not in keys:
                     keys[key] = len(keys)
-                    pixels.append(px)
+                    pixels[key] = px
         t_max = max(1, max(len(p.image_keys) for p in batch))
         model = loaded.model
         zero = torch.zeros((1, *model.perceiver.latents.shape), device=loaded.device, dtype=loaded.dtype)
-        if pixels:
-            latents = torch.cat(
-                [encode_images(model, torch.stack(pixels).to(loaded.device, loaded.dtype)), zero]
-            )
-        else:
-            latents = zero
+        latents = torch.cat([self._encode(pixels), zero]) if pixels else zero
         index = torch.full((len(batch), t_max), len(keys), dtype=torch.long)
         for row, p in enumerate(batch):
             for t, key in enumerate(p.image_keys):
@@ -335,6 +336,23 @@ class RewriteGenerator:
             index.to(loaded.device)
         ]  # (B, T, n, d); padding points at the zero latent, never attended
         return ids.to(loaded.device), mask.to(loaded.device), media
+
+    def _encode(self, pixels: dict[str, Any]):
+        """Latents (U, n_latents, dim) of these images, in order: cached ones reused, the rest encoded at once."""
+        import torch
+
+        missing = [key for key in pixels if key not in self._latents]
+        if missing:
+            stacked = torch.stack([pixels[key] for key in missing]).to(self.loaded.device, self.loaded.dtype)
+            for key, latent in zip(missing, encode_images(self.loaded.model, stacked), strict=True):
+                self._latents[key] = latent
+            self.images_encoded += len(missing)
+        for key in pixels:
+            self._latents.move_to_end(key)
+        out = torch.stack([self._latents[key] for key in pixels])
+        while len(self._latents) > self._latent_cache_size:
+            self._latents.popitem(last=False)
+        return out
 
     def generate(self, batch: list[Prepared]) -> list[Generated | Exception]:
         """One batch -> one result per sample (an ``Exception`` for a sample that failed alone)."""

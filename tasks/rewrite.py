@@ -122,7 +122,9 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
             return gen.generate(batch)
 
     prefetch = bool(job.get("prefetch_images", True))
-    scheduling = choose_scheduling(str(job.get("scheduling", "auto")), gen) if todo else "static"
+    scheduling = (
+        choose_scheduling(str(job.get("scheduling", "auto")), gen, len(batches)) if todo else "static"
+    )
     if scheduling == "continuous":
         from models.continuous import run_continuous
 
@@ -189,16 +191,21 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         "oom_splits": stats.oom_splits,
         "backend": gen.backend,
         "scheduling": scheduling,
+        "images_encoded": gen.images_encoded,
     }
 
 
-def choose_scheduling(requested: str, gen) -> str:
-    """``auto``: continuous where it was measured to pay (CPU: 1.32x on the demo's rewrites) or where each row
-    reads only its own span (flex); static for sdpa on CUDA until a GPU run compares them (BENCHMARKS.md)."""
+def choose_scheduling(requested: str, gen, static_batches: int) -> str:
+    """``auto``: continuous where it was measured to pay, or where each row reads only its own span (flex);
+    static for sdpa on CUDA until a GPU run compares them (BENCHMARKS.md). Continuous only pays when some row
+    can be refilled, that is when the shard needs more than one static batch. With a single batch it was
+    measured 30% slower on CPU: the same rows, plus attention over the whole ring."""
     if gen.decoder is None:  # the plain path (beams, sampling) batches statically
         return "static"
     if requested != "auto":
         return requested
+    if static_batches < 2:
+        return "static"
     return "continuous" if gen.decoder.device.type == "cpu" or gen.decoder.attention == "flex" else "static"
 
 

@@ -198,9 +198,10 @@ def test_auto_scheduling_is_continuous_where_it_pays():
         decoder = None if device is None else SimpleNamespace(device=torch.device(device), attention=attention)
         return SimpleNamespace(decoder=decoder)
 
-    assert choose_scheduling("auto", gen("cpu")) == "continuous"
-    assert choose_scheduling("auto", gen("cuda")) == "static"  # sdpa would read the whole ring every step
-    assert choose_scheduling("auto", gen("cuda", "flex")) == "continuous"
-    assert choose_scheduling("static", gen("cpu")) == "static"
-    assert choose_scheduling("continuous", gen("cuda")) == "continuous"
-    assert choose_scheduling("continuous", gen(None)) == "static"  # the plain path cannot stream
+    assert choose_scheduling("auto", gen("cpu"), 3) == "continuous"
+    assert choose_scheduling("auto", gen("cpu"), 1) == "static"  # one batch: no row could be refilled
+    assert choose_scheduling("auto", gen("cuda"), 3) == "static"  # sdpa would read the whole ring every step
+    assert choose_scheduling("auto", gen("cuda", "flex"), 3) == "continuous"
+    assert choose_scheduling("static", gen("cpu"), 3) == "static"
+    assert choose_scheduling("continuous", gen("cuda"), 1) == "continuous"
+    assert choose_scheduling("continuous", gen(None), 3) == "static"  # the plain path cannot stream

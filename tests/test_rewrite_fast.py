@@ -206,7 +206,9 @@ def test_fused_projections_share_the_models_weights(loaded, images):
     gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 12}), backend="plain")
     ids, mask, media = gen._collate(_batch(gen, images))
     args = (ids, mask, media, 12, gen.eos_ids, 0)
-    unfused = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=False).generate(*args).tokens
+    unfused = (
+        FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=False).generate(*args).tokens
+    )
     assert not FastFlamingoDecoder(loaded.model, cuda_graphs=False)._qkv  # not by default on CPU
     first = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=True)
     second = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=True)
@@ -222,3 +224,15 @@ def test_fused_projections_share_the_models_weights(loaded, images):
     assert sizes == [3, 5] and torch.equal(fused, before) and b.weight.data_ptr() == fused[3:].data_ptr()
     assert _fuse_linears([a, torch.nn.Linear(4, 2)]) is None  # a bias
     assert _fuse_linears([a, torch.nn.Sequential(torch.nn.Linear(4, 2, bias=False))]) is None  # a wrapper
+
+
+def test_each_image_is_encoded_once_per_generator(loaded, images):
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 4}), backend="fast",
+                           cuda_graphs=False, latent_cache_size=3)  # fmt: skip
+    batch = _batch(gen, images)  # rows' images: [0], [1], [], [2, 3], [0]
+    first = [g.token_ids for g in gen.generate(batch)]
+    assert gen.images_encoded == 4  # image 0 once for its two rows
+    assert [g.token_ids for g in gen.generate(batch[1:2])] == first[1:2]  # image 1: cached, same tokens
+    assert gen.images_encoded == 4
+    assert [g.token_ids for g in gen.generate(batch[:1])] == first[:1]  # image 0 was the one evicted (3 kept)
+    assert gen.images_encoded == 5

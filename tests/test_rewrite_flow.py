@@ -232,3 +232,23 @@ def test_sigkill_mid_run_resumes_without_losing_or_duplicating(prefect_harness, 
     rewrite_flow(config=config, workspace=clean.root)
     outputs = "SELECT sample_id, rewrite_id, output, output_tokens FROM rewrites ORDER BY sample_id"
     assert _rows(killed, outputs) == _rows(clean, outputs)
+
+
+def test_work_is_ordered_by_image_and_a_resume_keeps_that_order(workspace, model_path):
+    """Questions about one image share a shard (the image is decoded and encoded once there); the resume query
+    orders what is left the same way, so a resumed run cuts the same shards."""
+    from flows.rewrite import _not_done, select_work
+    from polite.config.rewrite import RewriteSettings
+
+    make_samples(workspace, n=12)
+    model_id = register_model(workspace, model_path)
+    store = LineageStore(workspace.db_path)
+    key = {"model_id": model_id, "prompt_version": "pf-v1", "settings_hash": "h"}
+    work = select_work(store, RewriteSettings(), key, "first", None, None)
+    firsts = [ids[0] if ids else "" for ids in work.column("image_ids").to_pylist()]
+    assert len(set(firsts)) < len(firsts)  # some images have several questions
+    runs = [f for k, f in enumerate(firsts) if k == 0 or f != firsts[k - 1]]
+    assert len(runs) == len(set(firsts))  # each image's questions are contiguous
+    assert _not_done(store, work).column("rewrite_id").to_pylist() == work.column("rewrite_id").to_pylist()
+    limited = select_work(store, RewriteSettings(), key, "first", None, 5)
+    assert sorted(limited.column("sample_id").to_pylist()) == sorted(work.column("sample_id").to_pylist())[:5]
