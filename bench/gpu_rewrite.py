@@ -421,10 +421,25 @@ def logits_check(model, decoder, prompt_len: int, image_size: int, device, dtype
     }
 
 
+def queue_fetch(queue: list[int], ids, mask, media_of, limits: list[int]):
+    """A ``fetch`` for ``FastFlamingoDecoder.stream`` over the rows in ``queue``: each row joins with its forced
+    length (min = max = ``limits[row]``); ``media_of(selected rows)`` gives their image latents."""
+    from models.fast_decode import Admission
+
+    def fetch(k: int):
+        take, queue[:] = queue[:k], queue[k:]
+        if not take:
+            return None
+        sel = torch.tensor(take, device=ids.device, dtype=torch.long)
+        lim = [limits[i] for i in take]
+        return Admission(take, ids[sel], mask[sel], media_of(sel), lim, lim)
+
+    return fetch
+
+
 def stream_check(model, decoder, prompt_len: int, image_size: int, device, dtype) -> dict[str, Any]:
     """Continuous batching against each row alone: 12 prompts of mixed lengths through 4 rows, forced output
     lengths 4..24; the share of rows whose tokens are identical (exact in fp32; bf16 ties may differ)."""
-    from models.fast_decode import Admission
 
     lengths = [prompt_len - (7 * k) % (prompt_len // 2) for k in range(12)]
     ids, mask, px = make_inputs(model, 12, prompt_len, image_size, device, dtype, seed=21, lengths=lengths)
@@ -433,14 +448,7 @@ def stream_check(model, decoder, prompt_len: int, image_size: int, device, dtype
     eos = [model.eoc_token_id, 2]
     alone = [decoder.generate(ids[i : i + 1], mask[i : i + 1], media[i : i + 1], limits[i], eos, 0,
                               min_new_tokens=limits[i]).tokens[0, : limits[i]].tolist() for i in range(12)]  # fmt: skip
-    queue = list(range(12))
-
-    def fetch(k):
-        take, queue[:] = queue[:k], queue[k:]
-        sel = torch.tensor(take, device=device, dtype=torch.long)
-        lim = [limits[i] for i in take]
-        return Admission(take, ids[sel], mask[sel], media[sel], lim, lim) if take else None
-
+    fetch = queue_fetch(list(range(12)), ids, mask, lambda sel: media[sel], limits)
     streamed = {key: tokens.tolist() for key, tokens, _ in decoder.stream(fetch, 4, prompt_len + 24, 24, eos, 0,
                                                                          check_every=3, refill_at=1)}  # fmt: skip
     same = sum(streamed.get(i) == alone[i] for i in range(12))
@@ -500,7 +508,6 @@ def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtyp
     per row; 3 x ``batch`` prompts; tokens/s counts only the tokens rows asked for."""
     import math
 
-    from models.fast_decode import Admission
 
     n_rows = 3 * batch
     g = torch.Generator().manual_seed(13)
@@ -518,16 +525,7 @@ def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtyp
             decoder.generate(ids[sel], mask[sel], media, limits, eos, 0, min_new_tokens=limits)
 
     def continuous(decoder, rows):
-        queue = list(rows)
-
-        def fetch(k):
-            take, queue[:] = queue[:k], queue[k:]
-            if not take:
-                return None
-            sel = torch.tensor(take, device=device)
-            limits = [lengths[i] for i in take]
-            return Admission(take, ids[sel], mask[sel], encode_images(model, px[sel])[:, None], limits, limits)
-
+        fetch = queue_fetch(list(rows), ids, mask, lambda sel: encode_images(model, px[sel])[:, None], lengths)
         for _ in decoder.stream(fetch, batch, prompt_len + new, new, eos, 0):
             pass
 

@@ -103,6 +103,16 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:500]
 
 
+def load_or_fail(i: int, load_item: Callable[[int], Any], outcomes: dict[int, Outcome], stats: BatchStats):
+    """``(i, loaded item)``, or None after recording the failure as item ``i``'s outcome (it fails alone)."""
+    try:
+        return i, load_item(i)
+    except Exception as exc:
+        stats.load_failures += 1
+        outcomes[i] = Outcome(index=i, error=describe_error(exc))
+        return None
+
+
 def run_batches(
     batches: Sequence[Sequence[int]],
     load_item: Callable[[int], Any],
@@ -122,14 +132,7 @@ def run_batches(
     outcomes: dict[int, Outcome] = {}
 
     def load_batch(indices: Sequence[int]) -> list[tuple[int, Any]]:
-        loaded = []
-        for i in indices:
-            try:
-                loaded.append((i, load_item(i)))
-            except Exception as exc:  # a bad sample fails alone
-                stats.load_failures += 1
-                outcomes[i] = Outcome(index=i, error=describe_error(exc))
-        return loaded
+        return [item for i in indices if (item := load_or_fail(i, load_item, outcomes, stats)) is not None]
 
     def generate_split(loaded: list[tuple[int, Any]]) -> None:
         if not loaded:

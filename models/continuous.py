@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from models.batching import BatchStats, Outcome, describe_error, is_oom_error, run_batches
+from models.batching import BatchStats, Outcome, describe_error, is_oom_error, load_or_fail, run_batches
 
 Fetch = Callable[[int], list[tuple[int, Any]]]
 
@@ -34,18 +34,15 @@ class _Loader:
         self.lock = threading.Lock()
 
     def _load(self, n: int) -> list[tuple[int, Any]]:
+        # one loader at a time (take() collects a chunk in flight before it loads), so only the queue is shared
         loaded = []
         for _ in range(n):
             with self.lock:
                 if not self.order:
                     break
                 i = self.order.popleft()
-            try:
-                loaded.append((i, self.load_item(i)))
-            except Exception as exc:  # a bad sample fails alone
-                with self.lock:
-                    self.stats.load_failures += 1
-                    self.outcomes[i] = Outcome(index=i, error=describe_error(exc))
+            if (item := load_or_fail(i, self.load_item, self.outcomes, self.stats)) is not None:
+                loaded.append(item)
         return loaded
 
     def _collect(self) -> None:
@@ -116,7 +113,6 @@ def run_continuous(
         stats.oom_splits += int(oom)
         stats.errors.append(describe_error(exc))
         rest = sorted(admitted) + loader.rest()
-        loader.close()
         fallback, more = run_batches(plan_fallback(rest), load_item, fallback_generate, prefetch=prefetch)
         outcomes.update((o.index, o) for o in fallback)
         for name in ("batches", "splits", "oom_splits", "load_failures", "load_wait_s"):

@@ -43,7 +43,8 @@ class Session:
     # slots, and a key written at slot s lives at s % cache_len.
     slot: torch.Tensor
     gen_step: torch.Tensor  # (bsz,) tokens generated so far per row (a finished row stops counting)
-    pad_len: torch.Tensor  # (bsz,) the slot of each row's first real key (prompts are left-padded; may be < 0)
+    # (bsz,) the slot of each row's first real key (prompts are left-padded; may be < 0)
+    pad_len: torch.Tensor
     has_media: torch.Tensor
     finished: torch.Tensor
     nan: torch.Tensor
@@ -85,8 +86,9 @@ class SessionCache:
         # all sessions, and with them all graphs, are dropped, later captures get a fresh pool.
         return torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
 
-    def cache_len(self, prompt_len: int, max_new: int) -> int:
-        return round_up(prompt_len + max_new, self.kv_block)
+    def cache_len(self, prompt_len: int, max_new: int, at_least: int | None = None) -> int:
+        """Cache slots per row: prompt + new tokens (or ``at_least``, a caller's ring size), rounded up."""
+        return round_up(at_least or prompt_len + max_new, self.kv_block)
 
     def clear_sessions(self) -> None:
         self._sessions.clear()
@@ -107,7 +109,7 @@ class SessionCache:
 
     def get(self, batch: int, prompt_len: int, max_new: int, cache_len: int | None = None) -> Session:
         bsz = batch_bucket(batch) if self.bucket_batches else batch
-        cache_len = round_up(cache_len, self.kv_block) if cache_len else self.cache_len(prompt_len, max_new)
+        cache_len = self.cache_len(prompt_len, max_new, cache_len)
         key = (bsz, cache_len, max_new)
         if key in self._sessions:
             self._sessions[key] = self._sessions.pop(key)  # most recently used last

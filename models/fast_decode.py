@@ -59,9 +59,7 @@ def _fuse_linears(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, list[in
     if adjacent and end <= storage.nbytes():
         # already rows of one matrix (an earlier decoder fused them, or they loaded so): view, do not copy
         whole = torch.empty(0, dtype=first.dtype, device=first.device)
-        return whole.set_(
-            first.untyped_storage(), first.storage_offset(), (sum(sizes), cols), (cols, 1)
-        ), sizes
+        return whole.set_(storage, first.storage_offset(), (sum(sizes), cols), (cols, 1)), sizes
     fused = torch.cat(weights)
     start = 0
     for m, rows in zip(linears, sizes, strict=True):
@@ -207,10 +205,7 @@ class FastFlamingoDecoder:
         self._cache.clear_sessions()  # graphs captured against the old tables
 
     def _session(self, batch: int, prompt_len: int, max_new: int, cache_len: int | None = None) -> Session:
-        length = (
-            round_up(cache_len, self.kv_block) if cache_len else self._cache.cache_len(prompt_len, max_new)
-        )
-        self._rope_table(length)
+        self._rope_table(self._cache.cache_len(prompt_len, max_new, cache_len))
         return self._cache.get(batch, prompt_len, max_new, cache_len=cache_len)
 
     def reset(self) -> None:
@@ -312,9 +307,8 @@ class FastFlamingoDecoder:
         b = sess.bsz
         ring = sess.cache_len
         x = self.embed(sess.tok).view(b, 1, -1)
-        span = (
-            sess.slot - sess.pad_len
-        )  # how far back each row's first key is; idle rows may drift past the ring
+        # how far back each row's first key is; idle (finished) rows may drift past the ring
+        span = sess.slot - sess.pad_len
         pos = span.clamp(min=0, max=ring - 1)
         cos = self._cos[pos].view(b, 1, 1, -1)
         sin = self._sin[pos].view(b, 1, 1, -1)
@@ -322,9 +316,8 @@ class FastFlamingoDecoder:
             sess.flex.advance(sess.slot)
             mask = None
         else:
-            age = torch.remainder(
-                sess.slot - sess.key_idx[:keys], ring
-            )  # slots since each position was written
+            # slots since each position was written
+            age = torch.remainder(sess.slot - sess.key_idx[:keys], ring)
             mask = (age.view(1, keys) <= span.view(b, 1)).view(b, 1, 1, keys)
         write_at = torch.remainder(sess.slot, ring).view(1)
         for i, layer in enumerate(self.layers):
@@ -509,7 +502,6 @@ class FastFlamingoDecoder:
             input_ids, attention_mask, media, max_new_tokens, min_new_tokens, eos_token_ids, pad_token_id
         )
         steps = 1
-        sess.slot_host = n
         every = 1 if self.device.type == "cpu" else max(1, check_every)
         while steps < _most(max_new_tokens):
             if steps % every == 0 and bool(sess.finished[:b].all()):
@@ -621,7 +613,6 @@ class FastFlamingoDecoder:
         b, n = input_ids.shape
         k = continuation.shape[1]
         sess = self._start(input_ids, attention_mask, media, k + 1, 0, [], 0)
-        sess.slot_host = n
         out = [sess.logits[:b].clone()]
         for j in range(k):
             sess.tok[:b] = continuation[:, j].to(self.device)

@@ -7,8 +7,8 @@ the mask function hides the rest inside those blocks, and on CUDA the compiled k
 template for short queries.
 
 Everything a step touches is a fixed tensor updated in place (the block counts grow with the slot), so the step
-stays capturable as a CUDA graph: the block lists are written once per batch after the prefill, and the step only
-recomputes how many blocks each row reads.
+stays capturable as a CUDA graph: the block lists are written after each prefill (a new batch, or rows joining a
+running one), and the step only recomputes how many blocks each row reads.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def compiled_flex_attention():
             import torch._dynamo
 
             config = torch._dynamo.config
-            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+            # named cache_size_limit before torch 2.7
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
             setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
             _compiled = torch.compile(flex_attention, fullgraph=True)
         return _compiled

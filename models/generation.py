@@ -358,8 +358,6 @@ class RewriteGenerator:
         """One batch -> one result per sample (an ``Exception`` for a sample that failed alone)."""
         import torch
 
-        from models.batching import is_oom_error
-
         ids, mask, media = self._collate(batch)
         try:
             if self.decoder is not None:
@@ -383,8 +381,7 @@ class RewriteGenerator:
                 )
                 new, nan_rows = seqs[:, ids.shape[1] :].cpu(), set(flags)
         except BaseException as exc:
-            if self.decoder is not None and is_oom_error(exc):
-                self.decoder.reset()
+            self._after_error(exc)
             raise
         return [self._result(p, new[row].tolist(), row in nan_rows) for row, p in enumerate(batch)]
 
@@ -430,8 +427,12 @@ class RewriteGenerator:
                                                         self.eos_ids, PAD_ID):  # fmt: skip
                 yield key, self._result(joined.pop(key), tokens.tolist(), nan)
         except BaseException as exc:
-            from models.batching import is_oom_error
-
-            if is_oom_error(exc):
-                self.decoder.reset()
+            self._after_error(exc)
             raise
+
+    def _after_error(self, exc: BaseException) -> None:
+        """After out of memory, drop the fast decoder's caches and graphs so a smaller retry has the room."""
+        from models.batching import is_oom_error
+
+        if self.decoder is not None and is_oom_error(exc):
+            self.decoder.reset()

@@ -101,15 +101,17 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
     max_new = int(settings["max_new_tokens"])
 
     def plan(indices: list[int]) -> list[list[int]]:
-        return plan_batches(
+        """Token-budget batches of these work rows (as row indices)."""
+        batches = plan_batches(
             [len(prompt_ids[i]) for i in indices],
             max_new_tokens=max_new,
             token_budget=int(job.get("token_budget", 65536)),
             max_batch_size=int(job.get("max_batch_size", 256)),
             width=int(settings.get("num_beams", 1)),
         )
+        return [[indices[j] for j in batch] for batch in batches]
 
-    batches = [[todo[j] for j in batch] for batch in plan(todo)]
+    batches = plan(todo)
 
     def load_item(i: int):
         row = work[i]
@@ -137,11 +139,8 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
             with lock:
                 yield from gen.stream(fetch, slots, longest)
 
-        def plan_fallback(indices: list[int]) -> list[list[int]]:
-            return [[indices[j] for j in batch] for batch in plan(indices)]
-
         order = [i for batch in batches for i in batch]  # longest prompts first, as the batches were planned
-        outcomes, stats = run_continuous(order, load_item, stream, generate, plan_fallback, prefetch=prefetch)
+        outcomes, stats = run_continuous(order, load_item, stream, generate, plan, prefetch=prefetch)
     else:
         outcomes, stats = run_batches(batches, load_item, generate, prefetch=prefetch)
     by_index = {o.index: o for o in outcomes}
