@@ -61,10 +61,12 @@ class Session:
     media_last: torch.Tensor | None = (
         None  # each row's last image latents (only kept to recompute keys/values)
     )
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = field(default_factory=dict)  # by (keys, select)
     flex: Any = None  # models.flex_decode.FlexDecodeMask when the decoder attends with FlexAttention
     slot_host: int = 0  # the cache slot the next step writes, known on the host (picks the attention span)
     full_span: bool = False  # rows may hold keys anywhere in the ring (continuous batching): attend all of it
+    # a step picks the greedy token on the device (True), or only leaves its logits for a search (models/search.py)
+    select: bool = True
 
 
 class SessionCache:
@@ -169,5 +171,5 @@ def capture_step(
     # thread_local: CPU work on other threads (image prefetch) must not invalidate the capture
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         step(sess, keys)
-    sess.graphs[keys] = graph
+    sess.graphs[(keys, sess.select)] = graph
     return graph

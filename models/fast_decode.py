@@ -1,4 +1,4 @@
-"""Fast greedy decoding for an open_flamingo model: our own decode loop over its modules.
+"""Fast decoding for an open_flamingo model: our own decode loop over its modules.
 
 Why: Hugging Face ``generate`` on open_flamingo launches every kernel from Python each step (20-70 ms per step
 whatever the batch) and recomputes the cross-attention keys/values from the image latents at every step. Here:
@@ -12,11 +12,13 @@ whatever the batch) and recomputes the cross-attention keys/values from the imag
   slot, so ``stream`` can refill a finished row with a new prompt while the others keep decoding (continuous
   batching) and every step is still the same captured graph;
 * the step's self-attention is SDPA over one masked span, or FlexAttention over each row's own cache blocks
-  (models/flex_decode.py).
+  (models/flex_decode.py);
+* beam search and sampling (``search``): the same graph-captured steps produce logits, and a search with
+  Hugging Face's semantics (models/search.py) picks the tokens and the rows each beam continues from.
 
 The decoder calls the model's own modules (norms, projections, MLPs, cross-attention), so merged LoRA weights and
-either cross-attention masking rule (models/compat.py) are honoured. It supports LLaMA-style language models and
-greedy decoding; ``FastPathUnsupported`` tells the caller to use the plain path instead.
+either cross-attention masking rule (models/compat.py) are honoured. It supports LLaMA-style language models;
+``FastPathUnsupported`` tells the caller to use the plain path instead.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from models.fast_cache import KV_BLOCK, Session, SessionCache, capture_step, round_up
+from models.search import TokenSearch
 
 ATTENTION_KINDS = ("sdpa", "flex")
 
@@ -331,7 +334,11 @@ class FastFlamingoDecoder:
             x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, write_at, keys, mask, sess)
             x = x + self._mlp(i, dl, dl.post_attention_layernorm(x))
         logits = self.lm_head(self.norm(x))[:, -1].float()
-        self._select(sess, logits)
+        if sess.select:
+            self._select(sess, logits)
+        else:  # a search picks on the host side of the loop (models/search.py)
+            sess.logits.copy_(logits)
+            sess.nan |= torch.isnan(logits).any(dim=-1)
         sess.slot += 1
 
     def _prefill(
@@ -400,8 +407,8 @@ class FastFlamingoDecoder:
         return [layer for layer in self.layers if layer.gated_cross_attn_layer is not None]
 
     # -- public ------------------------------------------------------------------------------------
-    def _reset_state(self, sess: Session, eos_token_ids, pad_token_id, slot: int) -> None:
-        """Every row finished and empty, the write slot at ``slot``."""
+    def _reset_state(self, sess: Session, eos_token_ids, pad_token_id, slot: int, select: bool = True) -> None:
+        """Every row finished and empty, the write slot at ``slot``; ``select``: see ``Session.select``."""
         sess.is_eos.zero_()
         sess.is_eos[torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=self.device)] = True
         sess.pad_id.fill_(int(pad_token_id))
@@ -412,6 +419,7 @@ class FastFlamingoDecoder:
         sess.out.fill_(int(pad_token_id))
         sess.slot.fill_(slot)
         sess.slot_host = slot
+        sess.select = select
 
     def _ensure_flex(self, sess: Session) -> None:
         if self.attention == "flex":
@@ -463,7 +471,7 @@ class FastFlamingoDecoder:
         if not self.cuda_graphs:
             self._step(sess, keys)
             return
-        graph = sess.graphs.get(keys)
+        graph = sess.graphs.get((keys, sess.select))
         if graph is None:
             try:
                 graph = capture_step(self._step, sess, keys, self._cache.pool)
@@ -520,6 +528,54 @@ class FastFlamingoDecoder:
             keep = int(alive.max()) + 1 if alive.numel() else 1
             tokens = tokens[:, :keep]
         return DecodeOutput(tokens=tokens, nan=sess.nan[:b].clone())
+
+    @torch.inference_mode()
+    def search(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: torch.Tensor,
+               search: TokenSearch) -> DecodeOutput:  # fmt: skip
+        """Beam search or sampling (``models.search``) of a left-padded batch: this decoder computes the logits,
+        ``search`` picks the tokens. Each sample's prompt is prefilled once and its cache copied to its beams;
+        after each step every beam's generated keys are gathered from the row it continues."""
+        b, n = input_ids.shape
+        k = search.width
+        rows = b * k
+        sess = self._session(rows, n, search.s.max_new_tokens)
+        self._reset_state(sess, [], 0, slot=n, select=False)
+        sess.full_span = False
+        logits = self._prefill(
+            sess, input_ids.to(self.device), attention_mask.to(self.device), media.to(self.device)
+        )
+        sess.nan[:b] = torch.isnan(logits).any(dim=-1)
+        if k > 1:
+            logits = self._copy_rows(sess, torch.arange(b, device=self.device).repeat_interleave(k), n, logits)
+        self._ensure_flex(sess)
+        while not search.step(logits):
+            sess.tok[:rows] = search.next_tokens
+            if search.source_rows is not None:
+                # the prompt's keys are the same in every beam of a sample: only generated ones move
+                for cache in (*sess.k, *sess.v):
+                    cache[:rows, :, n : sess.slot_host] = cache[search.source_rows, :, n : sess.slot_host]
+            self._run_step(sess)
+            sess.slot_host += 1
+            logits = sess.logits[:rows]
+        nan = sess.nan[:rows].view(b, k).any(dim=1)
+        if bool(nan.any()):
+            self._cache.zero()  # as in generate: a masked NaN would poison later batches
+        return DecodeOutput(tokens=search.result(), nan=nan)
+
+    @staticmethod
+    def _copy_rows(sess: Session, source: torch.Tensor, n: int, logits: torch.Tensor) -> torch.Tensor:
+        """Rows ``[:len(source)]`` become copies of rows ``source`` after a prefill of ``n`` slots (cache, image
+        keys/values, padding); returns the prefill logits likewise copied."""
+        rows = len(source)
+        for cache in (*sess.k, *sess.v):
+            cache[:rows, :, :n] = cache[source, :, :n]
+        for per_layer in (sess.xk, sess.xv):
+            for t in per_layer.values():
+                t[:rows] = t[source]
+        for t in (sess.pad_len, sess.has_media, sess.nan, sess.media_last):
+            if t is not None:
+                t[:rows] = t[source]
+        return logits[source]
 
     @torch.inference_mode()
     def stream(

@@ -5,8 +5,10 @@
 * prompts are ``models.prompts.rewrite_prompt`` tokenized and padded left; a prompt longer than
   ``max_prompt_tokens`` fails alone ('too long'), so does a bad image (``polite.images.BadImageError``);
 * each distinct image of a batch is encoded once (vision tower + perceiver), then gathered per row;
-* greedy settings go to the fast decoder (models/fast_decode.py), anything else (beams, sampling,
-  no-repeat n-grams) to Hugging Face ``generate`` on the same precomputed image latents (the plain path);
+* the fast decoder (models/fast_decode.py) runs every preset: greedy entirely on the device, beams, sampling
+  and no-repeat n-grams with Hugging Face's selection semantics (models/search.py); a repetition penalty, or a
+  language model it does not support, goes to Hugging Face ``generate`` on the same precomputed image latents
+  (the plain path);
 * a row whose logits turn NaN fails alone.
 
 Batching, prefetching and out-of-memory splitting live in models/batching.py.
@@ -74,12 +76,18 @@ def resolve_generation(preset: str, overrides: dict[str, Any] | None = None) -> 
 
 
 def fast_supported(settings: dict[str, Any]) -> bool:
-    """The fast decoder does greedy search (optionally with a minimum length) and nothing else."""
+    """The fast decoder runs every setting but a repetition penalty."""
+    return settings.get("repetition_penalty", 1.0) == 1.0
+
+
+def greedy_on_device(settings: dict[str, Any]) -> bool:
+    """Plain greedy search (optionally with a minimum length): picked inside the captured decode step, and the
+    only kind continuous batching streams."""
     return (
-        settings["num_beams"] == 1
+        fast_supported(settings)
+        and settings["num_beams"] == 1
         and not settings["do_sample"]
         and not settings.get("no_repeat_ngram_size")
-        and settings.get("repetition_penalty", 1.0) == 1.0
     )
 
 
@@ -234,7 +242,7 @@ class RewriteGenerator:
         self.decoder = None
         if backend == "fast" and not fast_supported(self.settings):
             raise ValueError(
-                "backend 'fast' does greedy decoding only; use backend 'auto' or 'plain' for these settings"
+                "backend 'fast' has no repetition penalty; use backend 'auto' or 'plain' for these settings"
             )
         if backend != "plain" and fast_supported(self.settings):
             try:
@@ -252,6 +260,11 @@ class RewriteGenerator:
         self._latents: OrderedDict[str, Any] = OrderedDict()
         self._latent_cache_size = latent_cache_size
         self.images_encoded = 0  # vision-tower passes, one per image not found in the latent cache
+
+    @property
+    def can_stream(self) -> bool:
+        """Whether ``stream`` (continuous batching) runs these settings."""
+        return self.decoder is not None and greedy_on_device(self.settings)
 
     def runtime(self) -> dict[str, Any]:
         """What ran the settings (recorded next to them; not part of the settings hash)."""
@@ -359,23 +372,29 @@ class RewriteGenerator:
         import torch
 
         ids, mask, media = self._collate(batch)
+        flags: list[int] = []
+        guard = _nan_guard(flags, int(self.settings["num_beams"]))
+        if self.settings["do_sample"]:
+            torch.manual_seed(int(self.settings.get("seed", 0)))  # both paths draw from the same stream
         try:
-            if self.decoder is not None:
+            if self.decoder is not None and greedy_on_device(self.settings):
                 out = self.decoder.generate(
                     ids, mask, media, self.settings["max_new_tokens"], self.eos_ids, PAD_ID,
                     min_new_tokens=self.settings.get("min_new_tokens", 0),
                 )  # fmt: skip
                 new, nan_rows = out.tokens.cpu(), set(out.nan.nonzero().flatten().tolist())
+            elif self.decoder is not None:
+                from models.search import SearchSettings, make_search
+
+                search = make_search(ids, SearchSettings.from_settings(self.settings), self.eos_ids, PAD_ID,
+                                     extra_processors=[guard])  # fmt: skip
+                out = self.decoder.search(ids, mask, media, search)
+                new, nan_rows = out.tokens.cpu(), set(flags) | set(out.nan.nonzero().flatten().tolist())
             else:
-                flags: list[int] = []
-                kwargs = hf_generate_kwargs(self.settings)
-                if self.settings["do_sample"]:
-                    torch.manual_seed(int(self.settings.get("seed", 0)))
                 from transformers import LogitsProcessorList
 
-                kwargs["logits_processor"] = LogitsProcessorList(
-                    [_nan_guard(flags, kwargs.get("num_beams", 1))]
-                )
+                kwargs = hf_generate_kwargs(self.settings)
+                kwargs["logits_processor"] = LogitsProcessorList([guard])
                 seqs = plain_generate(
                     self.loaded.model, media, ids, mask, eos_token_id=self.eos_ids, **kwargs
                 )
@@ -403,9 +422,10 @@ class RewriteGenerator:
         finish. ``longest_prompt`` sizes the ring cache (prompt + max_new_tokens)."""
         from models.fast_decode import Admission
 
-        if self.decoder is None:
+        if not self.can_stream:
             raise ValueError(
-                "continuous batching needs the fast decoder (greedy settings, backend auto or fast)"
+                "continuous batching needs the fast decoder and greedy settings (no beams, sampling or "
+                "no-repeat n-grams)"
             )
         max_new = int(self.settings["max_new_tokens"])
         min_new = int(self.settings.get("min_new_tokens", 0) or 0)

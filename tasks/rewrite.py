@@ -199,7 +199,7 @@ def choose_scheduling(requested: str, gen, static_batches: int) -> str:
     static for sdpa on CUDA until a GPU run compares them (BENCHMARKS.md). Continuous only pays when some row
     can be refilled, that is when the shard needs more than one static batch. With a single batch it was
     measured 30% slower on CPU: the same rows, plus attention over the whole ring."""
-    if gen.decoder is None:  # the plain path (beams, sampling) batches statically
+    if not gen.can_stream:  # beams, sampling and the plain path batch statically
         return "static"
     if requested != "auto":
         return requested

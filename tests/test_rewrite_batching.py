@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.batching import is_oom_error, plan_batches, run_batches
-from models.generation import PRESETS, fast_supported, resolve_generation
+from models.generation import PRESETS, fast_supported, greedy_on_device, resolve_generation
 from polite.ids import settings_hash
 
 
@@ -89,16 +89,17 @@ def test_generation_presets_and_hash_normalisation():
     assert {k: paper[k] for k in PRESETS["paper"]} == PRESETS[
         "paper"
     ]  # the released decoding, recorded in full
-    assert not fast_supported(paper)
+    assert fast_supported(paper) and not greedy_on_device(paper)
     greedy = resolve_generation("greedy", {"max_new_tokens": 64})
-    assert fast_supported(greedy) and greedy["max_new_tokens"] == 64
+    assert greedy_on_device(greedy) and greedy["max_new_tokens"] == 64
     # knobs that cannot change greedy output do not change the hash, so resume still finds the rewrites
     same = resolve_generation(
         "greedy", {"max_new_tokens": 64, "temperature": 0.3, "top_k": 5, "length_penalty": 2}
     )
     assert settings_hash(same) == settings_hash(greedy)
     assert settings_hash(resolve_generation("greedy", {"max_new_tokens": 65})) != settings_hash(greedy)
-    assert not fast_supported(resolve_generation("greedy", {"no_repeat_ngram_size": 3}))
+    assert not greedy_on_device(resolve_generation("greedy", {"no_repeat_ngram_size": 3}))
+    assert not fast_supported(resolve_generation("greedy", {"repetition_penalty": 1.2}))
     with pytest.raises(ValueError, match="unknown generation preset"):
         resolve_generation("fastest")
     with pytest.raises(ValueError, match="min_new_tokens"):
@@ -196,7 +197,7 @@ def test_auto_scheduling_is_continuous_where_it_pays():
 
     def gen(device: str | None, attention: str = "sdpa"):
         decoder = None if device is None else SimpleNamespace(device=torch.device(device), attention=attention)
-        return SimpleNamespace(decoder=decoder)
+        return SimpleNamespace(decoder=decoder, can_stream=decoder is not None)
 
     assert choose_scheduling("auto", gen("cpu"), 3) == "continuous"
     assert choose_scheduling("auto", gen("cpu"), 1) == "static"  # one batch: no row could be refilled
@@ -205,3 +206,4 @@ def test_auto_scheduling_is_continuous_where_it_pays():
     assert choose_scheduling("static", gen("cpu"), 3) == "static"
     assert choose_scheduling("continuous", gen("cuda"), 1) == "continuous"
     assert choose_scheduling("continuous", gen(None), 3) == "static"  # the plain path cannot stream
+    # (nor beams or sampling on the fast decoder: tests/test_rewrite_search.py)

@@ -1,0 +1,141 @@
+"""Beam search and sampling on the fast decoder (models/search.py driving FastFlamingoDecoder.search) against
+Hugging Face ``generate`` on the plain open_flamingo path: the same tokens for every preset, in fp32 on CPU with
+the tiny model, including hypotheses that end early, the length penalty and min_new_tokens."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import pytest
+import torch
+from test_rewrite_fast import INSTRUCTIONS, images, loaded  # noqa: F401 - fixtures
+
+from models.generation import RewriteGenerator, resolve_generation
+from models.prompts import EOS_ID
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+SETTINGS = [
+    ("beam", {"max_new_tokens": 24}),  # 3 beams, no-repeat 3
+    (
+        "paper",
+        {"max_new_tokens": 24},
+    ),  # the released decoding: sampled beams, top-k 20, top-p 0.9, no-repeat 3
+    ("beam", {"max_new_tokens": 24, "num_beams": 4, "min_new_tokens": 5, "length_penalty": 0.5}),
+    ("greedy", {"max_new_tokens": 24, "no_repeat_ngram_size": 2}),
+    ("greedy", {"max_new_tokens": 24, "do_sample": True, "temperature": 0.7, "top_p": 0.8, "seed": 3}),
+]
+
+
+@pytest.fixture(scope="module")
+def ending(loaded, images):  # noqa: F811
+    """A private copy of the tiny rewriter whose end-of-sequence logit shadows its most frequent token, so
+    rows and beams end at different steps (the random model alone nearly never ends)."""
+    from models.flamingo import FlamingoSpec, build_flamingo
+
+    model, *_ = build_flamingo(FlamingoSpec.from_file(loaded.spec.root))
+    copy = dataclasses.replace(loaded, model=model)
+    gen = RewriteGenerator(copy, resolve_generation("greedy", {"max_new_tokens": 24}), backend="fast",
+                           cuda_graphs=False)  # fmt: skip
+    frequent = collections.Counter(
+        t for g in gen.generate(_batch(gen, images)) for t in g.token_ids
+    ).most_common(1)[0][0]
+    head = model.lang_encoder.get_output_embeddings().weight
+    with torch.no_grad():
+        noise = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0))
+        head[EOS_ID] = head[frequent] + 0.05 * noise
+    return copy
+
+
+def _batch(gen, images):  # noqa: F811
+    rows = [[images[0]], [images[1]], [], [images[2], images[3]], [images[0]]]  # image 0 shared
+    return [gen.prepare(gen.prompt_ids(i, r), imgs) for (i, r), imgs in zip(INSTRUCTIONS, rows, strict=True)]
+
+
+def _run(gen, batch):
+    return [(g.token_ids, g.output_tokens) for g in gen.generate(batch)]
+
+
+@pytest.mark.parametrize("preset,overrides", SETTINGS)
+def test_fast_search_gives_generates_tokens(ending, images, preset, overrides):  # noqa: F811
+    settings = resolve_generation(preset, overrides)
+    fast = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False)
+    plain = RewriteGenerator(ending, settings, backend="plain")
+    assert fast.decoder is not None and not fast.can_stream and plain.decoder is None
+    batch = _batch(fast, images)
+    got = _run(fast, batch)
+    assert got == _run(plain, batch)
+    lengths = [n for _, n in got]
+    assert len(set(lengths)) > 1 and min(lengths) < 24  # some rows ended early, some ran to the limit
+    assert all(n >= overrides.get("min_new_tokens", 0) for n in lengths)
+
+
+def test_flex_attention_search_matches_sdpa(ending, images):  # noqa: F811
+    settings = resolve_generation("paper", {"max_new_tokens": 24})
+    sdpa = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16)
+    flex = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16,
+                            decode_attention="flex")  # fmt: skip
+    batch = _batch(sdpa, images)
+    assert _run(flex, batch) == _run(sdpa, batch)
+
+
+def test_sampling_follows_the_seed(ending, images):  # noqa: F811
+    def tokens(seed):
+        settings = resolve_generation("paper", {"max_new_tokens": 24, "seed": seed})
+        gen = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False)
+        return _run(gen, _batch(gen, images))
+
+    assert tokens(1) == tokens(1)
+    assert tokens(1) != tokens(2)
+
+
+def test_a_nan_sample_fails_alone_in_beam_search(ending, images):  # noqa: F811
+    from models.search import SearchSettings, make_search
+
+    settings = resolve_generation("beam", {"max_new_tokens": 16})
+    gen = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False)
+    batch = _batch(gen, images)
+    clean = _run(gen, batch)
+    ids, mask, media = gen._collate(batch)
+    media[1] = float("nan")
+    search = make_search(ids, SearchSettings.from_settings(settings), gen.eos_ids, 0)
+    out = gen.decoder.search(ids, mask, media, search)
+    assert out.nan.tolist() == [False, True, False, False, False]
+    for row in (0, 2, 3, 4):
+        assert gen._result(batch[row], out.tokens[row].tolist(), False).token_ids == clean[row][0]
+    assert _run(gen, batch) == clean  # the cache was cleaned: the next batch is unaffected
+
+
+def test_beams_batch_statically_and_record_the_fast_backend(ending):
+    from tasks.rewrite import choose_scheduling
+
+    gen = RewriteGenerator(ending, resolve_generation("paper", {"max_new_tokens": 8}), cuda_graphs=False)
+    assert gen.runtime()["backend"] == "fast"
+    assert choose_scheduling("continuous", gen, static_batches=5) == "static"
+    with pytest.raises(ValueError, match="greedy settings"):
+        next(gen.stream(lambda k: [], rows=2, longest_prompt=8))
+    with pytest.raises(ValueError, match="repetition penalty"):
+        RewriteGenerator(ending, resolve_generation("greedy", {"repetition_penalty": 1.3}), backend="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_search_gives_generates_tokens_in_fp32(images):  # noqa: F811
+    from models.loader import load_rewriter
+    from models.tiny import make_tiny_rewriter
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    import tempfile
+    from pathlib import Path
+
+    root = make_tiny_rewriter(Path(tempfile.mkdtemp()) / "tiny", seed=3)
+    gpu = load_rewriter(root, device="cuda", dtype="float32")
+    for preset in ("beam", "paper"):
+        settings = resolve_generation(preset, {"max_new_tokens": 24})
+        fast = RewriteGenerator(gpu, settings, backend="fast", cuda_graphs=True)
+        plain = RewriteGenerator(gpu, settings, backend="plain")
+        batch = _batch(fast, images)
+        assert _run(fast, batch) == _run(plain, batch)
