@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--naive-batches", default=None, help="naive HF greedy batch sizes, default 64 (tiny: 4)"
     )
     parser.add_argument("--seed-samples", type=int, default=2, help="samples through the seed path (batch 1)")
+    parser.add_argument("--paper-batches", default=None,
+                        help="batch sizes for our decoder with the seed path's decoding, default 64,128 (tiny: 4)")  # fmt: skip
     parser.add_argument("--no-levers", action="store_true", help="skip the per-lever measurements")
     parser.add_argument("--attention", default="sdpa:64,sdpa:64:unfused,sdpa:16,flex:64,flex:32",
                         help="decode variants (kind:kv_block[:unfused]) timed at --attention-batch; '' skips")  # fmt: skip
@@ -282,12 +284,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_plain(model, ids, mask, px, 2, num_beams=1, do_sample=False)
         # 1. the seed path: batch 1, 3 beams, sampling, no-repeat 3-grams (the released Inferencer's defaults)
         log("seed path (batch 1, beams 3, sampling)")
-        paper = dict(num_beams=3, do_sample=True, temperature=1.0, top_k=20, top_p=0.9, length_penalty=1.0,
-                     no_repeat_ngram_size=3)  # fmt: skip
         total = 0.0
         for k in range(args.seed_samples):
             ids, mask, px = make_inputs(model, 1, prompt_len, image_size, device, dtype, seed=k)
-            _, seconds = timed(device, run_plain, model, ids, mask, px, new, **paper)
+            _, seconds = timed(device, run_plain, model, ids, mask, px, new, **PAPER)
             total += seconds
         return record("seed (HF generate, batch 1, beams 3, sampling)", 1, total / args.seed_samples)
 
@@ -342,6 +342,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if best is None or row["tokens_per_s"] > best["tokens_per_s"]:
             best = row
     results["checks"]["cuda_graph_error"] = graphs.graph_error
+    paper_batches = [int(b) for b in (args.paper_batches or ("4" if tiny else "64,128")).split(",") if b]
+    if paper_batches:
+        graphs.reset()
+    for batch in paper_batches:
+        log(f"ours, paper preset, batch {batch}")
+        row = attempt(f"paper preset batch {batch}", paper_preset, model, batch, prompt_len, new, image_size, device,
+                      dtype, record, step_figures)  # fmt: skip
+        if row and seed_row:
+            results["paper_speedup_vs_seed"] = round(row["tokens_per_s"] / seed_row["tokens_per_s"], 1)
+    if device.type == "cpu":  # fp32 here; on the GPU it runs in fp32_check
+        results["checks"].update(attempt("search check", search_check, model, FastFlamingoDecoder(model, cuda_graphs=False),
+                                         prompt_len, image_size, device, dtype) or {})  # fmt: skip
 
     def bf16_check():
         # 4. correctness: teacher-forced logits of ours (prefill + graph-replayed steps) vs the plain forward
@@ -470,6 +482,8 @@ def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device, ki
         try:
             checks = logits_check(model32, decoder, prompt_len, image_size, device, torch.float32)
             checks.update(stream_check(model32, decoder, prompt_len, image_size, device, torch.float32))
+            if kind == "sdpa":
+                checks.update(search_check(model32, decoder, prompt_len, image_size, device, torch.float32))
         except Exception as exc:  # noqa: BLE001 - one kind failing leaves the other's check
             checks = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         checks["cuda_graph_error"] = decoder.graph_error
@@ -500,6 +514,47 @@ def lever_attention(model, attention, kv_block, batch, prompt_len, new, image_si
         del decoder
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+PAPER = dict(num_beams=3, do_sample=True, temperature=1.0, top_k=20, top_p=0.9, length_penalty=1.0,
+             no_repeat_ngram_size=3)  # the released Inferencer's decoding (METHOD.md)
+
+
+def run_search(decoder, model, ids, mask, pixels, new_tokens: int, **decoding):
+    """Our decoder with a beam search / sampler (models/search.py), forced to ``new_tokens`` like ``run_plain``."""
+    from models.search import SearchSettings, make_search
+
+    media = encode_images(model, pixels)[:, None]
+    settings = SearchSettings(max_new_tokens=new_tokens, min_new_tokens=new_tokens, **decoding)
+    search = make_search(ids, settings, [model.eoc_token_id, 2], 0)
+    return decoder.search(ids, mask, media, search).tokens
+
+
+def paper_preset(model, batch, prompt_len, new, image_size, device, dtype, record, figures) -> dict:
+    """The seed path's own decoding (3 beams, sampling, no-repeat 3-grams) on our decoder, batched."""
+    decoder = FastFlamingoDecoder(model, cuda_graphs=True)
+    ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=3)
+    try:
+        torch.manual_seed(0)
+        timed(device, run_search, decoder, model, ids, mask, px, new, **PAPER)  # captures the graphs
+        _, seconds = timed(device, run_search, decoder, model, ids, mask, px, new, **PAPER)
+        _, prefill_s = timed(device, run_search, decoder, model, ids, mask, px, 1, **PAPER)
+        return record("ours, paper preset (beams 3, sampling, no-repeat 3)", batch, seconds,
+                      **figures(seconds, prefill_s, batch * PAPER["num_beams"]))  # fmt: skip
+    finally:
+        decoder.reset()
+
+
+def search_check(model, decoder, prompt_len: int, image_size: int, device, dtype) -> dict[str, Any]:
+    """Deterministic beam search (3 beams, no-repeat 3) of our decoder vs Hugging Face ``generate``: the share of
+    rows with identical tokens (in fp32 only a near-tie between two beams can tell them apart)."""
+    ids, mask, px = make_inputs(model, 6, prompt_len, image_size, device, dtype, seed=11)
+    beams = dict(num_beams=3, do_sample=False, length_penalty=1.0, no_repeat_ngram_size=3)
+    new = 24
+    ours = run_search(decoder, model, ids, mask, px, new, **beams).cpu()
+    ref = run_plain(model, ids, mask, px, new, **beams).cpu()
+    same = [bool(torch.equal(a, b)) for a, b in zip(ours, ref, strict=True)]
+    return {"beam_search_rows_identical": f"{sum(same)}/{len(same)}"}
 
 
 def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtype, record, new: int) -> None:

@@ -1,5 +1,5 @@
-"""bench/gpu_rewrite.py runs end to end on CPU with the tiny shape: every path, the decode-attention variants and
-the kernel profile, so the device session spends its minutes measuring, not debugging."""
+"""bench/gpu_rewrite.py runs end to end on CPU with the tiny shape: every path (the paper preset's beams on our
+decoder included), the decode-attention variants and the kernel profile, so the device session spends its minutes measuring, not debugging."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     checks = data["checks"]
     assert checks["logits_ok"] and checks["greedy_token_agreement"] == 1.0
     assert checks["stream_sdpa"] == checks["stream_flex"] == {"stream_rows_identical": "12/12"}
+    assert checks["beam_search_rows_identical"] == "6/6"  # our beam search vs generate, fp32
+    paper = [r for r in data["runs"] if r["path"].startswith("ours, paper preset")]
+    assert len(paper) == 1 and paper[0]["batch"] == 4 and paper[0]["step_ms"] > 0
+    assert data["paper_speedup_vs_seed"] == round(paper[0]["tokens_per_s"] / data["runs"][0]["tokens_per_s"], 1)
     profile = data["profile"]
     assert set(profile) >= {"prefill", "decode_step_sdpa", "decode_step_flex"}
     assert any("mm" in k["name"] for k in profile["prefill"]["kernels"])

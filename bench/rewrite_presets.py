@@ -1,0 +1,117 @@
+"""Every decoding preset on the fast decoder vs Hugging Face ``generate`` (the plain path), through the production
+rewrite task, on a workspace's own samples.
+
+Runs ``tasks.rewrite.rewrite_shard`` (the function behind the Prefect task) on the first ``--samples`` samples of
+a workspace's first rewrite run, with the workspace's latest rewriter, once per (preset, backend), alternating the
+backends for ``--rounds`` rounds. Prints the generation time, tokens/s and whether both backends wrote the same
+rewrites. Sampling presets draw from the same seeded stream on both backends, so they match too.
+
+    .venv/bin/polite run --workspace /tmp/demo_ws               # once: a trained tiny rewriter and 600 samples
+    .venv/bin/python bench/rewrite_presets.py --workspace /tmp/demo_ws --samples 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--presets", default="greedy,beam,paper")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    import duckdb
+    import pyarrow as pa
+    import torch
+
+    from flows.rewrite import WORK_ORDER
+    from lineage.store import LineageStore
+    from models.generation import resolve_generation
+    from models.prompts import PROMPT_VERSION
+    from polite.ids import settings_hash
+    from polite.shards import read_table, write_table_atomic
+    from polite.workspace import Workspace
+    from tasks.rewrite import rewrite_shard
+
+    torch.set_num_threads(args.threads)
+    ws = Workspace.resolve(args.workspace)
+    store = LineageStore(ws.db_path)
+    model = store.query(
+        "SELECT model_id, path FROM models WHERE kind = 'rewriter' ORDER BY created_at DESC LIMIT 1"
+    ).to_pylist()[0]
+    work = [read_table(str(p)) for p in sorted(Path(ws.root, "shards", "rewrites", "work").glob("*.parquet"))]
+    first = pa.concat_tables([t for t in work if set(t.column("reason").to_pylist()) == {"first"}])
+    first = duckdb.sql(f"SELECT * FROM first ORDER BY {WORK_ORDER}").to_arrow_table().cast(first.schema)
+    first = first.slice(0, args.samples)
+    tmp = Path(tempfile.mkdtemp(prefix="rewrite-presets-"))
+    shard = str(tmp / "work.parquet")
+    write_table_atomic(first, shard)
+    base = {"model_path": model["path"], "model_id": model["model_id"], "prompt_version": PROMPT_VERSION,
+            "run_id": None, "device": "cpu", "token_budget": 65536, "max_batch_size": args.max_batch_size,
+            "prefetch_images": True, "scheduling": "static"}  # fmt: skip
+    print(
+        f"{first.num_rows} samples, model {model['model_id']}, max_new_tokens {args.max_new_tokens}",
+        flush=True,
+    )
+    warm = dict(base, work=str(tmp / "warm.parquet"), out=str(tmp / "warm-out.parquet"),
+                settings=resolve_generation("greedy", {"max_new_tokens": 4}), settings_hash="warm")  # fmt: skip
+    write_table_atomic(first.slice(0, 4), warm["work"])
+    rewrite_shard(warm)  # load the model once, outside the timings
+
+    runs, summary = [], {}
+    for preset in args.presets.split(","):
+        settings = resolve_generation(preset, {"max_new_tokens": args.max_new_tokens})
+        outputs: dict[str, dict] = {}
+        for k in range(args.rounds):
+            for backend in ("plain", "fast") if k % 2 == 0 else ("fast", "plain"):
+                out = str(tmp / f"{preset}-{backend}-{k}.parquet")
+                job = dict(base, work=shard, out=out, settings=settings, settings_hash=settings_hash(settings),
+                           backend=backend)  # fmt: skip
+                started = time.perf_counter()
+                stats = rewrite_shard(job)
+                wall = time.perf_counter() - started
+                rows = read_table(out).to_pylist()
+                outputs[backend] = {r["sample_id"]: r["output"] for r in rows}
+                row = {"preset": preset, "backend": stats["backend"], "round": k, "seconds": round(wall, 2),
+                       "generate_s": stats["generate_s"], "ok": stats["ok"], "output_tokens": stats["output_tokens"],
+                       "tokens_per_s": round(stats["output_tokens"] / stats["generate_s"], 1)}  # fmt: skip
+                runs.append(row)
+                print(json.dumps(row), flush=True)
+        same = sum(outputs["plain"][s] == outputs["fast"].get(s) for s in outputs["plain"])
+        median = {}
+        for backend in ("plain", "fast"):
+            mine = sorted(r["generate_s"] for r in runs if r["preset"] == preset and r["backend"] == backend)
+            median[backend] = mine[len(mine) // 2]
+        summary[preset] = {"plain_generate_s": median["plain"], "fast_generate_s": median["fast"],
+                           "speedup": round(median["plain"] / median["fast"], 2),
+                           "identical_rewrites": f"{same}/{len(outputs['plain'])}"}  # fmt: skip
+        print(json.dumps({preset: summary[preset]}), flush=True)
+    result = {
+        "samples": first.num_rows,
+        "max_new_tokens": args.max_new_tokens,
+        "runs": runs,
+        "summary": summary,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
