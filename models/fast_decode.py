@@ -551,9 +551,13 @@ class FastFlamingoDecoder:
         while not search.step(logits):
             sess.tok[:rows] = search.next_tokens
             if search.source_rows is not None:
-                # the prompt's keys are the same in every beam of a sample: only generated ones move
-                for cache in (*sess.k, *sess.v):
-                    cache[:rows, :, n : sess.slot_host] = cache[search.source_rows, :, n : sess.slot_host]
+                # Only beams that continue another row move, and only their generated keys: the prompt's are
+                # the same in every beam of a sample. (generate reorders the whole cache every step.)
+                moved = (search.source_rows != sess.rows[:rows]).nonzero().flatten()
+                if len(moved):
+                    source = search.source_rows[moved]
+                    for cache in (*sess.k, *sess.v):
+                        cache[moved, :, n : sess.slot_host] = cache[source, :, n : sess.slot_host]
             self._run_step(sess)
             sess.slot_host += 1
             logits = sess.logits[:rows]
