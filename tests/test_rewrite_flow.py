@@ -108,6 +108,30 @@ def test_continuous_scheduling_gives_the_static_rewrites(prefect_harness, worksp
     assert {r["sample_id"]: r["output"] for r in redone} == {r["sample_id"]: r["output"] for r in ok}
 
 
+def test_paper_preset_runs_on_the_fast_decoder_reproducibly(prefect_harness, workspace, model_path):
+    """The released decoding (sampled beams, no-repeat 3-grams) goes through the fast decoder, and a rerun of
+    the same samples draws the same rewrites (the seed is per batch). Its tokens equal Hugging Face
+    ``generate``'s in tests/test_rewrite_search.py; this random model emits ``<image>`` tokens, where
+    open_flamingo's ``generate`` changes every row's image attention (see docs/rewrite.md)."""
+    from flows.rewrite import rewrite_flow
+
+    make_samples(workspace, n=8)
+    register_model(workspace, model_path)
+    cfg = dict(preset="paper", shard_size=4, overrides={"max_new_tokens": 10})
+    fast = rewrite_flow(config=_config(**cfg), workspace=workspace.root)
+    assert fast["ok"] == fast["selected"] > 0 and fast["failed"] == 0
+    first = _rows(workspace, "SELECT * FROM rewrites")
+    assert all('"backend": "fast"' in r["settings"] and '"num_beams": 3' in r["settings"] for r in first)
+    assert all('"scheduling": "static"' in r["settings"] for r in first)  # beams do not stream
+
+    chosen = ", ".join(f"'{r['sample_id']}'" for r in first)
+    again = rewrite_flow(config=_config(**cfg), workspace=workspace.root, where=f"sample_id IN ({chosen})")
+    assert again["ok"] == fast["ok"]
+    redone = _rows(workspace, "SELECT * FROM rewrites WHERE attempt = 2")
+    assert {r["sample_id"]: r["output"] for r in redone} == {r["sample_id"]: r["output"] for r in first}
+    assert len({r["output"] for r in first}) > 1
+
+
 def _add_poisoned_sample(workspace):
     """One more sample ('s_poison') with an image of its own, whose file in the store is then truncated; returns
     the stored image and its good bytes."""

@@ -29,10 +29,9 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ending(loaded, images):  # noqa: F811
-    """A private copy of the tiny rewriter whose end-of-sequence logit shadows its most frequent token, so
-    rows and beams end at different steps (the random model alone nearly never ends)."""
+def _shadowing(loaded, images, token: int):  # noqa: F811
+    """A private copy of the tiny rewriter whose logit for ``token`` shadows its most frequent token, so the
+    random model emits ``token`` now and then."""
     from models.flamingo import FlamingoSpec, build_flamingo
 
     model, *_ = build_flamingo(FlamingoSpec.from_file(loaded.spec.root))
@@ -45,8 +44,14 @@ def ending(loaded, images):  # noqa: F811
     head = model.lang_encoder.get_output_embeddings().weight
     with torch.no_grad():
         noise = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0))
-        head[EOS_ID] = head[frequent] + 0.05 * noise
+        head[token] = head[frequent] + 0.05 * noise
     return copy
+
+
+@pytest.fixture(scope="module")
+def ending(loaded, images):  # noqa: F811
+    """Rows and beams end at different steps (the random model alone nearly never ends)."""
+    return _shadowing(loaded, images, EOS_ID)
 
 
 def _batch(gen, images):  # noqa: F811
@@ -70,6 +75,30 @@ def test_fast_search_gives_generates_tokens(ending, images, preset, overrides): 
     lengths = [n for _, n in got]
     assert len(set(lengths)) > 1 and min(lengths) < 24  # some rows ended early, some ran to the limit
     assert all(n >= overrides.get("min_new_tokens", 0) for n in lengths)
+
+
+def test_each_sample_alone_gets_its_batch_beams(ending, images):  # noqa: F811
+    """Samples of a batch do not interact: left padding, other samples' beams, their ends (and, unlike
+    open_flamingo's generate, another row's generated ``<image>`` token) leave a sample's result alone."""
+    settings = resolve_generation("beam", {"max_new_tokens": 24, "num_beams": 4})
+    gen = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False)
+    batch = _batch(gen, images)
+    together = _run(gen, batch)
+    assert [_run(gen, [p])[0] for p in batch] == together
+
+
+def test_a_generated_image_token_changes_no_other_row(loaded, images):  # noqa: F811
+    """open_flamingo's generate re-reads the image positions of the whole batch from each step's new tokens, so
+    one row emitting ``<image>`` changes every row's image attention. Here every generated token attends its
+    row's last prompt image: each row gets the tokens it gets alone."""
+    imaging = _shadowing(loaded, images, int(loaded.model.media_token_id))
+    gen = RewriteGenerator(imaging, resolve_generation("greedy", {"max_new_tokens": 24, "no_repeat_ngram_size": 3}),
+                           backend="fast", cuda_graphs=False)  # fmt: skip
+    batch = _batch(gen, images)
+    out = gen.generate(batch)
+    emitted = [imaging.model.media_token_id in g.token_ids for g in out]
+    assert any(emitted) and not all(emitted)
+    assert [gen.generate([p])[0].token_ids for p in batch] == [g.token_ids for g in out]
 
 
 def test_flex_attention_search_matches_sdpa(ending, images):  # noqa: F811

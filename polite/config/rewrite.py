@@ -63,8 +63,9 @@ class RewriteSettings(BaseModel):
     decode_attention: Literal["sdpa", "flex"] = "sdpa"
     kv_block: int = Field(default=64, ge=16, multiple_of=16)  # KV-cache granularity (keys) of the decode step
     # static: each batch decodes until its longest rewrite ends. continuous: rows that finish are refilled with
-    # the next samples at once (fast decoder only; the plain path stays static). auto: continuous on CPU and with
-    # flex attention, static for sdpa on CUDA (there every continuous step would read the whole ring cache)
+    # the next samples at once (greedy decoding on the fast decoder; beams, sampling and the plain path stay
+    # static). auto: continuous on CPU and with flex attention, static for sdpa on CUDA (there every continuous
+    # step would read the whole ring cache)
     scheduling: Literal["auto", "static", "continuous"] = "auto"
     prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
 
