@@ -4,7 +4,7 @@ rewrite task, on a workspace's own samples.
 Runs ``tasks.rewrite.rewrite_shard`` (the function behind the Prefect task) on the first ``--samples`` samples of
 a workspace's first rewrite run, with the workspace's latest rewriter, once per (preset, backend), alternating the
 backends for ``--rounds`` rounds. Prints the generation time, tokens/s and whether both backends wrote the same
-rewrites. Sampling presets draw from the same seeded stream on both backends, so they match too.
+rewrites (``--backends`` adds the fast decoder without batch shrinking). Sampling presets draw from the same seeded stream on both backends, so they match too.
 
     .venv/bin/polite run --workspace /tmp/demo_ws               # once: a trained tiny rewriter and 600 samples
     .venv/bin/python bench/rewrite_presets.py --workspace /tmp/demo_ws --samples 128
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--presets", default="greedy,beam,paper")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--backends", default="plain,fast",
+                        help="plain, fast, and fast-noshrink (the fast decoder with shrink_batches off)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -78,29 +80,29 @@ def main(argv: list[str] | None = None) -> dict:
     for preset in args.presets.split(","):
         settings = resolve_generation(preset, {"max_new_tokens": args.max_new_tokens})
         outputs: dict[str, dict] = {}
+        backends = args.backends.split(",")
         for k in range(args.rounds):
-            for backend in ("plain", "fast") if k % 2 == 0 else ("fast", "plain"):
-                out = str(tmp / f"{preset}-{backend}-{k}.parquet")
+            for variant in backends if k % 2 == 0 else backends[::-1]:
+                out = str(tmp / f"{preset}-{variant}-{k}.parquet")
                 job = dict(base, work=shard, out=out, settings=settings, settings_hash=settings_hash(settings),
-                           backend=backend)  # fmt: skip
+                           backend=variant.split("-")[0], shrink_batches=variant != "fast-noshrink")  # fmt: skip
                 started = time.perf_counter()
                 stats = rewrite_shard(job)
                 wall = time.perf_counter() - started
                 rows = read_table(out).to_pylist()
-                outputs[backend] = {r["sample_id"]: r["output"] for r in rows}
-                row = {"preset": preset, "backend": stats["backend"], "round": k, "seconds": round(wall, 2),
+                outputs[variant] = {r["sample_id"]: r["output"] for r in rows}
+                row = {"preset": preset, "backend": variant, "round": k, "seconds": round(wall, 2),
                        "generate_s": stats["generate_s"], "ok": stats["ok"], "output_tokens": stats["output_tokens"],
                        "tokens_per_s": round(stats["output_tokens"] / stats["generate_s"], 1)}  # fmt: skip
                 runs.append(row)
                 print(json.dumps(row), flush=True)
-        same = sum(outputs["plain"][s] == outputs["fast"].get(s) for s in outputs["plain"])
-        median = {}
-        for backend in ("plain", "fast"):
-            mine = sorted(r["generate_s"] for r in runs if r["preset"] == preset and r["backend"] == backend)
-            median[backend] = mine[len(mine) // 2]
-        summary[preset] = {"plain_generate_s": median["plain"], "fast_generate_s": median["fast"],
-                           "speedup": round(median["plain"] / median["fast"], 2),
-                           "identical_rewrites": f"{same}/{len(outputs['plain'])}"}  # fmt: skip
+        reference = outputs[backends[0]]
+        summary[preset] = {}
+        for variant in backends:
+            mine = sorted(r["generate_s"] for r in runs if r["preset"] == preset and r["backend"] == variant)
+            summary[preset][f"{variant}_generate_s"] = mine[len(mine) // 2]
+            same = sum(reference[s] == outputs[variant].get(s) for s in reference)
+            summary[preset][f"{variant}_identical_to_{backends[0]}"] = f"{same}/{len(reference)}"
         print(json.dumps({preset: summary[preset]}), flush=True)
     result = {
         "samples": first.num_rows,

@@ -30,8 +30,8 @@ from polite.shards import chunked, exists, read_table, write_table_atomic
 from polite.workspace import Workspace
 from tasks.rewrite import RESULT_SCHEMA, WORK_SCHEMA, rewrite_shard_task
 
-RUNTIME_KEYS = ("backend", "device", "dtype", "cuda_graphs", "decode_attention", "kv_block", "scheduling",
-                "token_budget", "max_batch_size", "max_prompt_tokens", "prefetch_images")  # fmt: skip
+RUNTIME_KEYS = ("backend", "device", "dtype", "cuda_graphs", "decode_attention", "kv_block", "shrink_batches",
+                "scheduling", "token_budget", "max_batch_size", "max_prompt_tokens", "prefetch_images")  # fmt: skip
 
 
 def rewrite_id(sample_id: str, model_id: str, prompt_version: str, settings_hash_: str, attempt: int) -> str:

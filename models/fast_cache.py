@@ -109,8 +109,12 @@ class SessionCache:
         for t in self._arena:
             t.zero_()
 
+    def rows_for(self, batch: int) -> int:
+        """The session size (rows) a batch of ``batch`` rows gets."""
+        return batch_bucket(batch) if self.bucket_batches else batch
+
     def get(self, batch: int, prompt_len: int, max_new: int, cache_len: int | None = None) -> Session:
-        bsz = batch_bucket(batch) if self.bucket_batches else batch
+        bsz = self.rows_for(batch)
         cache_len = self.cache_len(prompt_len, max_new, cache_len)
         key = (bsz, cache_len, max_new)
         if key in self._sessions:

@@ -118,6 +118,7 @@ class FastFlamingoDecoder:
         recompute_cross_kv: bool = False,
         attention: str = "sdpa",
         fuse_projections: bool | None = None,
+        shrink: bool = True,
     ):
         """``attention`` picks the decode step's self-attention: ``sdpa`` (one masked span for the whole batch,
         rounded up to ``kv_block``) or ``flex`` (FlexAttention reading each row's own cache blocks, compiled on
@@ -129,6 +130,9 @@ class FastFlamingoDecoder:
         large GPU. Layers whose projections are not plain ``nn.Linear`` without bias (an unmerged LoRA
         adapter, say) stay unfused. None: fuse on CUDA only (on 2 CPU cores the tiny demo model measured 0-7%
         slower fused, within noise: there the split outputs' strided copies cost about what fusing saves).
+
+        ``shrink``: once a static batch's unfinished rows fit a session half its size, move them there, so the
+        finished rows stop costing compute and KV reads (same tokens; ``shrinks`` counts the moves).
 
         ``recompute_cross_kv`` recomputes the cross-attention keys/values every step, as open_flamingo does:
         only for measuring what precomputing them saves (bench/gpu_rewrite.py)."""
@@ -194,6 +198,8 @@ class FastFlamingoDecoder:
                         if fused is not None:
                             self._gate_up[i] = fused
         self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
+        self.shrink = shrink
+        self.shrinks = 0
 
     # -- tables and buffers ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -509,25 +515,75 @@ class FastFlamingoDecoder:
         sess = self._start(
             input_ids, attention_mask, media, max_new_tokens, min_new_tokens, eos_token_ids, pad_token_id
         )
+        # row i of the session holds original row order[i]; rows dropped by a shrink leave their results here
+        order = torch.arange(b, device=self.device)
+        tokens = torch.full_like(sess.out[:b], int(pad_token_id))
+        nan = torch.zeros(b, dtype=torch.bool, device=self.device)
         steps = 1
         every = 1 if self.device.type == "cpu" else max(1, check_every)
         while steps < _most(max_new_tokens):
-            if steps % every == 0 and bool(sess.finished[:b].all()):
-                break
+            if steps % every == 0:
+                live = (~sess.finished[: len(order)]).nonzero().flatten()
+                if not len(live):
+                    break
+                if self._worth_shrinking(sess, len(live), len(order)):
+                    rows = len(order)
+                    tokens[order], nan[order] = sess.out[:rows], sess.nan[:rows]
+                    sess, order = self._shrink(sess, live), order[live]
             self._run_step(sess)
             sess.slot_host += 1
             steps += 1
-        if bool(sess.nan[:b].any()):
+        rows = len(order)
+        tokens[order], nan[order] = sess.out[:rows], sess.nan[:rows]
+        if bool(nan.any()):
             # keep later batches safe: masked cache slots are multiplied by zero, and 0 * NaN is NaN
             self._cache.zero()
-        tokens = sess.out[:b, :steps].clone()
-        finished = sess.finished[:b]
-        if steps > 1 and bool(finished.all()):
+        tokens = tokens[:, :steps]
+        if steps > 1 and bool(sess.finished[:rows].all()):
             # trim trailing all-pad columns left by the periodic stop check
             alive = (tokens != int(pad_token_id)).any(dim=0).nonzero()
             keep = int(alive.max()) + 1 if alive.numel() else 1
             tokens = tokens[:, :keep]
-        return DecodeOutput(tokens=tokens, nan=sess.nan[:b].clone())
+        return DecodeOutput(tokens=tokens, nan=nan)
+
+    def _worth_shrinking(self, sess: Session, live: int, rows: int) -> bool:
+        """Move the live rows to a smaller session once they fit one half the size (or less): the rows that
+        finished stop costing compute and KV reads. Not after NaN: a stale NaN left in a reused row's masked
+        slots would poison it."""
+        return self.shrink and self._cache.rows_for(live) * 2 <= sess.bsz and not bool(sess.nan[:rows].any())
+
+    def _shrink(self, sess: Session, keep: torch.Tensor) -> Session:
+        """A session holding only rows ``keep`` of ``sess`` (in that order), with the same cache length. Row r
+        of every session's cache is the same memory, so the kept rows' keys move to the front of the arena;
+        their decoding state is copied, and the rest of the new session's rows are idle (finished)."""
+        m = len(keep)
+        new = self._cache.get(m, 1, sess.max_new, cache_len=sess.cache_len)
+        written = sess.slot_host  # static batches only: positions [0, slot) hold every row's keys
+        for cache in (*sess.k, *sess.v):
+            region = cache[:, :, :written]
+            region[:m].copy_(region.index_select(0, keep))
+        self._reset_state(new, [], 0, slot=sess.slot_host, select=sess.select)
+        new.is_eos.copy_(sess.is_eos)
+        new.pad_id.copy_(sess.pad_id)
+        new.full_span = sess.full_span
+        for name in ("tok", "gen_step", "pad_len", "has_media", "finished", "nan", "out", "logits", "min_new",
+                     "max_new_row"):  # fmt: skip
+            getattr(new, name)[:m] = getattr(sess, name)[keep]
+        for old, fresh in ((sess.xk, new.xk), (sess.xv, new.xv)):
+            for i, t in old.items():
+                if i not in fresh or fresh[i].shape[1:] != t.shape[1:]:
+                    fresh[i] = torch.zeros((new.bsz, *t.shape[1:]), device=self.device, dtype=t.dtype)
+                    new.graphs.clear()  # they read the old tensor
+                fresh[i][:m] = t[keep]
+        if sess.media_last is not None:
+            if new.media_last is None or new.media_last.shape[1:] != sess.media_last.shape[1:]:
+                new.media_last = torch.zeros((new.bsz, *sess.media_last.shape[1:]), device=self.device,
+                                             dtype=self.dtype)  # fmt: skip
+                new.graphs.clear()
+            new.media_last[:m] = sess.media_last[keep]
+        self._ensure_flex(new)
+        self.shrinks += 1
+        return new
 
     @torch.inference_mode()
     def search(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: torch.Tensor,
@@ -548,22 +604,41 @@ class FastFlamingoDecoder:
         if k > 1:
             logits = self._copy_rows(sess, torch.arange(b, device=self.device).repeat_interleave(k), n, logits)
         self._ensure_flex(sess)
-        while not search.step(logits):
-            sess.tok[:rows] = search.next_tokens
+        # row i of the session holds original row order[i] (where[order[i]] == i); after a shrink, rows of finished
+        # samples are gone and the search sees zero logits for them (it no longer reads them)
+        order = sess.rows[:rows].clone()
+        where = order.clone()
+        full = logits
+        nan = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        while not search.step(full):
+            live = search.live_samples().repeat_interleave(k)[order].nonzero().flatten()
+            if self._worth_shrinking(sess, len(live), len(order)):
+                nan[order] |= sess.nan[: len(order)]
+                sess, order = self._shrink(sess, live), order[live]
+                where = torch.full_like(where, -1)
+                where[order] = torch.arange(len(order), device=self.device)
+            current = len(order)
+            sess.tok[:current] = search.next_tokens[order]
             if search.source_rows is not None:
                 # Only beams that continue another row move, and only their generated keys: the prompt's are
                 # the same in every beam of a sample. (generate reorders the whole cache every step.)
-                moved = (search.source_rows != sess.rows[:rows]).nonzero().flatten()
+                source = where[search.source_rows[order]]
+                moved = (source != sess.rows[:current]).nonzero().flatten()
                 if len(moved):
-                    source = search.source_rows[moved]
+                    source = source[moved]
                     for cache in (*sess.k, *sess.v):
                         generated = cache[:, :, n : sess.slot_host]
                         # index_select + index_copy_: 2.3x faster than indexed assignment on CPU
                         generated.index_copy_(0, moved, generated.index_select(0, source))
             self._run_step(sess)
             sess.slot_host += 1
-            logits = sess.logits[:rows]
-        nan = sess.nan[:rows].view(b, k).any(dim=1)
+            if current == rows:
+                full = sess.logits[:rows]
+            else:
+                full = torch.zeros((rows, sess.logits.shape[1]), device=self.device, dtype=sess.logits.dtype)
+                full[order] = sess.logits[:current]
+        nan[order] |= sess.nan[: len(order)]
+        nan = nan.view(b, k).any(dim=1)
         if bool(nan.any()):
             self._cache.zero()  # as in generate: a masked NaN would poison later batches
         return DecodeOutput(tokens=search.result(), nan=nan)

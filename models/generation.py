@@ -200,17 +200,19 @@ _decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _decoders_lock = threading.Lock()
 
 
-def fast_decoder(loaded, cuda_graphs: bool = True, attention: str = "sdpa", kv_block: int = 64):
+def fast_decoder(
+    loaded, cuda_graphs: bool = True, attention: str = "sdpa", kv_block: int = 64, shrink: bool = True
+):
     """One ``FastFlamingoDecoder`` per loaded model, options and process, so captured graphs survive across
     shards."""
     from models.fast_decode import FastFlamingoDecoder
 
-    key = (bool(cuda_graphs), attention, int(kv_block))
+    key = (bool(cuda_graphs), attention, int(kv_block), bool(shrink))
     with _decoders_lock:
         per_model = _decoders.setdefault(loaded.model, {})
         if key not in per_model:
             per_model[key] = FastFlamingoDecoder(
-                loaded.model, cuda_graphs=cuda_graphs, attention=attention, kv_block=kv_block
+                loaded.model, cuda_graphs=cuda_graphs, attention=attention, kv_block=kv_block, shrink=shrink
             )
         return per_model[key]
 
@@ -229,6 +231,7 @@ class RewriteGenerator:
         latent_cache_size: int = 1024,
         decode_attention: str = "sdpa",
         kv_block: int = 64,
+        shrink_batches: bool = True,
     ):
         from models.fast_decode import FastPathUnsupported
 
@@ -247,7 +250,11 @@ class RewriteGenerator:
         if backend != "plain" and fast_supported(self.settings):
             try:
                 self.decoder = fast_decoder(
-                    loaded, cuda_graphs=cuda_graphs, attention=decode_attention, kv_block=kv_block
+                    loaded,
+                    cuda_graphs=cuda_graphs,
+                    attention=decode_attention,
+                    kv_block=kv_block,
+                    shrink=shrink_batches,
                 )
             except FastPathUnsupported:
                 if backend == "fast":
@@ -275,6 +282,7 @@ class RewriteGenerator:
         }
         if self.decoder is not None:
             runtime["decode_attention"] = self.decoder.attention
+            runtime["shrink_batches"] = self.decoder.shrink
         return runtime
 
     # -- CPU side ----------------------------------------------------------------------------------

@@ -113,6 +113,10 @@ class TokenSearch:
     def result(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def live_samples(self) -> torch.Tensor:
+        """(batch,) bool: samples whose result can still change. The others' rows may get any logits."""
+        raise NotImplementedError
+
 
 class Sampler(TokenSearch):
     """One row per sample: ``generate``'s ``_sample`` (greedy with constraints, or multinomial sampling)."""
@@ -142,6 +146,9 @@ class Sampler(TokenSearch):
 
     def result(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_len : self.cur_len]
+
+    def live_samples(self) -> torch.Tensor:
+        return self.unfinished.bool()
 
 
 class BeamSearch(TokenSearch):
@@ -223,6 +230,10 @@ class BeamSearch(TokenSearch):
         worst_done = torch.where(self.finished, torch.min(self.scores, dim=1, keepdim=True)[0], _NEG)
         self.may_improve = self.may_improve & torch.any(best_live > worst_done, dim=-1, keepdim=True)
         return not bool(self.may_improve.any() & ~stops.all())
+
+    def live_samples(self) -> torch.Tensor:
+        # a sample that cannot improve has its finished hypotheses frozen (their scores get -1e9 added)
+        return self.may_improve.view(-1)
 
     def result(self) -> torch.Tensor:
         """The best hypothesis of each sample, as ``generate`` returns it (cut to the longest one's length)."""

@@ -56,7 +56,8 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
     """Rewrite the samples of ``job["work"]`` into ``job["out"]``; returns the path and counts.
 
     ``job``: work, out (URLs); model_path, model_id; prompt_version; settings (decoding), settings_hash;
-    run_id; and the runtime options backend, device, dtype, cuda_graphs, decode_attention, kv_block, scheduling,
+    run_id; and the runtime options backend, device, dtype, cuda_graphs, decode_attention, kv_block, shrink_batches,
+    scheduling,
     token_budget, max_batch_size,
     max_prompt_tokens, prefetch_images.
     """
@@ -85,6 +86,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         cuda_graphs=bool(job.get("cuda_graphs", True)),
         decode_attention=str(job.get("decode_attention", "sdpa")),
         kv_block=int(job.get("kv_block", 64)),
+        shrink_batches=bool(job.get("shrink_batches", True)),
     )
     # one generation at a time per loaded model: its layers carry per-call state (image conditioning, the fast
     # decoder's caches), and shards in one worker process share the cached model

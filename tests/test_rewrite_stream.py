@@ -135,3 +135,26 @@ def test_static_batches_take_per_row_limits(loaded, images):  # noqa: F811
     for row, (prepared, new) in enumerate(items):
         assert out[row, :new].tolist() == _alone(decoder, gen, prepared, new)
         assert (out[row, new:] == 0).all()  # padded after its own limit
+
+
+@pytest.mark.parametrize("attention,bucketed", [("sdpa", False), ("flex", False), ("sdpa", True)])
+def test_static_batches_shrink_as_rows_finish(loaded, images, attention, bucketed):  # noqa: F811
+    """Once a static batch's unfinished rows fit half its session, they move to a smaller one (their keys to the
+    front of the arena): every row still gets the tokens it gets alone, and a NaN row stops the shrinking."""
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 17}), backend="plain")
+    items = _items(gen, images, 24)
+    decoder = FastFlamingoDecoder(loaded.model, cuda_graphs=False, kv_block=16, attention=attention)
+    decoder._cache.bucket_batches = bucketed  # the CUDA-graph path's session sizes, forced on CPU
+    ids, mask, media = gen._collate([p for p, _ in items])
+    limits = [new for _, new in items]
+    out = decoder.generate(ids, mask, media, limits, gen.eos_ids, 0, min_new_tokens=limits)
+    assert decoder.shrinks >= 2 and not out.nan.any()
+    for row, (prepared, new) in enumerate(items):
+        assert out.tokens[row, :new].tolist() == _alone(decoder, gen, prepared, new)
+
+    shrinks = decoder.shrinks
+    media[5] = float("nan")
+    poisoned = decoder.generate(ids, mask, media, limits, gen.eos_ids, 0, min_new_tokens=limits)
+    assert poisoned.nan.nonzero().flatten().tolist() == [5] and decoder.shrinks == shrinks
+    keep = [r for r in range(len(items)) if r != 5]
+    assert torch.equal(poisoned.tokens[keep], out.tokens[keep])

@@ -62,6 +62,9 @@ class RewriteSettings(BaseModel):
     # FlexAttention compiled on CUDA); same function, the faster one depends on the card (BENCHMARKS.md)
     decode_attention: Literal["sdpa", "flex"] = "sdpa"
     kv_block: int = Field(default=64, ge=16, multiple_of=16)  # KV-cache granularity (keys) of the decode step
+    # static batches (and beams) move their unfinished rows to a session half the size once they fit it, so
+    # finished rows stop costing compute and KV reads; same tokens
+    shrink_batches: bool = True
     # static: each batch decodes until its longest rewrite ends. continuous: rows that finish are refilled with
     # the next samples at once (greedy decoding on the fast decoder; beams, sampling and the plain path stay
     # static). auto: continuous on CPU and with flex attention, static for sdpa on CUDA (there every continuous
