@@ -558,11 +558,11 @@ def search_check(model, decoder, prompt_len: int, image_size: int, device, dtype
 
 
 def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtype, record, new: int) -> None:
-    """Rewrites differ in length: static batches decode until their longest row ends, continuous batching
-    refills rows as they finish. Output lengths are drawn (log-normal around 40% of ``new``, 8..new) and forced
-    per row; 3 x ``batch`` prompts; tokens/s counts only the tokens rows asked for."""
+    """Rewrites differ in length: static batches decode until their longest row ends (moving to smaller
+    sessions as rows finish, or not), continuous batching refills rows as they finish. Output lengths are drawn
+    (log-normal around 40% of ``new``, 8..new) and forced per row; 3 x ``batch`` prompts; tokens/s counts only
+    the tokens rows asked for."""
     import math
-
 
     n_rows = 3 * batch
     g = torch.Generator().manual_seed(13)
@@ -585,9 +585,11 @@ def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtyp
             pass
 
     every = list(range(n_rows))
-    for label, run, attention in (("static batches", static, "sdpa"), ("continuous", continuous, "sdpa"),
-                                  ("continuous", continuous, "flex")):  # fmt: skip
-        decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention)
+    for label, run, attention, shrink in (("static batches, no shrinking", static, "sdpa", False),
+                                          ("static batches", static, "sdpa", True),
+                                          ("continuous", continuous, "sdpa", True),
+                                          ("continuous", continuous, "flex", True)):  # fmt: skip
+        decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention, shrink=shrink)
         try:
             run(decoder, every[:batch])  # capture graphs / compile on one batch's worth first
             _, seconds = timed(device, run, decoder, every)

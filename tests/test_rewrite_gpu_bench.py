@@ -29,7 +29,8 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     ]
     assert all(r["tokens_per_s"] > 0 and r["batch"] == 8 for r in variants)
     scheduling = [r for r in data["runs"] if r["path"].startswith("scheduling")]
-    assert [r["path"] for r in scheduling] == ["scheduling: static batches, sdpa", "scheduling: continuous, sdpa",
+    assert [r["path"] for r in scheduling] == ["scheduling: static batches, no shrinking, sdpa",
+                                               "scheduling: static batches, sdpa", "scheduling: continuous, sdpa",
                                                "scheduling: continuous, flex"]  # fmt: skip
     assert all(r["batch"] == 48 and r["tokens_per_s"] > 0 for r in scheduling)
     checks = data["checks"]

@@ -67,8 +67,8 @@ class RewriteSettings(BaseModel):
     shrink_batches: bool = True
     # static: each batch decodes until its longest rewrite ends. continuous: rows that finish are refilled with
     # the next samples at once (greedy decoding on the fast decoder; beams, sampling and the plain path stay
-    # static). auto: continuous on CPU and with flex attention, static for sdpa on CUDA (there every continuous
-    # step would read the whole ring cache)
+    # static). auto: continuous with flex attention (and on CPU with shrink_batches off), else static: every sdpa
+    # continuous step attends the whole ring cache, and on CPU shrinking static batches measured 1.6-1.8x faster
     scheduling: Literal["auto", "static", "continuous"] = "auto"
     prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
 
