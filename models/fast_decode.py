@@ -556,34 +556,40 @@ class FastFlamingoDecoder:
         """A session holding only rows ``keep`` of ``sess`` (in that order), with the same cache length. Row r
         of every session's cache is the same memory, so the kept rows' keys move to the front of the arena;
         their decoding state is copied, and the rest of the new session's rows are idle (finished)."""
-        m = len(keep)
-        new = self._cache.get(m, 1, sess.max_new, cache_len=sess.cache_len)
-        written = sess.slot_host  # static batches only: positions [0, slot) hold every row's keys
-        for cache in (*sess.k, *sess.v):
-            region = cache[:, :, :written]
-            region[:m].copy_(region.index_select(0, keep))
+        new = self._cache.get(len(keep), 1, sess.max_new, cache_len=sess.cache_len)
         self._reset_state(new, [], 0, slot=sess.slot_host, select=sess.select)
         new.is_eos.copy_(sess.is_eos)
         new.pad_id.copy_(sess.pad_id)
         new.full_span = sess.full_span
-        for name in ("tok", "gen_step", "pad_len", "has_media", "finished", "nan", "out", "logits", "min_new",
-                     "max_new_row"):  # fmt: skip
-            getattr(new, name)[:m] = getattr(sess, name)[keep]
-        for old, fresh in ((sess.xk, new.xk), (sess.xv, new.xv)):
-            for i, t in old.items():
-                if i not in fresh or fresh[i].shape[1:] != t.shape[1:]:
-                    fresh[i] = torch.zeros((new.bsz, *t.shape[1:]), device=self.device, dtype=t.dtype)
-                    new.graphs.clear()  # they read the old tensor
-                fresh[i][:m] = t[keep]
-        if sess.media_last is not None:
-            if new.media_last is None or new.media_last.shape[1:] != sess.media_last.shape[1:]:
-                new.media_last = torch.zeros((new.bsz, *sess.media_last.shape[1:]), device=self.device,
-                                             dtype=self.dtype)  # fmt: skip
-                new.graphs.clear()
-            new.media_last[:m] = sess.media_last[keep]
+        # static batches only: positions [0, slot) hold every row's keys
+        self._move_rows(sess, new, keep, sess.slot_host)
         self._ensure_flex(new)
         self.shrinks += 1
         return new
+
+    def _move_rows(self, sess: Session, into: Session, source: torch.Tensor, slots: int) -> None:
+        """Rows ``[:len(source)]`` of ``into`` (which may be ``sess``) take rows ``source`` of ``sess``: their
+        keys in slots ``[0, slots)``, image keys/values and per-row decoding state. Row r of every session's
+        cache is the same memory, so for the cache this is a move within the arena."""
+        m = len(source)
+        for cache in (*sess.k, *sess.v):
+            region = cache[:, :, :slots]
+            region[:m].copy_(region.index_select(0, source))
+        for name in ("tok", "gen_step", "pad_len", "has_media", "finished", "nan", "out", "logits", "min_new",
+                     "max_new_row"):  # fmt: skip
+            getattr(into, name)[:m] = getattr(sess, name)[source]
+        for mine, theirs in ((sess.xk, into.xk), (sess.xv, into.xv)):
+            for i, t in mine.items():
+                if i not in theirs or theirs[i].shape[1:] != t.shape[1:]:
+                    theirs[i] = torch.zeros((into.bsz, *t.shape[1:]), device=self.device, dtype=t.dtype)
+                    into.graphs.clear()  # they read the old tensor
+                theirs[i][:m] = t[source]
+        if sess.media_last is not None:
+            if into.media_last is None or into.media_last.shape[1:] != sess.media_last.shape[1:]:
+                into.media_last = torch.zeros((into.bsz, *sess.media_last.shape[1:]), device=self.device,
+                                              dtype=self.dtype)  # fmt: skip
+                into.graphs.clear()
+            into.media_last[:m] = sess.media_last[source]
 
     @torch.inference_mode()
     def search(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: torch.Tensor,
@@ -601,8 +607,10 @@ class FastFlamingoDecoder:
             sess, input_ids.to(self.device), attention_mask.to(self.device), media.to(self.device)
         )
         sess.nan[:b] = torch.isnan(logits).any(dim=-1)
-        if k > 1:
-            logits = self._copy_rows(sess, torch.arange(b, device=self.device).repeat_interleave(k), n, logits)
+        if k > 1:  # every beam starts as a copy of its sample's prefilled row
+            source = torch.arange(b, device=self.device).repeat_interleave(k)
+            self._move_rows(sess, sess, source, n)
+            logits = logits[source]
         self._ensure_flex(sess)
         # row i of the session holds original row order[i] (where[order[i]] == i); after a shrink, rows of finished
         # samples are gone and the search sees zero logits for them (it no longer reads them)
@@ -642,21 +650,6 @@ class FastFlamingoDecoder:
         if bool(nan.any()):
             self._cache.zero()  # as in generate: a masked NaN would poison later batches
         return DecodeOutput(tokens=search.result(), nan=nan)
-
-    @staticmethod
-    def _copy_rows(sess: Session, source: torch.Tensor, n: int, logits: torch.Tensor) -> torch.Tensor:
-        """Rows ``[:len(source)]`` become copies of rows ``source`` after a prefill of ``n`` slots (cache, image
-        keys/values, padding); returns the prefill logits likewise copied."""
-        rows = len(source)
-        for cache in (*sess.k, *sess.v):
-            cache[:rows, :, :n] = cache[source, :, :n]
-        for per_layer in (sess.xk, sess.xv):
-            for t in per_layer.values():
-                t[:rows] = t[source]
-        for t in (sess.pad_len, sess.has_media, sess.nan, sess.media_last):
-            if t is not None:
-                t[:rows] = t[source]
-        return logits[source]
 
     @torch.inference_mode()
     def stream(

@@ -96,6 +96,10 @@ def hf_generate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     kwargs = {k: v for k, v in settings.items() if k != "seed"}
     if not kwargs.get("min_new_tokens"):
         kwargs.pop("min_new_tokens", None)
+    if kwargs.get("num_beams", 1) > 1:
+        # generate's default, stated so that a checkpoint's generation_config cannot change it: the settings
+        # recorded with a rewrite, and the fast decoder's beam search (models/search.py), assume it
+        kwargs["early_stopping"] = False
     return kwargs
 
 
