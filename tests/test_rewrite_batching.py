@@ -116,6 +116,7 @@ def test_rewrite_settings_validate_before_any_work():
         ({"overrides": {"beams": 3}}, "rewrite.overrides.beams"),
         ({"task_types": []}, "task_types is empty"),
         ({"token_budget": 0}, "rewrite.token_budget"),
+        ({"backend": "fast", "overrides": {"repetition_penalty": 1.2}}, "no repetition penalty"),
     ):
         with pytest.raises(ConfigError, match=where):
             parse_config({"rewrite": bad})

@@ -78,4 +78,10 @@ class RewriteSettings(BaseModel):
             raise ValueError("task_types is empty: give at least one type, or leave it out for all types")
         if self.sources is not None and not self.sources:
             raise ValueError("sources is empty: give at least one source, or leave it out for all sources")
+        if self.backend == "fast" and self.overrides.repetition_penalty not in (None, 1.0):
+            # caught here, not in the first GPU task: the fast decoder has no repetition penalty
+            raise ValueError(
+                "backend 'fast' has no repetition penalty: drop overrides.repetition_penalty, or use backend "
+                "'auto' (the plain path for these settings) or 'plain'"
+            )
         return self
