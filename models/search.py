@@ -13,6 +13,7 @@ without reallocating; ``step`` reports when every row (or every beam group) is d
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,7 @@ def logits_processors(s: SearchSettings, prompt_len: int, eos_token_ids: Sequenc
     return processors
 
 
-class TokenSearch:
+class TokenSearch(ABC):
     """What the decoder drives: ``step(logits)`` once per forward pass, until it returns True (all done);
     ``next_tokens`` (rows,) feed the next pass, ``source_rows`` (rows,) say which row's cache each row continues
     (None: its own); ``result()`` gives (batch, generated) token ids."""
@@ -107,15 +108,17 @@ class TokenSearch:
     def _hits_eos(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.isin(tokens, self.eos)
 
+    @abstractmethod
     def step(self, logits: torch.Tensor) -> bool:
-        raise NotImplementedError
+        """Pick the next tokens from this forward pass's logits (rows, vocab); True once every sample is done."""
 
+    @abstractmethod
     def result(self) -> torch.Tensor:
-        raise NotImplementedError
+        """(batch, generated) token ids, as ``generate`` returns them after the prompt."""
 
+    @abstractmethod
     def live_samples(self) -> torch.Tensor:
         """(batch,) bool: samples whose result can still change. The others' rows may get any logits."""
-        raise NotImplementedError
 
 
 class Sampler(TokenSearch):
