@@ -39,30 +39,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    import duckdb
-    import pyarrow as pa
     import torch
 
+    from bench.demo_work import latest_rewriter_and_first_work
     from flows.rewrite import WORK_ORDER
-    from lineage.store import LineageStore
     from models.generation import resolve_generation
     from models.prompts import PROMPT_VERSION
     from polite.ids import settings_hash
     from polite.shards import read_table, write_table_atomic
-    from polite.workspace import Workspace
     from tasks.rewrite import rewrite_shard
 
     torch.set_num_threads(args.threads)
-    ws = Workspace.resolve(args.workspace)
-    store = LineageStore(ws.db_path)
-    model = store.query(
-        "SELECT model_id, path FROM models WHERE kind = 'rewriter' ORDER BY created_at DESC LIMIT 1"
+    model, first = latest_rewriter_and_first_work(
+        args.workspace, WORK_ORDER if args.order == "image" else "sample_id"
     )
-    model = model.to_pylist()[0]
-    work = [read_table(str(p)) for p in sorted(Path(ws.root, "shards", "rewrites", "work").glob("*.parquet"))]
-    first = pa.concat_tables([t for t in work if set(t.column("reason").to_pylist()) == {"first"}])
-    order = WORK_ORDER if args.order == "image" else "sample_id"
-    first = duckdb.sql(f"SELECT * FROM first ORDER BY {order}").to_arrow_table().cast(first.schema)
     tmp = Path(tempfile.mkdtemp(prefix="rewrite-scheduling-"))
     shards = []
     for start in range(0, first.num_rows, args.shard_size):
