@@ -180,7 +180,8 @@ class BeamSearch(TokenSearch):
         self.top_beams = torch.arange(self.keep, device=dev) < k
         self.row_offset = torch.arange(b, device=dev).view(b, 1) * k
 
-    def _gather(self, tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         while index.dim() < tensor.dim():
             index = index.unsqueeze(-1)
         return torch.take_along_dim(tensor, index, dim=1)
@@ -219,9 +220,10 @@ class BeamSearch(TokenSearch):
         final = top_scores / ((cur + 1 - n) ** self.s.length_penalty)
         final = final + (~self.may_improve).to(torch.float32) * _NEG
         final = final + (~just_finished) * _NEG
-        merged = torch.topk(torch.cat((self.scores, final), dim=1), k=k)[1]
+        all_scores = torch.cat((self.scores, final), dim=1)
+        merged = torch.topk(all_scores, k=k)[1]
         self.sequences = self._gather(torch.cat((self.sequences, candidates), dim=1), merged)
-        self.scores = self._gather(torch.cat((self.scores, final), dim=1), merged)
+        self.scores = self._gather(all_scores, merged)
         new_lengths = torch.full_like(final, cur + 1 - n, dtype=torch.long)
         self.lengths = self._gather(torch.cat((self.lengths, new_lengths), dim=1), merged)
         self.finished = self._gather(torch.cat((self.finished, just_finished), dim=1), merged)
