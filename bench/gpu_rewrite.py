@@ -237,15 +237,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"built {results['shape']} Flamingo ({n_params / 1e9:.2f}B params) on {results['device']} in {build_s:.1f}s"
     )
 
-    def step_figures(seconds: float, prefill_s: float, batch: int) -> dict[str, Any]:
-        """ms per decode step (the run minus a one-token run) against the bandwidth floor and the roofline."""
+    def step_figures(seconds: float, prefill_s: float, batch: int, samples: int | None = None) -> dict[str, Any]:
+        """ms per decode step (the run minus a one-token run) against the bandwidth floor and the roofline;
+        ``batch`` rows decode, ``samples`` (default ``batch``) prompts were prefilled (beams share theirs)."""
         step_ms = 1000.0 * (seconds - prefill_s) / max(new - 1, 1)
         context = prompt_len + new / 2
         floor = floor_ms_per_step(model, batch, context, peak)
         roof = roofline_ms_per_step(model, batch, context, peak, flops_peak)
-        return dict(prefill_s=round(prefill_s, 3), step_ms=round(step_ms, 2), floor_step_ms=floor and round(floor, 2),
-                    floor_fraction=floor and round(floor / step_ms, 3), roofline_step_ms=roof and round(roof, 2),
-                    roofline_fraction=roof and round(roof / step_ms, 3))  # fmt: skip
+        figures = dict(prefill_s=round(prefill_s, 3), step_ms=round(step_ms, 2), floor_step_ms=floor and round(floor, 2),
+                       floor_fraction=floor and round(floor / step_ms, 3), roofline_step_ms=roof and round(roof, 2),
+                       roofline_fraction=roof and round(roof / step_ms, 3))  # fmt: skip
+        per_sample = results.get("prefill_tflop_per_sample")
+        # how busy the prefill (vision, perceiver, prompt) keeps the matrix units
+        if per_sample and prefill_s > 0:
+            achieved = (samples or batch) * per_sample / prefill_s
+            figures["prefill_tflops"] = round(achieved, 1)
+            figures["prefill_peak_fraction"] = flops_peak and round(achieved * 1e12 / flops_peak, 3)
+        return figures
 
     def record(name: str, batch: int, seconds: float, tokens: int | None = None, **extra) -> dict:
         tokens = batch * new if tokens is None else tokens
@@ -318,6 +326,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         same = (fast_tokens.cpu() == naive_tokens.cpu()).float()
         results["checks"]["greedy_token_agreement"] = round(float(same.mean()), 4)
         results["checks"]["greedy_rows_identical"] = int(same.all(dim=1).sum())
+    def count_prefill_flops(decoder) -> None:
+        """FLOPs of one sample's prefill (vision tower, perceiver, prompt through the LM, first token), counted by
+        PyTorch's FlopCounterMode: the work the prefill figures are divided by."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        one = make_inputs(model, 1, prompt_len, image_size, device, dtype, seed=3)
+        with FlopCounterMode(display=False) as counter:
+            run_fast(decoder, model, *one, 1)
+        results["prefill_tflop_per_sample"] = round(counter.get_total_flops() / 1e12, 6)
+        log(f"prefill: {results['prefill_tflop_per_sample']} TFLOP per sample")
+
+    attempt("prefill flop count", count_prefill_flops, eager)
     del eager  # its cache arena
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -540,7 +560,7 @@ def paper_preset(model, batch, prompt_len, new, image_size, device, dtype, recor
         _, seconds = timed(device, run_search, decoder, model, ids, mask, px, new, **PAPER)
         _, prefill_s = timed(device, run_search, decoder, model, ids, mask, px, 1, **PAPER)
         return record("ours, paper preset (beams 3, sampling, no-repeat 3)", batch, seconds,
-                      **figures(seconds, prefill_s, batch * PAPER["num_beams"]))  # fmt: skip
+                      **figures(seconds, prefill_s, batch * PAPER["num_beams"], batch))  # fmt: skip
     finally:
         decoder.reset()
 

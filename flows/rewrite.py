@@ -25,17 +25,13 @@ from flows.common import logger, map_shards, stage_run
 from lineage.store import LineageStore
 from models.prompts import PROMPT_VERSION
 from polite.config import ConfigError, parse_config
-from polite.ids import settings_hash, stable_hash
+from polite.ids import settings_hash, stable_hash, stable_hashes
 from polite.shards import chunked, exists, read_table, write_table_atomic
 from polite.workspace import Workspace
 from tasks.rewrite import RESULT_SCHEMA, WORK_SCHEMA, rewrite_shard_task
 
 RUNTIME_KEYS = ("backend", "device", "dtype", "cuda_graphs", "decode_attention", "kv_block", "shrink_batches",
                 "scheduling", "token_budget", "max_batch_size", "max_prompt_tokens", "prefetch_images")  # fmt: skip
-
-
-def rewrite_id(sample_id: str, model_id: str, prompt_version: str, settings_hash_: str, attempt: int) -> str:
-    return "r_" + stable_hash("rewrite", sample_id, model_id, prompt_version, settings_hash_, int(attempt))
 
 
 # -- which model --------------------------------------------------------------------------------------------
@@ -87,23 +83,40 @@ def resolve_model(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[
 # -- which samples ------------------------------------------------------------------------------------------
 _SELECT = """
 WITH sel AS (
-    SELECT s.sample_id, s.instruction, s.raw_response, s.images FROM samples s
+    SELECT s.sample_id, s.instruction, s.raw_response, coalesce(s.images, []) AS image_ids FROM samples s
     WHERE s.status = 'ok' {filters}
 ), done AS (
     SELECT sample_id, max(attempt) AS last_attempt, bool_or(status = 'ok') AS any_ok
     FROM rewrites WHERE model_id = $model AND prompt_version = $prompt AND settings_hash = $settings
     GROUP BY sample_id
+), picked AS (
+    SELECT sel.*, CAST(coalesce(done.last_attempt, 0) + 1 AS INTEGER) AS attempt
+    FROM sel LEFT JOIN done USING (sample_id)
+    WHERE {mode}
+    ORDER BY sel.sample_id
+    {limit}
+), paths AS (  -- each image id's stored path, in the sample's image order ('' for an unknown id)
+    SELECT u.sample_id, list(coalesce(i.path, '') ORDER BY u.k) AS image_paths
+    FROM (SELECT sample_id, unnest(image_ids) AS image_id, generate_subscripts(image_ids, 1) AS k FROM picked) u
+    LEFT JOIN images i USING (image_id)
+    GROUP BY u.sample_id
 )
-SELECT sel.sample_id, sel.instruction, sel.raw_response, sel.images,
-       CAST(coalesce(done.last_attempt, 0) + 1 AS INTEGER) AS attempt
-FROM sel LEFT JOIN done USING (sample_id)
-WHERE {mode}
-ORDER BY sel.sample_id
-{limit}
+SELECT picked.sample_id, picked.attempt, picked.instruction, picked.raw_response, picked.image_ids,
+       coalesce(paths.image_paths, []) AS image_paths
+FROM picked LEFT JOIN paths USING (sample_id)
+ORDER BY {order}
 """
 
 
 WORK_ORDER = "coalesce(image_ids[1], ''), sample_id"  # SQL for the order select_work sorts by
+
+
+def rewrite_ids(sample_ids: list[str], attempts: list[int], key: dict[str, str]) -> list[str]:
+    """``rewrite_id`` of each (sample, attempt) under one (model, prompt version, settings) key."""
+    hashes = stable_hashes(
+        "rewrite", sample_ids, key["model_id"], key["prompt_version"], key["settings_hash"], attempts
+    )
+    return ["r_" + h for h in hashes]
 
 
 def select_work(
@@ -114,7 +127,8 @@ def select_work(
     ``limit`` keeps the first samples by ``sample_id``; the rows are then ordered by their first image, then
     ``sample_id`` (``WORK_ORDER``), so that the questions about one image (hundreds per image in GQA) share a
     shard, and its image is read, decoded and encoded once there. The order is a fixed function of the selected
-    rows, so a resumed run cuts the same shards."""
+    rows, so a resumed run cuts the same shards. Picking, image paths and order are one query; only the ids are
+    hashed in Python (1M samples: bench/rewrite_lineage.py)."""
     params: dict[str, Any] = {
         "model": key["model_id"],
         "prompt": key["prompt_version"],
@@ -145,40 +159,23 @@ def select_work(
             "done.sample_id IS NULL" if mode == "first" else "done.sample_id IS NOT NULL AND NOT done.any_ok"
         )
     sql = _SELECT.format(
-        filters=" ".join(filters), mode=condition, limit=f"LIMIT {int(limit)}" if limit else ""
+        filters=" ".join(filters),
+        mode=condition,
+        limit=f"LIMIT {int(limit)}" if limit else "",
+        order=WORK_ORDER,
     )
     with store.reader() as con:
         if rerun_ids is not None:
             con.register("_rerun_ids", rerun_ids)
         picked = con.sql(sql, params=params).to_arrow_table()
-        image_ids = sorted({i for imgs in picked.column("images").to_pylist() for i in (imgs or [])})
-        paths: dict[str, str] = {}
-        if image_ids:
-            con.register("_image_ids", pa.table({"image_id": image_ids}))
-            found = con.execute(
-                "SELECT image_id, path FROM images WHERE image_id IN (SELECT image_id FROM _image_ids)"
-            )
-            paths = dict(found.fetchall())
     reason = {"first": "first", "retry-failed": "retry-failed"}.get(mode, f"rerun: {where}")
-    rows = []
-    for r in picked.to_pylist():
-        images = list(r["images"] or [])
-        rows.append(
-            {
-                "rewrite_id": rewrite_id(
-                    r["sample_id"], key["model_id"], key["prompt_version"], key["settings_hash"], r["attempt"]
-                ),
-                "sample_id": r["sample_id"],
-                "attempt": r["attempt"],
-                "reason": reason,
-                "instruction": r["instruction"],
-                "raw_response": r["raw_response"],
-                "image_ids": images,
-                "image_paths": [paths.get(i, "") for i in images],
-            }
-        )
-    rows.sort(key=lambda r: (r["image_ids"][0] if r["image_ids"] else "", r["sample_id"]))
-    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+    n = picked.num_rows
+    ids = rewrite_ids(picked.column("sample_id").to_pylist(), picked.column("attempt").to_pylist(), key)
+    columns = {"rewrite_id": pa.array(ids, pa.string()), "reason": pa.array([reason] * n, pa.string())}
+    return pa.table(
+        [columns[f.name] if f.name in columns else picked.column(f.name).cast(f.type) for f in WORK_SCHEMA],
+        schema=WORK_SCHEMA,
+    )
 
 
 def _pending_manifest(store: LineageStore, request_key: str) -> str | None:
@@ -210,6 +207,24 @@ def _not_done(store: LineageStore, work: pa.Table) -> pa.Table:
             .to_arrow_table()
             .cast(WORK_SCHEMA)
         )
+
+
+def cut_shards(
+    work: pa.Table, shard_size: int, base: str, results_dir: str, common: dict[str, Any]
+) -> list[dict]:
+    """One task job per ``shard_size`` rows of ``work``, in order. A shard's work file and result path are named
+    by the hash of its rewrite ids, so a resumed run cuts and names them identically and finds the results a
+    killed run left. ``common``: the job fields every shard shares (model, settings, run, runtime options)."""
+    jobs = []
+    for rows in chunked(range(work.num_rows), shard_size):
+        shard = work.slice(rows[0], len(rows))
+        shard_hash = stable_hash("rewrite-shard", shard.column("rewrite_id").to_pylist(), length=20)
+        work_url = f"{base}/work/{shard_hash}.parquet"
+        if not exists(work_url):
+            write_table_atomic(shard, work_url)
+        jobs.append({"name": f"{shard_hash[:8]} ({shard.num_rows} samples)", "work": work_url,
+                     "out": f"{results_dir}/{shard_hash}.parquet", **common})  # fmt: skip
+    return jobs
 
 
 # -- ingesting results --------------------------------------------------------------------------------------
@@ -293,7 +308,7 @@ def rewrite_flow(
 
         if not fast_supported(settings):
             raise ConfigError(
-                "rewrite.backend 'fast' decodes greedily only: use preset greedy, or backend auto/plain"
+                "rewrite.backend 'fast' has no repetition penalty: drop it from the settings, or use backend auto/plain"
             )
     mode = "rerun" if where else "retry-failed" if retry_failed else "first"
     ws = Workspace.resolve(workspace or cfg.workspace).ensure()
@@ -325,27 +340,10 @@ def rewrite_flow(
         run.summary.update(
             mode=mode, selected=work.num_rows, recovered_files=recovered, model_registered=registered, **key
         )
-        jobs = []
-        for rows in chunked(range(work.num_rows), rs.shard_size):
-            shard = work.slice(rows[0], len(rows))
-            shard_hash = stable_hash("rewrite-shard", shard.column("rewrite_id").to_pylist(), length=20)
-            work_url = f"{base}/work/{shard_hash}.parquet"
-            if not exists(work_url):
-                write_table_atomic(shard, work_url)
-            jobs.append(
-                {
-                    "name": f"{shard_hash[:8]} ({shard.num_rows} samples)",
-                    "work": work_url,
-                    "out": f"{results_dir}/{shard_hash}.parquet",
-                    "model_path": model_path,
-                    "model_id": model_id,
-                    "prompt_version": PROMPT_VERSION,
-                    "settings": settings,
-                    "settings_hash": key["settings_hash"],
-                    "run_id": run.run_id,
-                    **{k: getattr(rs, k) for k in RUNTIME_KEYS},
-                }
-            )
+        common = {"model_path": model_path, "model_id": model_id, "prompt_version": PROMPT_VERSION,
+                  "settings": settings, "settings_hash": key["settings_hash"], "run_id": run.run_id,
+                  **{k: getattr(rs, k) for k in RUNTIME_KEYS}}  # fmt: skip
+        jobs = cut_shards(work, rs.shard_size, base, results_dir, common)
         run.summary["shards"] = len(jobs)
 
         def ingest(result: dict) -> None:

@@ -276,3 +276,46 @@ def test_work_is_ordered_by_image_and_a_resume_keeps_that_order(workspace, model
     assert _not_done(store, work).column("rewrite_id").to_pylist() == work.column("rewrite_id").to_pylist()
     limited = select_work(store, RewriteSettings(), key, "first", None, 5)
     assert sorted(limited.column("sample_id").to_pylist()) == sorted(work.column("sample_id").to_pylist())[:5]
+
+
+def test_work_rows_carry_stable_ids_and_each_image_path_in_order(workspace, model_path):
+    """One query picks the work: the image paths line up with the image ids (an unknown id gets ''), a sample
+    without images gets none, and each rewrite id is the documented hash, as older versions computed it."""
+    import pyarrow as pa
+
+    from flows.rewrite import WORK_ORDER, select_work
+    from polite.config.rewrite import RewriteSettings
+    from polite.ids import stable_hash
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    model_id = register_model(workspace, model_path)
+    images = pa.table({"image_id": ["i_a", "i_b", "i_c"], "path": ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"]})
+    samples = pa.table(
+        {
+            "sample_id": ["s_1", "s_2", "s_3", "s_4", "s_5"],
+            "source": ["unit"] * 5,
+            "task_type": ["vqa"] * 5,
+            "images": [["i_c", "i_a"], ["i_b", "i_missing", "i_a"], None, ["i_a"], ["i_c"]],
+            "instruction": ["<image>q1", "<image>q2", "q3", "<image>q4", "<image>q5"],
+            "raw_response": ["a1", "a2", "a3", "a4", "a5"],
+            "status": ["ok", "ok", "ok", "ok", "failed"],
+        }
+    )
+    with store.writer() as con:
+        store.ingest_arrow("images", images, con=con)
+        store.ingest_arrow("samples", samples, con=con)
+    key = {"model_id": model_id, "prompt_version": "pf-v1", "settings_hash": "h"}
+    work = select_work(store, RewriteSettings(), key, "first", None, None).to_pylist()
+
+    assert [r["sample_id"] for r in work] == ["s_3", "s_4", "s_2", "s_1"]  # WORK_ORDER; s_5 failed at ingest
+    assert WORK_ORDER.startswith("coalesce(image_ids[1], '')")
+    by_id = {r["sample_id"]: r for r in work}
+    assert by_id["s_1"]["image_paths"] == ["/p/c.jpg", "/p/a.jpg"]
+    assert by_id["s_2"]["image_ids"] == ["i_b", "i_missing", "i_a"]
+    assert by_id["s_2"]["image_paths"] == ["/p/b.jpg", "", "/p/a.jpg"]
+    assert by_id["s_3"]["image_ids"] == [] and by_id["s_3"]["image_paths"] == []
+    for r in work:
+        assert r["attempt"] == 1 and r["reason"] == "first"
+        assert r["rewrite_id"] == "r_" + stable_hash("rewrite", r["sample_id"], model_id, "pf-v1", "h", 1)
+    assert [by_id[s]["instruction"] for s in ("s_1", "s_2", "s_3")] == ["<image>q1", "<image>q2", "q3"]

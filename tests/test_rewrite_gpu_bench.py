@@ -46,3 +46,13 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     ours = [r for r in data["runs"] if r["path"].startswith(("ours (", "ours, CUDA", "decode attention"))]
     assert data["best_tokens_per_s"] == max(r["tokens_per_s"] for r in ours)
     assert data["speedup_vs_seed"] > 1
+    # the prefill's counted FLOPs cover at least the prompt through the LM's layers (the perceiver's 64 latents
+    # and the vision tower add more), and each row's prefill
+    # throughput is those FLOPs over its prefill time (beams share their sample's prefill)
+    model, _ = bench_script("gpu_rewrite").build(True, torch.device("cpu"), torch.float32)
+    layers = sum(p.numel() for n, p in model.lang_encoder.named_parameters() if p.dim() == 2 and ".layers." in n)
+    per_sample = data["prefill_tflop_per_sample"] * 1e12
+    assert per_sample >= 2 * layers * data["prompt_len"]
+    for row in [*ours, *paper]:
+        expected = (row["batch"] * per_sample / row["prefill_s"]) / 1e12
+        assert row["prefill_tflops"] == pytest.approx(expected, abs=0.06)

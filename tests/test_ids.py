@@ -1,0 +1,36 @@
+"""Stable ids: the column-wise hasher gives exactly the ids of ``stable_hash``, so workspaces made before it
+resume with the same rewrite ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from polite.ids import stable_hash, stable_hashes
+
+
+def test_stable_hashes_equals_stable_hash_row_by_row():
+    awkward = [
+        "s_00ab",
+        "",
+        'quote " and \\ backslash',
+        "tab\tnewline\n\x00",
+        "é ü 中 😀",
+        "{braces} {0}",
+        "\u2028",
+    ]
+    attempts = [1, 2, -3, 0, 10**20, 7, 1]
+    got = stable_hashes("rewrite", awkward, "m_{x}", "pf-v1", "h", attempts)
+    assert got == [
+        stable_hash("rewrite", s, "m_{x}", "pf-v1", "h", a) for s, a in zip(awkward, attempts, strict=True)
+    ]
+    assert stable_hashes("x", 3, length=8) == [stable_hash("x", 3, length=8)]
+    assert stable_hashes("x", [], ["a"][:0]) == []
+
+
+def test_stable_hashes_refuses_what_json_would_spell_differently():
+    with pytest.raises(TypeError, match="strings and ints"):
+        stable_hashes("rewrite", ["s_1"], [True])
+    with pytest.raises(TypeError, match="strings and ints"):
+        stable_hashes("rewrite", [1.5])
+    with pytest.raises(ValueError):  # columns of different lengths
+        stable_hashes(["a", "b"], [1])
