@@ -319,3 +319,18 @@ def test_work_rows_carry_stable_ids_and_each_image_path_in_order(workspace, mode
         assert r["attempt"] == 1 and r["reason"] == "first"
         assert r["rewrite_id"] == "r_" + stable_hash("rewrite", r["sample_id"], model_id, "pf-v1", "h", 1)
     assert [by_id[s]["instruction"] for s in ("s_1", "s_2", "s_3")] == ["<image>q1", "<image>q2", "q3"]
+
+
+def test_bookkeeping_benchmark_keeps_one_accepted_rewrite_per_sample(tmp_path, bench_script):
+    """bench/rewrite_lineage.py at a small size: first run with failures, resume, retry-failed and a rerun by SQL
+    through the flow's own functions leave every sample exactly one accepted rewrite."""
+    figures = bench_script("rewrite_lineage").main(
+        ["--samples", "3000", "--shard-size", "256", "--failed-rate", "0.05", "--root", str(tmp_path)]
+    )
+    assert figures["first: rows"] == 3000
+    assert figures["resume: rows left"] == 0 and figures["resume: orphaned result files"] == 0
+    assert 60 < figures["retry-failed: rows"] < 250  # about 5% of 3000 failed the first time
+    assert 300 < figures["rerun: rows"] < 900  # about 20% are from gqa
+    # a gqa sample: its first attempt (and a retry, if that failed) and the rerun's
+    assert figures["explain: rewrite attempts of that sample"] in (2, 3)
+    assert figures["check: samples without exactly one accepted rewrite"] == 0
