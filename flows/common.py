@@ -126,7 +126,14 @@ def map_shards(
     """
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from prefect.futures import as_completed
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if not items:
         return []
@@ -138,7 +145,8 @@ def map_shards(
         artifact_id = None
     results: list[Any] = []
     failures: list[str] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, transient=True) as progress:
         bar = progress.add_task(description, total=len(futures))
         for done, future in enumerate(as_completed(futures), start=1):
