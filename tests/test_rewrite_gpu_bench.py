@@ -56,3 +56,27 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     for row in [*ours, *paper]:
         expected = (row["batch"] * per_sample / row["prefill_s"]) / 1e12
         assert row["prefill_tflops"] == pytest.approx(expected, abs=0.06)
+
+
+def test_bf16_logits_are_as_close_to_fp32_as_the_plain_paths(bench_script):
+    """In bf16 the fast path and the plain open_flamingo path round differently; the device check asks that the
+    fast path be no farther from the fp32 result of the same weights than the plain path is."""
+    import torch
+
+    from models.fast_decode import FastFlamingoDecoder
+
+    torch.set_num_threads(1)
+    gpu_rewrite = bench_script("gpu_rewrite")
+    model, image_size = gpu_rewrite.build(True, torch.device("cpu"), torch.bfloat16)
+    decoder = FastFlamingoDecoder(model, cuda_graphs=False)
+    checks = gpu_rewrite.logits_check(model, decoder, 24, image_size, torch.device("cpu"), torch.bfloat16)
+    plain, fast = checks["logits_plain_error_vs_fp32"], checks["logits_fast_error_vs_fp32"]
+    assert 1e-4 < plain < 5e-2 and 1e-4 < fast < 5e-2  # bf16 rounding is there, and small on 4 layers
+    assert checks["logits_as_accurate_as_plain"] and checks["logits_fast_vs_plain_error_ratio"] <= 1.1
+    assert next(model.parameters()).dtype == torch.bfloat16  # the fp32 reference was a copy
+
+    # a real error fails it: each row's cross-attention keys/values taken from another row's image
+    cross_kv = decoder._cross_kv
+    decoder._cross_kv = lambda block, latents: cross_kv(block, latents.roll(1, 0))
+    broken = gpu_rewrite.logits_check(model, decoder, 24, image_size, torch.device("cpu"), torch.bfloat16)
+    assert not broken["logits_as_accurate_as_plain"] and broken["logits_fast_vs_plain_error_ratio"] > 5
