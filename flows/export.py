@@ -20,6 +20,7 @@ from polite.config import parse_config
 from polite.config.export import ExportChecks, ExportSettings
 from polite.ids import stable_hash
 from polite.shards import write_table_atomic
+from polite.workspace import Workspace
 
 DEFAULT_PREDICATE = "kept"
 
@@ -153,6 +154,9 @@ def export_flow(
 
     cfg = parse_config(config)
     settings = _settings(cfg.export, formats, where, push_to_hub)
+    if settings.where:
+        db_path = Workspace.resolve(workspace or cfg.workspace).db_path
+        LineageStore(db_path).check_predicate(settings.where, "lineage", "export.where (--where)")
     sql = selection_sql(settings.where)
     with stage_run("export", cfg.model_dump(mode="json"), workspace or cfg.workspace, parent_run_id) as run:
         ws, store, log = run.workspace, run.store, logger()

@@ -119,6 +119,17 @@ def rewrite_ids(sample_ids: list[str], attempts: list[int], key: dict[str, str])
     return ["r_" + h for h in hashes]
 
 
+def samples_where(store: LineageStore, where: str | None) -> pa.Table:
+    """The ``sample_id`` of every sample the SQL predicate ``where`` selects in the ``lineage`` view, read-only;
+    a predicate that does not parse or bind stops with ``PredicateError`` before any work."""
+    if not where or not where.strip():
+        raise ConfigError(
+            "rerun needs --where with a SQL predicate over the lineage view, e.g. \"source = 'gqa'\""
+        )
+    store.check_predicate(where, "lineage", "--where")
+    return store.user_query(f"SELECT DISTINCT sample_id FROM lineage WHERE ({where})")
+
+
 def select_work(
     store: LineageStore, rs, key: dict[str, str], mode: str, where: str | None, limit: int | None
 ):
@@ -137,11 +148,7 @@ def select_work(
     filters = []
     rerun_ids = None
     if mode == "rerun":
-        if not where or not where.strip():
-            raise ConfigError(
-                "rerun needs --where with a SQL predicate over the lineage view, e.g. \"source = 'gqa'\""
-            )
-        rerun_ids = store.user_query(f"SELECT DISTINCT sample_id FROM lineage WHERE {where}")
+        rerun_ids = samples_where(store, where)
         filters.append("AND s.sample_id IN (SELECT sample_id FROM _rerun_ids)")
         condition = "true"
     else:

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows.common import logger, stage_run
+from lineage.store import LineageStore
 from polite.config import ConfigError, parse_config
 from polite.config.train import TrainSettings
 from polite.ids import stable_hash
@@ -70,10 +71,13 @@ def keep_training_set(training_set: str, out_dir: Path) -> str:
     return str(kept)
 
 
+PAIRS_SOURCE = "pairs p JOIN samples s USING (sample_id)"  # what train.pairs_where may name
+
+
 def pairs_query(where: str | None) -> str:
     """The SQL that selects the training pairs (as recorded in ``models.pairs_query``)."""
     return (
-        "SELECT p.pair_id FROM pairs p JOIN samples s USING (sample_id) WHERE p.status = 'ok' "
+        f"SELECT p.pair_id FROM {PAIRS_SOURCE} WHERE p.status = 'ok' "
         f"AND p.distorted IS NOT NULL AND coalesce(trim(p.original), '') <> '' AND ({where or 'true'})"
     )
 
@@ -111,6 +115,8 @@ def train_rewriter_flow(
         raise ConfigError(
             f"training reads and writes models on local disk; {ws.root} is not a local workspace"
         )
+    if settings.pairs_where:
+        LineageStore(ws.db_path).check_predicate(settings.pairs_where, PAIRS_SOURCE, "train.pairs_where (--where)")
     is_tiny = settings.base == "tiny"
     if not is_tiny:
         as_spec(settings.base)  # a wrong base path fails here, before any work

@@ -47,6 +47,10 @@ class ReadOnlyQueryError(ValueError):
     """A user query tried to write, attach, copy, install or read outside the database."""
 
 
+class PredicateError(ValueError):
+    """A user's SQL predicate (``--where``, ``export.where``, ``train.pairs_where``) that does not parse or bind."""
+
+
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc).lower()
     return "lock" in text and ("conflicting" in text or "could not set" in text)
@@ -102,7 +106,9 @@ class LineageStore:
             con.close()
 
     @contextmanager
-    def reader(self, timeout_s: float | None = None, sandboxed: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def reader(
+        self, timeout_s: float | None = None, sandboxed: bool = False
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection; ``sandboxed`` also denies file access (for user-supplied SQL)."""
         if not self.db_path.exists():
             raise FileNotFoundError(
@@ -132,7 +138,9 @@ class LineageStore:
                 con.execute("BEGIN TRANSACTION")
                 try:
                     con.execute(sql)
-                    con.execute("INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name])
+                    con.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (?, ?)", [version, name]
+                    )
                     con.execute("COMMIT")
                 except Exception:
                     con.execute("ROLLBACK")
@@ -214,7 +222,9 @@ class LineageStore:
         after = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
         return int(after - before)
 
-    def replace_failed(self, table: str, key: str, urls: Sequence[str], con: duckdb.DuckDBPyConnection) -> int:
+    def replace_failed(
+        self, table: str, key: str, urls: Sequence[str], con: duckdb.DuckDBPyConnection
+    ) -> int:
         """Delete rows with status 'failed' whose key comes back with status 'ok' in these shard files.
 
         The following ``ingest_parquet`` then inserts the good rows: a failure is repaired by re-running on
@@ -246,7 +256,26 @@ class LineageStore:
             try:
                 return con.sql(sql).to_arrow_table()
             except duckdb.PermissionException as exc:
-                raise ReadOnlyQueryError(f"refused: {exc}. `polite sql` only reads the lineage database.") from exc
+                raise ReadOnlyQueryError(
+                    f"refused: {exc}. `polite sql` only reads the lineage database."
+                ) from exc
+
+    def check_predicate(self, where: str, source: str, option: str) -> None:
+        """Raise ``PredicateError`` unless ``where`` runs as a predicate over ``source`` (a table, view or join).
+
+        Binding it with ``LIMIT 0`` reads no rows, so commands check the user's SQL before any work starts; the
+        message names the option, the error and the columns it may have meant."""
+        try:
+            # in parentheses: a second statement or a trailing clause (LIMIT, ORDER BY) in it is a syntax error
+            self.user_query(f"SELECT 1 FROM {source} WHERE ({where}) LIMIT 0")
+        except (duckdb.Error, ReadOnlyQueryError) as exc:
+            lines = str(exc).splitlines() or [type(exc).__name__]
+            hint = next((line for line in lines[1:] if line.startswith("Candidate")), None)
+            raise PredicateError(
+                f"{option} {where!r} is not a predicate over {source}: {lines[0]}"
+                + (f" ({hint})" if hint else "")
+                + f'. Its columns: polite sql "DESCRIBE SELECT * FROM {source}"'
+            ) from None
 
 
 _ALLOWED = {"SELECT", "EXPLAIN"}

@@ -292,6 +292,22 @@ def test_where_is_read_only(workspace, prefect_harness):
         selection_sql("kept); DELETE FROM samples; SELECT (1")
 
 
+def test_a_bad_where_stops_the_export_before_any_work(workspace, prefect_harness):
+    from typer.testing import CliRunner
+
+    from flows.export import export_flow
+    from lineage.store import PredicateError
+    from polite.cli import app
+
+    store = populate(workspace)
+    with pytest.raises(PredicateError, match="export.where"):
+        export_flow(config={}, workspace=workspace.root, where="kept AND sorce = 'gqa'")
+    bad = CliRunner().invoke(app, ["export", "-w", workspace.root, "--where", "kept); DELETE FROM samples; SELECT (1"])
+    assert bad.exit_code == 2 and "is not a predicate over lineage" in bad.output
+    assert store.query("SELECT * FROM runs WHERE flow = 'export'").num_rows == 0
+    assert store.query("SELECT * FROM samples").num_rows > 0
+
+
 def test_push_uploads_the_folder_with_its_card(workspace, prefect_harness, monkeypatch):
     """The Hub client's two calls, against a local fake (no network here)."""
     import tasks.export as texport

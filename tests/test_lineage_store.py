@@ -10,7 +10,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from lineage.store import LineageStore, ReadOnlyQueryError, check_read_only_sql
+from lineage.store import LineageStore, PredicateError, ReadOnlyQueryError, check_read_only_sql
 from polite.record import Sample, samples_to_table
 from polite.shards import write_table_atomic
 
@@ -188,3 +188,22 @@ def test_reader_gives_up_with_a_clear_error(workspace):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_check_predicate_names_the_option_and_what_was_meant(workspace, tmp_path):
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    store.ingest_arrow("samples", samples_to_table(make_samples(3)))
+    store.check_predicate("source = 'unit' AND task_type = 'vqa'", "lineage", "--where")  # binds: no error
+    with pytest.raises(PredicateError, match=r"--where 'sourc = 1' is not a predicate over lineage.*\"source\""):
+        store.check_predicate("sourc = 1", "lineage", "--where")
+    (tmp_path / "secret.csv").write_text("a\n1\n")
+    for bad in (
+        "true; DROP TABLE samples",  # a second statement
+        "true ORDER BY 1",  # a clause past the predicate
+        f"(SELECT count(*) FROM read_csv('{tmp_path / 'secret.csv'}')) > 0",  # file access
+        "source =",  # does not parse
+    ):
+        with pytest.raises(PredicateError, match="train.pairs_where"):
+            store.check_predicate(bad, "samples s", "train.pairs_where")
+    assert len(store.query("SELECT * FROM samples")) == 3

@@ -196,8 +196,13 @@ def test_rerun_where_redoes_exactly_the_selection(prefect_harness, workspace, mo
     refused = CliRunner().invoke(
         app, ["rerun", "--where", "true; DROP TABLE samples", "--workspace", workspace.root]
     )
-    assert refused.exit_code == 2 and "exactly one statement" in refused.output
+    assert refused.exit_code == 2 and "is not a predicate over lineage" in refused.output
     assert len(_rows(workspace, "SELECT * FROM samples")) == 11
+    # a misspelt column stops before any flow run starts, with the columns it may have meant
+    runs = len(_rows(workspace, "SELECT * FROM runs"))
+    misspelt = CliRunner().invoke(app, ["rerun", "--where", "sourc = 'gqa'", "--workspace", workspace.root])
+    assert misspelt.exit_code == 2 and '"sourc" not found' in misspelt.output and '"source"' in misspelt.output
+    assert len(_rows(workspace, "SELECT * FROM runs")) == runs
 
 
 @pytest.mark.slow

@@ -94,6 +94,9 @@ def test_flow_fails_before_work_on_bad_settings(prefect_harness, workspace):
     with pytest.raises(FileNotFoundError, match="flamingo.json"):
         train_rewriter_flow(config={}, workspace=workspace.root, base=str(workspace.models))
     _seed_lineage(workspace, n=3)
+    with pytest.raises(ValueError, match=r"train.pairs_where \(--where\) \"p.methd = 'augment'\" is not a predicate"):
+        train_rewriter_flow(config={"train": SETTINGS}, workspace=workspace.root, where="p.methd = 'augment'")
+    assert LineageStore(workspace.db_path).query("SELECT * FROM runs WHERE flow = 'train_rewriter'").num_rows == 0
     with pytest.raises(ValueError, match="no ok pairs"):
         train_rewriter_flow(
             config={"train": SETTINGS}, workspace=workspace.root, where="p.method = 'retrieve'"

@@ -29,6 +29,16 @@ ConfigOpt = Annotated[
 ]
 
 
+def check_predicate(workspace: str | None, config_workspace: str, where: str | None, source: str, option: str) -> None:
+    """Stop on a user predicate the lineage cannot run before the flow (and a Prefect server) starts."""
+    if not where:
+        return
+    from lineage.store import LineageStore
+    from polite.workspace import Workspace
+
+    LineageStore(Workspace.resolve(workspace or config_workspace).db_path).check_predicate(where, source, option)
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the errors a user can fix into one red line and exit code 2, without a traceback."""
 

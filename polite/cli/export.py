@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -37,6 +37,7 @@ def register(app: typer.Typer) -> None:
         from polite.config import load_config
 
         cfg = load_config(config)
+        check_predicate(workspace, cfg.workspace, where, "lineage", "--where")
         result = export_flow(
             config=cfg.model_dump(mode="json", by_alias=True),
             workspace=workspace,

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console, user_errors
 
 REWRITE_EXAMPLES = """
 Examples:
@@ -128,4 +128,5 @@ def register(app: typer.Typer) -> None:
         The new ok rewrite supersedes the earlier one of the same model and settings; nothing else is touched.
         """
         data = _config(config, preset, set_)
+        check_predicate(workspace, data["workspace"], where, "lineage", "--where")
         _report(_run(data, workspace, model=model, where=where, limit=limit))
