@@ -164,18 +164,27 @@ def train_rewriter(
         torch.set_num_threads(threads_before)
 
 
-def cpu_threads(asked: int | None) -> int:
-    """Threads for CPU training: as asked, else torch's default on an idle machine and 1 on a busy one (more
-    threads than free cores make every matmul wait on the others: 10-15x slower measured here)."""
+def cpu_threads(asked: int | None, window_s: float = 0.5) -> int:
+    """Threads for CPU training: as asked; else torch's default, capped at the cores other processes leave free
+    now (more threads than free cores make every matmul wait on the others: 10-15x slower measured here).
+
+    The free cores are sampled for ``window_s`` while this process waits. The load average would also count
+    this run's own previous stage (the demo's distortion workers), and so trained on one thread on an idle
+    two-core machine."""
     import os
 
     import torch
 
     if asked:
         return asked
+    default = torch.get_num_threads()
+    if default <= 1:
+        return 1
+    import psutil
+
     cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] > max(cores - 1, 0.5)
-    return 1 if busy else torch.get_num_threads()
+    busy = psutil.cpu_percent(interval=window_s) / 100.0 * cores
+    return max(1, min(default, round(cores - busy)))
 
 
 def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, log, device) -> dict[str, Any]:

@@ -118,3 +118,27 @@ def test_short_training_lowers_heldout_loss_and_loads_back(data, tmp_path):
     with torch.no_grad():
         total, count = masked_loss_sum(loaded.model(vision_x, ids, attention_mask=mask).logits, labels)
     assert float(total) / count == pytest.approx(result["heldout_loss_end"], rel=1e-3)
+
+
+def test_cpu_threads_leave_the_cores_other_processes_keep_busy():
+    """CPU training takes torch's threads only if the cores are free now: with every core busy elsewhere it
+    takes one (more threads than free cores make every matmul wait on the others)."""
+    import os
+    import subprocess
+    import sys
+
+    from models.train import cpu_threads
+
+    before = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        torch.set_num_threads(max(2, cores))
+        assert cpu_threads(None, window_s=1.0) == 1
+        assert cpu_threads(3) == 3  # asked for: no sampling
+        torch.set_num_threads(1)
+        assert cpu_threads(None) == 1
+    finally:
+        for p in spin:
+            p.kill()
+        torch.set_num_threads(before)
