@@ -22,13 +22,14 @@ from typing import Any
 
 from models.flamingo import FlamingoSpec
 from models.train_data import (
+    BatchPlan,
     ImageCache,
+    by_length,
     collate,
     make_examples,
     masked_loss_sum,
     read_training_set,
     split_heldout,
-    step_indices,
 )
 
 DONE_FILE = "training.json"
@@ -214,6 +215,9 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
     if not train:
         raise ValueError(f"no usable training pairs in {training_set} ({len(rows)} rows, {skipped} too long)")
     total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(train) / s.batch_size))
+    lengths = [len(e.input_ids) for e in train] if s.group_by_length else None
+    plan = BatchPlan(len(train), seed, s.batch_size, lengths)
+    heldout = by_length(heldout)  # evaluation pads less too; its mean loss does not depend on the order
     images = ImageCache(image_processor)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -263,7 +267,7 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
         step = state["step"]
         for group in optimizer.param_groups:
             group["lr"] = s.learning_rate * min(1.0, (step + 1) / max(1, s.warmup_steps))
-        batch = [train[i] for i in step_indices(len(train), seed, step, s.batch_size)]
+        batch = by_length([train[i] for i in plan.step(step)])
         n_tokens = max(1, sum(e.n_target for e in batch))
         step_loss = 0.0
         for ids, mask, labels, vision_x in micro_batches(batch):

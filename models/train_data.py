@@ -85,14 +85,51 @@ def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(order)
 
 
-def step_indices(n: int, seed: int, step: int, batch_size: int) -> list[int]:
-    """Example indices of optimizer step ``step`` (0-based): a fixed shuffle per epoch, so a resumed run sees
-    exactly the batches an uninterrupted one would."""
-    out = []
-    for k in range(step * batch_size, (step + 1) * batch_size):
-        epoch, pos = divmod(k, n)
-        out.append(epoch_order(n, seed, epoch)[pos])
-    return out
+class BatchPlan:
+    """The examples of each optimizer step, a fixed function of (examples, seed, step): a resumed run sees exactly
+    the batches an uninterrupted one would.
+
+    Without ``lengths``: a fresh shuffle per epoch, cut into steps of ``batch_size`` (the last step of an epoch
+    runs on into the next). With ``lengths`` (group by length, as Hugging Face's ``group_by_length``): each
+    epoch's shuffle is cut into windows of ``window`` steps, each window is sorted by length and cut into
+    steps, and the steps are shuffled; an epoch's partial step comes last. Which examples share a window stays
+    random, while one step's sequences have similar lengths, so little of a padded batch is padding.
+    """
+
+    def __init__(self, n: int, seed: int, batch_size: int, lengths=None, window: int = 50) -> None:
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} examples")
+        self.n, self.seed, self.batch_size, self.window = n, seed, batch_size, window
+        self.lengths = None if lengths is None else list(lengths)
+        self._cached: tuple[int, list[list[int]]] | None = None
+
+    def step(self, step: int) -> list[int]:
+        if self.lengths is None:
+            out = []
+            for k in range(step * self.batch_size, (step + 1) * self.batch_size):
+                epoch, pos = divmod(k, self.n)
+                out.append(epoch_order(self.n, self.seed, epoch)[pos])
+            return out
+        epoch, index = divmod(step, -(-self.n // self.batch_size))
+        return list(self._grouped(epoch)[index])
+
+    def _grouped(self, epoch: int) -> list[list[int]]:
+        if self._cached is None or self._cached[0] != epoch:
+            order, span = epoch_order(self.n, self.seed, epoch), self.batch_size * self.window
+            full, partial = [], []
+            for start in range(0, self.n, span):
+                ranked = sorted(order[start : start + span], key=lambda i: -self.lengths[i])
+                for j in range(0, len(ranked), self.batch_size):
+                    (full if j + self.batch_size <= len(ranked) else partial).append(ranked[j : j + self.batch_size])
+            random.Random(f"steps:{self.seed}:{epoch}").shuffle(full)
+            self._cached = (epoch, full + partial)
+        return self._cached[1]
+
+
+def by_length(examples: list[Example]) -> list[Example]:
+    """One step's examples longest first, so its micro-batches pad little; the step's gradient is their sum,
+    whatever the order."""
+    return sorted(examples, key=lambda e: -len(e.input_ids))
 
 
 class ImageCache:

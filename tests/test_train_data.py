@@ -7,7 +7,15 @@ import torch
 
 from models.prompts import EOS_ID, rewrite_prompt
 from models.tiny import train_tokenizer
-from models.train_data import IGNORE, build_example, collate, masked_loss_sum, split_heldout, step_indices
+from models.train_data import (
+    IGNORE,
+    BatchPlan,
+    build_example,
+    by_length,
+    collate,
+    masked_loss_sum,
+    split_heldout,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +75,43 @@ def test_heldout_split_and_batch_order_are_deterministic():
     assert {r["pair_id"] for r in held} == {
         r["pair_id"] for r in split_heldout(rows[::-1], 0.2, 5, seed=0)[1]
     }
-    first_epoch = [i for s in range(5) for i in step_indices(10, 0, s, 2)]
+    plan = BatchPlan(10, 0, 2)
+    first_epoch = [i for s in range(5) for i in plan.step(s)]
     assert sorted(first_epoch) == list(range(10))  # one epoch visits each example once
-    assert step_indices(10, 0, 7, 2) == step_indices(10, 0, 7, 2)
-    assert step_indices(10, 0, 0, 10) != step_indices(10, 0, 1, 10)  # a new epoch, a new order
+    assert plan.step(7) == BatchPlan(10, 0, 2).step(7)
+    assert BatchPlan(10, 0, 10).step(0) != BatchPlan(10, 0, 10).step(1)  # a new epoch, a new order
+
+
+def test_steps_grouped_by_length_pad_less_and_still_cover_every_example_once():
+    import random
+
+    rng = random.Random(3)
+    n, batch = 803, 8
+    lengths = [rng.randint(60, 520) for _ in range(n)]
+
+    def padding(plan: BatchPlan, steps: int) -> float:
+        padded = real = 0
+        for s in range(steps):
+            sizes = [lengths[i] for i in plan.step(s)]
+            padded, real = padded + max(sizes) * len(sizes), real + sum(sizes)
+        return 1 - real / padded
+
+    per_epoch = -(-n // batch)
+    grouped = BatchPlan(n, 0, batch, lengths, window=50)
+    for epoch in range(2):
+        seen = [i for s in range(epoch * per_epoch, (epoch + 1) * per_epoch) for i in grouped.step(s)]
+        assert sorted(seen) == list(range(n))  # each epoch: every example once, the partial step last
+        assert len(grouped.step((epoch + 1) * per_epoch - 1)) == n % batch
+    assert padding(grouped, per_epoch) < 0.1 < 0.3 < padding(BatchPlan(n, 0, batch), per_epoch)
+    # a fixed function of (examples, seed, step): a resumed run rebuilds the same steps
+    assert [BatchPlan(n, 0, batch, lengths).step(s) for s in (5, 150, 7)] == [grouped.step(s) for s in (5, 150, 7)]
+    assert grouped.step(0) != grouped.step(per_epoch) and grouped.step(0) != BatchPlan(n, 1, batch, lengths).step(0)
+    with pytest.raises(ValueError, match="lengths"):
+        BatchPlan(n, 0, batch, lengths[:-1])
+
+
+def test_a_steps_examples_go_longest_first_into_micro_batches():
+    from models.train_data import Example
+
+    examples = [Example(f"p{k}", (), tuple(range(k)), tuple(range(k))) for k in (3, 9, 1, 5)]
+    assert [len(e.input_ids) for e in by_length(examples)] == [9, 5, 3, 1]

@@ -142,3 +142,47 @@ def test_cpu_threads_leave_the_cores_other_processes_keep_busy():
         for p in spin:
             p.kill()
         torch.set_num_threads(before)
+
+
+def test_a_steps_gradient_does_not_depend_on_its_micro_batches(tmp_path, monkeypatch):
+    """A step's sequences go into micro-batches longest first (less padding); the step's gradient is still the
+    same sum over its target tokens as with other micro-batches (gradients compared before clipping).
+    Targets of very different lengths make a per-micro-batch normalisation show."""
+    import models.train as train_module
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    words = "the red dog sits on a blue sofa near the window in the warm light".split()
+    rows = [dict(pair_id=f"p{i}", sample_id=f"s{i}", method="augment", images=[str(tmp_path / "red.png")],
+                 prompt=rewrite_prompt("<image> Describe it.", " ".join(words[: 2 + i % 3])),
+                 target=" ".join(words[: 1 + (5 * i) % 14]) + ".") for i in range(12)]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    base = make_tiny_rewriter(tmp_path / "base", seed=0, corpus=[r["prompt"] + r["target"] for r in rows])
+    settings = dict(SMALL, max_steps=2, batch_size=4, micro_batch_size=2, heldout_fraction=0.0,
+                    checkpoint_every=2, eval_every=2)  # fmt: skip
+    clip, real_by_length = torch.nn.utils.clip_grad_norm_, train_module.by_length
+
+    def run(name: str, order) -> tuple[list[list[torch.Tensor]], list[set]]:
+        grads, micro = [], []
+
+        def recording_clip(params, max_norm):
+            grads.append([p.grad.detach().clone() for p in params])
+            return clip(params, max_norm)
+
+        def recording_order(batch):
+            ordered = order(batch)
+            micro.append({frozenset(e.pair_id for e in ordered[k : k + 2]) for k in range(0, len(ordered), 2)})
+            return ordered
+
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+        monkeypatch.setattr(train_module, "by_length", recording_order)
+        train_rewriter(str(tmp_path / "train.parquet"), base, tmp_path / name, settings, seed=0, base_is_tiny=True)
+        return grads, micro
+
+    sorted_grads, sorted_micro = run("sorted", real_by_length)
+    # longest, third, ... then second, fourth, ...: every micro-batch pairs other sequences than sorted order's
+    mixed_grads, mixed_micro = run("mixed", lambda batch: real_by_length(batch)[::2] + real_by_length(batch)[1::2])
+    assert sorted_micro != mixed_micro  # the micro-batches really held other sequences
+    assert len(sorted_grads) == len(mixed_grads) == 2
+    for step_a, step_b in zip(sorted_grads, mixed_grads, strict=True):
+        for ga, gb in zip(step_a, step_b, strict=True):
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
