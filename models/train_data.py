@@ -96,10 +96,13 @@ class BatchPlan:
     random, while one step's sequences have similar lengths, so little of a padded batch is padding.
     """
 
-    def __init__(self, n: int, seed: int, batch_size: int, lengths=None, window: int = 50) -> None:
+    window = 50  # steps per window when grouping by length (bench/train_padding.py tries others)
+
+    def __init__(self, n: int, seed: int, batch_size: int, lengths=None, window: int | None = None) -> None:
         if lengths is not None and len(lengths) != n:
             raise ValueError(f"{len(lengths)} lengths for {n} examples")
-        self.n, self.seed, self.batch_size, self.window = n, seed, batch_size, window
+        self.n, self.seed, self.batch_size = n, seed, batch_size
+        self.window = window or type(self).window
         self.lengths = None if lengths is None else list(lengths)
         self._cached: tuple[int, list[list[int]]] | None = None
 
