@@ -101,6 +101,28 @@ def make_inputs(model, batch: int, prompt_len: int, image_size: int, device, dty
     return ids.to(device), mask.to(device), pixels.to(device=device, dtype=dtype)
 
 
+def count_flops(fn, *args) -> int:
+    """Matrix FLOPs of ``fn(*args)`` by PyTorch's FlopCounterMode, with nothing hidden from it.
+
+    Two ops have no formula and would count as zero: the fused ``nn.MultiheadAttention`` inference kernel (the
+    vision tower's attention: a third of its matrix work) and the CPU flash-attention kernel. So the count runs
+    with the fused path off (the same products, unfused) and maps the CPU kernel to the SDPA formula."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa_flop(query_shape, key_shape, value_shape, *_, out_shape=None, **__) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        cpu_flash = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flop}
+        with FlopCounterMode(display=False, custom_mapping=cpu_flash) as counter:
+            fn(*args)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter.get_total_flops()
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -192,8 +214,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--paper-batches", default=None,
                         help="batch sizes for our decoder with the seed path's decoding, default 64,128 (tiny: 4)")  # fmt: skip
     parser.add_argument("--no-levers", action="store_true", help="skip the per-lever measurements")
-    parser.add_argument("--attention", default="sdpa:64,sdpa:64:unfused,sdpa:16,flex:64,flex:32",
-                        help="decode variants (kind:kv_block[:unfused]) timed at --attention-batch; '' skips")  # fmt: skip
+    parser.add_argument("--attention", default="sdpa:64,sdpa:64:unfused,sdpa:16,sdpa:16:compiled,flex:64",
+                        help="decode variants (kind:kv_block[:unfused][:compiled], compiled: the prefill through "
+                             "torch.compile) timed at --attention-batch; '' skips")  # fmt: skip
     parser.add_argument("--attention-batch", type=int, default=None,
                         help="batch for the attention variants and the profile, default the best batch above")  # fmt: skip
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of prefill/steps")
@@ -218,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for item in filter(None, args.attention.split(",")):
         kind, *more = item.split(":")
         block = int(more[0]) if more and more[0] else 64
-        variants.append((kind, block, "unfused" not in more[1:]))
+        variants.append((kind, block, "unfused" not in more[1:], "compiled" in more[1:]))
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "shape": "tiny" if tiny else "9b",
@@ -327,14 +350,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["checks"]["greedy_token_agreement"] = round(float(same.mean()), 4)
         results["checks"]["greedy_rows_identical"] = int(same.all(dim=1).sum())
     def count_prefill_flops(decoder) -> None:
-        """FLOPs of one sample's prefill (vision tower, perceiver, prompt through the LM, first token), counted by
-        PyTorch's FlopCounterMode: the work the prefill figures are divided by."""
-        from torch.utils.flop_counter import FlopCounterMode
-
+        """FLOPs of one sample's prefill (vision tower, perceiver, prompt through the LM, first token): the work
+        the prefill figures are divided by."""
         one = make_inputs(model, 1, prompt_len, image_size, device, dtype, seed=3)
-        with FlopCounterMode(display=False) as counter:
-            run_fast(decoder, model, *one, 1)
-        results["prefill_tflop_per_sample"] = round(counter.get_total_flops() / 1e12, 6)
+        results["prefill_tflop_per_sample"] = round(count_flops(run_fast, decoder, model, *one, 1) / 1e12, 6)
         log(f"prefill: {results['prefill_tflop_per_sample']} TFLOP per sample")
 
     attempt("prefill flop count", count_prefill_flops, eager)
@@ -390,9 +409,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     big = args.attention_batch or (best["batch"] if best else ours_batches[0])
     if variants:
         graphs.reset()  # its KV arena at the largest batch would not leave room for another decoder's
-        for attention, kv_block, fuse in variants:
+        for attention, kv_block, fuse, compiled in variants:
             row = attempt(f"attention {attention}:{kv_block}", lever_attention, model, attention, kv_block, big,
-                          prompt_len, new, image_size, device, dtype, record, step_figures, fuse)  # fmt: skip
+                          prompt_len, new, image_size, device, dtype, record, step_figures, fuse, compiled)  # fmt: skip
             if row and (best is None or row["tokens_per_s"] > best["tokens_per_s"]):
                 best = row
     sched_batch = (16 if tiny else 256) if args.scheduling_batch is None else args.scheduling_batch
@@ -549,20 +568,22 @@ def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device, ki
 
 
 def lever_attention(model, attention, kv_block, batch, prompt_len, new, image_size, device, dtype, record, figures,
-                    fuse: bool = True):  # fmt: skip
-    """One decode-attention variant at ``batch`` with CUDA graphs: the first run compiles and captures, the
-    second is timed, a one-token run gives the prefill share."""
+                    fuse: bool = True, compiled: bool = False):  # fmt: skip
+    """One decode-attention variant at ``batch`` with CUDA graphs (and, if ``compiled``, the prefill through
+    torch.compile): the first run compiles and captures, the second is timed, a one-token run gives the prefill
+    share."""
     ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=2)
     decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention, kv_block=kv_block,
-                                  fuse_projections=fuse)  # fmt: skip
+                                  fuse_projections=fuse, compile_prefill=compiled)  # fmt: skip
     try:
         _, warm_s = timed(device, run_fast, decoder, model, ids, mask, px, new)
         _, seconds = timed(device, run_fast, decoder, model, ids, mask, px, new)
         _, prefill_s = timed(device, run_fast, decoder, model, ids, mask, px, 1)
         label = f"decode attention {attention}, kv_block {kv_block}" + ("" if fuse else ", unfused projections")
+        label += ", compiled prefill" if compiled else ""
         return record(label, batch, seconds,
                       first_run_s=round(warm_s, 2), cuda_graph_error=decoder.graph_error,
-                      **figures(seconds, prefill_s, batch))  # fmt: skip
+                      compile_error=decoder.compile_error, **figures(seconds, prefill_s, batch))  # fmt: skip
     finally:
         decoder.reset()
         del decoder
@@ -688,6 +709,17 @@ def profile_kernels(model, kinds, batch, prompt_len, image_size, device, dtype, 
         finally:
             decoder.reset()
             del decoder
+    # the prefill once more with its layers compiled (what fusing left of the norms, rotations, activations)
+    decoder = FastFlamingoDecoder(model, cuda_graphs=False, compile_prefill=True)
+    try:
+        run_fast(decoder, model, ids, mask, px, 1)  # compiles outside the profile
+        with profile(activities=[activity]) as prefill:
+            media = encode_images(model, px)[:, None]
+            decoder._start(ids, mask, media, 2, 2, eos, 0)
+            sync(device)
+        out["prefill_compiled"] = top_kernels(prefill, cuda, 1)
+    finally:
+        decoder.reset()
     for name, table in out.items():
         if isinstance(table, dict):
             log(f"profile {name}: {table['total_ms']} ms")

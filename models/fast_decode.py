@@ -84,6 +84,46 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos) + (_rotate_half(x) * sin)
+
+
+Fused = tuple[torch.Tensor, list[int]]  # one weight for several projections, and each one's rows
+
+
+def _qkv_heads(attn, x: torch.Tensor, qkv: Fused | None, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """Queries, keys and values of ``x`` (b, n, dim), each (b, heads, n, head_dim), before rotation."""
+    b, n, _ = x.shape
+    if qkv is not None:
+        q, k, v = F.linear(x, qkv[0]).split(qkv[1], dim=-1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    return tuple(t.reshape(b, n, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+
+
+def _mlp(dl, x: torch.Tensor, gate_up: Fused | None) -> torch.Tensor:
+    if gate_up is None:
+        return dl.mlp(x)
+    gate, up = F.linear(x, gate_up[0]).split(gate_up[1], dim=-1)
+    return dl.mlp.down_proj(dl.mlp.act_fn(gate) * up)
+
+
+def prefill_layer(dl, x, cos, sin, attend, qkv: Fused | None, gate_up: Fused | None, head_dim: int,
+                  scaling: float, gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One LLaMA decoder layer over whole prompts ``x`` (b, n, dim) under the boolean mask ``attend``: the new
+    ``x``, and the rotated keys and the values (b, kv_heads, n, head_dim) for the cache.
+
+    A function of its arguments only (no decoder state, no layer index), so that ``torch.compile`` makes one
+    graph for all layers: the layers differ in their weights, which the graph takes as inputs."""
+    attn = dl.self_attn
+    q, k, v = _qkv_heads(attn, dl.input_layernorm(x), qkv, head_dim)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scaling, enable_gqa=gqa)
+    b, n, _ = x.shape
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+    return x + _mlp(dl, dl.post_attention_layernorm(x), gate_up), k, v
+
+
 @dataclass
 class Admission:
     """Rows joining a running batch (``FastFlamingoDecoder.stream``): left-padded prompts, their image latents
@@ -119,6 +159,7 @@ class FastFlamingoDecoder:
         attention: str = "sdpa",
         fuse_projections: bool | None = None,
         shrink: bool = True,
+        compile_prefill: bool = False,
     ):
         """``attention`` picks the decode step's self-attention: ``sdpa`` (one masked span for the whole batch,
         rounded up to ``kv_block``) or ``flex`` (FlexAttention reading each row's own cache blocks, compiled on
@@ -133,6 +174,12 @@ class FastFlamingoDecoder:
 
         ``shrink``: once a static batch's unfinished rows fit a session half its size, move them there, so the
         finished rows stop costing compute and KV reads (same tokens; ``shrinks`` counts the moves).
+
+        ``compile_prefill``: run the prompt's decoder layers through ``torch.compile`` (one graph for every layer,
+        dynamic in batch and prompt length), which fuses the norms, rotations, activation and residual adds
+        between the matrix products (eager, they move about 0.6 MB per token and layer of the 9B shape:
+        bench/prefill_traffic.py).
+        The first prefill of a process compiles (tens of seconds); a compiler failure falls back to eager.
 
         ``recompute_cross_kv`` recomputes the cross-attention keys/values every step, as open_flamingo does:
         only for measuring what precomputing them saves (bench/gpu_rewrite.py)."""
@@ -198,6 +245,9 @@ class FastFlamingoDecoder:
                         if fused is not None:
                             self._gate_up[i] = fused
         self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
+        self.compile_prefill = compile_prefill
+        self.compile_error: str | None = None  # why the compiled prefill was turned off, if compiling failed
+        self._compiled_prefill = torch.compile(prefill_layer, dynamic=True) if compile_prefill else None
         self.shrink = shrink
         self.shrinks = 0
 
@@ -222,40 +272,16 @@ class FastFlamingoDecoder:
         self._cache.reset()
 
     # -- the model, piece by piece -----------------------------------------------------------------
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return (x * cos) + (_rotate_half(x) * sin)
-
-    def _self_attention(
-        self, layer_idx, dl, x, cos, sin, write_at, keys, mask, sess, rows=None
-    ) -> torch.Tensor:
-        """One decoder block's self-attention; writes this input's keys/values into the cache first.
-
-        Decode step (``write_at`` = the ring position of the slot): every row writes there, then attends the cache.
-        Prefill (``write_at`` None): the prompt's keys go to ``rows`` (None: rows ``[:b]``) at ring positions
-        ``keys`` (an index tensor; None: ``[0, n)``), and the prompt attends its own keys under ``mask``.
-        """
-        b, n, _ = x.shape
+    def _self_attention(self, layer_idx, dl, x, cos, sin, write_at, keys, mask, sess) -> torch.Tensor:
+        """One decoder block's self-attention for a decode step: every row writes its new key/value at the
+        ring position ``write_at``, then attends the cache (the first ``keys`` slots under ``mask``, or each
+        row's own blocks with flex)."""
+        b = x.shape[0]
         attn = dl.self_attn
-        if layer_idx in self._qkv:
-            weight, sizes = self._qkv[layer_idx]
-            q, k, v = F.linear(x, weight).split(sizes, dim=-1)
-        else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.reshape(b, n, -1, self.head_dim).transpose(1, 2)
-        k = k.reshape(b, n, -1, self.head_dim).transpose(1, 2)
-        v = v.reshape(b, n, -1, self.head_dim).transpose(1, 2)
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        q, k, v = _qkv_heads(attn, x, self._qkv.get(layer_idx), self.head_dim)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         kc, vc = sess.k[layer_idx], sess.v[layer_idx]
         gqa = self.n_kv != self.n_heads
-        if write_at is None:
-            if rows is None:  # a batch's first prefill: rows [:b], positions [:n]
-                kc[:b, :, :n] = k
-                vc[:b, :, :n] = v
-            else:  # rows joining a running batch: (row, ring position) pairs
-                kc[rows.view(-1, 1), :, keys.view(1, -1)] = k.transpose(1, 2)
-                vc[rows.view(-1, 1), :, keys.view(1, -1)] = v.transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=gqa)
-            return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
         kc.index_copy_(2, write_at, k)
         vc.index_copy_(2, write_at, v)
         if self._flex_attention is not None:
@@ -264,14 +290,25 @@ class FastFlamingoDecoder:
         else:
             out = F.scaled_dot_product_attention(q, kc[:b, :, :keys], vc[:b, :, :keys], attn_mask=mask,
                                                  scale=self.scaling, enable_gqa=gqa)  # fmt: skip
-        return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
 
-    def _mlp(self, layer_idx: int, dl, x: torch.Tensor) -> torch.Tensor:
-        if layer_idx not in self._gate_up:
-            return dl.mlp(x)
-        weight, sizes = self._gate_up[layer_idx]
-        gate, up = F.linear(x, weight).split(sizes, dim=-1)
-        return dl.mlp.down_proj(dl.mlp.act_fn(gate) * up)
+    def _prefill_layer(self, i: int, dl, x, cos, sin, attend):
+        """``prefill_layer`` for layer ``i``: compiled when asked, eager if compiling fails (with a warning)."""
+        args = (dl, x, cos, sin, attend, self._qkv.get(i), self._gate_up.get(i), self.head_dim, self.scaling,
+                self.n_kv != self.n_heads)  # fmt: skip
+        if self._compiled_prefill is not None:
+            try:
+                return self._compiled_prefill(*args)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not fail the rewrites
+                if is_oom(exc):
+                    raise
+                import warnings
+
+                self.compile_error = f"{type(exc).__name__}: {str(exc)[:500]}"
+                warnings.warn(f"compiling the prefill failed, running it eagerly: {self.compile_error}",
+                              stacklevel=2)  # fmt: skip
+                self._compiled_prefill = None
+        return prefill_layer(*args)
 
     @staticmethod
     def _cross_kv(block, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,7 +375,7 @@ class FastFlamingoDecoder:
                 x = self._cross_attention_step(block, x, xk, xv, sess.has_media)
             dl = layer.decoder_layer
             x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, write_at, keys, mask, sess)
-            x = x + self._mlp(i, dl, dl.post_attention_layernorm(x))
+            x = x + _mlp(dl, dl.post_attention_layernorm(x), self._gate_up.get(i))
         logits = self.lm_head(self.norm(x))[:, -1].float()
         if sess.select:
             self._select(sess, logits)
@@ -395,11 +432,14 @@ class FastFlamingoDecoder:
                     sess.graphs.clear()
                 sess.xk[i][target] = k
                 sess.xv[i][target] = v
-            dl = layer.decoder_layer
-            x = x + self._self_attention(
-                i, dl, dl.input_layernorm(x), cos, sin, None, ring_pos, attend, sess, rows
-            )
-            x = x + self._mlp(i, dl, dl.post_attention_layernorm(x))
+            x, k, v = self._prefill_layer(i, layer.decoder_layer, x, cos, sin, attend)
+            kc, vc = sess.k[i], sess.v[i]
+            if rows is None:  # a batch's first prefill: rows [:b], positions [:n]
+                kc[:b, :, :n] = k
+                vc[:b, :, :n] = v
+            else:  # rows joining a running batch: (row, ring position) pairs
+                kc[rows.view(-1, 1), :, ring_pos.view(1, -1)] = k.transpose(1, 2)
+                vc[rows.view(-1, 1), :, ring_pos.view(1, -1)] = v.transpose(1, 2)
         # under the v1 masking rule text after the prompt sees no image; under the current rule, the last one
         v1 = any(getattr(x_.gated_cross_attn_layer.attn, "v1_masking", False) for x_ in self._xattn_layers())
         if rows is None:

@@ -205,19 +205,23 @@ _decoders_lock = threading.Lock()
 
 
 def fast_decoder(
-    loaded, cuda_graphs: bool = True, attention: str = "sdpa", kv_block: int = 64, shrink: bool = True
+    loaded,
+    cuda_graphs: bool = True,
+    attention: str = "sdpa",
+    kv_block: int = 64,
+    shrink: bool = True,
+    compile_prefill: bool = False,
 ):
-    """One ``FastFlamingoDecoder`` per loaded model, options and process, so captured graphs survive across
-    shards."""
+    """One ``FastFlamingoDecoder`` per loaded model, options and process, so captured graphs (and the compiled
+    prefill) survive across shards."""
     from models.fast_decode import FastFlamingoDecoder
 
-    key = (bool(cuda_graphs), attention, int(kv_block), bool(shrink))
+    key = (bool(cuda_graphs), attention, int(kv_block), bool(shrink), bool(compile_prefill))
     with _decoders_lock:
         per_model = _decoders.setdefault(loaded.model, {})
         if key not in per_model:
-            per_model[key] = FastFlamingoDecoder(
-                loaded.model, cuda_graphs=cuda_graphs, attention=attention, kv_block=kv_block, shrink=shrink
-            )
+            per_model[key] = FastFlamingoDecoder(loaded.model, cuda_graphs=cuda_graphs, attention=attention,
+                                                 kv_block=kv_block, shrink=shrink, compile_prefill=compile_prefill)  # fmt: skip
         return per_model[key]
 
 
@@ -236,6 +240,7 @@ class RewriteGenerator:
         decode_attention: str = "sdpa",
         kv_block: int = 64,
         shrink_batches: bool = True,
+        compile_prefill: bool = False,
     ):
         from models.fast_decode import FastPathUnsupported
 
@@ -259,6 +264,7 @@ class RewriteGenerator:
                     attention=decode_attention,
                     kv_block=kv_block,
                     shrink=shrink_batches,
+                    compile_prefill=compile_prefill,
                 )
             except FastPathUnsupported:
                 if backend == "fast":
@@ -287,6 +293,7 @@ class RewriteGenerator:
         if self.decoder is not None:
             runtime["decode_attention"] = self.decoder.attention
             runtime["shrink_batches"] = self.decoder.shrink
+            runtime["compile_prefill"] = self.decoder.compile_prefill
         return runtime
 
     # -- CPU side ----------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     torch.set_num_threads(1)
     out = tmp_path / "rewrite.json"
     bench_script("gpu_rewrite").main(["--tiny", "--device", "cpu", "--no-levers", "--profile-steps", "2", "--seed-samples", "1",
-                   "--attention", "sdpa:64,sdpa:64:unfused,flex:32", "--attention-batch", "8", "--out", str(out)])  # fmt: skip
+                   "--attention", "sdpa:64,sdpa:64:unfused,sdpa:64:compiled,flex:32", "--attention-batch", "8",
+                   "--out", str(out)])  # fmt: skip
     data = json.loads(out.read_text())
     assert "errors" not in data, data.get("errors")
     paths = [r["path"] for r in data["runs"]]
@@ -25,8 +26,10 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     assert [r["path"] for r in variants] == [
         "decode attention sdpa, kv_block 64",
         "decode attention sdpa, kv_block 64, unfused projections",
+        "decode attention sdpa, kv_block 64, compiled prefill",
         "decode attention flex, kv_block 32",
     ]
+    assert all(r["compile_error"] is None for r in variants)
     assert all(r["tokens_per_s"] > 0 and r["batch"] == 8 for r in variants)
     scheduling = [r for r in data["runs"] if r["path"].startswith("scheduling")]
     assert [r["path"] for r in scheduling] == ["scheduling: static batches, no shrinking, sdpa",
@@ -41,7 +44,7 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     assert len(paper) == 1 and paper[0]["batch"] == 4 and paper[0]["step_ms"] > 0
     assert data["paper_speedup_vs_seed"] == round(paper[0]["tokens_per_s"] / data["runs"][0]["tokens_per_s"], 1)
     profile = data["profile"]
-    assert set(profile) >= {"prefill", "decode_step_sdpa", "decode_step_flex"}
+    assert set(profile) >= {"prefill", "prefill_compiled", "decode_step_sdpa", "decode_step_flex"}
     assert any("mm" in k["name"] for k in profile["prefill"]["kernels"])
     ours = [r for r in data["runs"] if r["path"].startswith(("ours (", "ours, CUDA", "decode attention"))]
     assert data["best_tokens_per_s"] == max(r["tokens_per_s"] for r in ours)
@@ -49,10 +52,18 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     # the prefill's counted FLOPs cover at least the prompt through the LM's layers (the perceiver's 64 latents
     # and the vision tower add more), and each row's prefill
     # throughput is those FLOPs over its prefill time (beams share their sample's prefill)
-    model, _ = bench_script("gpu_rewrite").build(True, torch.device("cpu"), torch.float32)
+    gpu_rewrite = bench_script("gpu_rewrite")
+    model, image_size = gpu_rewrite.build(True, torch.device("cpu"), torch.float32)
     layers = sum(p.numel() for n, p in model.lang_encoder.named_parameters() if p.dim() == 2 and ".layers." in n)
     per_sample = data["prefill_tflop_per_sample"] * 1e12
     assert per_sample >= 2 * layers * data["prompt_len"]
+    # every vision-tower matrix once per patch and class token, the attention's in/out projections included:
+    # FlopCounterMode alone counts nothing in nn.MultiheadAttention's inference kernel (a third of them)
+    vision = sum(p.numel() for n, p in model.vision_encoder.named_parameters() if p.dim() == 2 and "resblocks" in n)
+    pixels = torch.randn(1, 3, image_size, image_size)
+    with torch.inference_mode():
+        assert gpu_rewrite.count_flops(model.vision_encoder, pixels) >= 2 * vision * ((image_size // 8) ** 2 + 1)
+    assert torch.backends.mha.get_fastpath_enabled()  # switched back on after counting
     for row in [*ours, *paper]:
         expected = (row["batch"] * per_sample / row["prefill_s"]) / 1e12
         assert row["prefill_tflops"] == pytest.approx(expected, abs=0.06)
@@ -80,3 +91,16 @@ def test_bf16_logits_are_as_close_to_fp32_as_the_plain_paths(bench_script):
     decoder._cross_kv = lambda block, latents: cross_kv(block, latents.roll(1, 0))
     broken = gpu_rewrite.logits_check(model, decoder, 24, image_size, torch.device("cpu"), torch.bfloat16)
     assert not broken["logits_as_accurate_as_plain"] and broken["logits_fast_vs_plain_error_ratio"] > 5
+
+
+def test_prefill_traffic_counts_each_elementwise_pass(bench_script):
+    """The 9B layer's traffic outside the matrix products, op by op: SiLU reads the gate and writes its
+    activation (2 x 11008 bf16 per token); the products themselves are not counted."""
+    figures = bench_script("prefill_traffic").main(["--batch", "2", "--prompt-len", "16", "--layers", "4",
+                                                    "--bandwidth-tbs", "1"])  # fmt: skip
+    by_op = figures["by_op_kb"]
+    assert by_op["silu"] == round(2 * 11008 * 2 / 1e3, 1)
+    assert not {"mm", "linear", "addmm", "scaled_dot_product_attention"} & set(by_op)
+    assert {"pow", "mean", "cat"} <= set(by_op)  # the fp32 RMS norm and the rotation are there
+    assert figures["kb_per_token_layer"] == pytest.approx(sum(by_op.values()), abs=0.5)
+    assert figures["seconds"] == pytest.approx(figures["kb_per_token_layer"] * 1e3 * 2 * 16 * 4 / 1e12, rel=1e-2)
