@@ -123,6 +123,18 @@ def count_flops(fn, *args) -> int:
     return counter.get_total_flops()
 
 
+def count_prefill_flops(results, model, decoder, prompt_len: int, image_size: int, device, dtype) -> None:
+    """FLOPs of one sample's prefill (vision tower, perceiver, prompt through the LM, first token), in total and
+    for the vision tower and perceiver alone: the work the prefill figures are divided by."""
+    ids, mask, pixels = make_inputs(model, 1, prompt_len, image_size, device, dtype, seed=3)
+    with torch.inference_mode():
+        vision = count_flops(encode_images, model, pixels)
+    total = count_flops(run_fast, decoder, model, ids, mask, pixels, 1)
+    results["prefill_tflop_per_sample"] = round(total / 1e12, 6)
+    results["prefill_tflop_vision_per_sample"] = round(vision / 1e12, 6)
+    log(f"prefill: {total / 1e12:.4f} TFLOP per sample, of which vision tower and perceiver {vision / 1e12:.4f}")
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -215,8 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="batch sizes for our decoder with the seed path's decoding, default 64,128 (tiny: 4)")  # fmt: skip
     parser.add_argument("--no-levers", action="store_true", help="skip the per-lever measurements")
     parser.add_argument("--attention", default="sdpa:64,sdpa:64:unfused,sdpa:16,sdpa:16:compiled,flex:64",
-                        help="decode variants (kind:kv_block[:unfused][:compiled], compiled: the prefill through "
-                             "torch.compile) timed at --attention-batch; '' skips")  # fmt: skip
+                        help="decode variants (kind:kv_block[:unfused][:compiled], compiled: compile_layers) timed at --attention-batch; '' skips")  # fmt: skip
     parser.add_argument("--attention-batch", type=int, default=None,
                         help="batch for the attention variants and the profile, default the best batch above")  # fmt: skip
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of prefill/steps")
@@ -226,10 +237,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 exactness check (GPU only)")
     parser.add_argument("--bandwidth-tbs", type=float, default=None, help="peak memory bandwidth, TB/s")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")  # fmt: skip
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count one sample's prefill FLOPs and stop (the 9B shape fits a 24 GB CPU in bf16)")  # fmt: skip
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else dtype
     tiny = args.tiny
     prompt_len = args.prompt_len or (24 if tiny else 128)
     new = args.new_tokens or (12 if tiny else 128)
@@ -309,6 +325,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 torch.cuda.empty_cache()
             return None
 
+    if args.flops_only:
+        count_prefill_flops(results, model, FastFlamingoDecoder(model, cuda_graphs=False), prompt_len, image_size,
+                            device, dtype)  # fmt: skip
+        save()
+        return results
+
     def baselines():
         # warm-up (cuBLAS handles, allocator) so the first measured path is not penalised
         ids, mask, px = make_inputs(model, 2, prompt_len, image_size, device, dtype, seed=99)
@@ -349,14 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         same = (fast_tokens.cpu() == naive_tokens.cpu()).float()
         results["checks"]["greedy_token_agreement"] = round(float(same.mean()), 4)
         results["checks"]["greedy_rows_identical"] = int(same.all(dim=1).sum())
-    def count_prefill_flops(decoder) -> None:
-        """FLOPs of one sample's prefill (vision tower, perceiver, prompt through the LM, first token): the work
-        the prefill figures are divided by."""
-        one = make_inputs(model, 1, prompt_len, image_size, device, dtype, seed=3)
-        results["prefill_tflop_per_sample"] = round(count_flops(run_fast, decoder, model, *one, 1) / 1e12, 6)
-        log(f"prefill: {results['prefill_tflop_per_sample']} TFLOP per sample")
-
-    attempt("prefill flop count", count_prefill_flops, eager)
+    attempt("prefill flop count", count_prefill_flops, results, model, eager, prompt_len, image_size, device, dtype)
     del eager  # its cache arena
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -569,18 +584,18 @@ def fp32_check(results, tiny: bool, prompt_len: int, image_size: int, device, ki
 
 def lever_attention(model, attention, kv_block, batch, prompt_len, new, image_size, device, dtype, record, figures,
                     fuse: bool = True, compiled: bool = False):  # fmt: skip
-    """One decode-attention variant at ``batch`` with CUDA graphs (and, if ``compiled``, the prefill through
-    torch.compile): the first run compiles and captures, the second is timed, a one-token run gives the prefill
-    share."""
+    """One decode-attention variant at ``batch`` with CUDA graphs (and, if ``compiled``, the layers' work around
+    attention through torch.compile): the first run compiles and captures, the second is timed, a one-token run
+    gives the prefill share."""
     ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=2)
     decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention, kv_block=kv_block,
-                                  fuse_projections=fuse, compile_prefill=compiled)  # fmt: skip
+                                  fuse_projections=fuse, compile_layers=compiled)  # fmt: skip
     try:
         _, warm_s = timed(device, run_fast, decoder, model, ids, mask, px, new)
         _, seconds = timed(device, run_fast, decoder, model, ids, mask, px, new)
         _, prefill_s = timed(device, run_fast, decoder, model, ids, mask, px, 1)
         label = f"decode attention {attention}, kv_block {kv_block}" + ("" if fuse else ", unfused projections")
-        label += ", compiled prefill" if compiled else ""
+        label += ", compiled layers" if compiled else ""
         return record(label, batch, seconds,
                       first_run_s=round(warm_s, 2), cuda_graph_error=decoder.graph_error,
                       compile_error=decoder.compile_error, **figures(seconds, prefill_s, batch))  # fmt: skip
@@ -709,15 +724,22 @@ def profile_kernels(model, kinds, batch, prompt_len, image_size, device, dtype, 
         finally:
             decoder.reset()
             del decoder
-    # the prefill once more with its layers compiled (what fusing left of the norms, rotations, activations)
-    decoder = FastFlamingoDecoder(model, cuda_graphs=False, compile_prefill=True)
+    # once more with the layers compiled: what fusing left of the norms, rotations and activations
+    decoder = FastFlamingoDecoder(model, cuda_graphs=False, compile_layers=True)
     try:
-        run_fast(decoder, model, ids, mask, px, 1)  # compiles outside the profile
+        run_fast(decoder, model, ids, mask, px, 2)  # compiles outside the profile
         with profile(activities=[activity]) as prefill:
             media = encode_images(model, px)[:, None]
-            decoder._start(ids, mask, media, 2, 2, eos, 0)
+            sess = decoder._start(ids, mask, media, steps + 1, steps + 1, eos, 0)
+            sync(device)
+        with profile(activities=[activity]) as decode:
+            sess.slot_host = ids.shape[1]
+            for _ in range(steps):
+                decoder._run_step(sess)
+                sess.slot_host += 1
             sync(device)
         out["prefill_compiled"] = top_kernels(prefill, cuda, 1)
+        out["decode_step_sdpa_compiled"] = top_kernels(decode, cuda, steps)
     finally:
         decoder.reset()
     for name, table in out.items():

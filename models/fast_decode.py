@@ -108,20 +108,25 @@ def _mlp(dl, x: torch.Tensor, gate_up: Fused | None) -> torch.Tensor:
     return dl.mlp.down_proj(dl.mlp.act_fn(gate) * up)
 
 
-def prefill_layer(dl, x, cos, sin, attend, qkv: Fused | None, gate_up: Fused | None, head_dim: int,
-                  scaling: float, gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One LLaMA decoder layer over whole prompts ``x`` (b, n, dim) under the boolean mask ``attend``: the new
-    ``x``, and the rotated keys and the values (b, kv_heads, n, head_dim) for the cache.
+def attention_inputs(dl, x: torch.Tensor, cos, sin, qkv: Fused | None, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """A decoder layer up to its attention: the rotated queries and keys, and the values, of the normed ``x``
+    (b, n, dim), each (b, heads, n, head_dim)."""
+    q, k, v = _qkv_heads(dl.self_attn, dl.input_layernorm(x), qkv, head_dim)
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
 
-    A function of its arguments only (no decoder state, no layer index), so that ``torch.compile`` makes one
-    graph for all layers: the layers differ in their weights, which the graph takes as inputs."""
-    attn = dl.self_attn
-    q, k, v = _qkv_heads(attn, dl.input_layernorm(x), qkv, head_dim)
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scaling, enable_gqa=gqa)
+
+def layer_output(dl, x: torch.Tensor, attended: torch.Tensor, gate_up: Fused | None) -> torch.Tensor:
+    """A decoder layer after its attention: the output projection of ``attended`` (b, heads, n, head_dim) and
+    the residual, then the MLP and its residual."""
     b, n, _ = x.shape
-    x = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-    return x + _mlp(dl, dl.post_attention_layernorm(x), gate_up), k, v
+    x = x + dl.self_attn.o_proj(attended.transpose(1, 2).reshape(b, n, -1))
+    return x + _mlp(dl, dl.post_attention_layernorm(x), gate_up)
+
+
+# The two halves of a layer around its attention, by name. Each is a function of its arguments only (no decoder
+# state, no layer index), so torch.compile makes one graph per half that every layer shares: the layers differ
+# only in their weights, which the graph takes as inputs. The attention itself, and the cache writes, stay out.
+LAYER_PARTS: dict[str, Callable] = {"attention_inputs": attention_inputs, "layer_output": layer_output}
 
 
 @dataclass
@@ -159,7 +164,7 @@ class FastFlamingoDecoder:
         attention: str = "sdpa",
         fuse_projections: bool | None = None,
         shrink: bool = True,
-        compile_prefill: bool = False,
+        compile_layers: bool = False,
     ):
         """``attention`` picks the decode step's self-attention: ``sdpa`` (one masked span for the whole batch,
         rounded up to ``kv_block``) or ``flex`` (FlexAttention reading each row's own cache blocks, compiled on
@@ -175,11 +180,12 @@ class FastFlamingoDecoder:
         ``shrink``: once a static batch's unfinished rows fit a session half its size, move them there, so the
         finished rows stop costing compute and KV reads (same tokens; ``shrinks`` counts the moves).
 
-        ``compile_prefill``: run the prompt's decoder layers through ``torch.compile`` (one graph for every layer,
-        dynamic in batch and prompt length), which fuses the norms, rotations, activation and residual adds
-        between the matrix products (eager, they move about 0.6 MB per token and layer of the 9B shape:
-        bench/prefill_traffic.py).
-        The first prefill of a process compiles (tens of seconds); a compiler failure falls back to eager.
+        ``compile_layers``: run each decoder layer's two halves around its attention (``LAYER_PARTS``) through
+        ``torch.compile``, in the prefill and in the decode steps (inside their CUDA graphs). That fuses the
+        norms, rotations, activation and residual adds between the matrix products, which in eager mode move
+        about 0.6 MB per token and layer of the 9B shape (bench/layer_traffic.py). One graph per half serves
+        every layer, dynamic in batch size and length. The first batch of a process compiles (tens of seconds);
+        a compiler failure falls back to eager with a warning.
 
         ``recompute_cross_kv`` recomputes the cross-attention keys/values every step, as open_flamingo does:
         only for measuring what precomputing them saves (bench/gpu_rewrite.py)."""
@@ -245,9 +251,11 @@ class FastFlamingoDecoder:
                         if fused is not None:
                             self._gate_up[i] = fused
         self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
-        self.compile_prefill = compile_prefill
-        self.compile_error: str | None = None  # why the compiled prefill was turned off, if compiling failed
-        self._compiled_prefill = torch.compile(prefill_layer, dynamic=True) if compile_prefill else None
+        self.compile_layers = compile_layers
+        self.compile_error: str | None = None  # why the compiled layer parts were dropped, if compiling failed
+        self._compiled_parts = (
+            {name: torch.compile(fn, dynamic=True) for name, fn in LAYER_PARTS.items()} if compile_layers else {}
+        )
         self.shrink = shrink
         self.shrinks = 0
 
@@ -272,15 +280,30 @@ class FastFlamingoDecoder:
         self._cache.reset()
 
     # -- the model, piece by piece -----------------------------------------------------------------
-    def _self_attention(self, layer_idx, dl, x, cos, sin, write_at, keys, mask, sess) -> torch.Tensor:
-        """One decoder block's self-attention for a decode step: every row writes its new key/value at the
-        ring position ``write_at``, then attends the cache (the first ``keys`` slots under ``mask``, or each
-        row's own blocks with flex)."""
+    def _layer_part(self, name: str, *args):
+        """``LAYER_PARTS[name](*args)``, compiled when asked; eager from then on if compiling fails (warned)."""
+        compiled = self._compiled_parts.get(name)
+        if compiled is not None:
+            try:
+                return compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure must not fail the rewrites
+                if is_oom(exc) or (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                    raise  # the caller splits the batch / decodes without graphs
+                import warnings
+
+                self.compile_error = f"{type(exc).__name__}: {str(exc)[:500]}"
+                warnings.warn(f"compiling the decoder layers failed, running them eagerly: {self.compile_error}",
+                              stacklevel=2)  # fmt: skip
+                self._compiled_parts = {}
+        return LAYER_PARTS[name](*args)
+
+    def _decode_layer(self, i: int, dl, x, cos, sin, write_at, keys, mask, sess) -> torch.Tensor:
+        """Decoder layer ``i`` for one new token per row: every row writes its new key/value at the ring
+        position ``write_at``, then attends the cache (the first ``keys`` slots under ``mask``, or each row's
+        own blocks with flex)."""
         b = x.shape[0]
-        attn = dl.self_attn
-        q, k, v = _qkv_heads(attn, x, self._qkv.get(layer_idx), self.head_dim)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        kc, vc = sess.k[layer_idx], sess.v[layer_idx]
+        q, k, v = self._layer_part("attention_inputs", dl, x, cos, sin, self._qkv.get(i), self.head_dim)
+        kc, vc = sess.k[i], sess.v[i]
         gqa = self.n_kv != self.n_heads
         kc.index_copy_(2, write_at, k)
         vc.index_copy_(2, write_at, v)
@@ -290,25 +313,7 @@ class FastFlamingoDecoder:
         else:
             out = F.scaled_dot_product_attention(q, kc[:b, :, :keys], vc[:b, :, :keys], attn_mask=mask,
                                                  scale=self.scaling, enable_gqa=gqa)  # fmt: skip
-        return attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
-
-    def _prefill_layer(self, i: int, dl, x, cos, sin, attend):
-        """``prefill_layer`` for layer ``i``: compiled when asked, eager if compiling fails (with a warning)."""
-        args = (dl, x, cos, sin, attend, self._qkv.get(i), self._gate_up.get(i), self.head_dim, self.scaling,
-                self.n_kv != self.n_heads)  # fmt: skip
-        if self._compiled_prefill is not None:
-            try:
-                return self._compiled_prefill(*args)
-            except Exception as exc:  # noqa: BLE001 - a compiler failure must not fail the rewrites
-                if is_oom(exc):
-                    raise
-                import warnings
-
-                self.compile_error = f"{type(exc).__name__}: {str(exc)[:500]}"
-                warnings.warn(f"compiling the prefill failed, running it eagerly: {self.compile_error}",
-                              stacklevel=2)  # fmt: skip
-                self._compiled_prefill = None
-        return prefill_layer(*args)
+        return self._layer_part("layer_output", dl, x, out, self._gate_up.get(i))
 
     @staticmethod
     def _cross_kv(block, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,9 +378,7 @@ class FastFlamingoDecoder:
                 if self.recompute_cross_kv:
                     xk, xv = self._cross_kv(block, sess.media_last)
                 x = self._cross_attention_step(block, x, xk, xv, sess.has_media)
-            dl = layer.decoder_layer
-            x = x + self._self_attention(i, dl, dl.input_layernorm(x), cos, sin, write_at, keys, mask, sess)
-            x = x + _mlp(dl, dl.post_attention_layernorm(x), self._gate_up.get(i))
+            x = self._decode_layer(i, layer.decoder_layer, x, cos, sin, write_at, keys, mask, sess)
         logits = self.lm_head(self.norm(x))[:, -1].float()
         if sess.select:
             self._select(sess, logits)
@@ -432,7 +435,11 @@ class FastFlamingoDecoder:
                     sess.graphs.clear()
                 sess.xk[i][target] = k
                 sess.xv[i][target] = v
-            x, k, v = self._prefill_layer(i, layer.decoder_layer, x, cos, sin, attend)
+            dl = layer.decoder_layer
+            q, k, v = self._layer_part("attention_inputs", dl, x, cos, sin, self._qkv.get(i), self.head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=self.scaling,
+                                                 enable_gqa=self.n_kv != self.n_heads)  # fmt: skip
+            x = self._layer_part("layer_output", dl, x, out, self._gate_up.get(i))
             kc, vc = sess.k[i], sess.v[i]
             if rows is None:  # a batch's first prefill: rows [:b], positions [:n]
                 kc[:b, :, :n] = k

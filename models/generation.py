@@ -210,18 +210,18 @@ def fast_decoder(
     attention: str = "sdpa",
     kv_block: int = 64,
     shrink: bool = True,
-    compile_prefill: bool = False,
+    compile_layers: bool = False,
 ):
-    """One ``FastFlamingoDecoder`` per loaded model, options and process, so captured graphs (and the compiled
-    prefill) survive across shards."""
+    """One ``FastFlamingoDecoder`` per loaded model, options and process, so captured graphs (and compiled
+    layers) survive across shards."""
     from models.fast_decode import FastFlamingoDecoder
 
-    key = (bool(cuda_graphs), attention, int(kv_block), bool(shrink), bool(compile_prefill))
+    key = (bool(cuda_graphs), attention, int(kv_block), bool(shrink), bool(compile_layers))
     with _decoders_lock:
         per_model = _decoders.setdefault(loaded.model, {})
         if key not in per_model:
             per_model[key] = FastFlamingoDecoder(loaded.model, cuda_graphs=cuda_graphs, attention=attention,
-                                                 kv_block=kv_block, shrink=shrink, compile_prefill=compile_prefill)  # fmt: skip
+                                                 kv_block=kv_block, shrink=shrink, compile_layers=compile_layers)  # fmt: skip
         return per_model[key]
 
 
@@ -240,7 +240,7 @@ class RewriteGenerator:
         decode_attention: str = "sdpa",
         kv_block: int = 64,
         shrink_batches: bool = True,
-        compile_prefill: bool = False,
+        compile_layers: bool = False,
     ):
         from models.fast_decode import FastPathUnsupported
 
@@ -264,7 +264,7 @@ class RewriteGenerator:
                     attention=decode_attention,
                     kv_block=kv_block,
                     shrink=shrink_batches,
-                    compile_prefill=compile_prefill,
+                    compile_layers=compile_layers,
                 )
             except FastPathUnsupported:
                 if backend == "fast":
@@ -293,7 +293,7 @@ class RewriteGenerator:
         if self.decoder is not None:
             runtime["decode_attention"] = self.decoder.attention
             runtime["shrink_batches"] = self.decoder.shrink
-            runtime["compile_prefill"] = self.decoder.compile_prefill
+            runtime["compile_layers"] = self.decoder.compile_layers
         return runtime
 
     # -- CPU side ----------------------------------------------------------------------------------

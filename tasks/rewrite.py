@@ -57,7 +57,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
 
     ``job``: work, out (URLs); model_path, model_id; prompt_version; settings (decoding), settings_hash;
     run_id; and the runtime options backend, device, dtype, cuda_graphs, decode_attention, kv_block, shrink_batches,
-    compile_prefill, scheduling, token_budget, max_batch_size, max_prompt_tokens, prefetch_images.
+    compile_layers, scheduling, token_budget, max_batch_size, max_prompt_tokens, prefetch_images.
     """
     out = job["out"]
     if exists(out):
@@ -85,7 +85,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         decode_attention=str(job.get("decode_attention", "sdpa")),
         kv_block=int(job.get("kv_block", 64)),
         shrink_batches=bool(job.get("shrink_batches", True)),
-        compile_prefill=bool(job.get("compile_prefill", False)),
+        compile_layers=bool(job.get("compile_layers", False)),
     )
     # one generation at a time per loaded model: its layers carry per-call state (image conditioning, the fast
     # decoder's caches), and shards in one worker process share the cached model

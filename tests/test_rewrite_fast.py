@@ -238,9 +238,10 @@ def test_each_image_is_encoded_once_per_generator(loaded, images):
     assert gen.images_encoded == 5
 
 
-def test_compiled_prefill_matches_eager_with_one_graph_for_every_layer(loaded, images):
-    """torch.compile of the prompt's decoder layers: the same logits and tokens as eager, and one graph serves
-    all layers (their weights are inputs), so a 32-layer model does not hit dynamo's recompile limit."""
+def test_compiled_layers_match_eager_with_graphs_shared_by_every_layer(loaded, images):
+    """torch.compile of each layer's work around attention, in the prefill and the decode steps: the same logits
+    and tokens as eager, and the graphs serve all layers (their weights are inputs) and every batch shape, so a
+    32-layer model does not hit dynamo's recompile limit."""
     from torch._dynamo.utils import counters
 
     from models.fast_decode import FastFlamingoDecoder
@@ -248,7 +249,7 @@ def test_compiled_prefill_matches_eager_with_one_graph_for_every_layer(loaded, i
     gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 10}), backend="plain")
     batch = _batch(gen, images)
     eager = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=True)
-    compiled = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=True, compile_prefill=True)
+    compiled = FastFlamingoDecoder(loaded.model, cuda_graphs=False, fuse_projections=True, compile_layers=True)
     torch._dynamo.reset()  # dynamo caches per function, across decoders: count this test's graphs only
     graphs = counters["stats"]["unique_graphs"]
     continuation = torch.randint(3, 500, (len(batch), 4), generator=torch.Generator().manual_seed(1))
@@ -259,10 +260,11 @@ def test_compiled_prefill_matches_eager_with_one_graph_for_every_layer(loaded, i
         torch.testing.assert_close(compiled.score(ids, mask, media, continuation[: len(rows)]),
                                    eager.score(ids, mask, media, continuation[: len(rows)]), rtol=1e-5, atol=1e-5)  # fmt: skip
     assert compiled.compile_error is None
-    assert len(compiled.layers) == 4 and counters["stats"]["unique_graphs"] - graphs == 1
+    # one graph per half-layer for prompts, one for single-token steps (dynamo specialises length 1): not 4 x 4
+    assert len(compiled.layers) == 4 and counters["stats"]["unique_graphs"] - graphs == 4
 
 
-def test_a_failing_prefill_compiler_falls_back_to_eager(loaded, images):
+def test_a_failing_layer_compiler_falls_back_to_eager(loaded, images):
     from models.fast_decode import FastFlamingoDecoder
 
     gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 8}), backend="plain")
@@ -270,16 +272,16 @@ def test_a_failing_prefill_compiler_falls_back_to_eager(loaded, images):
     args = (ids, mask, media, 8, gen.eos_ids, 0)
     expected = FastFlamingoDecoder(loaded.model, cuda_graphs=False).generate(*args).tokens
     compiling = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 8}), backend="fast",
-                                 cuda_graphs=False, compile_prefill=True)  # fmt: skip
-    assert compiling.runtime()["compile_prefill"] is True  # recorded with every rewrite
+                                 cuda_graphs=False, compile_layers=True)  # fmt: skip
+    assert compiling.runtime()["compile_layers"] is True  # recorded with every rewrite
     decoder = compiling.decoder
 
     def broken_compiler(*_):
         raise RuntimeError("inductor: no C++ compiler found")
 
-    decoder._compiled_prefill = broken_compiler
-    with pytest.warns(UserWarning, match="compiling the prefill failed"):
+    decoder._compiled_parts = dict.fromkeys(decoder._compiled_parts, broken_compiler)
+    with pytest.warns(UserWarning, match="compiling the decoder layers failed"):
         tokens = decoder.generate(*args).tokens
     assert torch.equal(tokens, expected)
     assert decoder.compile_error == "RuntimeError: inductor: no C++ compiler found"
-    assert decoder._compiled_prefill is None  # not tried again for every layer and batch
+    assert decoder._compiled_parts == {}  # not tried again for every layer and step

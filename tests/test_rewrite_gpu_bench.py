@@ -26,7 +26,7 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     assert [r["path"] for r in variants] == [
         "decode attention sdpa, kv_block 64",
         "decode attention sdpa, kv_block 64, unfused projections",
-        "decode attention sdpa, kv_block 64, compiled prefill",
+        "decode attention sdpa, kv_block 64, compiled layers",
         "decode attention flex, kv_block 32",
     ]
     assert all(r["compile_error"] is None for r in variants)
@@ -42,9 +42,17 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     assert checks["beam_search_rows_identical"] == "6/6"  # our beam search vs generate, fp32
     paper = [r for r in data["runs"] if r["path"].startswith("ours, paper preset")]
     assert len(paper) == 1 and paper[0]["batch"] == 4 and paper[0]["step_ms"] > 0
-    assert data["paper_speedup_vs_seed"] == round(paper[0]["tokens_per_s"] / data["runs"][0]["tokens_per_s"], 1)
+    assert data["paper_speedup_vs_seed"] == round(
+        paper[0]["tokens_per_s"] / data["runs"][0]["tokens_per_s"], 1
+    )
     profile = data["profile"]
-    assert set(profile) >= {"prefill", "prefill_compiled", "decode_step_sdpa", "decode_step_flex"}
+    assert set(profile) >= {
+        "prefill",
+        "prefill_compiled",
+        "decode_step_sdpa",
+        "decode_step_sdpa_compiled",
+        "decode_step_flex",
+    }
     assert any("mm" in k["name"] for k in profile["prefill"]["kernels"])
     ours = [r for r in data["runs"] if r["path"].startswith(("ours (", "ours, CUDA", "decode attention"))]
     assert data["best_tokens_per_s"] == max(r["tokens_per_s"] for r in ours)
@@ -54,15 +62,21 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     # throughput is those FLOPs over its prefill time (beams share their sample's prefill)
     gpu_rewrite = bench_script("gpu_rewrite")
     model, image_size = gpu_rewrite.build(True, torch.device("cpu"), torch.float32)
-    layers = sum(p.numel() for n, p in model.lang_encoder.named_parameters() if p.dim() == 2 and ".layers." in n)
+    layers = sum(
+        p.numel() for n, p in model.lang_encoder.named_parameters() if p.dim() == 2 and ".layers." in n
+    )
     per_sample = data["prefill_tflop_per_sample"] * 1e12
     assert per_sample >= 2 * layers * data["prompt_len"]
     # every vision-tower matrix once per patch and class token, the attention's in/out projections included:
     # FlopCounterMode alone counts nothing in nn.MultiheadAttention's inference kernel (a third of them)
-    vision = sum(p.numel() for n, p in model.vision_encoder.named_parameters() if p.dim() == 2 and "resblocks" in n)
+    vision = sum(
+        p.numel() for n, p in model.vision_encoder.named_parameters() if p.dim() == 2 and "resblocks" in n
+    )
     pixels = torch.randn(1, 3, image_size, image_size)
     with torch.inference_mode():
-        assert gpu_rewrite.count_flops(model.vision_encoder, pixels) >= 2 * vision * ((image_size // 8) ** 2 + 1)
+        assert gpu_rewrite.count_flops(model.vision_encoder, pixels) >= 2 * vision * (
+            (image_size // 8) ** 2 + 1
+        )
     assert torch.backends.mha.get_fastpath_enabled()  # switched back on after counting
     for row in [*ours, *paper]:
         expected = (row["batch"] * per_sample / row["prefill_s"]) / 1e12
@@ -93,14 +107,27 @@ def test_bf16_logits_are_as_close_to_fp32_as_the_plain_paths(bench_script):
     assert not broken["logits_as_accurate_as_plain"] and broken["logits_fast_vs_plain_error_ratio"] > 5
 
 
-def test_prefill_traffic_counts_each_elementwise_pass(bench_script):
+def test_layer_traffic_counts_each_elementwise_pass(bench_script):
     """The 9B layer's traffic outside the matrix products, op by op: SiLU reads the gate and writes its
-    activation (2 x 11008 bf16 per token); the products themselves are not counted."""
-    figures = bench_script("prefill_traffic").main(["--batch", "2", "--prompt-len", "16", "--layers", "4",
-                                                    "--bandwidth-tbs", "1"])  # fmt: skip
+    activation (2 x 11008 bf16 per token); the products themselves are not counted; a decode step moves what a
+    prompt token does (within 10%), per row."""
+    figures = bench_script("layer_traffic").main(["--batch", "2", "--prompt-len", "16", "--layers", "4",
+                                                  "--bandwidth-tbs", "1"])  # fmt: skip
     by_op = figures["by_op_kb"]
     assert by_op["silu"] == round(2 * 11008 * 2 / 1e3, 1)
     assert not {"mm", "linear", "addmm", "scaled_dot_product_attention"} & set(by_op)
     assert {"pow", "mean", "cat"} <= set(by_op)  # the fp32 RMS norm and the rotation are there
     assert figures["kb_per_token_layer"] == pytest.approx(sum(by_op.values()), abs=0.5)
-    assert figures["seconds"] == pytest.approx(figures["kb_per_token_layer"] * 1e3 * 2 * 16 * 4 / 1e12, rel=1e-2)
+    per_token_s = figures["kb_per_token_layer"] * 1e3 / 1e12
+    assert figures["seconds"] == pytest.approx(per_token_s * 2 * 16 * 4, rel=1e-2)
+    assert figures["step_ms"] == pytest.approx(1e3 * per_token_s * 2 * 4, rel=0.1)
+
+
+def test_flops_only_counts_the_prefill_and_its_vision_part(tmp_path, bench_script):
+    out = tmp_path / "flops.json"
+    data = bench_script("gpu_rewrite").main(["--tiny", "--device", "cpu", "--flops-only", "--out", str(out)])
+    assert (
+        data["runs"] == []
+        and json.loads(out.read_text())["prefill_tflop_per_sample"] == data["prefill_tflop_per_sample"]
+    )
+    assert 0 < data["prefill_tflop_vision_per_sample"] < data["prefill_tflop_per_sample"]

@@ -65,9 +65,10 @@ class RewriteSettings(BaseModel):
     # static batches (and beams) move their unfinished rows to a session half the size once they fit it, so
     # finished rows stop costing compute and KV reads; same tokens
     shrink_batches: bool = True
-    # run the prompt's decoder layers through torch.compile (one graph for every layer): fuses the norms,
-    # rotations and activations between the matrix products; compiles for tens of seconds once per worker process
-    compile_prefill: bool = False
+    # run the decoder layers' work around attention through torch.compile, in the prefill and the decode steps
+    # (one graph per half-layer for all layers): fuses the norms, rotations and activations between the matrix
+    # products; compiles for tens of seconds once per worker process
+    compile_layers: bool = False
     # static: each batch decodes until its longest rewrite ends. continuous: rows that finish are refilled with
     # the next samples at once (greedy decoding on the fast decoder; beams, sampling and the plain path stay
     # static). auto: continuous with flex attention (and on CPU with shrink_batches off), else static: every sdpa

@@ -1,16 +1,16 @@
-"""Memory traffic of the prefill's decoder layers outside the matrix products, 9B shape (bf16).
+"""Memory traffic of the decoder layers outside the matrix products, 9B shape (bf16): prefill and decode step.
 
-Runs the fast decoder's own ``prefill_layer`` (fused q/k/v and gate/up products, as on CUDA) on the meta
-device, so nothing is computed and any machine answers at once, and adds up the bytes each op reads and writes.
+Runs the fast decoder's own layer halves (``attention_inputs``, SDPA, ``layer_output``; fused q/k/v and gate/up
+products, as on CUDA) on the meta device, so nothing is computed and any machine answers at once, and adds up the bytes each op reads and writes.
 Matrix products and attention are compute work a kernel cannot avoid; everything else (the RMS norms in fp32,
 the rotations, SiLU x up, residual adds) moves activations through memory once per op in eager mode, which
-is what ``compile_prefill`` fuses. Prints bytes per token and layer by op, and what they cost a batch at a
-given memory bandwidth. ``--measure`` also times the fast decoder's prefill (vision tower, perceiver and the
-prompt through the layers) eager and with ``compile_prefill``, on a random model of ``--width`` x ``--layers``.
+is what ``compile_layers`` fuses. Prints bytes per token and layer by op, and what they cost a batch at a
+given memory bandwidth. ``--measure`` also times the fast decoder's prefill and decode steps eager and with
+``compile_layers``, on a random model of ``--width`` x ``--layers``.
 
-    python bench/prefill_traffic.py                          # batch 512 x 128 tokens, 32 layers, 4.8 TB/s
-    python bench/prefill_traffic.py --batch 256 --bandwidth-tbs 3.35
-    python bench/prefill_traffic.py --measure --batch 8 --layers 8 --width 1024   # CPU: fp32; GPU: bf16
+    python bench/layer_traffic.py                          # batch 512 x 128 tokens, 32 layers, 4.8 TB/s
+    python bench/layer_traffic.py --batch 256 --bandwidth-tbs 3.35
+    python bench/layer_traffic.py --measure --batch 8 --layers 8 --width 1024   # CPU: fp32; GPU: bf16
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
-from models.fast_decode import prefill_layer  # noqa: E402
+from models.fast_decode import attention_inputs, layer_output  # noqa: E402
 
 # ops that are the work itself (a fused kernel still does them) and ops that only re-describe memory
 MATRIX_OPS = {"mm", "addmm", "bmm", "linear", "matmul", "scaled_dot_product_attention",
@@ -39,10 +39,10 @@ VIEW_OPS = {"view", "_unsafe_view", "transpose", "expand", "slice", "unsqueeze",
 
 
 class TrafficCounter(TorchDispatchMode):
-    """Bytes read and written per op: every tensor argument and result, counted whole (an upper bound for ops
-    that broadcast a small operand, which is why operands under ``small`` elements are left out)."""
+    """Bytes read and written per op: every tensor argument and result of at least ``small`` elements, counted
+    whole."""
 
-    def __init__(self, small: int = 1 << 16):
+    def __init__(self, small: int):
         super().__init__()
         self.small = small
         self.by_op: Counter[str] = Counter()
@@ -60,8 +60,9 @@ class TrafficCounter(TorchDispatchMode):
         return out
 
 
-def layer_traffic(tokens: int = 128, hidden: int = 4096, intermediate: int = 11008, heads: int = 32):
-    """``TrafficCounter`` of one LLaMA layer's prefill over ``tokens`` prompt tokens of one row."""
+def layer_traffic(rows: int, tokens: int, hidden: int = 4096, intermediate: int = 11008, heads: int = 32):
+    """``TrafficCounter`` of one LLaMA layer over ``rows`` x ``tokens`` (a prefill; a decode step has one token
+    per row, whose attention over the cache is work and not counted)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -76,22 +77,25 @@ def layer_traffic(tokens: int = 128, hidden: int = 4096, intermediate: int = 110
             layer = LlamaDecoderLayer(cfg, 0)
     finally:
         torch.set_default_dtype(previous)
-    x = torch.empty(1, tokens, hidden, **meta)
-    cos = torch.empty(1, 1, tokens, head_dim, **meta)
-    sin = torch.empty(1, 1, tokens, head_dim, **meta)
-    attend = torch.empty(1, 1, tokens, tokens, dtype=torch.bool, device="meta")
+    x = torch.empty(rows, tokens, hidden, **meta)
+    cos = torch.empty(rows, 1, tokens, head_dim, **meta)
+    sin = torch.empty(rows, 1, tokens, head_dim, **meta)
+    attend = torch.empty(rows, 1, tokens, tokens, dtype=torch.bool, device="meta")
     qkv = (torch.empty(3 * hidden, hidden, **meta), [hidden] * 3)
     gate_up = (torch.empty(2 * intermediate, hidden, **meta), [intermediate] * 2)
-    counter = TrafficCounter()
+    counter = TrafficCounter(small=hidden + 1)  # leaves out the norms' weights, counts every activation
     with counter, torch.inference_mode():
-        prefill_layer(layer, x, cos, sin, attend, qkv, gate_up, head_dim, head_dim**-0.5, False)
+        q, k, v = attention_inputs(layer, x, cos, sin, qkv, head_dim)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attend)
+        layer_output(layer, x, attended, gate_up)
     return counter
 
 
-def measure(batch: int, prompt_len: int, layers: int, width: int, repeats: int) -> dict:
-    """Median seconds of the fast decoder's prefill (the prompt through every layer, to the first token's
-    logits; images encoded beforehand) eager and compiled, same random weights, and the largest difference of
-    their logits relative to the logits' largest magnitude."""
+def measure(batch: int, prompt_len: int, layers: int, width: int, repeats: int, steps: int = 16) -> dict:
+    """Median seconds of the fast decoder's prefill (the prompt through every layer to the first token's logits;
+    images encoded beforehand) and ms per decode step (teacher-forced ``steps`` tokens, the prefill subtracted),
+    eager and with ``compile_layers``, same random weights; and the largest difference of their logits relative
+    to the logits' largest magnitude. Steps run without CUDA graphs, so on a GPU they include launch costs."""
     import statistics
 
     import gpu_rewrite
@@ -108,23 +112,32 @@ def measure(batch: int, prompt_len: int, layers: int, width: int, repeats: int) 
     ids, mask, pixels = gpu_rewrite.make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=0)
     with torch.inference_mode():
         media = encode_images(model, pixels)[:, None]  # the tower is the same either way: time the layers
-    inputs = (ids, mask, media, ids[:, :0])
+    continuation = torch.randint(3, 30000, (batch, steps), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     out: dict = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": batch,
-                 "prompt_len": prompt_len, "layers": layers, "width": width}  # fmt: skip
+                 "prompt_len": prompt_len, "layers": layers, "width": width, "steps": steps}  # fmt: skip
     logits = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         decoder = FastFlamingoDecoder(
-            model, cuda_graphs=False, fuse_projections=True, compile_prefill=compiled
+            model, cuda_graphs=False, fuse_projections=True, compile_layers=compiled
         )
-        first, out[f"{name}_first_s"] = gpu_rewrite.timed(device, decoder.score, *inputs)
-        times = [
-            gpu_rewrite.timed(device, decoder.score, *inputs)[1] for _ in range(repeats)
+        first, first_s = gpu_rewrite.timed(device, decoder.score, ids, mask, media, continuation)  # compiles
+        prefill = [gpu_rewrite.timed(device, decoder.score, ids, mask, media, continuation[:, :0])[1]
+                   for _ in range(repeats)]  # fmt: skip
+        full = [
+            gpu_rewrite.timed(device, decoder.score, ids, mask, media, continuation)[1]
+            for _ in range(repeats)
         ]
-        out[f"{name}_s"] = round(statistics.median(times), 4)
-        out[f"{name}_first_s"] = round(out[f"{name}_first_s"], 2)
+        out[f"{name}_first_s"] = round(first_s, 2)
+        out[f"{name}_prefill_s"] = round(statistics.median(prefill), 4)
+        out[f"{name}_step_ms"] = round(
+            1e3 * (statistics.median(full) - statistics.median(prefill)) / steps, 3
+        )
         logits[name] = first.float()
         decoder.reset()
-    out["speedup"] = round(out["eager_s"] / out["compiled_s"], 3)
+    out["prefill_speedup"] = round(out["eager_prefill_s"] / out["compiled_prefill_s"], 3)
+    out["step_speedup"] = round(out["eager_step_ms"] / out["compiled_step_ms"], 3)
     scale = logits["eager"].abs().max()
     out["max_relative_difference"] = float(
         f"{float((logits['compiled'] - logits['eager']).abs().max() / scale):.3g}"
@@ -141,22 +154,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--bandwidth-tbs", type=float, default=4.8, help="memory bandwidth, TB/s (H200: 4.8)")
-    parser.add_argument("--measure", action="store_true", help="also time the prefill eager and compiled")
+    parser.add_argument(
+        "--measure", action="store_true", help="also time prefill and steps, eager and compiled"
+    )
     parser.add_argument("--width", type=int, default=4096, help="--measure: the model's width")
-    parser.add_argument("--repeats", type=int, default=5, help="--measure: timed prefills per variant")
+    parser.add_argument("--repeats", type=int, default=5, help="--measure: timed runs per variant")
     args = parser.parse_args(argv)
-    counter = layer_traffic(args.prompt_len)
+    bandwidth = args.bandwidth_tbs * 1e12
+    counter = layer_traffic(1, args.prompt_len)
     per_token = {op: moved / args.prompt_len for op, moved in counter.by_op.most_common()}
     total = sum(per_token.values())
     tokens = args.batch * args.prompt_len * args.layers
-    seconds = total * tokens / (args.bandwidth_tbs * 1e12)
+    seconds = total * tokens / bandwidth
     print(f"outside the matrix products, per token and layer: {total / 1e3:.0f} KB")
     for op, moved in per_token.items():
         print(f"  {op:<12} {moved / 1e3:7.1f} KB")
-    print(f"batch {args.batch} x {args.prompt_len} tokens x {args.layers} layers: {total * tokens / 1e12:.2f} TB, "
-          f"{seconds:.3f} s at {args.bandwidth_tbs} TB/s")  # fmt: skip
+    print(f"prefill, batch {args.batch} x {args.prompt_len} tokens x {args.layers} layers: "
+          f"{total * tokens / 1e12:.2f} TB, {seconds:.3f} s at {args.bandwidth_tbs} TB/s")  # fmt: skip
+    step = sum(layer_traffic(args.batch, 1).by_op.values()) * args.layers
+    print(f"decode step, batch {args.batch} x {args.layers} layers: {step / 1e9:.1f} GB, "
+          f"{1e3 * step / bandwidth:.2f} ms at {args.bandwidth_tbs} TB/s")  # fmt: skip
     figures = {"kb_per_token_layer": round(total / 1e3, 1), "seconds": float(f"{seconds:.4g}"),
-            "by_op_kb": {op: round(v / 1e3, 1) for op, v in per_token.items()}}  # fmt: skip
+               "step_ms": float(f"{1e3 * step / bandwidth:.4g}"),
+               "by_op_kb": {op: round(v / 1e3, 1) for op, v in per_token.items()}}  # fmt: skip
     if args.measure:
         figures["measured"] = measure(args.batch, args.prompt_len, args.layers, args.width, args.repeats)
     return figures
