@@ -694,7 +694,8 @@ def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtyp
 @torch.inference_mode()
 def profile_kernels(model, kinds, batch, prompt_len, image_size, device, dtype, steps: int) -> dict[str, Any]:
     """Where the time goes: the top kernels of one prefill (image encoding included) and of ``steps`` eager
-    decode steps per attention kind, from torch.profiler (device time on CUDA, CPU time on CPU)."""
+    decode steps per attention kind, and both with ``compile_layers``, from torch.profiler (device time on CUDA,
+    CPU time on CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -702,9 +703,11 @@ def profile_kernels(model, kinds, batch, prompt_len, image_size, device, dtype, 
     ids, mask, px = make_inputs(model, batch, prompt_len, image_size, device, dtype, seed=2)
     eos = [model.eoc_token_id, 2]
     out: dict[str, Any] = {"batch": batch, "steps": steps, "clock": "device" if cuda else "cpu"}
-    for kind in kinds:
+    # each attention kind, then sdpa with the layers compiled (what fusing leaves of the norms, rotations, ...)
+    for kind, compiled in [*((kind, False) for kind in kinds), ("sdpa", True)]:
+        suffix = "_compiled" if compiled else ""
         # eager (no graphs) so the profiler sees each kernel; kernel times are those a graph replays
-        decoder = FastFlamingoDecoder(model, cuda_graphs=False, attention=kind)
+        decoder = FastFlamingoDecoder(model, cuda_graphs=False, attention=kind, compile_layers=compiled)
         try:
             run_fast(decoder, model, ids, mask, px, 2)  # compile / allocate outside the profile
             with profile(activities=[activity]) as prefill:
@@ -718,30 +721,12 @@ def profile_kernels(model, kinds, batch, prompt_len, image_size, device, dtype, 
                     decoder._run_step(sess)
                     sess.slot_host += 1
                 sync(device)
-            if "prefill" not in out:
-                out["prefill"] = top_kernels(prefill, cuda, 1)
-            out[f"decode_step_{kind}"] = top_kernels(decode, cuda, steps)
+            if "prefill" + suffix not in out:
+                out["prefill" + suffix] = top_kernels(prefill, cuda, 1)
+            out[f"decode_step_{kind}{suffix}"] = top_kernels(decode, cuda, steps)
         finally:
             decoder.reset()
             del decoder
-    # once more with the layers compiled: what fusing left of the norms, rotations and activations
-    decoder = FastFlamingoDecoder(model, cuda_graphs=False, compile_layers=True)
-    try:
-        run_fast(decoder, model, ids, mask, px, 2)  # compiles outside the profile
-        with profile(activities=[activity]) as prefill:
-            media = encode_images(model, px)[:, None]
-            sess = decoder._start(ids, mask, media, steps + 1, steps + 1, eos, 0)
-            sync(device)
-        with profile(activities=[activity]) as decode:
-            sess.slot_host = ids.shape[1]
-            for _ in range(steps):
-                decoder._run_step(sess)
-                sess.slot_host += 1
-            sync(device)
-        out["prefill_compiled"] = top_kernels(prefill, cuda, 1)
-        out["decode_step_sdpa_compiled"] = top_kernels(decode, cuda, steps)
-    finally:
-        decoder.reset()
     for name, table in out.items():
         if isinstance(table, dict):
             log(f"profile {name}: {table['total_ms']} ms")
