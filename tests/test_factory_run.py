@@ -67,6 +67,24 @@ def test_overrides_apply_before_validation_and_bad_values_fail_with_the_key():
     assert result.exit_code == 2 and "rewrite.preset" in result.output
 
 
+def test_a_misspelt_key_names_the_key_it_meant_and_the_known_ones():
+    from polite.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config({"rewrit": {}, "rewrite": {"batch_size": 8}, "ingest": {"sources": [{"adapter": "demo", "limt": 3}]},
+                      "filters": {"semantic": {"treshold": 0.5}}})  # fmt: skip
+    message = str(info.value)
+    assert "  - rewrit: unknown key; did you mean 'rewrite'? (known here: distort, export," in message
+    assert "  - rewrite.batch_size: unknown key; did you mean 'max_batch_size'?" in message
+    assert (
+        "  - ingest.sources.0.limt: unknown key; did you mean 'limit'? (known here: adapter, config_name, from,"
+        in message
+    )
+    assert "  - filters.semantic.treshold: unknown key; did you mean 'threshold'?" in message
+    result = CliRunner().invoke(app, ["run", "--set", "rewrite.zzz=1", "--dry-run"])
+    assert result.exit_code == 2 and "rewrite.zzz: unknown key (known here: backend," in result.output
+
+
 @pytest.mark.slow
 def test_factory_runs_every_stage_as_subflows_and_a_rerun_skips_finished_work(tmp_path, prefect_harness):
     """Tiny random rewriter given (training is the demo's and train's own tests' job); 8 demo scenes."""

@@ -23,7 +23,7 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(
-                f"--set {pair!r}: write it as section.key=value, e.g. --set rewrite.batch_size=8"
+                f"--set {pair!r}: write it as section.key=value, e.g. --set rewrite.max_batch_size=8"
             )
         dotted, raw = pair.split("=", 1)
         keys = dotted.strip().split(".")
@@ -205,7 +205,7 @@ def register(app: typer.Typer) -> None:
 
         Re-running with the same config resumes: finished work is skipped.
 
-        Examples: polite run | polite run --config configs/pf1m.yaml --dry-run | polite run --set rewrite.batch_size=8
+        Examples: polite run | polite run --config configs/pf1m.yaml --dry-run | polite run --set rewrite.max_batch_size=8
         """
         quiet_library_warnings()
         cfg = read_config(config, set_ or [], limit, runner, ray_address)

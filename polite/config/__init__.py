@@ -6,7 +6,9 @@ TOML; ``load_config`` turns pydantic's errors into one message per problem that 
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +56,40 @@ class FactoryConfig(BaseModel):
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
 
 
+def _settings_class(annotation: Any) -> type[BaseModel] | None:
+    """The settings model inside a field's annotation (``X``, ``X | None``, ``list[X]``, ``dict[str, X]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _settings_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def known_keys(loc: tuple) -> list[str]:
+    """The keys the settings model at ``loc`` (a pydantic error location, ending in the offending key) takes."""
+    model: type[BaseModel] | None = FactoryConfig
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue  # a list index: the same model as the list's items
+        fields = {f.alias or name: f for name, f in model.model_fields.items()}
+        model = _settings_class(fields[part].annotation) if part in fields else None
+    return sorted(f.alias or name for name, f in model.model_fields.items()) if model is not None else []
+
+
 def format_validation_error(exc: ValidationError, origin: str) -> str:
     lines = [f"invalid config {origin}:"]
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  - {where}: {err['msg']}")
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            keys = known_keys(tuple(err["loc"]))
+            close = difflib.get_close_matches(str(err["loc"][-1]), keys, n=1, cutoff=0.5)
+            message = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "")
+            if keys:
+                message += f" (known here: {', '.join(keys)})"
+        lines.append(f"  - {where}: {message}")
     return "\n".join(lines)
 
 
@@ -82,5 +113,7 @@ def load_config(path: str | Path | None) -> FactoryConfig:
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path} does not parse: {exc}") from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping at the top level, got {type(data).__name__}"
+        )
     return parse_config(data, origin=str(path))
