@@ -17,6 +17,8 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+  # Triton builds its launcher with a C compiler at first use: without one, compiled variants run eagerly
+  (command -v gcc || command -v cc) >/dev/null && gcc --version 2>/dev/null | head -n 1 || echo "no C compiler: torch.compile will fall back"
 } 2>&1 | tee "$OUT/env.txt"
 
 run() {  # name, seconds, command...
