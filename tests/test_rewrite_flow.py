@@ -3,6 +3,7 @@ rerun --where (through the CLI), and a SIGKILL in the middle of a multi-shard ru
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -62,7 +63,9 @@ def test_poisoned_sample_fails_alone_and_retry_failed_redoes_only_it(prefect_har
     assert again["selected"] == 0  # resume is a query: nothing left, and a failure is not retried by default
 
     Path(stored.path).write_bytes(good_bytes)  # the image is fixed
-    retried = rewrite_flow(config=_config(shard_size=3), workspace=workspace.root, retry_failed=True)
+    # the retry runs with the layers compiled: a runtime option, so the same key (model, prompt, settings)
+    retried = rewrite_flow(config=_config(shard_size=3, compile_layers=True), workspace=workspace.root,
+                           retry_failed=True)  # fmt: skip
     assert (retried["mode"], retried["selected"], retried["ok"], retried["failed"]) == (
         "retry-failed",
         1,
@@ -73,6 +76,8 @@ def test_poisoned_sample_fails_alone_and_retry_failed_redoes_only_it(prefect_har
     assert len(after) == len(rows) + 1
     new = [r for r in after if r["sample_id"] == "s_poison" and r["attempt"] == 2]
     assert new and new[0]["status"] == "ok" and new[0]["reason"] == "retry-failed"
+    assert json.loads(new[0]["settings"])["runtime"]["compile_layers"] is True
+    assert json.loads(rows[0]["settings"])["runtime"]["compile_layers"] is False
     untouched = {r["rewrite_id"]: r for r in rows}
     for r in after:
         if r["rewrite_id"] in untouched:
