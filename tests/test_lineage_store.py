@@ -207,3 +207,19 @@ def test_check_predicate_names_the_option_and_what_was_meant(workspace, tmp_path
         with pytest.raises(PredicateError, match="train.pairs_where"):
             store.check_predicate(bad, "samples s", "train.pairs_where")
     assert len(store.query("SELECT * FROM samples")) == 3
+
+
+def test_the_workspace_option_also_goes_before_the_command(workspace, tmp_path, monkeypatch):
+    """`polite -w DIR sql ...` reads DIR, as `polite sql ... -w DIR` does."""
+    from typer.testing import CliRunner
+
+    from polite.cli import app
+
+    LineageStore(workspace.db_path).migrate()
+    monkeypatch.setenv("POLITE_WORKSPACE", str(tmp_path / "elsewhere"))  # restored after the test
+    before = CliRunner().invoke(app, ["-w", str(workspace.root), "sql", "SELECT count(*) AS n FROM samples"])
+    after = CliRunner().invoke(app, ["sql", "SELECT count(*) AS n FROM samples", "-w", str(workspace.root)])
+    assert before.exit_code == after.exit_code == 0, before.output
+    assert before.output == after.output and "0" in before.output
+    missing = CliRunner().invoke(app, ["-w", str(tmp_path / "nowhere"), "sql", "SELECT 1"])
+    assert missing.exit_code != 0 and "nowhere" in missing.output
