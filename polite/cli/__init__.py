@@ -18,11 +18,13 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _everywhere(
     workspace: str | None = typer.Option(
-        None, "--workspace", "-w", help="Workspace for the command that follows (same as its own --workspace)."
+        None,
+        "--workspace",
+        "-w",
+        help="Workspace for the command that follows (same as its own --workspace).",
     ),
 ) -> None:
     """Let `polite -w DIR COMMAND` work as `polite COMMAND -w DIR` does: commands read POLITE_WORKSPACE."""
