@@ -13,6 +13,8 @@ whatever the batch) and recomputes the cross-attention keys/values from the imag
   batching) and every step is still the same captured graph;
 * the step's self-attention is SDPA over one masked span, or FlexAttention over each row's own cache blocks
   (models/flex_decode.py);
+* optionally (``compile_layers``) each layer's work around its attention compiled by ``torch.compile``, one graph
+  for all layers, so the elementwise ops between the matrix products fuse;
 * beam search and sampling (``search``): the same graph-captured steps produce logits, and a search with
   Hugging Face's semantics (models/search.py) picks the tokens and the rows each beam continues from.
 
