@@ -6,6 +6,7 @@
 #          command is in BENCHMARKS.md, "Next device session")
 #   run:   bash bench/gpu_all.sh              # the rewrite benchmark: paths, attention variants, profile, checks
 #          LEVERS=1 ALL=1 bash bench/gpu_all.sh   # also session 1's per-lever runs, gpu_model and gpu_filters
+#          REWRITE_ARGS="--attention sdpa:16,sdpa:16:compiled" bash bench/gpu_all.sh   # a shorter variant list
 set -uo pipefail
 OUT=${OUT:-bench/out/gpu}
 mkdir -p "$OUT"
@@ -32,7 +33,8 @@ run() {  # name, seconds, command...
 }
 levers=--no-levers
 [ "${LEVERS:-0}" = 1 ] && levers=
-run gpu_rewrite "${REWRITE_S:-540}" python3 bench/gpu_rewrite.py $levers --out "$OUT/gpu_rewrite.json"
+# REWRITE_ARGS: more gpu_rewrite.py options, e.g. REWRITE_ARGS="--batches 256,512,768" on a 141 GB card
+run gpu_rewrite "${REWRITE_S:-540}" python3 bench/gpu_rewrite.py $levers ${REWRITE_ARGS:-} --out "$OUT/gpu_rewrite.json"
 if [ "${ALL:-0}" = 1 ]; then
   run gpu_model "${MODEL_S:-150}" python3 bench/gpu_model.py --out "$OUT/gpu_model.json"
   run gpu_filters "${FILTERS_S:-110}" python3 bench/gpu_filters.py --out "$OUT/gpu_filters.json"
