@@ -28,6 +28,8 @@ class DeploymentSpec:
     parameters: dict[str, Any] = field(default_factory=dict)
     schedules: list[dict[str, Any]] = field(default_factory=list)
     work_pool: dict[str, Any] = field(default_factory=dict)
+    # flow runs of this deployment at once: an int, or {limit, collision_strategy: ENQUEUE | CANCEL_NEW}
+    concurrency_limit: int | dict[str, Any] | None = None
 
     @property
     def file(self) -> str:
@@ -61,6 +63,22 @@ class DeploymentSpec:
                 cron=entry["cron"], timezone=entry.get("timezone", "UTC")
             )  # validates the expression
         return out
+
+    def prefect_concurrency(self):
+        """``concurrency_limit`` as Prefect takes it (None: unlimited); a bad value names the deployment."""
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig
+        from pydantic import ValidationError
+
+        limit = self.concurrency_limit
+        if limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1):
+            return limit
+        try:
+            return ConcurrencyLimitConfig.model_validate(limit)
+        except ValidationError as exc:
+            raise ValueError(
+                f"deployment {self.name}: concurrency_limit must be a positive int or "
+                f"{{limit: N, collision_strategy: ENQUEUE | CANCEL_NEW}}, got {limit!r} ({exc.errors()[0]['msg']})"
+            ) from None
 
 
 def load_specs(path: str | Path = DEFAULT_FILE, only: list[str] | None = None) -> list[DeploymentSpec]:
@@ -102,6 +120,7 @@ def serve_all(specs: list[DeploymentSpec], root: Path = PROJECT_DIR, limit: int 
             tags=spec.tags,
             parameters=spec.parameters,
             schedules=spec.prefect_schedules(),
+            concurrency_limit=spec.prefect_concurrency(),
         )
         for spec in specs
     ]
@@ -144,6 +163,7 @@ def deploy_all(
             tags=spec.tags,
             parameters=spec.parameters,
             schedules=spec.prefect_schedules(),
+            concurrency_limit=spec.prefect_concurrency(),
             print_next_steps=False,
             ignore_warnings=True,
         )

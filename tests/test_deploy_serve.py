@@ -45,6 +45,25 @@ def test_every_deployment_names_a_flow_file_and_valid_schedules():
         load_specs(DEFAULT_FILE, only=["nope"])
 
 
+def test_scheduled_runs_do_not_pile_up_and_triggered_rewrites_queue():
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    from deployments.apply import DeploymentSpec
+
+    specs = {s.name: s for s in load_specs(DEFAULT_FILE)}
+    for name in ("nightly", "rewrite-retry-failed", "weekly-export"):  # scheduled: skip a run while one is going
+        config = specs[name].prefect_concurrency()
+        assert (config.limit, config.collision_strategy) == (1, ConcurrencyLimitStrategy.CANCEL_NEW), name
+    for name in ("factory", "rewrite"):  # triggered by hand: wait for the running one
+        config = specs[name].prefect_concurrency()
+        assert (config.limit, config.collision_strategy) == (1, ConcurrencyLimitStrategy.ENQUEUE), name
+    assert specs["export"].prefect_concurrency() is None
+    assert DeploymentSpec(name="x", entrypoint="flows/x.py:f", concurrency_limit=2).prefect_concurrency() == 2
+    for bad in (0, True, {"limit": 1, "collision_strategy": "SKIP"}, "one"):
+        with pytest.raises(ValueError, match="deployment x: concurrency_limit must be"):
+            DeploymentSpec(name="x", entrypoint="flows/x.py:f", concurrency_limit=bad).prefect_concurrency()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,6 +192,8 @@ def test_serve_runs_a_triggered_export_and_deploy_registers_schedules(tmp_path):
         assert nightly["work_pool_name"] == "polite-process"
         assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         assert nightly["parameters"] == {"config": "configs/nightly.yaml"}
+        assert nightly["global_concurrency_limit"]["limit"] == 1  # the server keeps the limit there
+        assert nightly["concurrency_options"]["collision_strategy"] == "CANCEL_NEW"
     finally:
         if serving is not None:
             _stop(serving)
