@@ -26,6 +26,7 @@ from lineage.store import LineageStore
 from models.prompts import PROMPT_VERSION
 from polite.config import ConfigError, parse_config
 from polite.ids import settings_hash, stable_hash, stable_hashes
+from polite.locks import exclusive
 from polite.shards import chunked, exists, read_table, write_table_atomic
 from polite.workspace import Workspace
 from tasks.rewrite import RESULT_SCHEMA, WORK_SCHEMA, rewrite_shard_task
@@ -282,6 +283,13 @@ def recover_results(store: LineageStore, results_dir: str, run_id: str, key: dic
     return len(orphans)
 
 
+def rewrite_lock(ws: Workspace, key: dict):
+    """Held by a rewrite flow while it works on ``key``: a second flow with the same key would redo the same
+    shards, and its attempt numbers would race (polite/locks.py). Other keys run side by side."""
+    busy = f"a rewrite with model {key['model_id']}, prompt {key['prompt_version']}, settings {key['settings_hash']}"
+    return exclusive(ws.db_path, f"rewrite-{stable_hash('rewrite-lock', key)}", busy)
+
+
 # -- the flow -----------------------------------------------------------------------------------------------
 @flow(name="rewrite")
 def rewrite_flow(
@@ -327,54 +335,55 @@ def rewrite_flow(
     results_dir = f"{base}/results/{model_id}/{PROMPT_VERSION}-{key['settings_hash']}"
     log = logger()
 
-    # an interrupted retry/rerun resumes the work it chose; "first" work is its own resume query
-    request_key = stable_hash("rewrite-request", mode, where, key)
-    manifest = _pending_manifest(store, request_key) if mode != "first" else None
-    recovered = recover_results(store, results_dir, run_id="recovered", key=key)
-    if manifest:
-        work = _not_done(store, read_table(manifest).cast(WORK_SCHEMA))
-        log.info("resuming an interrupted %s: %d samples left of %s", mode, work.num_rows, manifest)
-    else:
-        work = select_work(store, rs, key, mode, where, limit)
-        if mode != "first" and work.num_rows:
-            manifest = f"{base}/manifests/{stable_hash('manifest', request_key, work.column('rewrite_id').to_pylist())}.parquet"
-            if not exists(manifest):
-                write_table_atomic(work, manifest)
+    with rewrite_lock(ws, key):
+        # an interrupted retry/rerun resumes the work it chose; "first" work is its own resume query
+        request_key = stable_hash("rewrite-request", mode, where, key)
+        manifest = _pending_manifest(store, request_key) if mode != "first" else None
+        recovered = recover_results(store, results_dir, run_id="recovered", key=key)
+        if manifest:
+            work = _not_done(store, read_table(manifest).cast(WORK_SCHEMA))
+            log.info("resuming an interrupted %s: %d samples left of %s", mode, work.num_rows, manifest)
+        else:
+            work = select_work(store, rs, key, mode, where, limit)
+            if mode != "first" and work.num_rows:
+                manifest = f"{base}/manifests/{stable_hash('manifest', request_key, work.column('rewrite_id').to_pylist())}.parquet"
+                if not exists(manifest):
+                    write_table_atomic(work, manifest)
 
-    request = {"mode": mode, "where": where, "limit": limit, "key": request_key, "manifest": manifest, **key,
-               "model_path": model_path, "settings": settings}  # fmt: skip
-    with stage_run("rewrite", {**cfg.model_dump(mode="json"), "request": request}, ws, parent_run_id) as run:
-        run.summary.update(
-            mode=mode, selected=work.num_rows, recovered_files=recovered, model_registered=registered, **key
-        )
-        common = {"model_path": model_path, "model_id": model_id, "prompt_version": PROMPT_VERSION,
-                  "settings": settings, "settings_hash": key["settings_hash"], "run_id": run.run_id,
-                  **{k: getattr(rs, k) for k in RUNTIME_KEYS}}  # fmt: skip
-        jobs = cut_shards(work, rs.shard_size, base, results_dir, common)
-        run.summary["shards"] = len(jobs)
-
-        def ingest(result: dict) -> None:
-            ingest_result(store, result["path"], run.run_id, key)
-            run.count("reused_shards", int(bool(result.get("reused"))))
-            for name in ("output_tokens", "generate_s", "load_wait_s", "splits", "oom_splits"):
-                if name in result:
-                    run.count(name, result[name])
-
-        log.info("rewrite (%s): %d samples in %d shards with %s", mode, work.num_rows, len(jobs), model_id)
-        map_shards(rewrite_shard_task, jobs, ingest, description=f"rewrite ({mode})")
-        with store.reader() as con:
-            con.register("_work", work.select(["rewrite_id"]))
-            counts = dict(
-                con.execute(
-                    "SELECT status, count(*) FROM rewrites WHERE rewrite_id IN (SELECT rewrite_id FROM _work) GROUP BY 1"
-                ).fetchall()
+        request = {"mode": mode, "where": where, "limit": limit, "key": request_key, "manifest": manifest, **key,
+                   "model_path": model_path, "settings": settings}  # fmt: skip
+        with stage_run("rewrite", {**cfg.model_dump(mode="json"), "request": request}, ws, parent_run_id) as run:
+            run.summary.update(
+                mode=mode, selected=work.num_rows, recovered_files=recovered, model_registered=registered, **key
             )
-        run.summary["ok"] = int(counts.get("ok", 0))
-        run.summary["failed"] = int(counts.get("failed", 0))
-        if run.summary.get("generate_s"):
-            run.summary["tokens_per_s"] = round(
-                run.summary.get("output_tokens", 0) / run.summary["generate_s"], 1
-            )
+            common = {"model_path": model_path, "model_id": model_id, "prompt_version": PROMPT_VERSION,
+                      "settings": settings, "settings_hash": key["settings_hash"], "run_id": run.run_id,
+                      **{k: getattr(rs, k) for k in RUNTIME_KEYS}}  # fmt: skip
+            jobs = cut_shards(work, rs.shard_size, base, results_dir, common)
+            run.summary["shards"] = len(jobs)
+
+            def ingest(result: dict) -> None:
+                ingest_result(store, result["path"], run.run_id, key)
+                run.count("reused_shards", int(bool(result.get("reused"))))
+                for name in ("output_tokens", "generate_s", "load_wait_s", "splits", "oom_splits"):
+                    if name in result:
+                        run.count(name, result[name])
+
+            log.info("rewrite (%s): %d samples in %d shards with %s", mode, work.num_rows, len(jobs), model_id)
+            map_shards(rewrite_shard_task, jobs, ingest, description=f"rewrite ({mode})")
+            with store.reader() as con:
+                con.register("_work", work.select(["rewrite_id"]))
+                counts = dict(
+                    con.execute(
+                        "SELECT status, count(*) FROM rewrites WHERE rewrite_id IN (SELECT rewrite_id FROM _work) GROUP BY 1"
+                    ).fetchall()
+                )
+            run.summary["ok"] = int(counts.get("ok", 0))
+            run.summary["failed"] = int(counts.get("failed", 0))
+            if run.summary.get("generate_s"):
+                run.summary["tokens_per_s"] = round(
+                    run.summary.get("output_tokens", 0) / run.summary["generate_s"], 1
+                )
     summary = dict(run.summary, run_id=run.run_id, workspace=ws.root)
     log.info("rewrite finished: %s", {k: summary.get(k) for k in ("selected", "ok", "failed", "shards")})
     return summary

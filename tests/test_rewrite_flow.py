@@ -268,6 +268,39 @@ def test_sigkill_mid_run_resumes_without_losing_or_duplicating(prefect_harness, 
     assert _rows(killed, outputs) == _rows(clean, outputs)
 
 
+def test_a_second_flow_on_the_same_key_stops_before_any_work(prefect_harness, workspace, model_path):
+    """Another process rewriting the same samples with the same model and settings holds the key's lock: this
+    flow stops at once, naming it, and creates no run. The OS drops the lock when the holder dies (kill -9)."""
+    from flows.rewrite import rewrite_flow
+    from models.generation import resolve_generation
+    from models.prompts import PROMPT_VERSION
+    from polite.ids import settings_hash
+    from polite.locks import WorkspaceBusy
+
+    make_samples(workspace, n=4)
+    model_id = register_model(workspace, model_path)
+    settings = resolve_generation("greedy", {"max_new_tokens": 12})
+    key = {"model_id": model_id, "prompt_version": PROMPT_VERSION, "settings_hash": settings_hash(settings)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from flows.rewrite import rewrite_lock; "
+         "from polite.workspace import Workspace; lock = rewrite_lock(Workspace.resolve(sys.argv[1]), "
+         f"{key!r}); lock.__enter__(); print('held', flush=True); time.sleep(120)", workspace.root],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkspaceBusy, match=rf"already running in this workspace \(pid {holder.pid} on "):
+            rewrite_flow(config=_config(), workspace=workspace.root)
+        assert _rows(workspace, "SELECT count(*) AS n FROM runs WHERE flow = 'rewrite'") == [{"n": 0}]
+        other = rewrite_flow(config=_config(overrides={"max_new_tokens": 8}), workspace=workspace.root)
+        assert other["ok"] == other["selected"] > 0  # another key (settings) is not held up
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    done = rewrite_flow(config=_config(), workspace=workspace.root)
+    assert done["ok"] == done["selected"] > 0
+
+
 def test_work_is_ordered_by_image_and_a_resume_keeps_that_order(workspace, model_path):
     """Questions about one image share a shard (the image is decoded and encoded once there); the resume query
     orders what is left the same way, so a resumed run cuts the same shards."""

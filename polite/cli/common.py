@@ -46,10 +46,12 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from lineage.store import LineageLockedError, ReadOnlyQueryError
         from polite.config import ConfigError
+        from polite.locks import WorkspaceBusy
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, ReadOnlyQueryError, LineageLockedError, FileNotFoundError, KeyError, ValueError) as exc:
+        except (ConfigError, ReadOnlyQueryError, LineageLockedError, WorkspaceBusy, FileNotFoundError, KeyError,
+                ValueError) as exc:  # fmt: skip
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             sys.exit(2)

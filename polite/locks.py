@@ -1,0 +1,54 @@
+"""Exclusive locks beside a workspace's lineage database, for work that two flows at once would do twice.
+
+Two rewrite flows over the same samples, model and settings would never write a sample twice (ids are equal), but
+both would spend the GPUs on the same shards, and their attempt numbers would race. So a rewrite flow holds a lock
+named after its key for as long as it runs, and a second one stops before any work with who holds it.
+
+The lock is an OS file lock (``filelock``), which the OS drops when its holder dies, ``kill -9`` included: a
+crash never leaves a stale lock. It sits next to the DuckDB file, which is always local (polite/workspace.py),
+because only the flow process, which writes that file, takes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another process holds the lock; the message says which and since when."""
+
+
+@contextmanager
+def exclusive(db_path: Path, name: str, what: str) -> Iterator[None]:
+    """Hold the lock ``name`` of the workspace whose lineage is ``db_path`` while the block runs; raise
+    ``WorkspaceBusy`` at once if another process holds it. ``what`` names the work in that message."""
+    folder = Path(db_path).parent / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / f"{name}.lock", timeout=0)
+    holder = folder / f"{name}.holder"  # beside the lock: opening a lock file may truncate it
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            info = json.loads(holder.read_text())
+            who = f"pid {info['pid']} on {info['host']} since {info['since']}"
+        except (OSError, ValueError, KeyError):
+            who = "another process"
+        raise WorkspaceBusy(
+            f"{what} is already running in this workspace ({who}); wait for it to finish or stop it. "
+            "Resuming afterwards picks up whatever it leaves."
+        ) from None
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+        yield
+    finally:
+        lock.release()
