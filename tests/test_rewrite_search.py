@@ -168,3 +168,13 @@ def test_cuda_graph_search_gives_generates_tokens_in_fp32(images):  # noqa: F811
         plain = RewriteGenerator(gpu, settings, backend="plain")
         batch = _batch(fast, images)
         assert _run(fast, batch) == _run(plain, batch)
+
+
+def test_compiled_layers_give_the_same_beams(ending, images):  # noqa: F811
+    """The paper preset's sampled beams through the compiled layer halves: the tokens of the eager decoder."""
+    settings = resolve_generation("paper", {"max_new_tokens": 24})
+    eager = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False)
+    compiled = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, compile_layers=True)
+    batch = _batch(eager, images)
+    assert _run(compiled, batch) == _run(eager, batch)
+    assert compiled.decoder.compile_layers and compiled.decoder.compile_error is None

@@ -158,3 +158,16 @@ def test_static_batches_shrink_as_rows_finish(loaded, images, attention, buckete
     assert poisoned.nan.nonzero().flatten().tolist() == [5] and decoder.shrinks == shrinks
     keep = [r for r in range(len(items)) if r != 5]
     assert torch.equal(poisoned.tokens[keep], out.tokens[keep])
+
+
+def test_compiled_layers_stream_the_eager_tokens(loaded, images):  # noqa: F811
+    """Rows joining a running batch (a prefill of one or a few rows into the ring) through the compiled layer
+    halves get the tokens an eager decoder gives each alone."""
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 17}), backend="plain")
+    items = _items(gen, images, 12)
+    eager = FastFlamingoDecoder(loaded.model, cuda_graphs=False, kv_block=16)
+    expected = {k: _alone(eager, gen, p, new) for k, (p, new) in enumerate(items)}
+    compiled = FastFlamingoDecoder(loaded.model, cuda_graphs=False, kv_block=16, compile_layers=True)
+    got, fetched, nans = _stream_all(compiled, gen, items, rows=3)
+    assert got == expected and not nans and compiled.compile_error is None
+    assert min(fetched[:-1]) < 3  # partial refills: prefills of fewer rows than the batch
