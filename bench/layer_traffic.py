@@ -1,8 +1,8 @@
 """Memory traffic of the decoder layers outside the matrix products, 9B shape (bf16): prefill and decode step.
 
 Runs the fast decoder's own layer halves (``attention_inputs``, SDPA, ``layer_output``; fused q/k/v and gate/up
-products, as on CUDA) on the meta device, so nothing is computed and any machine answers at once, and adds up the bytes each op reads and writes.
-Matrix products and attention are compute work a kernel cannot avoid; everything else (the RMS norms in fp32,
+products, as on CUDA) on the meta device, so nothing is computed and any machine answers at once, and adds up the
+bytes each op reads and writes. Matrix products and attention are compute work a kernel cannot avoid; everything else (the RMS norms in fp32,
 the rotations, SiLU x up, residual adds) moves activations through memory once per op in eager mode, which
 is what ``compile_layers`` fuses. Prints bytes per token and layer by op, and what they cost a batch at a
 given memory bandwidth. ``--measure`` also times the fast decoder's prefill and decode steps eager and with

@@ -257,8 +257,9 @@ def test_compiled_layers_match_eager_with_graphs_shared_by_every_layer(loaded, i
         ids, mask, media = gen._collate(rows)
         args = (ids, mask, media, 10, gen.eos_ids, 0)
         assert torch.equal(compiled.generate(*args).tokens, eager.generate(*args).tokens)
-        torch.testing.assert_close(compiled.score(ids, mask, media, continuation[: len(rows)]),
-                                   eager.score(ids, mask, media, continuation[: len(rows)]), rtol=1e-5, atol=1e-5)  # fmt: skip
+        forced = continuation[: len(rows)]
+        torch.testing.assert_close(compiled.score(ids, mask, media, forced), eager.score(ids, mask, media, forced),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
     assert compiled.compile_error is None
     # one graph per half-layer for prompts, one for single-token steps (dynamo specialises length 1): not 4 x 4
     assert len(compiled.layers) == 4 and counters["stats"]["unique_graphs"] - graphs == 4
