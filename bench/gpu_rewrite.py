@@ -127,8 +127,7 @@ def count_prefill_flops(results, model, decoder, prompt_len: int, image_size: in
     """FLOPs of one sample's prefill (vision tower, perceiver, prompt through the LM, first token), in total and
     for the vision tower and perceiver alone: the work the prefill figures are divided by."""
     ids, mask, pixels = make_inputs(model, 1, prompt_len, image_size, device, dtype, seed=3)
-    with torch.inference_mode():
-        vision = count_flops(encode_images, model, pixels)
+    vision = count_flops(encode_images, model, pixels)  # encode_images runs under inference_mode itself
     total = count_flops(run_fast, decoder, model, ids, mask, pixels, 1)
     results["prefill_tflop_per_sample"] = round(total / 1e12, 6)
     results["prefill_tflop_vision_per_sample"] = round(vision / 1e12, 6)
@@ -244,8 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = getattr(torch, args.dtype) if args.dtype else dtype
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tiny = args.tiny
     prompt_len = args.prompt_len or (24 if tiny else 128)
     new = args.new_tokens or (12 if tiny else 128)

@@ -215,6 +215,7 @@ class FastFlamingoDecoder:
         cfg = lm.config
         self.n_heads = int(cfg.num_attention_heads)
         self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.gqa = self.n_kv != self.n_heads  # grouped-query attention: fewer key/value heads than query heads
         self.head_dim = int(getattr(attn0, "head_dim", cfg.hidden_size // self.n_heads))
         self.scaling = float(getattr(attn0, "scaling", self.head_dim**-0.5))
         self.vocab = int(self.lm_head.weight.shape[0])
@@ -306,15 +307,14 @@ class FastFlamingoDecoder:
         b = x.shape[0]
         q, k, v = self._layer_part("attention_inputs", dl, x, cos, sin, self._qkv.get(i), self.head_dim)
         kc, vc = sess.k[i], sess.v[i]
-        gqa = self.n_kv != self.n_heads
         kc.index_copy_(2, write_at, k)
         vc.index_copy_(2, write_at, v)
         if self._flex_attention is not None:
             out = self._flex_attention(q, kc[:b], vc[:b], block_mask=sess.flex.block_mask, scale=self.scaling,
-                                       enable_gqa=gqa)  # fmt: skip
+                                       enable_gqa=self.gqa)  # fmt: skip
         else:
             out = F.scaled_dot_product_attention(q, kc[:b, :, :keys], vc[:b, :, :keys], attn_mask=mask,
-                                                 scale=self.scaling, enable_gqa=gqa)  # fmt: skip
+                                                 scale=self.scaling, enable_gqa=self.gqa)  # fmt: skip
         return self._layer_part("layer_output", dl, x, out, self._gate_up.get(i))
 
     @staticmethod
@@ -440,7 +440,7 @@ class FastFlamingoDecoder:
             dl = layer.decoder_layer
             q, k, v = self._layer_part("attention_inputs", dl, x, cos, sin, self._qkv.get(i), self.head_dim)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=self.scaling,
-                                                 enable_gqa=self.n_kv != self.n_heads)  # fmt: skip
+                                                 enable_gqa=self.gqa)  # fmt: skip
             x = self._layer_part("layer_output", dl, x, out, self._gate_up.get(i))
             kc, vc = sess.k[i], sess.v[i]
             if rows is None:  # a batch's first prefill: rows [:b], positions [:n]
