@@ -32,7 +32,8 @@ from polite.workspace import Workspace
 from tasks.rewrite import RESULT_SCHEMA, WORK_SCHEMA, rewrite_shard_task
 
 RUNTIME_KEYS = ("backend", "device", "dtype", "cuda_graphs", "decode_attention", "kv_block", "shrink_batches",
-                "compile_layers", "scheduling", "token_budget", "max_batch_size", "max_prompt_tokens", "prefetch_images")  # fmt: skip
+                "compile_layers", "cache_new_tokens", "scheduling", "token_budget", "max_batch_size",
+                "max_prompt_tokens", "prefetch_images")  # fmt: skip
 
 
 # -- which model --------------------------------------------------------------------------------------------

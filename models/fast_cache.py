@@ -113,6 +113,12 @@ class SessionCache:
         """The session size (rows) a batch of ``batch`` rows gets."""
         return batch_bucket(batch) if self.bucket_batches else batch
 
+    def slots_per_row(self, batch: int) -> int:
+        """Cache slots each row of a ``batch``-row session could have in the arena as it is now."""
+        if not self._arena:
+            return 0
+        return self._arena[0].numel() // (self.rows_for(batch) * self.n_kv * self.head_dim)
+
     def get(self, batch: int, prompt_len: int, max_new: int, cache_len: int | None = None) -> Session:
         bsz = self.rows_for(batch)
         cache_len = self.cache_len(prompt_len, max_new, cache_len)

@@ -261,6 +261,7 @@ class FastFlamingoDecoder:
         )
         self.shrink = shrink
         self.shrinks = 0
+        self.grows = 0  # static sessions whose rows moved to a longer cache (``cache_new_tokens``)
 
     # -- tables and buffers ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -484,11 +485,18 @@ class FastFlamingoDecoder:
                 sess.flex = FlexDecodeMask(sess.pad_len, sess.slot, sess.cache_len, self.kv_block)
             sess.flex.start(sess.pad_len)
 
+    @staticmethod
+    def _first_cache_len(prompt_len: int, max_new: int, cache_new: int | None) -> int | None:
+        """A static batch's first cache length: the prompt plus ``cache_new`` new tokens, when that is less
+        than its ``max_new``; None (room for all of them) otherwise."""
+        return prompt_len + cache_new if cache_new is not None and cache_new < max_new else None
+
     def _start(
-        self, input_ids, attention_mask, media, max_new, min_new, eos_token_ids, pad_token_id
+        self, input_ids, attention_mask, media, max_new, min_new, eos_token_ids, pad_token_id, cache_new=None
     ) -> Session:
         b, n = input_ids.shape
-        sess = self._session(b, n, _most(max_new))
+        most = _most(max_new)
+        sess = self._session(b, n, most, cache_len=self._first_cache_len(n, most, cache_new))
         self._reset_state(sess, eos_token_ids, pad_token_id, slot=n)
         sess.full_span = False
         sess.min_new[:b] = torch.as_tensor(min_new, dtype=torch.long, device=self.device)
@@ -556,14 +564,17 @@ class FastFlamingoDecoder:
         pad_token_id: int,
         min_new_tokens: int | Sequence[int] = 0,
         check_every: int = 8,
+        cache_new_tokens: int | None = None,
     ) -> DecodeOutput:
         """Greedy decoding of a left-padded batch; identical tokens to Hugging Face greedy ``generate``.
 
-        The token limits are one for all rows or one per row; the batch runs until every row has finished."""
+        The token limits are one for all rows or one per row; the batch runs until every row has finished.
+        ``cache_new_tokens``: the KV cache first holds the prompt and this many new tokens, and grows when a row
+        that is still decoding reaches its end (``_grown_len``); None: room for ``max_new_tokens`` from the
+        start."""
         b, n = input_ids.shape
-        sess = self._start(
-            input_ids, attention_mask, media, max_new_tokens, min_new_tokens, eos_token_ids, pad_token_id
-        )
+        sess = self._start(input_ids, attention_mask, media, max_new_tokens, min_new_tokens, eos_token_ids,
+                           pad_token_id, cache_new_tokens)  # fmt: skip
         # row i of the session holds original row order[i]; rows dropped by a shrink leave their results here
         order = torch.arange(b, device=self.device)
         tokens = torch.full_like(sess.out[:b], int(pad_token_id))
@@ -571,14 +582,16 @@ class FastFlamingoDecoder:
         steps = 1
         every = 1 if self.device.type == "cpu" else max(1, check_every)
         while steps < _most(max_new_tokens):
-            if steps % every == 0:
+            full = sess.slot_host >= sess.cache_len  # the next key has no slot: grow the cache first
+            if full or steps % every == 0:
                 live = (~sess.finished[: len(order)]).nonzero().flatten()
                 if not len(live):
                     break
-                if self._worth_shrinking(sess, len(live), len(order)):
+                if full or self._worth_shrinking(sess, len(live), len(order)):
                     rows = len(order)
                     tokens[order], nan[order] = sess.out[:rows], sess.nan[:rows]
-                    sess, order = self._shrink(sess, live), order[live]
+                    length = self._grown_len(sess, len(live), n + _most(max_new_tokens)) if full else None
+                    sess, order = self._regroup(sess, live, length), order[live]
             self._run_step(sess)
             sess.slot_host += 1
             steps += 1
@@ -601,29 +614,47 @@ class FastFlamingoDecoder:
         slots would poison it."""
         return self.shrink and self._cache.rows_for(live) * 2 <= sess.bsz and not bool(sess.nan[:rows].any())
 
-    def _shrink(self, sess: Session, keep: torch.Tensor) -> Session:
-        """A session holding only rows ``keep`` of ``sess`` (in that order), with the same cache length. Row r
-        of every session's cache is the same memory, so the kept rows' keys move to the front of the arena;
-        their decoding state is copied, and the rest of the new session's rows are idle (finished)."""
-        new = self._cache.get(len(keep), 1, sess.max_new, cache_len=sess.cache_len)
+    def _grown_len(self, sess: Session, live: int, needed: int) -> int:
+        """The cache length a full static session's ``live`` unfinished rows move to: room for all of
+        ``needed`` (prompt + max new tokens) if the arena holds that for them, else as much as it holds, but at
+        least twice the current length (the arena then grows). Typically most rows have finished by the time the
+        cache is full, so their share of the arena gives the rest a longer cache for free."""
+        fits = self._cache.slots_per_row(live) // self.kv_block * self.kv_block
+        return min(self._cache.cache_len(needed, 0), max(fits, 2 * sess.cache_len))
+
+    def _regroup(self, sess: Session, keep: torch.Tensor, cache_len: int | None = None) -> Session:
+        """A session holding only rows ``keep`` of ``sess`` (in that order), with ``cache_len`` slots per row
+        (None: the same). Static batches only: slots ``[0, slot)`` hold every row's keys.
+
+        Same length (a shrink): row r of both sessions is the same memory, so the kept rows' keys move to the
+        front of the arena. Longer (a growth): the rows' keys are gathered and rewritten at the new layout, and
+        the rest of each row's new cache is zeroed (it overlaps other rows' old keys, a NaN among them would
+        survive masking: 0 * NaN is NaN). Either way the decoding state is copied and the new session's other
+        rows are idle (finished)."""
+        grow = cache_len is not None and cache_len != sess.cache_len
+        new = self._session(len(keep), 1, sess.max_new, cache_len=cache_len or sess.cache_len)
         self._reset_state(new, [], 0, slot=sess.slot_host, select=sess.select)
         new.is_eos.copy_(sess.is_eos)
         new.pad_id.copy_(sess.pad_id)
         new.full_span = sess.full_span
-        # static batches only: positions [0, slot) hold every row's keys
         self._move_rows(sess, new, keep, sess.slot_host)
+        if grow:
+            for cache in (*new.k, *new.v):
+                cache[: len(keep), :, sess.slot_host :].zero_()
+            self.grows += 1
+        else:
+            self.shrinks += 1
         self._ensure_flex(new)
-        self.shrinks += 1
         return new
 
     def _move_rows(self, sess: Session, into: Session, source: torch.Tensor, slots: int) -> None:
-        """Rows ``[:len(source)]`` of ``into`` (which may be ``sess``) take rows ``source`` of ``sess``: their
-        keys in slots ``[0, slots)``, image keys/values and per-row decoding state. Row r of every session's
-        cache is the same memory, so for the cache this is a move within the arena."""
+        """Rows ``[:len(source)]`` of ``into`` (which may be ``sess``, or have another cache length) take rows
+        ``source`` of ``sess``: their keys in slots ``[0, slots)``, image keys/values and per-row decoding state.
+        All sessions view the same arena, so for the cache this is a move within it."""
         m = len(source)
-        for cache in (*sess.k, *sess.v):
-            region = cache[:, :, :slots]
-            region[:m].copy_(region.index_select(0, source))
+        for mine, theirs in zip((*sess.k, *sess.v), (*into.k, *into.v), strict=True):
+            # gathered first: the sessions may view overlapping memory of the arena
+            theirs[:m, :, :slots].copy_(mine[:, :, :slots].index_select(0, source))
         for name in ("tok", "gen_step", "pad_len", "has_media", "finished", "nan", "out", "logits", "min_new",
                      "max_new_row"):  # fmt: skip
             getattr(into, name)[:m] = getattr(sess, name)[source]
@@ -642,14 +673,16 @@ class FastFlamingoDecoder:
 
     @torch.inference_mode()
     def search(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: torch.Tensor,
-               search: TokenSearch) -> DecodeOutput:  # fmt: skip
+               search: TokenSearch, cache_new_tokens: int | None = None) -> DecodeOutput:  # fmt: skip
         """Beam search or sampling (``models.search``) of a left-padded batch: this decoder computes the logits,
         ``search`` picks the tokens. Each sample's prompt is prefilled once and its cache copied to its beams;
-        after each step every beam's generated keys are gathered from the row it continues."""
+        after each step every beam's generated keys are gathered from the row it continues.
+        ``cache_new_tokens``: as in ``generate``."""
         b, n = input_ids.shape
         k = search.width
         rows = b * k
-        sess = self._session(rows, n, search.s.max_new_tokens)
+        max_new = search.s.max_new_tokens
+        sess = self._session(rows, n, max_new, cache_len=self._first_cache_len(n, max_new, cache_new_tokens))
         self._reset_state(sess, [], 0, slot=n, select=False)
         sess.full_span = False
         logits = self._prefill(
@@ -669,9 +702,11 @@ class FastFlamingoDecoder:
         nan = torch.zeros(rows, dtype=torch.bool, device=self.device)
         while not search.step(full):
             live = search.live_samples().repeat_interleave(k)[order].nonzero().flatten()
-            if self._worth_shrinking(sess, len(live), len(order)):
+            full = sess.slot_host >= sess.cache_len  # the next key has no slot: grow the cache first
+            if full or self._worth_shrinking(sess, len(live), len(order)):
                 nan[order] |= sess.nan[: len(order)]
-                sess, order = self._shrink(sess, live), order[live]
+                length = self._grown_len(sess, len(live), n + max_new) if full else None
+                sess, order = self._regroup(sess, live, length), order[live]
                 where = torch.full_like(where, -1)
                 where[order] = torch.arange(len(order), device=self.device)
             current = len(order)

@@ -241,7 +241,11 @@ class RewriteGenerator:
         kv_block: int = 64,
         shrink_batches: bool = True,
         compile_layers: bool = False,
+        cache_new_tokens: int | None = None,
     ):
+        """``cache_new_tokens``: the fast decoder's static batches start with KV-cache room for the prompt and
+        this many new tokens and grow it when a row outlives it (None: room for max_new_tokens from the start);
+        the batch planner budgets ``planned_new_tokens`` per row."""
         from models.fast_decode import FastPathUnsupported
 
         if backend not in ("auto", "fast", "plain"):
@@ -249,6 +253,7 @@ class RewriteGenerator:
         self.loaded = loaded
         self.settings = dict(settings)
         self.max_prompt_tokens = max_prompt_tokens
+        self.cache_new_tokens = cache_new_tokens
         self.tokenizer = loaded.tokenizer
         self.eos_ids = [int(loaded.model.eoc_token_id), EOS_ID]
         self.decoder = None
@@ -279,6 +284,16 @@ class RewriteGenerator:
         self.images_encoded = 0  # vision-tower passes, one per image not found in the latent cache
 
     @property
+    def planned_new_tokens(self) -> int:
+        """New tokens per row that a batch's memory is planned for: the fast decoder's first cache length when
+        its cache grows; ``max_new_tokens`` on the plain path, whose batch keeps every row's cache until the
+        longest row ends."""
+        max_new = int(self.settings["max_new_tokens"])
+        if self.decoder is None or self.cache_new_tokens is None:
+            return max_new
+        return min(max_new, int(self.cache_new_tokens))
+
+    @property
     def can_stream(self) -> bool:
         """Whether ``stream`` (continuous batching) runs these settings."""
         return self.decoder is not None and greedy_on_device(self.settings)
@@ -294,6 +309,7 @@ class RewriteGenerator:
             runtime["decode_attention"] = self.decoder.attention
             runtime["shrink_batches"] = self.decoder.shrink
             runtime["compile_layers"] = self.decoder.compile_layers
+            runtime["cache_new_tokens"] = self.cache_new_tokens
         return runtime
 
     # -- CPU side ----------------------------------------------------------------------------------
@@ -399,7 +415,7 @@ class RewriteGenerator:
             if self.decoder is not None and greedy_on_device(self.settings):
                 out = self.decoder.generate(
                     ids, mask, media, self.settings["max_new_tokens"], self.eos_ids, PAD_ID,
-                    min_new_tokens=self.settings.get("min_new_tokens", 0),
+                    min_new_tokens=self.settings.get("min_new_tokens", 0), cache_new_tokens=self.cache_new_tokens,
                 )  # fmt: skip
                 new, nan_rows = out.tokens.cpu(), set(out.nan.nonzero().flatten().tolist())
             elif self.decoder is not None:
@@ -407,7 +423,7 @@ class RewriteGenerator:
 
                 search = make_search(ids, SearchSettings.from_settings(self.settings), self.eos_ids, PAD_ID,
                                      extra_processors=[guard])  # fmt: skip
-                out = self.decoder.search(ids, mask, media, search)
+                out = self.decoder.search(ids, mask, media, search, cache_new_tokens=self.cache_new_tokens)
                 new, nan_rows = out.tokens.cpu(), set(flags) | set(out.nan.nonzero().flatten().tolist())
             else:
                 from transformers import LogitsProcessorList

@@ -57,7 +57,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
 
     ``job``: work, out (URLs); model_path, model_id; prompt_version; settings (decoding), settings_hash;
     run_id; and the runtime options backend, device, dtype, cuda_graphs, decode_attention, kv_block, shrink_batches,
-    compile_layers, scheduling, token_budget, max_batch_size, max_prompt_tokens, prefetch_images.
+    compile_layers, cache_new_tokens, scheduling, token_budget, max_batch_size, max_prompt_tokens, prefetch_images.
     """
     out = job["out"]
     if exists(out):
@@ -86,6 +86,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         kv_block=int(job.get("kv_block", 64)),
         shrink_batches=bool(job.get("shrink_batches", True)),
         compile_layers=bool(job.get("compile_layers", False)),
+        cache_new_tokens=job.get("cache_new_tokens"),
     )
     # one generation at a time per loaded model: its layers carry per-call state (image conditioning, the fast
     # decoder's caches), and shards in one worker process share the cached model
@@ -100,12 +101,13 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
             early[i] = str(exc)
     todo = sorted(prompt_ids)
     max_new = int(settings["max_new_tokens"])
+    planned_new = gen.planned_new_tokens
 
     def plan(indices: list[int]) -> list[list[int]]:
         """Token-budget batches of these work rows (as row indices)."""
         batches = plan_batches(
             [len(prompt_ids[i]) for i in indices],
-            max_new_tokens=max_new,
+            max_new_tokens=planned_new,
             token_budget=int(job.get("token_budget", 65536)),
             max_batch_size=int(job.get("max_batch_size", 256)),
             width=int(settings.get("num_beams", 1)),

@@ -63,9 +63,10 @@ def test_poisoned_sample_fails_alone_and_retry_failed_redoes_only_it(prefect_har
     assert again["selected"] == 0  # resume is a query: nothing left, and a failure is not retried by default
 
     Path(stored.path).write_bytes(good_bytes)  # the image is fixed
-    # the retry runs with the layers compiled: a runtime option, so the same key (model, prompt, settings)
-    retried = rewrite_flow(config=_config(shard_size=3, compile_layers=True), workspace=workspace.root,
-                           retry_failed=True)  # fmt: skip
+    # the retry runs with the layers compiled and a growing cache: runtime options, so the same key (model,
+    # prompt, settings)
+    retried = rewrite_flow(config=_config(shard_size=3, compile_layers=True, cache_new_tokens=4),
+                           workspace=workspace.root, retry_failed=True)  # fmt: skip
     assert (retried["mode"], retried["selected"], retried["ok"], retried["failed"]) == (
         "retry-failed",
         1,
@@ -78,6 +79,8 @@ def test_poisoned_sample_fails_alone_and_retry_failed_redoes_only_it(prefect_har
     assert new and new[0]["status"] == "ok" and new[0]["reason"] == "retry-failed"
     assert json.loads(new[0]["settings"])["runtime"]["compile_layers"] is True
     assert json.loads(rows[0]["settings"])["runtime"]["compile_layers"] is False
+    assert json.loads(new[0]["settings"])["runtime"]["cache_new_tokens"] == 4
+    assert json.loads(rows[0]["settings"])["runtime"]["cache_new_tokens"] == 256  # the default
     untouched = {r["rewrite_id"]: r for r in rows}
     for r in after:
         if r["rewrite_id"] in untouched:

@@ -77,6 +77,19 @@ def test_fast_search_gives_generates_tokens(ending, images, preset, overrides): 
     assert all(n >= overrides.get("min_new_tokens", 0) for n in lengths)
 
 
+@pytest.mark.parametrize("preset", ["beam", "paper"])
+def test_search_grows_its_cache_and_keeps_generates_tokens(ending, images, preset):  # noqa: F811
+    """Beams whose cache first holds 2 new tokens move to longer caches as they outlive it (beam reordering,
+    sampling and ended hypotheses across the moves): still Hugging Face's tokens."""
+    settings = resolve_generation(preset, {"max_new_tokens": 24})
+    fast = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16, cache_new_tokens=2)
+    plain = RewriteGenerator(ending, settings, backend="plain")
+    grows = fast.decoder.grows
+    batch = _batch(fast, images)
+    assert _run(fast, batch) == _run(plain, batch)
+    assert fast.decoder.grows > grows
+
+
 def test_each_sample_alone_gets_its_batch_beams(ending, images):  # noqa: F811
     """Samples of a batch do not interact: left padding, other samples' beams, their ends (and, unlike
     open_flamingo's generate, another row's generated ``<image>`` token) leave a sample's result alone."""

@@ -171,3 +171,45 @@ def test_compiled_layers_stream_the_eager_tokens(loaded, images):  # noqa: F811
     got, fetched, nans = _stream_all(compiled, gen, items, rows=3)
     assert got == expected and not nans and compiled.compile_error is None
     assert min(fetched[:-1]) < 3  # partial refills: prefills of fewer rows than the batch
+
+
+@pytest.mark.parametrize("attention,bucketed", [("sdpa", False), ("flex", False), ("sdpa", True)])
+def test_static_batches_grow_their_cache_when_rows_outlive_it(loaded, images, attention, bucketed):  # noqa: F811
+    """A batch whose cache first holds 4 new tokens per row grows it when rows outlive it: into the arena's room
+    left by finished rows (lengths vary), or by a larger arena (every row runs to the end). Every row gets the
+    tokens it gets with room for all its tokens from the start, and a NaN row still fails alone."""
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 40}), backend="plain")
+    items = _items(gen, images, 24)
+    ids, mask, media = gen._collate([p for p, _ in items])
+
+    def decode(limits, cache_new, media=media):
+        decoder = FastFlamingoDecoder(loaded.model, cuda_graphs=False, kv_block=16, attention=attention)
+        decoder._cache.bucket_batches = bucketed  # the CUDA-graph path's session sizes, forced on CPU
+        out = decoder.generate(ids, mask, media, limits, gen.eos_ids, 0, min_new_tokens=limits,
+                               cache_new_tokens=cache_new)  # fmt: skip
+        return decoder, out
+
+    varied = [2 * new + 5 for _, new in items]  # 7..37 new tokens
+    for limits in (varied, [37] * len(items)):
+        _, roomy = decode(limits, None)
+        grown, out = decode(limits, 4)
+        assert grown.grows >= 1 and torch.equal(out.tokens, roomy.tokens) and not out.nan.any()
+    # every row was live when the cache filled: the arena grew to the full prompt + 37 for all of them
+    assert grown._cache.slots_per_row(len(items)) >= ids.shape[1] + 37
+
+    poisoned = media.clone()
+    poisoned[5] = float("nan")
+    _, clean = decode(varied, 4)
+    grown, out = decode(varied, 4, poisoned)
+    assert grown.grows >= 1 and out.nan.nonzero().flatten().tolist() == [5]
+    keep = [r for r in range(len(items)) if r != 5]
+    assert torch.equal(out.tokens[keep], clean.tokens[keep])
+
+
+def test_batches_are_planned_for_the_first_cache(loaded):  # noqa: F811
+    settings = resolve_generation("greedy", {"max_new_tokens": 40})
+    assert RewriteGenerator(loaded, settings, backend="fast", cache_new_tokens=16).planned_new_tokens == 16
+    assert RewriteGenerator(loaded, settings, backend="fast", cache_new_tokens=64).planned_new_tokens == 40
+    assert RewriteGenerator(loaded, settings, backend="fast").planned_new_tokens == 40
+    # plain generate keeps every row's cache until the batch's longest row ends: it plans for max_new_tokens
+    assert RewriteGenerator(loaded, settings, backend="plain", cache_new_tokens=16).planned_new_tokens == 40

@@ -50,7 +50,12 @@ class RewriteSettings(BaseModel):
 
     # -- how to batch --
     shard_size: int = Field(default=512, ge=1)
-    token_budget: int = Field(default=65536, ge=1)  # batch size x (longest prompt + max_new_tokens)
+    token_budget: int = Field(default=65536, ge=1)  # batch size x beams x (longest prompt + planned new tokens)
+    # The fast decoder's static batches start with KV-cache room for each prompt plus this many new tokens, and
+    # the token budget plans for that many; a row still decoding when the cache is full moves (with the other
+    # unfinished rows) to a longer one. Rewrites rarely need max_new_tokens (1024 in the paper), so batches
+    # hold several times the rows. None: room for max_new_tokens from the start.
+    cache_new_tokens: int | None = Field(default=256, ge=1)
     max_batch_size: int = Field(default=256, ge=1)
     max_prompt_tokens: int = Field(default=1024, ge=8)  # longer prompts fail alone with reason 'too long'
 
