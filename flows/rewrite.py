@@ -366,7 +366,8 @@ def rewrite_flow(
             def ingest(result: dict) -> None:
                 ingest_result(store, result["path"], run.run_id, key)
                 run.count("reused_shards", int(bool(result.get("reused"))))
-                for name in ("output_tokens", "generate_s", "load_wait_s", "splits", "oom_splits"):
+                for name in ("output_tokens", "generate_s", "load_wait_s", "batches", "splits", "oom_splits",
+                             "cache_grows"):  # fmt: skip
                     if name in result:
                         run.count(name, result[name])
 

@@ -21,23 +21,26 @@ def plan_batches(
     token_budget: int,
     max_batch_size: int,
     width: int = 1,
+    granularity: int = 1,
 ) -> list[list[int]]:
     """Group item indices into batches, longest prompts first.
 
-    A batch's cost is ``size * width * (longest prompt + max_new_tokens)``: the KV cache and activations it
-    pads to. Sorting by length keeps padding small; longest-first makes an out-of-memory surface in the
-    first batch rather than the last. ``width`` is the number of beams. An item whose cost alone exceeds
-    the budget still gets a batch of its own. Deterministic for the same lengths.
+    A batch's cost is ``size * width * (longest prompt + max_new_tokens)``, that length rounded up to a
+    multiple of ``granularity`` (the KV-cache block of the decoder): the KV cache and activations it pads to.
+    Sorting by length keeps padding small; longest-first makes an out-of-memory surface in the first batch
+    rather than the last. ``width`` is the number of beams. An item whose cost alone exceeds the budget still
+    gets a batch of its own. Deterministic for the same lengths.
     """
-    if token_budget <= 0 or max_batch_size <= 0:
-        raise ValueError("token_budget and max_batch_size must be positive")
+    if token_budget <= 0 or max_batch_size <= 0 or granularity <= 0:
+        raise ValueError("token_budget, max_batch_size and granularity must be positive")
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
     for i in order:
         candidate_longest = max(longest, int(lengths[i]))
-        cost = (len(current) + 1) * width * (candidate_longest + max_new_tokens)
+        row = -(-(candidate_longest + max_new_tokens) // granularity) * granularity
+        cost = (len(current) + 1) * width * row
         if current and (cost > token_budget or len(current) >= max_batch_size):
             batches.append(current)
             current, candidate_longest = [], int(lengths[i])

@@ -113,6 +113,9 @@ class SessionCache:
         """The session size (rows) a batch of ``batch`` rows gets."""
         return batch_bucket(batch) if self.bucket_batches else batch
 
+    def arena_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._arena)
+
     def slots_per_row(self, batch: int) -> int:
         """Cache slots each row of a ``batch``-row session could have in the arena as it is now."""
         if not self._arena:

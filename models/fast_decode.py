@@ -148,6 +148,7 @@ class Admission:
 class DecodeOutput:
     tokens: torch.Tensor  # (B, steps) generated ids; pad after a row's end-of-sequence token
     nan: torch.Tensor  # (B,) a row saw NaN logits
+    grows: int = 0  # times the batch's unfinished rows moved to a longer KV cache
 
 
 class FastFlamingoDecoder:
@@ -282,6 +283,11 @@ class FastFlamingoDecoder:
     def reset(self) -> None:
         """Drop every cache and graph (e.g. after an out-of-memory error)."""
         self._cache.reset()
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Memory held by the KV-cache arena (the largest session so far needed it)."""
+        return self._cache.arena_bytes()
 
     # -- the model, piece by piece -----------------------------------------------------------------
     def _layer_part(self, name: str, *args):
@@ -573,6 +579,7 @@ class FastFlamingoDecoder:
         that is still decoding reaches its end (``_grown_len``); None: room for ``max_new_tokens`` from the
         start."""
         b, n = input_ids.shape
+        grows = self.grows
         sess = self._start(input_ids, attention_mask, media, max_new_tokens, min_new_tokens, eos_token_ids,
                            pad_token_id, cache_new_tokens)  # fmt: skip
         # row i of the session holds original row order[i]; rows dropped by a shrink leave their results here
@@ -606,7 +613,7 @@ class FastFlamingoDecoder:
             alive = (tokens != int(pad_token_id)).any(dim=0).nonzero()
             keep = int(alive.max()) + 1 if alive.numel() else 1
             tokens = tokens[:, :keep]
-        return DecodeOutput(tokens=tokens, nan=nan)
+        return DecodeOutput(tokens=tokens, nan=nan, grows=self.grows - grows)
 
     def _worth_shrinking(self, sess: Session, live: int, rows: int) -> bool:
         """Move the live rows to a smaller session once they fit one half the size (or less): the rows that
@@ -615,12 +622,13 @@ class FastFlamingoDecoder:
         return self.shrink and self._cache.rows_for(live) * 2 <= sess.bsz and not bool(sess.nan[:rows].any())
 
     def _grown_len(self, sess: Session, live: int, needed: int) -> int:
-        """The cache length a full static session's ``live`` unfinished rows move to: room for all of
-        ``needed`` (prompt + max new tokens) if the arena holds that for them, else as much as it holds, but at
-        least twice the current length (the arena then grows). Typically most rows have finished by the time the
-        cache is full, so their share of the arena gives the rest a longer cache for free."""
+        """The cache length a full static session's ``live`` unfinished rows move to: as much of ``needed``
+        (prompt + max new tokens) as the arena holds for them, so memory stays what the batch was planned for;
+        only when it holds no more than they have does the arena grow, to twice their length. Usually most rows
+        have finished by the time the cache is full, and their share of the arena lets the rest go on."""
+        needed = self._cache.cache_len(needed, 0)
         fits = self._cache.slots_per_row(live) // self.kv_block * self.kv_block
-        return min(self._cache.cache_len(needed, 0), max(fits, 2 * sess.cache_len))
+        return min(needed, fits if fits > sess.cache_len else 2 * sess.cache_len)
 
     def _regroup(self, sess: Session, keep: torch.Tensor, cache_len: int | None = None) -> Session:
         """A session holding only rows ``keep`` of ``sess`` (in that order), with ``cache_len`` slots per row
@@ -681,6 +689,7 @@ class FastFlamingoDecoder:
         b, n = input_ids.shape
         k = search.width
         rows = b * k
+        grows = self.grows
         max_new = search.s.max_new_tokens
         sess = self._session(rows, n, max_new, cache_len=self._first_cache_len(n, max_new, cache_new_tokens))
         self._reset_state(sess, [], 0, slot=n, select=False)
@@ -733,7 +742,7 @@ class FastFlamingoDecoder:
         nan = nan.view(b, k).any(dim=1)
         if bool(nan.any()):
             self._cache.zero()  # as in generate: a masked NaN would poison later batches
-        return DecodeOutput(tokens=search.result(), nan=nan)
+        return DecodeOutput(tokens=search.result(), nan=nan, grows=self.grows - grows)
 
     @torch.inference_mode()
     def stream(

@@ -282,6 +282,7 @@ class RewriteGenerator:
         self._latents: OrderedDict[str, Any] = OrderedDict()
         self._latent_cache_size = latent_cache_size
         self.images_encoded = 0  # vision-tower passes, one per image not found in the latent cache
+        self.cache_grows = 0  # times a batch's unfinished rows moved to a longer KV cache (cache_new_tokens)
 
     @property
     def planned_new_tokens(self) -> int:
@@ -418,6 +419,7 @@ class RewriteGenerator:
                     min_new_tokens=self.settings.get("min_new_tokens", 0), cache_new_tokens=self.cache_new_tokens,
                 )  # fmt: skip
                 new, nan_rows = out.tokens.cpu(), set(out.nan.nonzero().flatten().tolist())
+                self.cache_grows += out.grows
             elif self.decoder is not None:
                 from models.search import SearchSettings, make_search
 
@@ -425,6 +427,7 @@ class RewriteGenerator:
                                      extra_processors=[guard])  # fmt: skip
                 out = self.decoder.search(ids, mask, media, search, cache_new_tokens=self.cache_new_tokens)
                 new, nan_rows = out.tokens.cpu(), set(flags) | set(out.nan.nonzero().flatten().tolist())
+                self.cache_grows += out.grows
             else:
                 from transformers import LogitsProcessorList
 

@@ -63,9 +63,11 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
     if exists(out):
         return {"path": out, "reused": True}
     from models.batching import plan_batches, run_batches
+    from models.fast_cache import round_up
     from models.flamingo import model_lock
     from models.generation import PromptTooLong, RewriteGenerator
     from models.loader import load_rewriter
+    from models.memory import resolve_token_budget
 
     started = time.perf_counter()
     work = read_table(job["work"]).to_pylist()
@@ -91,6 +93,9 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
     # one generation at a time per loaded model: its layers carry per-call state (image conditioning, the fast
     # decoder's caches), and shards in one worker process share the cached model
     lock = model_lock(loaded.model)
+    with lock:  # the memory reading must not see another shard's batch in flight
+        token_budget = resolve_token_budget(job.get("token_budget", "auto"), loaded,
+                                            gen.decoder.kv_cache_bytes if gen.decoder is not None else 0)  # fmt: skip
 
     prompt_ids: dict[int, list[int]] = {}
     early: dict[int, str] = {}
@@ -108,9 +113,10 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         batches = plan_batches(
             [len(prompt_ids[i]) for i in indices],
             max_new_tokens=planned_new,
-            token_budget=int(job.get("token_budget", 65536)),
+            token_budget=token_budget,
             max_batch_size=int(job.get("max_batch_size", 256)),
             width=int(settings.get("num_beams", 1)),
+            granularity=gen.decoder.kv_block if gen.decoder is not None else 1,
         )
         return [[indices[j] for j in batch] for batch in batches]
 
@@ -135,7 +141,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
 
         longest = max(len(prompt_ids[i]) for i in todo)
         # as many rows as a static batch of the longest prompts could have, and no more than there are samples
-        budget_rows = int(job.get("token_budget", 65536)) // (longest + max_new)
+        budget_rows = token_budget // round_up(longest + max_new, gen.decoder.kv_block)
         slots = max(1, min(int(job.get("max_batch_size", 256)), budget_rows, len(todo)))
 
         def stream(fetch):
@@ -149,7 +155,8 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
     by_index = {o.index: o for o in outcomes}
 
     recorded = json.dumps(
-        {**settings, "runtime": {**gen.runtime(), "scheduling": scheduling}}, sort_keys=True
+        {**settings, "runtime": {**gen.runtime(), "scheduling": scheduling, "token_budget": token_budget}},
+        sort_keys=True,
     )
     rows = []
     for i, row in enumerate(work):
@@ -194,6 +201,10 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         "backend": gen.backend,
         "scheduling": scheduling,
         "images_encoded": gen.images_encoded,
+        "token_budget": token_budget,
+        "cache_grows": gen.cache_grows,
+        # the worker's KV-cache arena after this shard (shared by the shards of one process; it only grows)
+        "kv_cache_mb": round(gen.decoder.kv_cache_bytes / 2**20, 1) if gen.decoder is not None else None,
     }
 
 

@@ -26,6 +26,9 @@ def test_plan_batches_respects_budget_size_and_sorts_longest_first():
     # beams multiply the cost
     assert len(plan_batches([10] * 4, 10, 80, 8, width=2)) == 2
     assert plan_batches(lengths, 10, 120, 3) == batches  # deterministic
+    # the cache rounds each row up to its block: 10 + 10 tokens cost 32 slots at granularity 16
+    assert [len(b) for b in plan_batches([10] * 6, 10, 100, 8, granularity=16)] == [3, 3]
+    assert [len(b) for b in plan_batches([10] * 6, 10, 100, 8)] == [5, 1]
 
 
 def _oom(msg="CUDA out of memory. Tried to allocate 2.00 GiB"):

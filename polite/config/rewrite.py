@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class GenerationOverrides(BaseModel):
@@ -50,7 +50,9 @@ class RewriteSettings(BaseModel):
 
     # -- how to batch --
     shard_size: int = Field(default=512, ge=1)
-    token_budget: int = Field(default=65536, ge=1)  # batch size x beams x (longest prompt + planned new tokens)
+    # KV-cache slots per batch: size x beams x (longest prompt + planned new tokens). auto: on CUDA, what the
+    # free memory holds once the model is loaded (models/memory.py); 65536 on CPU
+    token_budget: int | Literal["auto"] = "auto"
     # The fast decoder's static batches start with KV-cache room for each prompt plus this many new tokens, and
     # the token budget plans for that many; a row still decoding when the cache is full moves (with the other
     # unfinished rows) to a longer one. Rewrites rarely need max_new_tokens (1024 in the paper), so batches
@@ -80,6 +82,13 @@ class RewriteSettings(BaseModel):
     # continuous step attends the whole ring cache, and on CPU shrinking static batches measured 1.6-1.8x faster
     scheduling: Literal["auto", "static", "continuous"] = "auto"
     prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
+
+    @field_validator("token_budget", mode="before")
+    @classmethod
+    def _budget(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"give 'auto' or a positive number of KV-cache slots, not {value!r}")
 
     @model_validator(mode="after")
     def _check(self) -> RewriteSettings:

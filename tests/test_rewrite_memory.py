@@ -1,0 +1,77 @@
+"""``rewrite.token_budget: auto`` (models/memory.py): the bytes a token keeps in the KV cache, and the budget a
+device's free memory gives."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from test_rewrite_fast import INSTRUCTIONS, images, loaded  # noqa: F401 - fixtures
+
+from models.fast_decode import FastFlamingoDecoder
+from models.generation import RewriteGenerator, resolve_generation
+from models.memory import (
+    ACTIVATION_SHARE,
+    CPU_TOKEN_BUDGET,
+    USABLE_FRACTION,
+    kv_bytes_per_token,
+    resolve_token_budget,
+    token_budget_for,
+)
+from polite.config import load_config
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+
+def test_kv_bytes_per_token_is_what_the_decoders_cache_takes(loaded, images):  # noqa: F811
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 5}), backend="plain")
+    batch = [
+        gen.prepare(gen.prompt_ids(i, r), [images[0]] if "<image>" in i else []) for i, r in INSTRUCTIONS[:3]
+    ]
+    decoder = FastFlamingoDecoder(loaded.model, cuda_graphs=False, kv_block=16)
+    ids, mask, media = gen._collate(batch)
+    decoder.generate(ids, mask, media, 5, gen.eos_ids, 0)
+    slots = 3 * decoder._cache.cache_len(ids.shape[1], 5)
+    assert decoder.kv_cache_bytes == slots * kv_bytes_per_token(
+        loaded.model.lang_encoder.config, loaded.dtype
+    )
+
+
+def test_grouped_query_models_count_their_key_value_heads():
+    config = types.SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                   hidden_size=4096)  # fmt: skip
+    assert kv_bytes_per_token(config, torch.bfloat16) == 2 * 32 * 8 * 128 * 2
+    config.num_key_value_heads = None  # LLaMA-7B, as in OpenFlamingo-9B: 512 KB per token
+    assert kv_bytes_per_token(config, torch.bfloat16) == 512 * 1024
+
+
+def test_the_budget_leaves_room_for_the_prefill_and_the_measured_run_fits():
+    per_token = 512 * 1024
+    h200_free = int(141e9 - 16.5e9)  # the 9B's weights loaded
+    budget = token_budget_for(h200_free, per_token)
+    # session 1's batch 512 x (128 + 128) = 131,072 slots peaked at 93.7 GB on the H200: it fits the budget
+    assert 131072 <= budget
+    assert budget * per_token * (1 + ACTIVATION_SHARE) <= USABLE_FRACTION * h200_free
+    assert token_budget_for(h200_free // 2, per_token) == pytest.approx(budget / 2, rel=1e-4)
+    with pytest.raises(ValueError, match="positive"):
+        token_budget_for(h200_free, 0)
+
+
+def test_auto_is_the_cpu_budget_off_cuda_and_numbers_pass_through(loaded):  # noqa: F811
+    assert resolve_token_budget("auto", loaded) == CPU_TOKEN_BUDGET
+    assert resolve_token_budget(4096, loaded) == 4096
+
+
+def test_the_setting_takes_auto_or_a_positive_count(tmp_path):
+    def rewrite(value):
+        path = tmp_path / "config.yaml"
+        path.write_text(f"rewrite: {{token_budget: {value}}}\n")
+        return load_config(path).rewrite
+
+    assert load_config(None).rewrite.token_budget == "auto"
+    assert rewrite(32768).token_budget == 32768
+    for bad in ("0", "lots"):
+        with pytest.raises(Exception, match="token_budget"):
+            rewrite(bad)
