@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,36 +47,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from bench.demo_work import latest_rewriter_and_first_work
+    from bench.demo_work import DemoShards
     from flows.rewrite import WORK_ORDER
     from models.generation import fast_decoder, resolve_generation
     from models.loader import load_rewriter
-    from models.prompts import PROMPT_VERSION
-    from polite.ids import settings_hash
-    from polite.shards import read_table, write_table_atomic
+    from polite.shards import read_table
     from tasks.rewrite import rewrite_shard
 
     torch.set_num_threads(args.threads)
-    model, first = latest_rewriter_and_first_work(args.workspace, WORK_ORDER)
-    if args.limit:
-        first = first.slice(0, args.limit)
-    tmp = Path(tempfile.mkdtemp(prefix="cache-growth-"))
-    shards = []
-    for start in range(0, first.num_rows, args.shard_size):
-        shards.append(str(tmp / f"work-{start}.parquet"))
-        write_table_atomic(first.slice(start, args.shard_size), shards[-1])
+    demo = DemoShards(args.workspace, WORK_ORDER, args.shard_size, args.limit, prefix="cache-growth-")
+    model, first, tmp, shards = demo.model, demo.work, demo.folder, demo.shards
     settings = resolve_generation("greedy", {"max_new_tokens": args.max_new_tokens})
     # static batches on both sides: continuous batching's ring always holds prompt + max_new_tokens
-    base = {"model_path": model["path"], "model_id": model["model_id"], "prompt_version": PROMPT_VERSION,
-            "settings": settings, "settings_hash": settings_hash(settings), "run_id": None, "backend": "fast",
-            "device": "cpu", "scheduling": "static", "token_budget": args.token_budget,
-            "max_batch_size": args.max_batch_size, "prefetch_images": True}  # fmt: skip
+    base = demo.job(settings, backend="fast", scheduling="static", token_budget=args.token_budget,
+                    max_batch_size=args.max_batch_size)  # fmt: skip
     print(f"{first.num_rows} samples, model {model['model_id']}, max_new_tokens {args.max_new_tokens}, "
           f"token_budget {args.token_budget}", flush=True)  # fmt: skip
-
-    warm = dict(base, work=str(tmp / "warm.parquet"), out=str(tmp / "warm-out.parquet"))
-    write_table_atomic(first.slice(0, 8), warm["work"])
-    rewrite_shard(warm)  # load the model once, outside the timings
+    demo.warm_up()
     # the decoder the task uses (one per model and options in a process): reset before each run, so its arena
     # afterwards is what that run needed
     decoder = fast_decoder(load_rewriter(model["path"], device="cpu"))

@@ -25,3 +25,43 @@ def latest_rewriter_and_first_work(workspace: str, order_by: str):
     first = pa.concat_tables([t for t in work if set(t.column("reason").to_pylist()) == {"first"}])
     first = duckdb.sql(f"SELECT * FROM first ORDER BY {order_by}").to_arrow_table().cast(first.schema)
     return model, first
+
+
+class DemoShards:
+    """The first rewrite run's work of a demo workspace, cut into work-shard files in a fresh folder, and the
+    task jobs (``tasks.rewrite.rewrite_shard``) that rewrite them with the workspace's latest rewriter on CPU."""
+
+    def __init__(self, workspace: str, order_by: str, shard_size: int, limit: int | None = None,
+                 prefix: str = "bench-"):  # fmt: skip
+        import tempfile
+
+        from polite.shards import write_table_atomic
+
+        self.model, self.work = latest_rewriter_and_first_work(workspace, order_by)
+        if limit:
+            self.work = self.work.slice(0, limit)
+        self.folder = Path(tempfile.mkdtemp(prefix=prefix))
+        self.shards = []
+        for start in range(0, self.work.num_rows, shard_size):
+            self.shards.append(str(self.folder / f"work-{start}.parquet"))
+            write_table_atomic(self.work.slice(start, shard_size), self.shards[-1])
+
+    def job(self, settings: dict, **options) -> dict:
+        """A task job for these settings (decoding) and runtime ``options``; add ``work`` and ``out``."""
+        from models.prompts import PROMPT_VERSION
+        from polite.ids import settings_hash
+
+        return {"model_path": self.model["path"], "model_id": self.model["model_id"],
+                "prompt_version": PROMPT_VERSION, "settings": settings, "settings_hash": settings_hash(settings),
+                "run_id": None, "device": "cpu", "prefetch_images": True, **options}  # fmt: skip
+
+    def warm_up(self, **options) -> None:
+        """Load the model into this process once, outside the timings (a few samples, 4 new tokens)."""
+        from models.generation import resolve_generation
+        from polite.shards import write_table_atomic
+        from tasks.rewrite import rewrite_shard
+
+        job = self.job(resolve_generation("greedy", {"max_new_tokens": 4}), **options)
+        job.update(work=str(self.folder / "warm.parquet"), out=str(self.folder / "warm-out.parquet"))
+        write_table_atomic(self.work.slice(0, 4), job["work"])
+        rewrite_shard(job)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,32 +39,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from bench.demo_work import latest_rewriter_and_first_work
+    from bench.demo_work import DemoShards
     from flows.rewrite import WORK_ORDER
     from models.generation import resolve_generation
-    from models.prompts import PROMPT_VERSION
-    from polite.ids import settings_hash
-    from polite.shards import read_table, write_table_atomic
+    from polite.shards import read_table
     from tasks.rewrite import rewrite_shard
 
     torch.set_num_threads(args.threads)
-    model, first = latest_rewriter_and_first_work(args.workspace, WORK_ORDER)
-    first = first.slice(0, args.samples)
-    tmp = Path(tempfile.mkdtemp(prefix="rewrite-presets-"))
-    shard = str(tmp / "work.parquet")
-    write_table_atomic(first, shard)
-    base = {"model_path": model["path"], "model_id": model["model_id"], "prompt_version": PROMPT_VERSION,
-            "run_id": None, "device": "cpu", "token_budget": 65536, "max_batch_size": args.max_batch_size,
-            "prefetch_images": True, "scheduling": "static"}  # fmt: skip
+    demo = DemoShards(args.workspace, WORK_ORDER, args.samples, args.samples, prefix="rewrite-presets-")
+    model, first, tmp, shard = demo.model, demo.work, demo.folder, demo.shards[0]
+    options = {"token_budget": 65536, "max_batch_size": args.max_batch_size, "scheduling": "static"}
     print(
         f"{first.num_rows} samples, model {model['model_id']}, max_new_tokens {args.max_new_tokens}",
         flush=True,
     )
-    warm = dict(base, work=str(tmp / "warm.parquet"), out=str(tmp / "warm-out.parquet"),
-                settings=resolve_generation("greedy", {"max_new_tokens": 4}), settings_hash="warm")  # fmt: skip
-    write_table_atomic(first.slice(0, 4), warm["work"])
-    rewrite_shard(warm)  # load the model once, outside the timings
-
+    demo.warm_up()
     runs, summary = [], {}
     for preset in args.presets.split(","):
         settings = resolve_generation(preset, {"max_new_tokens": args.max_new_tokens})
@@ -74,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
         for k in range(args.rounds):
             for variant in backends if k % 2 == 0 else backends[::-1]:
                 out = str(tmp / f"{preset}-{variant}-{k}.parquet")
-                job = dict(base, work=shard, out=out, settings=settings, settings_hash=settings_hash(settings),
-                           backend=variant.split("-")[0], shrink_batches=variant != "fast-noshrink")  # fmt: skip
+                job = demo.job(settings, work=shard, out=out, backend=variant.split("-")[0],
+                               shrink_batches=variant != "fast-noshrink", **options)  # fmt: skip
                 started = time.perf_counter()
                 stats = rewrite_shard(job)
                 wall = time.perf_counter() - started

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,37 +40,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from bench.demo_work import latest_rewriter_and_first_work
+    from bench.demo_work import DemoShards
     from flows.rewrite import WORK_ORDER
     from models.generation import resolve_generation
-    from models.prompts import PROMPT_VERSION
-    from polite.ids import settings_hash
-    from polite.shards import read_table, write_table_atomic
+    from polite.shards import read_table
     from tasks.rewrite import rewrite_shard
 
     torch.set_num_threads(args.threads)
-    model, first = latest_rewriter_and_first_work(
-        args.workspace, WORK_ORDER if args.order == "image" else "sample_id"
-    )
-    tmp = Path(tempfile.mkdtemp(prefix="rewrite-scheduling-"))
-    shards = []
-    for start in range(0, first.num_rows, args.shard_size):
-        shards.append(str(tmp / f"work-{start}.parquet"))
-        write_table_atomic(first.slice(start, args.shard_size), shards[-1])
+    demo = DemoShards(args.workspace, WORK_ORDER if args.order == "image" else "sample_id", args.shard_size,
+                      prefix="rewrite-scheduling-")  # fmt: skip
+    model, first, tmp, shards = demo.model, demo.work, demo.folder, demo.shards
     settings = resolve_generation("greedy", {"max_new_tokens": args.max_new_tokens})
-    base = {"model_path": model["path"], "model_id": model["model_id"],
-            "prompt_version": PROMPT_VERSION, "settings": settings, "settings_hash": settings_hash(settings),
-            "run_id": None, "backend": "auto", "device": "cpu", "token_budget": 65536,
-            "max_batch_size": args.max_batch_size, "prefetch_images": True}  # fmt: skip
+    base = demo.job(settings, backend="auto", token_budget=65536, max_batch_size=args.max_batch_size)
     print(
         f"{first.num_rows} samples, model {model['model_id']}, max_new_tokens {args.max_new_tokens}",
         flush=True,
     )
-
+    demo.warm_up()
     runs, outputs = [], {}
-    warm = dict(base, work=str(tmp / "warm.parquet"), out=str(tmp / "warm-out.parquet"))
-    write_table_atomic(first.slice(0, 8), warm["work"])
-    rewrite_shard(warm)  # load the model once, outside the timings
     for k in range(args.rounds):
         for scheduling in ("static", "continuous") if k % 2 == 0 else ("continuous", "static"):
             started = time.perf_counter()
