@@ -33,8 +33,11 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     assert all(r["tokens_per_s"] > 0 and r["batch"] == 8 for r in variants)
     scheduling = [r for r in data["runs"] if r["path"].startswith("scheduling")]
     assert [r["path"] for r in scheduling] == ["scheduling: static batches, no shrinking, sdpa",
-                                               "scheduling: static batches, sdpa", "scheduling: continuous, sdpa",
-                                               "scheduling: continuous, flex"]  # fmt: skip
+                                               "scheduling: static batches, sdpa",
+                                               "scheduling: static batches of 32, cache grows from 12, sdpa",
+                                               "scheduling: continuous, sdpa", "scheduling: continuous, flex"]  # fmt: skip
+    # 16 rows x (24 + 48) slots hold 32 rows x (24 + 12)
+    assert data["scheduling"]["grown_cache_rows"] == 32 and data["scheduling"]["cache_new_tokens"] == 12
     assert all(r["batch"] == 48 and r["tokens_per_s"] > 0 for r in scheduling)
     checks = data["checks"]
     assert checks["logits_ok"] and checks["greedy_token_agreement"] == 1.0
