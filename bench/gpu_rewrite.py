@@ -270,6 +270,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (model, image_size), build_s = timed(device, build, tiny, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     results.update(build_s=round(build_s, 1), params=n_params)
+    from models.memory import cuda_bytes_available, kv_bytes_per_token, token_budget_for
+
+    # what `rewrite.token_budget: auto` would plan for with this model loaded (models/memory.py)
+    results["kv_bytes_per_token"] = kv_bytes_per_token(model.lang_encoder.config, dtype)
+    if device.type == "cuda":
+        results["token_budget_auto"] = token_budget_for(cuda_bytes_available(device), results["kv_bytes_per_token"])
     log(
         f"built {results['shape']} Flamingo ({n_params / 1e9:.2f}B params) on {results['device']} in {build_s:.1f}s"
     )

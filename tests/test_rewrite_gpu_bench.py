@@ -36,6 +36,7 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
                                                "scheduling: static batches, sdpa",
                                                "scheduling: static batches of 32, cache grows from 12, sdpa",
                                                "scheduling: continuous, sdpa", "scheduling: continuous, flex"]  # fmt: skip
+    assert data["kv_bytes_per_token"] > 0 and "token_budget_auto" not in data  # CUDA only
     # 16 rows x (24 + 48) slots hold 32 rows x (24 + 12)
     assert data["scheduling"]["grown_cache_rows"] == 32 and data["scheduling"]["cache_new_tokens"] == 12
     assert all(r["batch"] == 48 and r["tokens_per_s"] > 0 for r in scheduling)
