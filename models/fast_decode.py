@@ -589,15 +589,15 @@ class FastFlamingoDecoder:
         steps = 1
         every = 1 if self.device.type == "cpu" else max(1, check_every)
         while steps < _most(max_new_tokens):
-            full = sess.slot_host >= sess.cache_len  # the next key has no slot: grow the cache first
-            if full or steps % every == 0:
+            no_slot = sess.slot_host >= sess.cache_len  # the next key has no slot: grow the cache first
+            if no_slot or steps % every == 0:
                 live = (~sess.finished[: len(order)]).nonzero().flatten()
                 if not len(live):
                     break
-                if full or self._worth_shrinking(sess, len(live), len(order)):
+                if no_slot or self._worth_shrinking(sess, len(live), len(order)):
                     rows = len(order)
                     tokens[order], nan[order] = sess.out[:rows], sess.nan[:rows]
-                    length = self._grown_len(sess, len(live), n + _most(max_new_tokens)) if full else None
+                    length = self._grown_len(sess, len(live), n + _most(max_new_tokens)) if no_slot else None
                     sess, order = self._regroup(sess, live, length), order[live]
             self._run_step(sess)
             sess.slot_host += 1
@@ -711,10 +711,10 @@ class FastFlamingoDecoder:
         nan = torch.zeros(rows, dtype=torch.bool, device=self.device)
         while not search.step(full):
             live = search.live_samples().repeat_interleave(k)[order].nonzero().flatten()
-            full = sess.slot_host >= sess.cache_len  # the next key has no slot: grow the cache first
-            if full or self._worth_shrinking(sess, len(live), len(order)):
+            no_slot = sess.slot_host >= sess.cache_len  # the next key has no slot: grow the cache first
+            if no_slot or self._worth_shrinking(sess, len(live), len(order)):
                 nan[order] |= sess.nan[: len(order)]
-                length = self._grown_len(sess, len(live), n + max_new) if full else None
+                length = self._grown_len(sess, len(live), n + max_new) if no_slot else None
                 sess, order = self._regroup(sess, live, length), order[live]
                 where = torch.full_like(where, -1)
                 where[order] = torch.arange(len(order), device=self.device)
