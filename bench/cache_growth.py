@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--preset", default="greedy", help="greedy, beam or paper (3 sampled beams)")
     parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
     parser.add_argument("--cache-new-tokens", type=int, default=64,
                         help="the growing run's first room (the ratio 224:64 is about the paper's 1024:256)")  # fmt: skip
@@ -57,11 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     demo = DemoShards(args.workspace, WORK_ORDER, args.shard_size, args.limit, prefix="cache-growth-")
     model, first, tmp, shards = demo.model, demo.work, demo.folder, demo.shards
-    settings = resolve_generation("greedy", {"max_new_tokens": args.max_new_tokens})
+    settings = resolve_generation(args.preset, {"max_new_tokens": args.max_new_tokens})
     # static batches on both sides: continuous batching's ring always holds prompt + max_new_tokens
     base = demo.job(settings, backend="fast", scheduling="static", token_budget=args.token_budget,
                     max_batch_size=args.max_batch_size)  # fmt: skip
-    print(f"{first.num_rows} samples, model {model['model_id']}, max_new_tokens {args.max_new_tokens}, "
+    print(f"{first.num_rows} samples, model {model['model_id']}, {args.preset}, max_new_tokens {args.max_new_tokens}, "
           f"token_budget {args.token_budget}", flush=True)  # fmt: skip
     demo.warm_up()
     # the decoder the task uses (one per model and options in a process): reset before each run, so its arena
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append(row)
             print(json.dumps(row), flush=True)
     same = sum(outputs["full"][s] == outputs["grow"].get(s) for s in outputs["full"])
-    result = {"samples": first.num_rows, "token_budget": args.token_budget, "max_new_tokens": args.max_new_tokens,
+    result = {"samples": first.num_rows, "preset": args.preset, "token_budget": args.token_budget,
+              "max_new_tokens": args.max_new_tokens,
               "runs": runs, "identical_rewrites": f"{same}/{len(outputs['full'])}"}  # fmt: skip
     for mode in modes:
         mine = sorted(r["generate_s"] for r in runs if r["mode"] == mode)
