@@ -5,9 +5,10 @@ of a demo workspace's first rewrite run with its latest rewriter, under one toke
 ``cache_new_tokens`` unset (every row reserves prompt + max_new_tokens, as before) and once with it set (batches
 are planned for prompt + cache_new_tokens, and a batch's cache grows when rows outlive it), alternating for
 ``--rounds`` rounds. The trained rewriter's rewrites vary in length like real ones (the demo's: median 30 tokens,
-p90 103, of at most 224), which is what the growing cache is for. Prints per run the batches and rows per batch,
-the KV-cache arena the decoder needed, how often a cache grew, time and tokens/s, and whether both ways wrote
-the same rewrites.
+p90 103, of at most 224), which is what the growing cache is for. Prints per run the batches and rows per batch
+(with ``--scheduling continuous``: the rows of the ring, and the samples that outlived it and went on in static
+batches), the KV-cache arena the decoder needed, how often a cache grew, time and tokens/s, and whether both ways
+wrote the same rewrites.
 
     .venv/bin/polite run --workspace /tmp/demo_ws               # once: a trained tiny rewriter and 600 samples
     .venv/bin/python bench/cache_growth.py --workspace /tmp/demo_ws --rounds 2
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--preset", default="greedy", help="greedy, beam or paper (3 sampled beams)")
+    parser.add_argument("--scheduling", choices=("static", "continuous"), default="static",
+                        help="continuous (greedy only): the ring holds prompt + cache_new_tokens, and rows that "
+                             "outlive it go on in static batches")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
     parser.add_argument("--cache-new-tokens", type=int, default=64,
                         help="the growing run's first room (the ratio 224:64 is about the paper's 1024:256)")  # fmt: skip
@@ -59,8 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     demo = DemoShards(args.workspace, WORK_ORDER, args.shard_size, args.limit, prefix="cache-growth-")
     model, first, tmp, shards = demo.model, demo.work, demo.folder, demo.shards
     settings = resolve_generation(args.preset, {"max_new_tokens": args.max_new_tokens})
-    # static batches on both sides: continuous batching's ring always holds prompt + max_new_tokens
-    base = demo.job(settings, backend="fast", scheduling="static", token_budget=args.token_budget,
+    base = demo.job(settings, backend="fast", scheduling=args.scheduling, token_budget=args.token_budget,
                     max_batch_size=args.max_batch_size)  # fmt: skip
     print(f"{first.num_rows} samples, model {model['model_id']}, {args.preset}, max_new_tokens {args.max_new_tokens}, "
           f"token_budget {args.token_budget}", flush=True)  # fmt: skip
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
             for n, work_path in enumerate(shards):
                 out = str(tmp / f"{mode}-{k}-{n}.parquet")
                 stats = rewrite_shard(dict(base, work=work_path, out=out, cache_new_tokens=modes[mode]))
-                for name in ("generate_s", "output_tokens", "ok", "batches", "cache_grows"):
+                for name in ("generate_s", "output_tokens", "ok", "batches", "cache_grows", "rows_continued"):
                     total[name] = total.get(name, 0) + stats[name]
                 outputs.setdefault(mode, {}).update(
                     (r["sample_id"], r["output"]) for r in read_table(out).to_pylist()
@@ -86,13 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"mode": mode, "cache_new_tokens": modes[mode], "round": k,
                    "seconds": round(time.perf_counter() - started, 2),
                    **{name: round(value, 3) for name, value in total.items()},
-                   "rows_per_batch": round(total["ok"] / total["batches"], 1),
+                   "rows_per_batch": round(total["ok"] / total["batches"], 1), "stream_rows": stats["stream_rows"],
                    "kv_cache_mb": round(decoder.kv_cache_bytes / 2**20, 2),
                    "tokens_per_s": round(total["output_tokens"] / total["generate_s"], 1)}  # fmt: skip
             runs.append(row)
             print(json.dumps(row), flush=True)
     same = sum(outputs["full"][s] == outputs["grow"].get(s) for s in outputs["full"])
-    result = {"samples": first.num_rows, "preset": args.preset, "token_budget": args.token_budget,
+    result = {"samples": first.num_rows, "preset": args.preset, "scheduling": args.scheduling,
+              "token_budget": args.token_budget,
               "max_new_tokens": args.max_new_tokens,
               "runs": runs, "identical_rewrites": f"{same}/{len(outputs['full'])}"}  # fmt: skip
     for mode in modes:

@@ -367,7 +367,7 @@ def rewrite_flow(
                 ingest_result(store, result["path"], run.run_id, key)
                 run.count("reused_shards", int(bool(result.get("reused"))))
                 for name in ("output_tokens", "generate_s", "load_wait_s", "batches", "splits", "oom_splits",
-                             "cache_grows"):  # fmt: skip
+                             "cache_grows", "rows_continued"):  # fmt: skip
                     if name in result:
                         run.count(name, result[name])
 

@@ -283,6 +283,8 @@ class RewriteGenerator:
         self._latent_cache_size = latent_cache_size
         self.images_encoded = 0  # vision-tower passes, one per image not found in the latent cache
         self.cache_grows = 0  # times a batch's unfinished rows moved to a longer KV cache (cache_new_tokens)
+        self.rows_continued = 0  # streamed rows that outlived the ring and went on in a static batch
+        self.rows_restarted = 0  # ... of which had written an <image> token, so started again
 
     @property
     def planned_new_tokens(self) -> int:
@@ -457,7 +459,14 @@ class RewriteGenerator:
     ) -> Iterator[tuple[Any, Generated | Exception]]:
         """Continuous batching with the fast decoder (``FastFlamingoDecoder.stream``): ``fetch(k)`` gives up to
         ``k`` (key, prepared sample) pairs, an empty list when there are no more; yields (key, result) as rows
-        finish. ``longest_prompt`` sizes the ring cache (prompt + max_new_tokens)."""
+        finish.
+
+        The ring cache holds ``longest_prompt`` plus ``planned_new_tokens`` per row (``cache_new_tokens``, else
+        ``max_new_tokens``). A row that outlives it leaves the ring with what it wrote so far; once the stream has
+        run dry, those rows go on in static batches whose prompts are their prompts plus what they wrote
+        (prefilled, then decoded, their caches growing as needed): the tokens decoding would have given, as a
+        static batch that grows its cache gives them."""
+        from models.fast_cache import round_up
         from models.fast_decode import Admission
 
         if not self.can_stream:
@@ -467,26 +476,60 @@ class RewriteGenerator:
             )
         max_new = int(self.settings["max_new_tokens"])
         min_new = int(self.settings.get("min_new_tokens", 0) or 0)
-        joined: dict[Any, Prepared] = {}
+        ring = round_up(longest_prompt + self.planned_new_tokens, self.decoder.kv_block)
+        joined: dict[Any, tuple[Prepared, int]] = {}  # each row's sample and how many tokens the ring allows it
 
         def admission(k: int) -> Admission | None:
             batch = fetch(k)
             if not batch:
                 return None
-            joined.update(batch)
             ids, mask, media = self._collate([p for _, p in batch])
+            limit = min(max_new, ring - ids.shape[1])  # >= planned_new_tokens: no prompt is longer than longest
+            joined.update((key, (p, limit)) for key, p in batch)
             keys = [key for key, _ in batch]
-            return Admission(
-                keys, ids, mask, media, max_new=[max_new] * len(keys), min_new=[min_new] * len(keys)
-            )
+            return Admission(keys, ids, mask, media, max_new=[limit] * len(keys),
+                             min_new=[min(min_new, limit)] * len(keys))  # fmt: skip
 
+        outlived: list[tuple[Any, Prepared, list[int]]] = []
         try:
-            for key, tokens, nan in self.decoder.stream(admission, rows, longest_prompt + max_new, max_new,
-                                                        self.eos_ids, PAD_ID):  # fmt: skip
-                yield key, self._result(joined.pop(key), tokens.tolist(), nan)
+            for key, tokens, nan in self.decoder.stream(admission, rows, ring, max_new, self.eos_ids, PAD_ID):
+                prepared, limit = joined.pop(key)
+                written = tokens.tolist()
+                if not nan and limit < max_new and len(written) == limit and written[-1] not in self.eos_ids:
+                    outlived.append((key, prepared, written))
+                else:
+                    yield key, self._result(prepared, written, nan)
+            # as many rows per batch as take the ring's memory at first (their caches start at prompt + written
+            # + planned_new_tokens)
+            size = max(1, rows * ring // (ring + self.planned_new_tokens))
+            for start in range(0, len(outlived), size):
+                chunk = outlived[start : start + size]
+                results = self._continue([(p, written) for _, p, written in chunk])
+                yield from zip([key for key, _, _ in chunk], results, strict=True)
         except BaseException as exc:
             self._after_error(exc)
             raise
+
+    def _continue(self, rows: list[tuple[Prepared, list[int]]]) -> list[Generated | Exception]:
+        """Greedy decoding of samples that already wrote some tokens: each prompt plus its tokens is prefilled
+        and decoding goes on to ``max_new_tokens`` in all. Under either cross-attention masking rule text after
+        the prompt's last image is treated alike in a prefill and in a decode step, so this continues as the
+        decoding would have. A row that wrote an ``<image>`` token starts again instead: in a prompt that token
+        would be read as one more image."""
+        max_new = int(self.settings["max_new_tokens"])
+        min_new = int(self.settings.get("min_new_tokens", 0) or 0)
+        media_id = int(self.loaded.model.media_token_id)
+        self.rows_continued += len(rows)
+        self.rows_restarted += sum(media_id in written for _, written in rows)
+        rows = [(p, [] if media_id in written else written) for p, written in rows]
+        ids, mask, media = self._collate([Prepared(p.input_ids + w, p.image_keys, p.pixels) for p, w in rows])
+        budgets = [max_new - len(w) for _, w in rows]
+        out = self.decoder.generate(ids, mask, media, budgets, self.eos_ids, PAD_ID,
+                                    min_new_tokens=[max(0, min_new - len(w)) for _, w in rows],
+                                    cache_new_tokens=self.cache_new_tokens)  # fmt: skip
+        self.cache_grows += out.grows
+        new, nan = out.tokens.cpu().tolist(), out.nan.tolist()
+        return [self._result(p, w + new[row][: budgets[row]], nan[row]) for row, (p, w) in enumerate(rows)]
 
     def _after_error(self, exc: BaseException) -> None:
         """After out of memory, drop the fast decoder's caches and graphs so a smaller retry has the room."""

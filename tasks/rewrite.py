@@ -105,7 +105,6 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         except PromptTooLong as exc:
             early[i] = str(exc)
     todo = sorted(prompt_ids)
-    max_new = int(settings["max_new_tokens"])
     planned_new = gen.planned_new_tokens
 
     def plan(indices: list[int]) -> list[list[int]]:
@@ -141,7 +140,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
 
         longest = max(len(prompt_ids[i]) for i in todo)
         # as many rows as a static batch of the longest prompts could have, and no more than there are samples
-        budget_rows = token_budget // round_up(longest + max_new, gen.decoder.kv_block)
+        budget_rows = token_budget // round_up(longest + planned_new, gen.decoder.kv_block)
         slots = max(1, min(int(job.get("max_batch_size", 256)), budget_rows, len(todo)))
 
         def stream(fetch):
@@ -151,6 +150,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         order = [i for batch in batches for i in batch]  # longest prompts first, as the batches were planned
         outcomes, stats = run_continuous(order, load_item, stream, generate, plan, prefetch=prefetch)
     else:
+        slots = None
         outcomes, stats = run_batches(batches, load_item, generate, prefetch=prefetch)
     by_index = {o.index: o for o in outcomes}
 
@@ -203,6 +203,8 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         "images_encoded": gen.images_encoded,
         "token_budget": token_budget,
         "cache_grows": gen.cache_grows,
+        "stream_rows": slots,  # continuous scheduling: the rows decoding at once
+        "rows_continued": gen.rows_continued,  # ... of the samples, those that outlived the ring
         # the worker's KV-cache arena after this shard (shared by the shards of one process; it only grows)
         "kv_cache_mb": round(gen.decoder.kv_cache_bytes / 2**20, 1) if gen.decoder is not None else None,
     }

@@ -191,3 +191,36 @@ def test_compiled_layers_give_the_same_beams(ending, images):  # noqa: F811
     batch = _batch(eager, images)
     assert _run(compiled, batch) == _run(eager, batch)
     assert compiled.decoder.compile_layers and compiled.decoder.compile_error is None
+
+
+def test_rows_that_outlive_the_ring_go_on_statically_with_the_same_tokens(ending, images):  # noqa: F811
+    """Continuous batching whose ring holds each prompt plus 4 new tokens: rows that end within it finish in the
+    stream, the rest continue in static batches (their prompts plus what they wrote, prefilled) and still get
+    the tokens of a static batch with room for all 24."""
+    settings = resolve_generation("greedy", {"max_new_tokens": 24})
+    static = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16)
+    ringed = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16, cache_new_tokens=4)
+    batch = _batch(static, images) * 3
+    expected = [(g.token_ids, g.output_tokens) for g in static.generate(batch)]
+    queue = list(enumerate(batch))
+
+    def fetch(k):
+        taken, queue[:] = queue[:k], queue[k:]
+        return taken
+
+    def streamed(gen):
+        queue[:] = list(enumerate(batch))
+        longest = max(len(p.input_ids) for p in batch)
+        got = dict(gen.stream(fetch, rows=4, longest_prompt=longest))
+        return [(got[k].token_ids, got[k].output_tokens) for k in range(len(batch))]
+
+    assert streamed(ringed) == expected
+    assert 0 < ringed.rows_continued < len(batch)  # some rows ended in the ring, some went on after it
+
+    # a row that wrote an <image> token starts again (in a prompt the token would read as an image)
+    imaging = _shadowing(ending, images, int(ending.model.media_token_id))
+    static = RewriteGenerator(imaging, settings, backend="fast", cuda_graphs=False, kv_block=16)
+    ringed = RewriteGenerator(imaging, settings, backend="fast", cuda_graphs=False, kv_block=16, cache_new_tokens=4)
+    expected = [(g.token_ids, g.output_tokens) for g in static.generate(batch)]
+    assert streamed(ringed) == expected
+    assert 0 < ringed.rows_restarted < ringed.rows_continued
