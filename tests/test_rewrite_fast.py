@@ -153,6 +153,27 @@ def test_generator_oom_split_gives_the_same_rewrites(loaded, images):
     assert [o.value.token_ids for o in outcomes] == whole
 
 
+def test_out_of_memory_while_a_cache_grows_splits_the_batch(loaded, images, monkeypatch):
+    """A cache that cannot grow (CUDA out of memory) fails the batch inside the decoder: the decoder drops its
+    caches, the batch splits, and the halves grow within what they may."""
+    settings = resolve_generation("greedy", {"max_new_tokens": 30})
+    batch = _batch(RewriteGenerator(loaded, settings, backend="plain"), images)
+    roomy = RewriteGenerator(loaded, settings, backend="fast", cuda_graphs=False, kv_block=16)
+    whole = [g.token_ids for g in roomy.generate(batch)]
+    gen = RewriteGenerator(loaded, settings, backend="fast", cuda_graphs=False, kv_block=16, cache_new_tokens=2)
+    grown_len = gen.decoder._grown_len
+
+    def tight(sess, live, needed):
+        if live > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return grown_len(sess, live, needed)
+
+    monkeypatch.setattr(gen.decoder, "_grown_len", tight)
+    outcomes, stats = run_batches([list(range(len(batch)))], lambda i: batch[i], gen.generate, prefetch=False)
+    assert stats.oom_splits >= 1 and all(o.ok for o in outcomes) and gen.cache_grows >= 2
+    assert [o.value.token_ids for o in outcomes] == whole
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_give_the_eager_tokens_and_bf16_logits_agree(images, tmp_path):
