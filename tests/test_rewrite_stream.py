@@ -98,6 +98,12 @@ def test_cuda_graphs_give_eager_tokens_in_static_and_continuous_batches(images, 
     assert {k: _alone(graphs, gen, p, new) for k, (p, new) in enumerate(items)} == expected
     got, _, nans = _stream_all(graphs, gen, items, rows=5)
     assert got == expected and not nans and graphs.graph_error is None
+    # a static batch of all of them whose cache starts at 2 new tokens and grows, under graphs
+    ids, mask, media = gen._collate([p for p, _ in items])
+    limits = [new for _, new in items]
+    out = graphs.generate(ids, mask, media, limits, gen.eos_ids, 0, min_new_tokens=limits, cache_new_tokens=2)
+    assert out.grows >= 1 and graphs.graph_error is None
+    assert {k: out.tokens[k, :new].tolist() for k, (_, new) in enumerate(items)} == expected
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
