@@ -113,7 +113,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
             [len(prompt_ids[i]) for i in indices],
             max_new_tokens=planned_new,
             token_budget=token_budget,
-            max_batch_size=int(job.get("max_batch_size", 256)),
+            max_batch_size=int(job.get("max_batch_size", 512)),
             width=int(settings.get("num_beams", 1)),
             granularity=gen.decoder.kv_block if gen.decoder is not None else 1,
         )
@@ -141,7 +141,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         longest = max(len(prompt_ids[i]) for i in todo)
         # as many rows as a static batch of the longest prompts could have, and no more than there are samples
         budget_rows = token_budget // round_up(longest + planned_new, gen.decoder.kv_block)
-        slots = max(1, min(int(job.get("max_batch_size", 256)), budget_rows, len(todo)))
+        slots = max(1, min(int(job.get("max_batch_size", 512)), budget_rows, len(todo)))
 
         def stream(fetch):
             with lock:

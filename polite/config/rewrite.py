@@ -58,7 +58,7 @@ class RewriteSettings(BaseModel):
     # unfinished rows) to a longer one. Rewrites rarely need max_new_tokens (1024 in the paper), so batches
     # hold several times the rows. None: room for max_new_tokens from the start.
     cache_new_tokens: int | None = Field(default=256, ge=1)
-    max_batch_size: int = Field(default=256, ge=1)
+    max_batch_size: int = Field(default=512, ge=1)  # H200, 9B: 9,470 tokens/s at 512 vs 8,551 at 256
     max_prompt_tokens: int = Field(default=1024, ge=8)  # longer prompts fail alone with reason 'too long'
 
     # -- where --
