@@ -269,13 +269,17 @@ class LineageStore:
             # in parentheses: a second statement or a trailing clause (LIMIT, ORDER BY) in it is a syntax error
             self.user_query(f"SELECT 1 FROM {source} WHERE ({where}) LIMIT 0")
         except (duckdb.Error, ReadOnlyQueryError) as exc:
-            lines = str(exc).splitlines() or [type(exc).__name__]
-            hint = next((line for line in lines[1:] if line.startswith("Candidate")), None)
             raise PredicateError(
-                f"{option} {where!r} is not a predicate over {source}: {lines[0]}"
-                + (f" ({hint})" if hint else "")
-                + f'. Its columns: polite sql "DESCRIBE SELECT * FROM {source}"'
+                f"{option} {where!r} is not a predicate over {source}: {sql_error_summary(exc)}"
+                f'. Its columns: polite sql "DESCRIBE SELECT * FROM {source}"'
             ) from None
+
+
+def sql_error_summary(exc: BaseException) -> str:
+    """DuckDB's error in one line: its first line, and the names it suggests (``Candidate ...``) if any."""
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    hint = next((line for line in lines[1:] if line.startswith("Candidate")), None)
+    return lines[0] + (f" ({hint})" if hint else "")
 
 
 _ALLOWED = {"SELECT", "EXPLAIN"}

@@ -223,3 +223,16 @@ def test_the_workspace_option_also_goes_before_the_command(workspace, tmp_path, 
     assert before.output == after.output and "0" in before.output
     missing = CliRunner().invoke(app, ["-w", str(tmp_path / "nowhere"), "sql", "SELECT 1"])
     assert missing.exit_code != 0 and "nowhere" in missing.output
+
+
+def test_a_wrong_query_is_one_line_that_names_the_columns(workspace):
+    from typer.testing import CliRunner
+
+    from polite.cli import app
+
+    LineageStore(workspace.db_path).migrate()
+    wrong = CliRunner().invoke(app, ["sql", "SELECT kind FROM runs", "-w", str(workspace.root)])
+    assert wrong.exit_code == 2 and "Traceback" not in wrong.output
+    assert 'column "kind" not found' in wrong.output and "Candidate bindings" in wrong.output
+    missing = CliRunner().invoke(app, ["sql", "SELECT * FROM no_such_table", "-w", str(workspace.root)])
+    assert missing.exit_code == 2 and "no_such_table" in missing.output and "SHOW TABLES" in missing.output

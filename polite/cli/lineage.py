@@ -63,7 +63,15 @@ def register(app: typer.Typer) -> None:
 
         Example: polite sql "SELECT source, count(*) FROM samples GROUP BY source"
         """
-        result = _store(workspace).user_query(query)
+        import duckdb
+
+        from lineage.store import sql_error_summary
+
+        try:
+            result = _store(workspace).user_query(query)
+        except duckdb.Error as exc:  # the user's SQL: a line that says what is wrong, not a traceback
+            raise ValueError(f"{sql_error_summary(exc)}. Tables and views: polite sql \"SHOW TABLES\"; "
+                             f'a table\'s columns: polite sql "DESCRIBE rewrites"') from None  # fmt: skip
         if format is OutputFormat.table:
             print_table(result)
         elif format is OutputFormat.csv:
