@@ -75,7 +75,9 @@ class StageRun:
     summary: dict[str, Any] = field(default_factory=dict)
 
     def count(self, key: str, n: int = 1) -> None:
-        self.summary[key] = self.summary.get(key, 0) + n
+        total = self.summary.get(key, 0) + n
+        # seconds add up as floats: keep the summary free of 0.14200000000000002
+        self.summary[key] = round(total, 6) if isinstance(total, float) else total
 
 
 @contextmanager
