@@ -16,7 +16,6 @@ wrote the same rewrites.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,33 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workspace", required=True)
-    parser.add_argument("--rounds", type=int, default=2)
+    from bench.demo_work import DemoShards, demo_parser
+
+    parser = demo_parser(__doc__)
     parser.add_argument("--preset", default="greedy", help="greedy, beam or paper (3 sampled beams)")
     parser.add_argument("--scheduling", choices=("static", "continuous"), default="static",
                         help="continuous (greedy only): the ring holds prompt + cache_new_tokens, and rows that "
                              "outlive it go on in static batches")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
     parser.add_argument("--cache-new-tokens", type=int, default=64,
                         help="the growing run's first room (the ratio 224:64 is about the paper's 1024:256)")  # fmt: skip
     parser.add_argument(
         "--token-budget", type=int, default=8192, help="small enough to bind at the demo's size"
     )
-    parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument(
         "--shard-size", type=int, default=512, help="samples per rewrite_shard call, as the flow"
     )
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="only the first N samples of the work")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     import torch
 
-    from bench.demo_work import DemoShards
     from flows.rewrite import WORK_ORDER
     from models.generation import fast_decoder, resolve_generation
     from models.loader import load_rewriter

@@ -3,7 +3,20 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+
+
+def demo_parser(doc: str | None, rounds: int = 2, max_batch_size: int = 256) -> argparse.ArgumentParser:
+    """The options every CPU rewrite benchmark on a demo workspace takes; a script adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
+    parser.add_argument("--max-batch-size", type=int, default=max_batch_size)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    return parser
 
 
 def latest_rewriter_and_first_work(workspace: str, order_by: str):

@@ -12,7 +12,6 @@ rewrites (``--backends`` adds the fast decoder without batch shrinking). Samplin
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,24 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workspace", required=True)
+    from bench.demo_work import DemoShards, demo_parser
+
+    parser = demo_parser(__doc__, rounds=1, max_batch_size=64)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--presets", default="greedy,beam,paper")
-    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--backends", default="plain,fast",
                         help="plain, fast, and fast-noshrink (the fast decoder with shrink_batches off)")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
-    parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     import torch
 
-    from bench.demo_work import DemoShards
     from flows.rewrite import WORK_ORDER
     from models.generation import resolve_generation
     from polite.shards import read_table

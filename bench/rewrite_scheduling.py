@@ -12,7 +12,6 @@ whether both schedulings wrote the same rewrites.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,25 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workspace", required=True)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=224, help="the demo's setting")
-    parser.add_argument("--max-batch-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    from bench.demo_work import DemoShards, demo_parser
+
+    parser = demo_parser(__doc__)
     parser.add_argument(
         "--shard-size", type=int, default=512, help="samples per rewrite_shard call, as the flow"
     )
     parser.add_argument("--order", choices=("image", "sample"), default="image",
                         help="work order: the flow's (by first image, then sample id) or by sample id alone")  # fmt: skip
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     import torch
 
-    from bench.demo_work import DemoShards
     from flows.rewrite import WORK_ORDER
     from models.generation import resolve_generation
     from polite.shards import read_table
