@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.demo_work import DemoShards, demo_parser
+    from bench.demo_work import DemoShards, demo_parser, report
 
     parser = demo_parser(__doc__)
     parser.add_argument("--preset", default="greedy", help="greedy, beam or paper (3 sampled beams)")
@@ -91,13 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
               "token_budget": args.token_budget,
               "max_new_tokens": args.max_new_tokens,
               "runs": runs, "identical_rewrites": f"{same}/{len(outputs['full'])}"}  # fmt: skip
-    for mode in modes:
-        mine = sorted(r["generate_s"] for r in runs if r["mode"] == mode)
-        result[f"{mode}_median_generate_s"] = mine[len(mine) // 2]
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return report(result, "mode", args.out)
 
 
 if __name__ == "__main__":

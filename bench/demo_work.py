@@ -19,6 +19,20 @@ def demo_parser(doc: str | None, rounds: int = 2, max_batch_size: int = 256) -> 
     return parser
 
 
+def report(result: dict, by: str, out: str | None) -> dict:
+    """Add the median ``generate_s`` of ``result["runs"]`` for each value of ``by``, print the result without its
+    runs, and write all of it as JSON to ``out`` if given."""
+    import json
+
+    for kind in dict.fromkeys(r[by] for r in result["runs"]):
+        mine = sorted(r["generate_s"] for r in result["runs"] if r[by] == kind)
+        result[f"{kind}_median_generate_s"] = mine[len(mine) // 2]
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def latest_rewriter_and_first_work(workspace: str, order_by: str):
     """(``{"model_id", "path"}`` of the latest rewriter, the first rewrite run's work rows ordered by ``order_by``)."""
     import duckdb

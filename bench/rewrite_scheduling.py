@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.demo_work import DemoShards, demo_parser
+    from bench.demo_work import DemoShards, demo_parser, report
 
     parser = demo_parser(__doc__)
     parser.add_argument(
@@ -74,13 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "identical_rewrites": f"{same}/{len(outputs['static'])}",
     }
-    for scheduling in ("static", "continuous"):
-        mine = sorted(r["generate_s"] for r in runs if r["scheduling"] == scheduling)
-        result[f"{scheduling}_median_generate_s"] = mine[len(mine) // 2]
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    return report(result, "scheduling", args.out)
 
 
 if __name__ == "__main__":
