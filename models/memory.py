@@ -15,6 +15,10 @@ from typing import Any
 CPU_TOKEN_BUDGET = 65536  # on a CPU the budget bounds work per batch, not memory: compute is the limit there
 ACTIVATION_SHARE = 0.4  # prefill activations per prompt token, in KV slots (measured, see above)
 USABLE_FRACTION = 0.9
+# The budget is rounded down to a multiple of this many slots, so that a few hundred MB more or less free memory
+# (another process, fragmentation, a resumed run) plans the same batches: the same batches give the same sampled
+# rewrites (sampling is seeded per batch) and, on a GPU, the same rounding.
+BUDGET_STEP = 8192
 
 
 def kv_bytes_per_token(lm_config: Any, dtype) -> int:
@@ -31,7 +35,8 @@ def token_budget_for(available_bytes: int, kv_bytes: int) -> int:
     """The KV-cache slots to plan batches for, given the device memory a batch may use."""
     if kv_bytes <= 0:
         raise ValueError(f"kv_bytes must be positive, got {kv_bytes}")
-    return max(1, int(available_bytes * USABLE_FRACTION / (kv_bytes * (1 + ACTIVATION_SHARE))))
+    slots = int(available_bytes * USABLE_FRACTION / (kv_bytes * (1 + ACTIVATION_SHARE)))
+    return slots // BUDGET_STEP * BUDGET_STEP if slots >= BUDGET_STEP else max(1, slots)
 
 
 def cuda_bytes_available(device, held_bytes: int = 0) -> int:
