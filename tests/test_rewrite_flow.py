@@ -380,3 +380,15 @@ def test_bookkeeping_benchmark_keeps_one_accepted_rewrite_per_sample(tmp_path, b
     # a gqa sample: its first attempt (and a retry, if that failed) and the rerun's
     assert figures["explain: rewrite attempts of that sample"] in (2, 3)
     assert figures["check: samples without exactly one accepted rewrite"] == 0
+
+
+def test_the_rewrite_command_says_how_the_batches_fitted():
+    from polite.cli import rewrite as cli
+
+    summary = {"mode": "first", "selected": 10, "ok": 10, "failed": 0, "shards": 1, "model_id": "m_1",
+               "settings_hash": "s_1", "output_tokens": 100, "tokens_per_s": 5.0, "batches": 3, "cache_grows": 2,
+               "rows_continued": 0, "oom_splits": 0}  # fmt: skip
+    with cli.console.capture() as captured:
+        cli._report(summary)
+    text = captured.get()
+    assert "3 batches, 2 cache grows" in text and "continued" not in text and "out-of-memory" not in text

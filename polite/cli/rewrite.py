@@ -78,6 +78,12 @@ def _report(summary: dict[str, Any]) -> None:
         console.print(
             f"{summary.get('output_tokens', 0)} tokens generated, {summary['tokens_per_s']} tokens/s"
         )
+    # how the batches fitted the memory: what `rewrite.cache_new_tokens` and `token_budget` are tuned by
+    fitting = [f"{summary[k]} {label}" for k, label in (("batches", "batches"), ("cache_grows", "cache grows"),
+               ("rows_continued", "rows continued after the ring"), ("oom_splits", "out-of-memory splits"))
+               if summary.get(k)]  # fmt: skip
+    if fitting:
+        console.print(", ".join(fitting), highlight=False)
     if summary.get("failed"):
         console.print(
             "failures: polite sql \"SELECT error, count(*) FROM rewrites WHERE status = 'failed' GROUP BY 1\"; "
