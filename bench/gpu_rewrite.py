@@ -677,8 +677,11 @@ def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtyp
             decoder.generate(ids[sel], mask[sel], media, limits, eos, 0, min_new_tokens=limits,
                              cache_new_tokens=cache_new)  # fmt: skip
 
+    from models.fast_cache import KV_BLOCK, round_up
+
     cache_new = max(1, new // 4)
-    grown_rows = batch * (prompt_len + new) // (prompt_len + cache_new)  # the same KV-cache slots
+    # the same KV-cache slots (rows x cache length, rounded up to the cache's blocks as the decoder does)
+    grown_rows = batch * round_up(prompt_len + new, KV_BLOCK) // round_up(prompt_len + cache_new, KV_BLOCK)
     results["scheduling"].update(cache_new_tokens=cache_new, grown_cache_rows=grown_rows)
     grows = functools.partial(static, size=grown_rows, cache_new=cache_new)
 
