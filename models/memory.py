@@ -39,14 +39,38 @@ def token_budget_for(available_bytes: int, kv_bytes: int) -> int:
     return slots // BUDGET_STEP * BUDGET_STEP if slots >= BUDGET_STEP else max(1, slots)
 
 
+def usable_bytes(free: int, total: int, cached: int, allocated: int, held: int, share: float = 1.0) -> int:
+    """Device memory a batch may use: what the driver reports ``free``, what PyTorch's allocator holds ``cached``
+    but unused, and what this process ``held`` for batches already (the decoder's KV arena, reused). A worker
+    given a ``share`` of the card (Ray's ``num_gpus: 0.5``) stays within that share of ``total``, less what it
+    has ``allocated`` besides the arena (the model), whatever the driver says is free: the other workers on the
+    card may not have loaded yet."""
+    available = free + cached + held
+    if share < 1.0:
+        available = min(available, int(share * total) - (allocated - held))
+    return max(0, int(available))
+
+
+def gpu_share() -> float:
+    """The fraction of a GPU this process was given: Ray's ``num_gpus`` for the task or actor it runs, if below
+    one; else 1."""
+    try:
+        import ray
+    except ImportError:  # Ray is an optional extra; without it nothing shares a card by design
+        return 1.0
+    if not ray.is_initialized():
+        return 1.0
+    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)
+    return float(gpus) if 0 < gpus < 1 else 1.0
+
+
 def cuda_bytes_available(device, held_bytes: int = 0) -> int:
-    """Device memory a batch may use: what the driver reports free, what PyTorch's allocator holds cached but
-    unused, and ``held_bytes`` that this process holds for batches already (the decoder's KV arena, reused)."""
+    """``usable_bytes`` for a CUDA device, as the driver and PyTorch's allocator report it now."""
     import torch
 
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(free + cached + held_bytes)
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    return usable_bytes(free, total, reserved - allocated, allocated, held_bytes, gpu_share())
 
 
 def resolve_token_budget(setting: int | str, loaded, held_bytes: int = 0) -> int:

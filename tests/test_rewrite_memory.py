@@ -16,9 +16,11 @@ from models.memory import (
     BUDGET_STEP,
     CPU_TOKEN_BUDGET,
     USABLE_FRACTION,
+    gpu_share,
     kv_bytes_per_token,
     resolve_token_budget,
     token_budget_for,
+    usable_bytes,
 )
 from polite.config import load_config
 
@@ -79,3 +81,34 @@ def test_the_setting_takes_auto_or_a_positive_count(tmp_path):
     for bad in ("0", "lots"):
         with pytest.raises(Exception, match="token_budget"):
             rewrite(bad)
+
+
+def test_a_worker_with_half_a_card_plans_for_half_of_it():
+    gb = 10**9
+    # alone on a 141 GB card with the 9B loaded (18 GB): everything free is usable, plus the cache and arena
+    assert usable_bytes(free=120 * gb, total=141 * gb, cached=gb, allocated=18 * gb, held=0) == 121 * gb
+    assert usable_bytes(free=60 * gb, total=141 * gb, cached=0, allocated=78 * gb, held=60 * gb) == 120 * gb
+    # half the card, the other worker not loaded yet: half of 141 less its own model, not the 120 GB free
+    assert usable_bytes(free=120 * gb, total=141 * gb, cached=0, allocated=18 * gb, held=0, share=0.5) == int(
+        52.5 * gb
+    )
+    # ... and never more than is free
+    assert (
+        usable_bytes(free=10 * gb, total=141 * gb, cached=0, allocated=18 * gb, held=0, share=0.5) == 10 * gb
+    )
+    assert gpu_share() == 1.0  # outside Ray
+
+
+@pytest.mark.slow
+def test_a_ray_task_given_half_a_gpu_knows_its_share():
+    ray = pytest.importorskip("ray")
+
+    ray.init(
+        num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False
+    )  # a declared, not a real, GPU
+    try:
+        share = ray.remote(num_gpus=0.5, num_cpus=0)(gpu_share)
+        whole = ray.remote(num_gpus=1, num_cpus=0)(gpu_share)
+        assert ray.get([share.remote(), whole.remote()]) == [0.5, 1.0]
+    finally:
+        ray.shutdown()
