@@ -22,14 +22,16 @@ def plan_batches(
     max_batch_size: int,
     width: int = 1,
     granularity: int = 1,
+    session_rows: Callable[[int], int] | None = None,
 ) -> list[list[int]]:
     """Group item indices into batches, longest prompts first.
 
-    A batch's cost is ``size * width * (longest prompt + max_new_tokens)``, that length rounded up to a
-    multiple of ``granularity`` (the KV-cache block of the decoder): the KV cache and activations it pads to.
-    Sorting by length keeps padding small; longest-first makes an out-of-memory surface in the first batch
-    rather than the last. ``width`` is the number of beams. An item whose cost alone exceeds the budget still
-    gets a batch of its own. Deterministic for the same lengths.
+    A batch's cost is ``size * width * (longest prompt + max_new_tokens)``: the KV cache and activations it pads
+    to, as the decoder lays them out. The length is rounded up to a multiple of ``granularity`` (the decoder's
+    KV-cache block), and ``session_rows`` maps the ``size * width`` rows to the rows the decoder runs them as
+    (its CUDA graph buckets: 257 rows decode as 288). Sorting by length keeps padding small; longest-first makes
+    an out-of-memory surface in the first batch rather than the last. ``width`` is the number of beams. An item
+    whose cost alone exceeds the budget still gets a batch of its own. Deterministic for the same lengths.
     """
     if token_budget <= 0 or max_batch_size <= 0 or granularity <= 0:
         raise ValueError("token_budget, max_batch_size and granularity must be positive")
@@ -40,7 +42,8 @@ def plan_batches(
     for i in order:
         candidate_longest = max(longest, int(lengths[i]))
         row = -(-(candidate_longest + max_new_tokens) // granularity) * granularity
-        cost = (len(current) + 1) * width * row
+        rows = (len(current) + 1) * width
+        cost = (session_rows(rows) if session_rows else rows) * row
         if current and (cost > token_budget or len(current) >= max_batch_size):
             batches.append(current)
             current, candidate_longest = [], int(lengths[i])

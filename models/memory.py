@@ -5,8 +5,7 @@ the prefill's activations, which grow with the prompt tokens. On an H200, the 9B
 peaked at 93.7 GB: 16.5 GB of weights, 64.4 GB of KV cache (131,072 slots of 512 KB) and 12.8 GB besides, for
 65,536 prompt tokens, so about 0.4 slot's worth per prompt token (BENCHMARKS.md, session 1). The budget charges
 every slot that much extra (a prompt token has a slot) and leaves a tenth of the memory free for fragmentation
-and the CUDA graphs' pools. The extra also absorbs the graphs' batch buckets: a batch of 257 rows decodes as 288
-(models/fast_cache.batch_bucket), up to 12% over its plan at that size.
+and the CUDA graphs' pools. (The plans count the graphs' batch buckets themselves: 257 rows decode as 288.)
 """
 
 from __future__ import annotations

@@ -116,6 +116,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
             max_batch_size=int(job.get("max_batch_size", 512)),
             width=int(settings.get("num_beams", 1)),
             granularity=gen.decoder.kv_block if gen.decoder is not None else 1,
+            session_rows=gen.decoder.session_rows if gen.decoder is not None else None,
         )
         return [[indices[j] for j in batch] for batch in batches]
 

@@ -29,6 +29,10 @@ def test_plan_batches_respects_budget_size_and_sorts_longest_first():
     # the cache rounds each row up to its block: 10 + 10 tokens cost 32 slots at granularity 16
     assert [len(b) for b in plan_batches([10] * 6, 10, 100, 8, granularity=16)] == [3, 3]
     assert [len(b) for b in plan_batches([10] * 6, 10, 100, 8)] == [5, 1]
+    # and a decoder that runs batches in power-of-two buckets: 9 rows would take 16 rows' memory
+    assert [len(b) for b in plan_batches([5] * 10, 5, 100, 16)] == [10]
+    buckets = [len(b) for b in plan_batches([5] * 10, 5, 100, 16, session_rows=lambda n: 1 << (n - 1).bit_length())]
+    assert buckets == [8, 2]
 
 
 def _oom(msg="CUDA out of memory. Tried to allocate 2.00 GiB"):
