@@ -62,7 +62,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
     out = job["out"]
     if exists(out):
         return {"path": out, "reused": True}
-    from models.batching import plan_batches, run_batches
+    from models.batching import plan_batches, run_batches, stream_rows
     from models.fast_cache import round_up
     from models.flamingo import model_lock
     from models.generation import PromptTooLong, RewriteGenerator
@@ -140,9 +140,9 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         from models.continuous import run_continuous
 
         longest = max(len(prompt_ids[i]) for i in todo)
-        # as many rows as a static batch of the longest prompts could have, and no more than there are samples
-        budget_rows = token_budget // round_up(longest + planned_new, gen.decoder.kv_block)
-        slots = max(1, min(int(job.get("max_batch_size", 512)), budget_rows, len(todo)))
+        ring = round_up(longest + planned_new, gen.decoder.kv_block)
+        slots = stream_rows(token_budget, ring, int(job.get("max_batch_size", 512)), len(todo),
+                            gen.decoder.session_rows)  # fmt: skip
 
         def stream(fetch):
             with lock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.batching import is_oom_error, plan_batches, run_batches
+from models.batching import is_oom_error, plan_batches, run_batches, stream_rows
 from models.generation import PRESETS, fast_supported, greedy_on_device, resolve_generation
 from polite.ids import settings_hash
 
@@ -33,6 +33,16 @@ def test_plan_batches_respects_budget_size_and_sorts_longest_first():
     assert [len(b) for b in plan_batches([5] * 10, 5, 100, 16)] == [10]
     buckets = [len(b) for b in plan_batches([5] * 10, 5, 100, 16, session_rows=lambda n: 1 << (n - 1).bit_length())]
     assert buckets == [8, 2]
+
+
+
+def test_stream_rows_fit_the_budget_as_the_decoder_runs_them():
+    pow2 = lambda n: 1 << (n - 1).bit_length()  # noqa: E731
+    assert stream_rows(token_budget=1000, ring=100, max_batch_size=64, items=50) == 10
+    assert stream_rows(1000, 100, 64, 50, session_rows=pow2) == 8  # 10 rows would run as 16
+    assert stream_rows(1000, 100, 4, 50, session_rows=pow2) == 4
+    assert stream_rows(1000, 100, 64, 3) == 3
+    assert stream_rows(50, 100, 64, 50, session_rows=pow2) == 1  # one row even when it does not fit
 
 
 def _oom(msg="CUDA out of memory. Tried to allocate 2.00 GiB"):
