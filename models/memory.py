@@ -10,6 +10,7 @@ and the CUDA graphs' pools. (The plans count the graphs' batch buckets themselve
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 CPU_TOKEN_BUDGET = 65536  # on a CPU the budget bounds work per batch, not memory: compute is the limit there
@@ -54,11 +55,9 @@ def usable_bytes(free: int, total: int, cached: int, allocated: int, held: int, 
 def gpu_share() -> float:
     """The fraction of a GPU this process was given: Ray's ``num_gpus`` for the task or actor it runs, if below
     one; else 1."""
-    try:
-        import ray
-    except ImportError:  # Ray is an optional extra; without it nothing shares a card by design
-        return 1.0
-    if not ray.is_initialized():
+    # a Ray worker has imported ray already; elsewhere there is no share to ask for (and no import to pay)
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
         return 1.0
     gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)
     return float(gpus) if 0 < gpus < 1 else 1.0
