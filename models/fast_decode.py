@@ -263,6 +263,9 @@ class FastFlamingoDecoder:
         self.shrink = shrink
         self.shrinks = 0
         self.grows = 0  # static sessions whose rows moved to a longer cache (``cache_new_tokens``)
+        # beam search: generated keys (rows x positions) copied to beams that continue another row, of all the
+        # generated keys those beams had (what copying whole rows would have moved)
+        self.beam_keys_copied = self.beam_keys_moved = 0
 
     # -- tables and buffers ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -713,6 +716,8 @@ class FastFlamingoDecoder:
         where = order.clone()
         full = logits
         nan = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        # per session row, the generated tokens whose keys fill its slots [n, slot) (beams only)
+        history = torch.zeros((rows, max_new + 1), dtype=torch.long, device=self.device) if k > 1 else None
         while not search.step(full):
             live = search.live_samples().repeat_interleave(k)[order].nonzero().flatten()
             no_slot = sess.slot_host >= sess.cache_len  # the next key has no slot: grow the cache first
@@ -722,19 +727,17 @@ class FastFlamingoDecoder:
                 sess, order = self._regroup(sess, live, length), order[live]
                 where = torch.full_like(where, -1)
                 where[order] = torch.arange(len(order), device=self.device)
+                history = history[live] if history is not None else None
             current = len(order)
             sess.tok[:current] = search.next_tokens[order]
+            written = sess.slot_host - n
             if search.source_rows is not None:
-                # Only beams that continue another row move, and only their generated keys: the prompt's are
-                # the same in every beam of a sample. (generate reorders the whole cache every step.)
                 source = where[search.source_rows[order]]
                 moved = (source != sess.rows[:current]).nonzero().flatten()
-                if len(moved):
-                    source = source[moved]
-                    for cache in (*sess.k, *sess.v):
-                        generated = cache[:, :, n : sess.slot_host]
-                        # index_select + index_copy_: 2.3x faster than indexed assignment on CPU
-                        generated.index_copy_(0, moved, generated.index_select(0, source))
+                if len(moved) and written:
+                    self._continue_beams(sess, history, moved, source[moved], n, written)
+            if history is not None:
+                history[:current, written] = sess.tok[:current]
             self._run_step(sess)
             sess.slot_host += 1
             if current == rows:
@@ -747,6 +750,26 @@ class FastFlamingoDecoder:
         if bool(nan.any()):
             self._cache.zero()  # as in generate: a masked NaN would poison later batches
         return DecodeOutput(tokens=search.result(), nan=nan, grows=self.grows - grows)
+
+    def _continue_beams(self, sess: Session, history: torch.Tensor, rows: torch.Tensor, source: torch.Tensor,
+                        start: int, written: int) -> None:  # fmt: skip
+        """Beams in ``rows`` continue the beams in ``source`` (session rows): give each the generated keys of its
+        source. The prompt's keys are the same in every beam of a sample, and so are the keys of generated tokens
+        up to the first one where the two beams' histories differ (the same tokens after the same prompt), so
+        only the keys from there on are copied: on the demo rewriter's beams 12% of the generated keys, where
+        ``generate`` reorders the whole cache every step."""
+        differs = history[rows, :written] != history[source, :written]
+        first = torch.where(differs.any(dim=1), differs.int().argmax(dim=1), written)
+        at_row, at_pos = (torch.arange(written, device=self.device).view(1, -1) >= first.view(-1, 1)).nonzero(
+            as_tuple=True
+        )
+        self.beam_keys_copied += len(at_row)
+        self.beam_keys_moved += len(rows) * written
+        if len(at_row):
+            dest, src, pos = rows[at_row], source[at_row], start + at_pos
+            for cache in (*sess.k, *sess.v):
+                cache[dest, :, pos] = cache[src, :, pos]  # gathered before written: rows may swap
+        history[rows, :written] = history[source, :written]
 
     @torch.inference_mode()
     def stream(

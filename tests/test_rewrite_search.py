@@ -70,8 +70,12 @@ def test_fast_search_gives_generates_tokens(ending, images, preset, overrides): 
     plain = RewriteGenerator(ending, settings, backend="plain")
     assert fast.decoder is not None and not fast.can_stream and plain.decoder is None
     batch = _batch(fast, images)
+    copied, moved = fast.decoder.beam_keys_copied, fast.decoder.beam_keys_moved
     got = _run(fast, batch)
     assert got == _run(plain, batch)
+    if settings["num_beams"] > 1:  # beams that continue another row copy only the keys after their histories part
+        assert 0 < fast.decoder.beam_keys_moved - moved
+        assert fast.decoder.beam_keys_copied - copied < (fast.decoder.beam_keys_moved - moved) / 2
     lengths = [n for _, n in got]
     assert len(set(lengths)) > 1 and min(lengths) < 24  # some rows ended early, some ran to the limit
     assert all(n >= overrides.get("min_new_tokens", 0) for n in lengths)
