@@ -23,6 +23,20 @@ def test_demo_yaml_is_the_no_argument_config():
     assert demo_config().model_copy(update={"rewrite": defaults.rewrite, "train": defaults.train}) == defaults
 
 
+def test_stage_commands_without_a_config_run_the_demo_config_too():
+    """`polite rewrite --retry-failed` after `polite run` must work on the demo's rewrites: the same settings, so
+    the same key (the built-in defaults would rewrite everything again at 1024 new tokens)."""
+    from flows.factory import demo_config
+    from polite.cli.common import stage_config
+    from polite.cli.rewrite import _config
+
+    assert stage_config(None) == demo_config() != FactoryConfig()
+    assert stage_config(str(CONFIGS / "pf1m.yaml")) == load_config(CONFIGS / "pf1m.yaml")
+    assert _config(None, None, [])["rewrite"] == demo_config().model_dump(mode="json", by_alias=True)["rewrite"]
+    beams = _config(None, "paper", ["rewrite.shard_size=8"])["rewrite"]
+    assert (beams["preset"], beams["shard_size"], beams["overrides"]["max_new_tokens"]) == ("paper", 8, 224)
+
+
 @pytest.mark.parametrize("name", ["demo.yaml", "pf1m.yaml", "nightly.yaml"])
 def test_every_shipped_config_validates(name):
     cfg = load_config(CONFIGS / name)

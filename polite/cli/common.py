@@ -29,6 +29,14 @@ ConfigOpt = Annotated[
 ]
 
 
+def stage_config(path: str | None):
+    """The config a command runs with: the file at ``path``, or without one the demo's, as `polite run` uses it
+    (so `polite rewrite --retry-failed` after the demo works on the demo's rewrites, same settings and key)."""
+    from flows.factory import resolve_config
+
+    return resolve_config(path)
+
+
 def check_predicate(workspace: str | None, config_workspace: str, where: str | None, source: str, option: str) -> None:
     """Stop on a user predicate the lineage cannot run before the flow (and a Prefect server) starts."""
     if not where:

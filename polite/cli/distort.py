@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, console, stage_config, user_errors
 
 
 class TrainingSetFormat(StrEnum):
@@ -57,9 +57,7 @@ def register(app: typer.Typer) -> None:
           polite distort --retry-failed --method llm
           polite distort --export-training-set workspace/train.parquet --where "p.method <> 'retrieve'"
         """
-        from polite.config import load_config
-
-        cfg = load_config(config)
+        cfg = stage_config(config)
         if export_training_set is not None:
             from flows.distort import write_training_set
 

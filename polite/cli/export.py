@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console, stage_config, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -34,9 +34,7 @@ def register(app: typer.Typer) -> None:
 
         quiet_library_warnings()  # before Prefect is imported: it reads its settings once
         from flows.export import export_flow
-        from polite.config import load_config
-
-        cfg = load_config(config)
+        cfg = stage_config(config)
         check_predicate(workspace, cfg.workspace, where, "lineage", "--where")
         result = export_flow(
             config=cfg.model_dump(mode="json", by_alias=True),

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, console, stage_config, user_errors
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -63,9 +63,9 @@ def register(app: typer.Typer) -> None:
         Example: polite filter --rethreshold --set semantic.threshold=0.5 --set clipscore.threshold=20
         """
         from flows.filter import filter_flow
-        from polite.config import load_config, parse_config
+        from polite.config import parse_config
 
-        data = load_config(config).model_dump(mode="json")
+        data = stage_config(config).model_dump(mode="json")
         data = apply_overrides(data, set_ or [])
         parse_config(data, origin=config or "(demo config + --set)")
         summary = filter_flow(

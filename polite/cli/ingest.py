@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, console, stage_config, user_errors
 
 EXAMPLES = """
 Examples:
@@ -99,9 +99,7 @@ def register(app: typer.Typer) -> None:
         if list_:
             list_adapters()
             return
-        from polite.config import load_config
-
-        cfg = load_config(config)
+        cfg = stage_config(config)
         data = cfg.model_dump(mode="json", by_alias=True)
         if shard_size:
             data["ingest"]["shard_size"] = shard_size

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console, stage_config, user_errors
 
 REWRITE_EXAMPLES = """
 Examples:
@@ -47,9 +47,9 @@ LimitOpt = Annotated[
 
 def _config(path: str | None, preset: str | None, sets: list[str] | None) -> dict[str, Any]:
     from polite.cli.factory import apply_overrides
-    from polite.config import load_config, parse_config
+    from polite.config import parse_config
 
-    data = load_config(path).model_dump(mode="json", by_alias=True, exclude_unset=True) if path else {}
+    data = stage_config(path).model_dump(mode="json", by_alias=True, exclude_unset=True)
     apply_overrides(data, list(sets or []))
     if preset:
         data.setdefault("rewrite", {})["preset"] = preset

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console, stage_config, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -46,9 +46,7 @@ def register(app: typer.Typer) -> None:
           polite train-rewriter --config configs/pf1m.yaml --base /models/openflamingo-9b-polite
         """
         from flows.train_rewriter import PAIRS_SOURCE, train_rewriter_flow
-        from polite.config import load_config
-
-        cfg = load_config(config)
+        cfg = stage_config(config)
         check_predicate(workspace, cfg.workspace, where, PAIRS_SOURCE, "--where")
         summary = train_rewriter_flow(
             config=cfg.model_dump(mode="json"),
