@@ -631,9 +631,13 @@ def paper_preset(model, batch, prompt_len, new, image_size, device, dtype, recor
     try:
         torch.manual_seed(0)
         timed(device, run_search, decoder, model, ids, mask, px, new, **PAPER)  # captures the graphs
+        copied, moved = decoder.beam_keys_copied, decoder.beam_keys_moved
         _, seconds = timed(device, run_search, decoder, model, ids, mask, px, new, **PAPER)
+        # the generated keys beams that continue another row copied, of those they had (whole-span copies)
+        copied_share = (decoder.beam_keys_copied - copied) / max(1, decoder.beam_keys_moved - moved)
         _, prefill_s = timed(device, run_search, decoder, model, ids, mask, px, 1, **PAPER)
         return record("ours, paper preset (beams 3, sampling, no-repeat 3)", batch, seconds,
+                      beam_keys_copied_share=round(copied_share, 3),
                       **figures(seconds, prefill_s, batch * PAPER["num_beams"], batch))  # fmt: skip
     finally:
         decoder.reset()

@@ -46,6 +46,7 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     assert checks["beam_search_rows_identical"] == "6/6"  # our beam search vs generate, fp32
     paper = [r for r in data["runs"] if r["path"].startswith("ours, paper preset")]
     assert len(paper) == 1 and paper[0]["batch"] == 4 and paper[0]["step_ms"] > 0
+    assert 0 < paper[0]["beam_keys_copied_share"] < 1  # beams copy only the keys after their histories part
     assert data["paper_speedup_vs_seed"] == round(
         paper[0]["tokens_per_s"] / data["runs"][0]["tokens_per_s"], 1
     )
