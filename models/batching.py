@@ -55,14 +55,15 @@ def plan_batches(
 
 
 def stream_rows(token_budget: int, ring: int, max_batch_size: int, items: int,
-                session_rows: Callable[[int], int] | None = None) -> int:  # fmt: skip
-    """Rows of a continuous batch whose ring holds ``ring`` slots per row: as many as a static batch of the
-    longest prompts could have, no more than there are ``items``, and (``session_rows``, see ``plan_batches``)
-    few enough that the rows the decoder runs them as fit the budget. At least one."""
-    rows = max(1, min(max_batch_size, token_budget // ring, items))
-    while rows > 1 and session_rows is not None and session_rows(rows) * ring > token_budget:
-        rows -= 1
-    return rows
+                session_rows: Callable[[int], int] | None = None, width: int = 1) -> int:  # fmt: skip
+    """Samples of a continuous batch whose ring holds ``ring`` slots per row, each sample taking ``width`` rows
+    (its beams): as many as a static batch of the longest prompts could have, no more than there are ``items``,
+    and (``session_rows``, see ``plan_batches``) few enough that the rows the decoder runs them as fit the
+    budget. At least one."""
+    samples = max(1, min(max_batch_size, token_budget // (ring * width), items))
+    while samples > 1 and session_rows is not None and session_rows(samples * width) * ring > token_budget:
+        samples -= 1
+    return samples
 
 
 def is_oom_error(exc: BaseException) -> bool:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from models.fast_cache import KV_BLOCK, Session, SessionCache, capture_step, round_up
-from models.search import TokenSearch
+from models.search import BeamSearch, TokenSearch
 
 ATTENTION_KINDS = ("sdpa", "flex")
 
@@ -735,7 +735,8 @@ class FastFlamingoDecoder:
                 source = where[search.source_rows[order]]
                 moved = (source != sess.rows[:current]).nonzero().flatten()
                 if len(moved) and written:
-                    self._continue_beams(sess, history, moved, source[moved], n, written)
+                    self._continue_beams(sess, history, moved, source[moved], torch.full_like(moved, n),
+                                         torch.full_like(moved, written))  # fmt: skip
             if history is not None:
                 history[:current, written] = sess.tok[:current]
             self._run_step(sess)
@@ -752,24 +753,29 @@ class FastFlamingoDecoder:
         return DecodeOutput(tokens=search.result(), nan=nan, grows=self.grows - grows)
 
     def _continue_beams(self, sess: Session, history: torch.Tensor, rows: torch.Tensor, source: torch.Tensor,
-                        start: int, written: int) -> None:  # fmt: skip
-        """Beams in ``rows`` continue the beams in ``source`` (session rows): give each the generated keys of its
-        source. The prompt's keys are the same in every beam of a sample, and so are the keys of generated tokens
-        up to the first one where the two beams' histories differ (the same tokens after the same prompt), so
-        only the keys from there on are copied: on the demo rewriter's beams 12% of the generated keys, where
-        ``generate`` reorders the whole cache every step."""
-        differs = history[rows, :written] != history[source, :written]
+                        start: torch.Tensor, written: torch.Tensor) -> None:  # fmt: skip
+        """Beams in ``rows`` continue the beams in ``source`` (session rows of the same samples): give each the
+        generated keys of its source. A row's generated keys are at slots ``start + j`` for ``j < written`` (per
+        row; positions in the ring). The prompt's keys are the same in every beam of a sample, and so are the keys
+        of generated tokens up to the first one where the two beams' histories differ (the same tokens after the
+        same prompt), so only the keys from there on are copied: on the demo rewriter's beams 12% of the
+        generated keys, where ``generate`` reorders the whole cache every step."""
+        most = int(written.max()) if len(written) else 0
+        if not most:
+            return
+        offsets = torch.arange(most, device=self.device).view(1, -1)
+        valid = offsets < written.view(-1, 1)
+        differs = (history[rows, :most] != history[source, :most]) & valid
         first = torch.where(differs.any(dim=1), differs.int().argmax(dim=1), written)
-        at_row, at_pos = (torch.arange(written, device=self.device).view(1, -1) >= first.view(-1, 1)).nonzero(
-            as_tuple=True
-        )
+        at_row, at_pos = ((offsets >= first.view(-1, 1)) & valid).nonzero(as_tuple=True)
         self.beam_keys_copied += len(at_row)
-        self.beam_keys_moved += len(rows) * written
+        self.beam_keys_moved += int(written.sum())
         if len(at_row):
-            dest, src, pos = rows[at_row], source[at_row], start + at_pos
+            dest, src = rows[at_row], source[at_row]
+            pos = torch.remainder(start[at_row] + at_pos, sess.cache_len)
             for cache in (*sess.k, *sess.v):
                 cache[dest, :, pos] = cache[src, :, pos]  # gathered before written: rows may swap
-        history[rows, :written] = history[source, :written]
+        history[rows, :most] = history[source, :most]
 
     @torch.inference_mode()
     def stream(
@@ -844,6 +850,113 @@ class FastFlamingoDecoder:
             for i, r in enumerate(done):
                 key, owner[r] = owner[r], None
                 yield key, tokens[i, : counts[i]], bool(nan[i])
+
+    @torch.inference_mode()
+    def stream_search(self, fetch: Callable[[int], Admission | None], search: BeamSearch, cache_len: int,
+                      refill_at: int | None = None) -> Iterator[tuple[Any, list[int], bool, int]]:  # fmt: skip
+        """Continuous batching for beam search: keep up to ``search.batch`` samples (``search.width`` rows each)
+        decoding and refill the rows of samples that finish.
+
+        ``search``: a ``BeamSearch`` made for streaming (``make_search`` with empty prompts and a span of at
+        least ``cache_len``). ``fetch(k)`` returns up to ``k`` new samples (an ``Admission``: one prompt per
+        sample, its ``max_new`` a limit that keeps prompt + new tokens within ``cache_len``), or None when there
+        are no more. Yields ``(key, tokens, nan, steps)`` per sample as it finishes: its best hypothesis's token
+        ids, whether its logits saw NaN, and how many steps its search ran (its ``max_new`` if it reached it). A sample's result is the one ``generate`` gives it with those limits
+        (deterministic beams: the same tokens; sampled ones draw from one random stream for the whole run).
+
+        Each joining prompt is prefilled once into its sample's first row, ending at the current slot of the
+        ring (as in ``stream``), and its keys are copied to the sample's other beams. After each step a beam
+        that continues another beam takes that beam's generated keys where their histories differ."""
+        k, samples = search.width, search.batch
+        rows = samples * k
+        sess = self._session(rows, 1, search.s.max_new_tokens, cache_len=cache_len)
+        self._reset_state(sess, [], search.pad_token_id, slot=0, select=False)
+        sess.full_span = True
+        self._ensure_flex(sess)
+        refill_at = max(1, refill_at or samples // 8)
+        owner: list[Any] = [None] * samples
+        start = torch.zeros(rows, dtype=torch.long, device=self.device)  # the slot of each row's first new key
+        history = torch.zeros((rows, sess.cache_len + 1), dtype=torch.long, device=self.device)
+        logits = torch.zeros((rows, self.vocab), dtype=torch.float32, device=self.device)
+        beams = torch.arange(k, device=self.device)
+        exhausted = False
+        while True:
+            free = [g for g in range(samples) if owner[g] is None]
+            if free and not exhausted and (len(free) >= refill_at or len(free) == samples):
+                joining = fetch(len(free))
+                if joining is None or not joining.keys:
+                    exhausted = True
+                else:
+                    self._check_fits(joining, sess.cache_len, search.s.max_new_tokens, len(free))
+                    taken = free[: len(joining.keys)]
+                    at = torch.as_tensor(taken, dtype=torch.long, device=self.device)
+                    joined = (at.view(-1, 1) * k + beams).view(-1)
+                    logits[joined] = self._admit_beams(sess, at * k, joining, k).repeat_interleave(k, dim=0)
+                    start[joined] = sess.slot_host
+                    search.admit(at, joining.input_ids.to(self.device), joining.max_new, joining.min_new)
+                    for g, key in zip(taken, joining.keys, strict=True):
+                        owner[g] = key
+            busy = [g for g in range(samples) if owner[g] is not None]
+            if not busy:
+                if exhausted:
+                    return
+                continue
+            search.step(logits)
+            done = search.done().tolist()
+            ended = [g for g in busy if done[g]]
+            if ended:
+                at = torch.as_tensor(ended, dtype=torch.long, device=self.device)
+                parked = (at.view(-1, 1) * k + beams).view(-1)
+                nan = sess.nan[parked].view(-1, k).any(dim=1).tolist()
+                steps = search.gen[at].tolist()
+                # park the rows: their span restarts at the slot, so idle steps read only fresh keys
+                sess.pad_len[parked] = sess.slot
+                bad = parked[sess.nan[parked]]
+                if len(bad):  # 0 * NaN is NaN: a masked NaN left in a row's cache would poison its next prompt
+                    for cache in (*sess.k, *sess.v, *sess.xk.values(), *sess.xv.values()):
+                        cache[bad] = 0
+                if sess.flex is not None:
+                    sess.flex.start(sess.pad_len)
+                for g, tokens, bad_row, ran in zip(ended, search.tokens_of(ended), nan, steps, strict=True):
+                    key, owner[g] = owner[g], None
+                    yield key, tokens, bool(bad_row), ran
+                search.retire(ended)
+                busy = [g for g in busy if owner[g] is not None]
+                if not busy:
+                    continue
+            sess.tok[:rows] = search.next_tokens
+            live = (torch.as_tensor(busy, dtype=torch.long, device=self.device).view(-1, 1) * k + beams).view(-1)
+            written = sess.slot_host - start[live]
+            moved = live[search.source_rows[live] != live]
+            if len(moved):
+                self._continue_beams(sess, history, moved, search.source_rows[moved], start[moved],
+                                     sess.slot_host - start[moved])  # fmt: skip
+            history[live, written] = sess.tok[live]
+            self._run_step(sess)
+            sess.slot_host += 1
+            logits.copy_(sess.logits[:rows])
+
+    def _admit_beams(self, sess: Session, first_rows: torch.Tensor, joining: Admission, k: int) -> torch.Tensor:
+        """Prefill ``joining``'s prompts into ``first_rows`` of a running batch, ending at the current slot, and
+        copy each one's keys and per-row state to the ``k - 1`` rows after it (its other beams); returns the
+        prompts' last logits (samples, vocab)."""
+        ids = joining.input_ids.to(self.device)
+        n = ids.shape[1]
+        logits = self._prefill(sess, ids, joining.attention_mask.to(self.device), joining.media.to(self.device),
+                               rows=first_rows, offset=sess.slot_host - n)  # fmt: skip
+        rows = (first_rows.view(-1, 1) + torch.arange(k, device=self.device)).view(-1)
+        if k > 1:
+            source = first_rows.repeat_interleave(k)
+            pos = torch.remainder(sess.slot_host - n + torch.arange(n, device=self.device), sess.cache_len)
+            for cache in (*sess.k, *sess.v):
+                cache[rows.view(-1, 1), :, pos.view(1, -1)] = cache[source.view(-1, 1), :, pos.view(1, -1)]
+            for t in (sess.pad_len, sess.has_media, *sess.xk.values(), *sess.xv.values()):
+                t[rows] = t[source]
+            if sess.media_last is not None:
+                sess.media_last[rows] = sess.media_last[source]
+        sess.nan[rows] = torch.isnan(logits).any(dim=-1).repeat_interleave(k)
+        self._ensure_flex(sess)
+        return logits
 
     @staticmethod
     def _check_fits(joining: Admission, cache_len: int, max_new_tokens: int, free: int) -> None:

@@ -297,9 +297,14 @@ class RewriteGenerator:
         return min(max_new, int(self.cache_new_tokens))
 
     @property
+    def beams(self) -> int:
+        return int(self.settings["num_beams"])
+
+    @property
     def can_stream(self) -> bool:
-        """Whether ``stream`` (continuous batching) runs these settings."""
-        return self.decoder is not None and greedy_on_device(self.settings)
+        """Whether ``stream`` (continuous batching) runs these settings: greedy decoding and beam search on the
+        fast decoder (a single sampled or n-gram-constrained row per sample batches statically)."""
+        return self.decoder is not None and (greedy_on_device(self.settings) or self.beams > 1)
 
     def runtime(self) -> dict[str, Any]:
         """What ran the settings (recorded next to them; not part of the settings hash)."""
@@ -457,27 +462,66 @@ class RewriteGenerator:
     def stream(
         self, fetch: Callable[[int], list[tuple[Any, Prepared]]], rows: int, longest_prompt: int
     ) -> Iterator[tuple[Any, Generated | Exception]]:
-        """Continuous batching with the fast decoder (``FastFlamingoDecoder.stream``): ``fetch(k)`` gives up to
-        ``k`` (key, prepared sample) pairs, an empty list when there are no more; yields (key, result) as rows
-        finish.
+        """Continuous batching with the fast decoder (``FastFlamingoDecoder.stream``, or ``stream_search`` for
+        beams): ``fetch(k)`` gives up to ``k`` (key, prepared sample) pairs, an empty list when there are no more;
+        yields (key, result) as samples finish. ``rows``: samples decoding at once (with beams, each takes
+        ``num_beams`` rows).
 
         The ring cache holds ``longest_prompt`` plus ``planned_new_tokens`` per row (``cache_new_tokens``, else
-        ``max_new_tokens``). A row that outlives it leaves the ring with what it wrote so far; once the stream has
-        run dry, those rows go on in static batches whose prompts are their prompts plus what they wrote
-        (prefilled, then decoded, their caches growing as needed): the tokens decoding would have given, as a
-        static batch that grows its cache gives them."""
+        ``max_new_tokens``). A sample that outlives it leaves the ring; once the stream has run dry, those
+        samples go on in static batches, their caches growing as needed. A greedy row's prompt there is its
+        prompt plus what it wrote (prefilled), so it gets the tokens decoding would have given, as a static batch
+        that grows its cache gives them; a beam search starts again from its prompt."""
         from models.fast_cache import round_up
-        from models.fast_decode import Admission
 
         if not self.can_stream:
             raise ValueError(
-                "continuous batching needs the fast decoder and greedy settings (no beams, sampling or "
-                "no-repeat n-grams)"
+                "continuous batching needs the fast decoder and greedy or beam-search settings (one sampled or "
+                "n-gram-constrained row per sample batches statically)"
             )
         max_new = int(self.settings["max_new_tokens"])
-        min_new = int(self.settings.get("min_new_tokens", 0) or 0)
         ring = round_up(longest_prompt + self.planned_new_tokens, self.decoder.kv_block)
-        joined: dict[Any, tuple[Prepared, int]] = {}  # each row's sample and how many tokens the ring allows it
+        joined: dict[Any, tuple[Prepared, int]] = {}  # each sample and how many tokens the ring allows it
+        admission = self._admission(fetch, ring, joined)
+        outlived: list[tuple[Any, Prepared, list[int]]] = []
+        try:
+            if self.beams > 1:
+                finished = self._stream_beams(admission, rows, ring)
+            else:
+                finished = (
+                    (key, tokens.tolist(), nan, len(tokens))
+                    for key, tokens, nan in self.decoder.stream(admission, rows, ring, max_new, self.eos_ids, PAD_ID)
+                )  # fmt: skip
+            for key, written, nan, steps in finished:
+                prepared, limit = joined.pop(key)
+                ended = bool(written) and written[-1] in self.eos_ids
+                if not nan and limit < max_new and steps == limit and (self.beams > 1 or not ended):
+                    outlived.append((key, prepared, written))
+                else:
+                    yield key, self._result(prepared, written, nan)
+            # as many samples per batch as take the ring's memory at first (a greedy row's cache starts at
+            # prompt + written + planned_new_tokens)
+            size = max(1, rows * ring // (ring + self.planned_new_tokens)) if self.beams == 1 else rows
+            for start in range(0, len(outlived), size):
+                chunk = outlived[start : start + size]
+                if self.beams > 1:  # a search cannot go on from one hypothesis: it starts again
+                    self.rows_continued += len(chunk)
+                    self.rows_restarted += len(chunk)
+                    results = self.generate([p for _, p, _ in chunk])
+                else:
+                    results = self._continue([(p, written) for _, p, written in chunk])
+                yield from zip([key for key, _, _ in chunk], results, strict=True)
+        except BaseException as exc:
+            self._after_error(exc)
+            raise
+
+    def _admission(self, fetch, ring: int, joined: dict[Any, tuple[Prepared, int]]):
+        """``fetch`` as the decoder's stream wants it: the samples collated into an ``Admission`` whose token
+        limits keep each prompt plus its new tokens within the ring (each noted in ``joined``)."""
+        from models.fast_decode import Admission
+
+        max_new = int(self.settings["max_new_tokens"])
+        min_new = int(self.settings.get("min_new_tokens", 0) or 0)
 
         def admission(k: int) -> Admission | None:
             batch = fetch(k)
@@ -490,25 +534,21 @@ class RewriteGenerator:
             return Admission(keys, ids, mask, media, max_new=[limit] * len(keys),
                              min_new=[min(min_new, limit)] * len(keys))  # fmt: skip
 
-        outlived: list[tuple[Any, Prepared, list[int]]] = []
-        try:
-            for key, tokens, nan in self.decoder.stream(admission, rows, ring, max_new, self.eos_ids, PAD_ID):
-                prepared, limit = joined.pop(key)
-                written = tokens.tolist()
-                if not nan and limit < max_new and len(written) == limit and written[-1] not in self.eos_ids:
-                    outlived.append((key, prepared, written))
-                else:
-                    yield key, self._result(prepared, written, nan)
-            # as many rows per batch as take the ring's memory at first (their caches start at prompt + written
-            # + planned_new_tokens)
-            size = max(1, rows * ring // (ring + self.planned_new_tokens))
-            for start in range(0, len(outlived), size):
-                chunk = outlived[start : start + size]
-                results = self._continue([(p, written) for _, p, written in chunk])
-                yield from zip([key for key, _, _ in chunk], results, strict=True)
-        except BaseException as exc:
-            self._after_error(exc)
-            raise
+        return admission
+
+    def _stream_beams(self, admission, samples: int, ring: int) -> Iterator[tuple[Any, list[int], bool, int]]:
+        """``FastFlamingoDecoder.stream_search`` over ``samples`` samples at a time: (key, tokens, nan, steps the
+        search ran) per sample."""
+        import torch
+
+        from models.search import SearchSettings, make_search
+
+        search = make_search(torch.empty((samples, 0), dtype=torch.long, device=self.loaded.device),
+                             SearchSettings.from_settings(self.settings), self.eos_ids, PAD_ID,
+                             extra_processors=[_nan_guard([], self.beams)], span=ring)  # fmt: skip
+        if self.settings["do_sample"]:
+            torch.manual_seed(int(self.settings.get("seed", 0)))  # one random stream for the whole run
+        yield from self.decoder.stream_search(admission, search, ring)
 
     def _continue(self, rows: list[tuple[Prepared, list[int]]]) -> list[Generated | Exception]:
         """Greedy decoding of samples that already wrote some tokens: each prompt plus its tokens is prefilled

@@ -54,9 +54,11 @@ class SearchSettings:
         )
 
 
-def logits_processors(s: SearchSettings, prompt_len: int, eos_token_ids: Sequence[int], extra: Sequence = ()):
+def logits_processors(s: SearchSettings, prompt_len: int, eos_token_ids: Sequence[int], extra: Sequence = (),
+                      min_new=None):  # fmt: skip
     """Hugging Face's processors for these settings, in ``generate``'s order: constraints, then ``extra``
-    (a caller's own, as ``generate`` appends ``logits_processor=``), then the sampling warpers."""
+    (a caller's own, as ``generate`` appends ``logits_processor=``), then the sampling warpers. ``min_new``:
+    the minimum-length processor to use instead of Hugging Face's (which counts from ``prompt_len``)."""
     from transformers import LogitsProcessorList
     from transformers.generation.logits_process import (
         MinNewTokensLengthLogitsProcessor,
@@ -71,7 +73,7 @@ def logits_processors(s: SearchSettings, prompt_len: int, eos_token_ids: Sequenc
     if s.no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(s.no_repeat_ngram_size))
     if s.min_new_tokens > 0 and eos:
-        processors.append(MinNewTokensLengthLogitsProcessor(prompt_len, s.min_new_tokens, eos))
+        processors.append(min_new or MinNewTokensLengthLogitsProcessor(prompt_len, s.min_new_tokens, eos))
     processors.extend(extra)
     if s.do_sample:
         # generate keeps one candidate per end token plus one in every beam, so a beam can always go on
@@ -154,31 +156,95 @@ class Sampler(TokenSearch):
         return self.unfinished.bool()
 
 
+class PerSampleMinNewTokens:
+    """``generate``'s minimum-length rule (no end token before ``min_new_tokens`` new ones), counted per sample.
+
+    Hugging Face's ``MinNewTokensLengthLogitsProcessor`` counts new tokens from one prompt length shared by the
+    batch; in a stream (``BeamSearch.admit``) samples join at different steps, so the count comes from the
+    search. Same effect for a batch that starts together: the end tokens' scores become -inf."""
+
+    def __init__(self, search: BeamSearch) -> None:
+        self.search = search
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        s = self.search
+        short = (s.gen < s.min_new).repeat_interleave(s.width)
+        is_eos = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        is_eos[s.eos] = True
+        return scores.masked_fill(short.view(-1, 1) & is_eos.view(1, -1), -float("inf"))
+
+
 class BeamSearch(TokenSearch):
     """``num_beams`` rows per sample (beam ``j`` of sample ``i`` is row ``i * num_beams + j``): ``generate``'s
     ``_beam_search``, deterministic or sampled, with its length penalty and default early-stop heuristic
-    (``early_stopping=False``)."""
+    (``early_stopping=False``).
 
-    def __init__(self, input_ids, s, eos_token_ids, pad_token_id, processors) -> None:
+    Each sample keeps its own count of generated tokens and its own limits, so samples may join (``admit``) and
+    finish (``done``) at different steps: ``FastFlamingoDecoder.stream_search`` refills the rows of finished
+    samples (continuous batching). Sequences are kept right-aligned in ``span`` columns (the newest token last),
+    so every sample's history ends in the same column whatever its prompt length and age."""
+
+    def __init__(self, input_ids, s, eos_token_ids, pad_token_id, processors, span: int | None = None) -> None:
+        """A batch whose samples all start now with the prompts ``input_ids`` (left-padded); an empty
+        ``input_ids`` of shape (samples, 0) with ``span`` (the longest prompt plus new tokens any sample may
+        have) makes room for samples that ``admit`` adds later."""
         super().__init__(input_ids, s, eos_token_ids, pad_token_id, processors)
         b, k, dev = self.batch, s.num_beams, self.device
         self.width = k
+        self.span = span or self.max_length
         # one continuation per end token plus one, per beam: enough that num_beams of them can go on
         self.keep = max(2, 1 + len(self.eos)) * k
         # generate fills unwritten positions with pad_token_id "or" the first end token: pad id 0 is falsy
-        fill = self.pad_token_id or (int(self.eos[0]) if len(self.eos) else -1)
-        self.running = torch.full((b, k, self.max_length), fill, dtype=torch.long, device=dev)
-        self.running[:, :, : self.prompt_len] = input_ids.view(b, 1, -1)
-        self.sequences = self.running.clone()  # finished hypotheses, best first
+        self.fill = self.pad_token_id or (int(self.eos[0]) if len(self.eos) else -1)
+        self.running = torch.full((b, k, self.span), self.fill, dtype=torch.long, device=dev)
+        self.sequences = self.running.clone()  # finished hypotheses, best first (right-aligned when they ended)
         self.lengths = torch.zeros((b, k), dtype=torch.long, device=dev)  # their generated lengths
-        # only beam 0 starts live, so the first step does not pick the same token in every beam
         self.running_scores = torch.zeros((b, k), dtype=torch.float, device=dev)
-        self.running_scores[:, 1:] = _NEG
         self.scores = torch.full((b, k), _NEG, dtype=torch.float, device=dev)
         self.finished = torch.zeros((b, k), dtype=torch.bool, device=dev)
-        self.may_improve = torch.ones((b, 1), dtype=torch.bool, device=dev)
+        self.may_improve = torch.zeros((b, 1), dtype=torch.bool, device=dev)
+        self.gen = torch.zeros(b, dtype=torch.long, device=dev)  # tokens generated so far, per sample
+        self.max_new = torch.full((b,), s.max_new_tokens, dtype=torch.long, device=dev)
+        self.min_new = torch.full((b,), s.min_new_tokens, dtype=torch.long, device=dev)
         self.top_beams = torch.arange(self.keep, device=dev) < k
         self.row_offset = torch.arange(b, device=dev).view(b, 1) * k
+        self._tokens_host = [0] * b  # prompt + generated tokens per sample (the columns the processors read)
+        self._active_host = [False] * b
+        if input_ids.shape[1]:
+            self.admit(torch.arange(b, device=dev), input_ids)
+
+    def admit(self, samples: torch.Tensor, input_ids: torch.Tensor, max_new: Sequence[int] | None = None,
+              min_new: Sequence[int] | None = None) -> None:  # fmt: skip
+        """Start ``samples`` (indices) afresh with these left-padded prompts and per-sample limits (default: the
+        settings'). Their first ``step`` reads the logits after their prompts."""
+        n = input_ids.shape[1]
+        if n > self.span:
+            raise ValueError(f"a prompt of {n} tokens does not fit a search of span {self.span}")
+        for name, value in (("max_new", max_new), ("min_new", min_new)):
+            if value is not None:
+                getattr(self, name)[samples] = torch.as_tensor(value, dtype=torch.long, device=self.device)
+        if max_new is None:
+            self.max_new[samples] = self.s.max_new_tokens
+        if min_new is None:
+            self.min_new[samples] = self.s.min_new_tokens
+        self.running[samples] = self.fill
+        self.running[samples, :, self.span - n :] = input_ids.view(len(samples), 1, n)
+        self.sequences[samples] = self.running[samples]
+        self.lengths[samples] = 0
+        # only beam 0 starts live, so the first step does not pick the same token in every beam
+        self.running_scores[samples] = 0.0
+        self.running_scores[samples, 1:] = _NEG
+        self.scores[samples] = _NEG
+        self.finished[samples] = False
+        self.may_improve[samples] = True
+        self.gen[samples] = 0
+        for i in samples.tolist():
+            self._tokens_host[i], self._active_host[i] = n, True
+
+    def retire(self, samples: Sequence[int]) -> None:
+        """Samples whose results were taken: their rows are free, and the processors stop reading them."""
+        for i in samples:
+            self._active_host[i] = False
 
     @staticmethod
     def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -186,11 +252,18 @@ class BeamSearch(TokenSearch):
             index = index.unsqueeze(-1)
         return torch.take_along_dim(tensor, index, dim=1)
 
+    def _penalty(self, generated: torch.Tensor) -> torch.Tensor:
+        """``generate``'s length-penalty divisor for sequences of ``generated`` new tokens, (b, 1): computed in
+        double and rounded to float, as Python computes ``length ** length_penalty`` there."""
+        return (generated.double() ** self.s.length_penalty).float().view(-1, 1)
+
     def step(self, logits: torch.Tensor) -> bool:
-        b, k, n = self.batch, self.s.num_beams, self.prompt_len
-        cur = self.cur_len
+        b, k = self.batch, self.s.num_beams
+        # the processors read each sample's prompt and generated tokens (samples with shorter histories see
+        # fill tokens before theirs, as left padding; in a batch that started together, there are none)
+        cols = max((t for t, live in zip(self._tokens_host, self._active_host, strict=True) if live), default=1)
         log_probs = torch.log_softmax(logits, dim=-1)
-        log_probs = self.processors(self.running[:, :, :cur].reshape(b * k, cur), log_probs)
+        log_probs = self.processors(self.running[:, :, self.span - cols :].reshape(b * k, cols), log_probs)
         vocab = log_probs.shape[-1]
         log_probs = (log_probs.view(b, k, vocab) + self.running_scores[:, :, None]).view(b, k * vocab)
 
@@ -204,8 +277,9 @@ class BeamSearch(TokenSearch):
             top_scores, picked = torch.topk(log_probs, k=self.keep)
         from_beam = picked // vocab
         candidates = self._gather(self.running, from_beam)
-        candidates[:, :, cur] = picked % vocab
-        stops = self._hits_eos(candidates[:, :, cur]) | (cur + 1 >= self.max_length)
+        candidates = torch.cat((candidates[:, :, 1:], (picked % vocab).unsqueeze(-1)), dim=-1)
+        generated = self.gen + 1
+        stops = self._hits_eos(candidates[:, :, -1]) | (generated >= self.max_new).view(b, 1)
 
         # the live beams of the next step: the best candidates that did not stop
         live_scores = top_scores + stops.to(torch.float32) * _NEG
@@ -213,42 +287,66 @@ class BeamSearch(TokenSearch):
         self.running = self._gather(candidates, best)
         self.running_scores = self._gather(live_scores, best)
         self.source_rows = (self._gather(from_beam, best) + self.row_offset).view(-1)
-        self.next_tokens = self.running[:, :, cur].reshape(-1)
+        self.next_tokens = self.running[:, :, -1].reshape(-1)
 
         # finished hypotheses: a stopped candidate among the top num_beams enters if it beats a kept one
+        penalty = self._penalty(generated)
         just_finished = stops & self.top_beams[None, :]
-        final = top_scores / ((cur + 1 - n) ** self.s.length_penalty)
+        final = top_scores / penalty
         final = final + (~self.may_improve).to(torch.float32) * _NEG
         final = final + (~just_finished) * _NEG
         all_scores = torch.cat((self.scores, final), dim=1)
         merged = torch.topk(all_scores, k=k)[1]
         self.sequences = self._gather(torch.cat((self.sequences, candidates), dim=1), merged)
         self.scores = self._gather(all_scores, merged)
-        new_lengths = torch.full_like(final, cur + 1 - n, dtype=torch.long)
+        new_lengths = generated.view(b, 1).expand_as(final)
         self.lengths = self._gather(torch.cat((self.lengths, new_lengths), dim=1), merged)
         self.finished = self._gather(torch.cat((self.finished, just_finished), dim=1), merged)
 
-        self.cur_len = cur = cur + 1
+        self.gen = generated
+        self.cur_len += 1
+        self._tokens_host = [t + 1 for t in self._tokens_host]
         # generate's default heuristic: stop a sample once its best live beam, at the current length, cannot
         # beat its worst finished hypothesis
-        best_live = self.running_scores[:, :1] / ((cur - n) ** self.s.length_penalty)
+        best_live = self.running_scores[:, :1] / penalty
         worst_done = torch.where(self.finished, torch.min(self.scores, dim=1, keepdim=True)[0], _NEG)
         self.may_improve = self.may_improve & torch.any(best_live > worst_done, dim=-1, keepdim=True)
-        return not bool(self.may_improve.any() & ~stops.all())
+        return bool(self.done().all())
+
+    def done(self) -> torch.Tensor:
+        """(batch,) bool: samples whose result is final (it cannot improve, or it reached its limit)."""
+        return ~self.may_improve.view(-1) | (self.gen >= self.max_new)
 
     def live_samples(self) -> torch.Tensor:
         # a sample that cannot improve has its finished hypotheses frozen (their scores get -1e9 added)
-        return self.may_improve.view(-1)
+        return ~self.done()
+
+    def tokens_of(self, samples: Sequence[int]) -> list[list[int]]:
+        """Each sample's best hypothesis: its generated token ids."""
+        lengths = self.lengths[list(samples), 0].tolist()
+        best = self.sequences[list(samples), 0].tolist()
+        return [row[self.span - n :] if n else [] for row, n in zip(best, lengths, strict=True)]
 
     def result(self) -> torch.Tensor:
-        """The best hypothesis of each sample, as ``generate`` returns it (cut to the longest one's length)."""
-        longest = int(self.lengths[:, 0].max())
-        return self.sequences[:, 0, self.prompt_len : self.prompt_len + longest]
+        """The best hypothesis of each sample, as ``generate`` returns it (cut to the longest one's length; the
+        shorter ones filled after their end)."""
+        lengths = self.lengths[:, 0]
+        longest = int(lengths.max())
+        offsets = torch.arange(longest, device=self.device).view(1, -1)
+        index = (self.span - lengths).view(-1, 1) + offsets
+        picked = self.sequences[:, 0].gather(1, index.clamp(max=self.span - 1))
+        return picked.masked_fill(offsets >= lengths.view(-1, 1), self.fill)
 
 
 def make_search(input_ids: torch.Tensor, s: SearchSettings, eos_token_ids: Sequence[int], pad_token_id: int,
-                extra_processors: Sequence = ()) -> TokenSearch:  # fmt: skip
-    """The search for these settings over a left-padded batch of prompts ``input_ids`` (batch, prompt_len)."""
-    processors = logits_processors(s, input_ids.shape[1], eos_token_ids, extra_processors)
-    cls = BeamSearch if s.num_beams > 1 else Sampler
-    return cls(input_ids, s, eos_token_ids, pad_token_id, processors)
+                extra_processors: Sequence = (), span: int | None = None) -> TokenSearch:  # fmt: skip
+    """The search for these settings over a left-padded batch of prompts ``input_ids`` (batch, prompt_len); for
+    beams, an empty (samples, 0) ``input_ids`` and a ``span`` give a search that samples join later
+    (``BeamSearch.admit``)."""
+    if s.num_beams == 1:
+        processors = logits_processors(s, input_ids.shape[1], eos_token_ids, extra_processors)
+        return Sampler(input_ids, s, eos_token_ids, pad_token_id, processors)
+    search = BeamSearch(input_ids, s, eos_token_ids, pad_token_id, None, span=span)
+    search.processors = logits_processors(s, input_ids.shape[1], eos_token_ids, extra_processors,
+                                          min_new=PerSampleMinNewTokens(search))  # fmt: skip
+    return search

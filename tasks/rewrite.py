@@ -142,7 +142,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         longest = max(len(prompt_ids[i]) for i in todo)
         ring = round_up(longest + planned_new, gen.decoder.kv_block)
         slots = stream_rows(token_budget, ring, int(job.get("max_batch_size", 512)), len(todo),
-                            gen.decoder.session_rows)  # fmt: skip
+                            gen.decoder.session_rows, width=gen.beams)  # fmt: skip
 
         def stream(fetch):
             with lock:
@@ -204,7 +204,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         "images_encoded": gen.images_encoded,
         "token_budget": token_budget,
         "cache_grows": gen.cache_grows,
-        "stream_rows": slots,  # continuous scheduling: the rows decoding at once
+        "stream_rows": slots,  # continuous scheduling: the samples decoding at once (x num_beams rows)
         "rows_continued": gen.rows_continued,  # ... of the samples, those that outlived the ring
         # the worker's KV-cache arena after this shard (shared by the shards of one process; it only grows)
         "kv_cache_mb": round(gen.decoder.kv_cache_bytes / 2**20, 1) if gen.decoder is not None else None,
@@ -218,7 +218,7 @@ def choose_scheduling(requested: str, gen, static_batches: int) -> str:
     without shrinking, continuous was 1.13-1.36x faster than static. Continuous only pays when some row can be
     refilled, that is when the shard needs more than one static batch (with a single batch it measured 30%
     slower on CPU)."""
-    if not gen.can_stream:  # beams, sampling and the plain path batch statically
+    if not gen.can_stream:  # single sampled rows and the plain path batch statically
         return "static"
     if requested != "auto":
         return requested

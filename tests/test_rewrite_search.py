@@ -68,7 +68,7 @@ def test_fast_search_gives_generates_tokens(ending, images, preset, overrides): 
     settings = resolve_generation(preset, overrides)
     fast = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False)
     plain = RewriteGenerator(ending, settings, backend="plain")
-    assert fast.decoder is not None and not fast.can_stream and plain.decoder is None
+    assert fast.decoder is not None and plain.decoder is None
     batch = _batch(fast, images)
     copied, moved = fast.decoder.beam_keys_copied, fast.decoder.beam_keys_moved
     got = _run(fast, batch)
@@ -154,14 +154,9 @@ def test_a_nan_sample_fails_alone_in_beam_search(ending, images):  # noqa: F811
     assert _run(gen, batch) == clean  # the cache was cleaned: the next batch is unaffected
 
 
-def test_beams_batch_statically_and_record_the_fast_backend(ending):
-    from tasks.rewrite import choose_scheduling
-
+def test_beams_record_the_fast_backend(ending):
     gen = RewriteGenerator(ending, resolve_generation("paper", {"max_new_tokens": 8}), cuda_graphs=False)
     assert gen.runtime()["backend"] == "fast"
-    assert choose_scheduling("continuous", gen, static_batches=5) == "static"
-    with pytest.raises(ValueError, match="greedy settings"):
-        next(gen.stream(lambda k: [], rows=2, longest_prompt=8))
     with pytest.raises(ValueError, match="repetition penalty"):
         RewriteGenerator(ending, resolve_generation("greedy", {"repetition_penalty": 1.3}), backend="fast")
 

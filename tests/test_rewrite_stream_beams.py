@@ -1,0 +1,110 @@
+"""Continuous batching for beam search (FastFlamingoDecoder.stream_search through RewriteGenerator.stream):
+samples that join a running batch through the ring get the beams of a static batch (which are generate's), with
+either decode attention; samples that outlive the ring start again statically; a NaN sample fails alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_rewrite_fast import images, loaded  # noqa: F401 - fixtures
+from test_rewrite_search import _batch, _run, ending  # noqa: F401 - fixtures
+
+from models.generation import Prepared, RewriteGenerator, resolve_generation
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+
+def _streamed(gen, batch, samples: int):
+    """Every prepared sample through ``gen.stream`` with ``samples`` decoding at once: per sample, (token ids,
+    output tokens), or the exception it failed with."""
+    queue = list(enumerate(batch))
+    fetched = []
+
+    def fetch(k):
+        taken, queue[:] = queue[:k], queue[k:]
+        fetched.append(len(taken))
+        return taken
+
+    longest = max(len(p.input_ids) for p in batch)
+    got = dict(gen.stream(fetch, rows=samples, longest_prompt=longest))
+    assert sorted(got) == list(range(len(batch)))  # every sample exactly once
+    assert len(fetched) > 2  # samples joined as others finished, not in one go
+    return [got[i] if isinstance(got[i], Exception) else (got[i].token_ids, got[i].output_tokens)
+            for i in range(len(batch))]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides,attention",
+    [
+        ({"max_new_tokens": 24}, "sdpa"),
+        ({"max_new_tokens": 24, "num_beams": 4, "min_new_tokens": 5, "length_penalty": 0.5}, "sdpa"),
+        ({"max_new_tokens": 24}, "flex"),
+    ],
+)
+def test_streamed_beams_get_the_beams_of_a_static_batch(ending, images, overrides, attention):  # noqa: F811
+    settings = resolve_generation("beam", overrides)
+    gen = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16,
+                           decode_attention=attention)  # fmt: skip
+    assert gen.can_stream
+    batch = _batch(gen, images) * 3
+    expected = _run(gen, batch)
+    copied = gen.decoder.beam_keys_copied
+    assert _streamed(gen, batch, samples=4) == expected
+    assert gen.rows_continued == 0  # the ring had room for max_new_tokens
+    assert gen.decoder.beam_keys_copied > copied  # beams continued each other inside the ring
+    lengths = [n for _, n in expected]
+    assert len(set(lengths)) > 1 and min(lengths) < 24  # samples finished at different steps
+
+
+def test_beams_that_outlive_the_ring_start_again_statically(ending, images):  # noqa: F811
+    """A ring with room for each prompt plus 4 new tokens (rounded to 16 slots): the samples that end within it
+    finish in the stream, the others start again in a static batch, and all get the static batch's beams."""
+    settings = resolve_generation("beam", {"max_new_tokens": 24})
+    static = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16)
+    ringed = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16, cache_new_tokens=4)
+    batch = _batch(static, images) * 3
+    assert _streamed(ringed, batch, samples=4) == _run(static, batch)
+    assert 0 < ringed.rows_restarted == ringed.rows_continued < len(batch)
+
+
+def test_a_nan_sample_fails_alone_in_streamed_beams(ending, images):  # noqa: F811
+    """NaN image latents poison one sample's logits: it fails, its rows are cleaned before the next sample takes
+    them, and every other sample gets its static beams."""
+    settings = resolve_generation("beam", {"max_new_tokens": 16})
+    gen = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16)
+    batch = _batch(gen, images) * 2
+    expected = _run(gen, batch)
+    # sample 0's prompt (one image marker) with an image of NaN pixels
+    batch[2] = Prepared(batch[0].input_ids, ["nan"], [torch.full_like(batch[0].pixels[0], float("nan"))])
+    got = _streamed(gen, batch, samples=2)
+    assert isinstance(got[2], FloatingPointError)
+    assert [g for i, g in enumerate(got) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+
+
+def test_streamed_sampled_beams_follow_the_seed(ending, images):  # noqa: F811
+    """The paper preset (sampled beams) streams too: one random stream for the run, so the same seed and
+    schedule give the same rewrites, another seed others; every rewrite is a whole one."""
+
+    def streamed(seed):
+        settings = resolve_generation("paper", {"max_new_tokens": 24, "seed": seed})
+        gen = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16)
+        return _streamed(gen, _batch(gen, images) * 2, samples=3)
+
+    first = streamed(1)
+    assert first == streamed(1)
+    assert first != streamed(2)
+    assert all(0 < n <= 24 and len(ids) <= n for ids, n in first)
+
+
+def test_single_sampled_rows_still_batch_statically(ending):  # noqa: F811
+    from tasks.rewrite import choose_scheduling
+
+    beams = RewriteGenerator(ending, resolve_generation("paper", {"max_new_tokens": 8}), cuda_graphs=False)
+    assert beams.can_stream and choose_scheduling("continuous", beams, static_batches=5) == "continuous"
+    assert choose_scheduling("auto", beams, static_batches=5) == "static"  # CPU, shrinking static batches
+    sampled = RewriteGenerator(ending, resolve_generation("greedy", {"do_sample": True, "max_new_tokens": 8}),
+                               cuda_graphs=False)  # fmt: skip
+    assert not sampled.can_stream and choose_scheduling("continuous", sampled, static_batches=5) == "static"
+    with pytest.raises(ValueError, match="greedy or beam-search settings"):
+        next(sampled.stream(lambda k: [], rows=2, longest_prompt=8))
