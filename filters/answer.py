@@ -20,8 +20,14 @@ _NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty"
 ).split()
-_CANONICAL = {word: str(i) for i, word in enumerate(_NUMBER_WORDS)} | {"none": "0", "no": "no", "grey": "gray"}
-_NEGATIONS = frozenset({"no", "not", "none", "nothing", "neither", "nor", "isn", "aren", "doesn", "don", "cannot"})
+_CANONICAL = {word: str(i) for i, word in enumerate(_NUMBER_WORDS)} | {
+    "none": "0",
+    "no": "no",
+    "grey": "gray",
+}
+_NEGATIONS = frozenset(
+    {"no", "not", "none", "nothing", "neither", "nor", "isn", "aren", "doesn", "don", "cannot"}
+)
 _FILLER = frozenset({"a", "an", "the", "of", "in", "on", "at", "is", "are", "it", "its", "to"})
 
 
@@ -39,8 +45,14 @@ def answer_recall(raw: str, rewrite: str) -> tuple[float, dict[str, Any]]:
         negated = bool(_NEGATIONS.intersection(words[:12]))  # the answer sits in the first clause
         said_yes = opening == ["yes"] or (opening != ["no"] and not negated)
         agrees = said_yes if answer == ["yes"] else not said_yes
-        return (1.0 if agrees else 0.0), {"kind": "polarity", "answer": answer[0], "said": "yes" if said_yes else "no"}
+        return (1.0 if agrees else 0.0), {
+            "kind": "polarity",
+            "answer": answer[0],
+            "said": "yes" if said_yes else "no",
+        }
     content = [w for w in answer if w not in _FILLER] or answer
+    if not content:  # "?", "東京": no latin word or digit to look for; the cross-encoder can judge it
+        return 1.0, {"kind": "deferred", "why": "raw answer has no latin word or digit; nli judges it"}
     present = set(words)
     missing = [w for w in content if w not in present]
     return 1.0 - len(missing) / len(content), {"kind": "words", "missing": missing}
@@ -67,7 +79,9 @@ class AnswerScorer(Scorer):
         for item in items:
             n_words = len(item.raw_response.split())
             if n_words == 0 or n_words > self.settings.max_answer_words:
-                out.append((1.0, {"kind": "deferred", "why": f"raw answer has {n_words} words; nli judges it"}))
+                out.append(
+                    (1.0, {"kind": "deferred", "why": f"raw answer has {n_words} words; nli judges it"})
+                )
                 continue
             score, details = answer_recall(item.raw_response, item.rewrite)
             out.append((round(score, 6), details))

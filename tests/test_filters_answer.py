@@ -33,15 +33,25 @@ def test_answer_recall(raw, rewrite, score):
 
 
 def _item(raw: str, rewrite: str, task_type: str = "vqa") -> ScoreInput:
-    return ScoreInput(rewrite_id=f"r_{raw}_{len(rewrite)}", rewrite=rewrite, raw_response=raw, task_type=task_type)
+    return ScoreInput(
+        rewrite_id=f"r_{raw}_{len(rewrite)}", rewrite=rewrite, raw_response=raw, task_type=task_type
+    )
 
 
 def test_scorer_applies_to_qa_only_and_defers_long_answers():
     scorer = AnswerScorer(AnswerSettings())
     assert scorer.applies(_item("no", "x")) and not scorer.applies(_item("no", "x", task_type="caption"))
     long_raw = "Answer: cigarette. He is smoking while riding the motorbike."
-    (score, details), = scorer.measure([_item(long_raw, "The man holds a toothpick.")])
+    ((score, details),) = scorer.measure([_item(long_raw, "The man holds a toothpick.")])
     assert score == 1.0 and details["kind"] == "deferred"
+
+
+@pytest.mark.parametrize("raw", ["東京", "?", "—"])
+def test_an_answer_without_latin_words_is_deferred_not_an_error(raw):
+    scorer = AnswerScorer(AnswerSettings())
+    (result,) = scorer.score_batch([_item(raw, "The answer is 東京, the capital.")])
+    assert result.passed and result.score == 1.0 and result.details["kind"] == "deferred"
+    assert scorer.counts["errors"] == 0
 
 
 def test_sql_rule_and_reason_match_python():
@@ -61,4 +71,7 @@ def test_sql_rule_and_reason_match_python():
         assert sql_pass == scorer.passes(score, details)
         if not scorer.passes(score, details):
             assert sql_reason == scorer.reason(score, details)
-    assert scorer.reason(0.0, {"kind": "polarity", "answer": "no", "said": "yes"}) == "answer 'no' flipped to 'yes'"
+    assert (
+        scorer.reason(0.0, {"kind": "polarity", "answer": "no", "said": "yes"})
+        == "answer 'no' flipped to 'yes'"
+    )
