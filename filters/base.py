@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -182,7 +183,7 @@ class Scorer:
     # -- batching and counting ---------------------------------------------------------------------
     def score_batch(self, items: Sequence[ScoreInput]) -> list[ScoreResult]:
         """Measure in batches of ``batch_size``; a batch that raises is retried item by item so one bad
-        input fails only itself (its error goes to ``details``)."""
+        input fails only itself (its error goes to ``details``), and a non-finite score is such an error."""
         results: list[ScoreResult] = []
         if items:
             self.prepare()  # outside the per-item net: a model that cannot load fails the shard, not each item
@@ -202,6 +203,13 @@ class Scorer:
                     except Exception as exc:  # bad input: this item fails, the shard goes on
                         measured.append((None, {"error": f"{type(exc).__name__}: {exc}"[:500]}))
             for score, details in measured:
+                if score is not None and not math.isfinite(score):
+                    # NaN (e.g. an fp16 overflow): Python's `>=` says fail, DuckDB orders NaN above every
+                    # number and says pass. An error row agrees in both, and the next run retries it.
+                    score, details = (
+                        None,
+                        {"error": f"non-finite score {score}", "measured": repr(details)[:400]},
+                    )
                 passed = self.passes(score, details)
                 self.counts["scored"] += 1
                 self.counts["passed" if passed else "failed"] += 1

@@ -121,6 +121,32 @@ def test_a_bad_item_fails_alone_and_is_counted():
     assert scorer.counts["errors"] == 1 and scorer.counts["scored"] == 3
 
 
+def test_a_nan_score_is_an_error_row_that_python_and_sql_both_drop():
+    from filters.semantic import SemanticScorer
+
+    class NaNSemantic(SemanticScorer):
+        def prepare(self):
+            pass
+
+        def measure(self, items):
+            return [(float("nan"), {}) for _ in items]
+
+    scorer = NaNSemantic(S.semantic, model_ref="none")
+    (result,) = scorer.score_batch([item("A dog lies on a sofa.")])
+    assert result.score is None and not result.passed and "non-finite" in result.details["error"]
+    assert scorer.counts["errors"] == 1
+    row = scorer.score_row(item("A dog lies on a sofa."), result, None)
+    passed, reason = (
+        duckdb.connect()
+        .execute(
+            f"SELECT {scorer.passes_sql('s', 'd')}, {scorer.reason_sql('s', 'd')} FROM (SELECT ?::DOUBLE AS s, ?::VARCHAR AS d)",
+            [row["score"], row["details"]],
+        )
+        .fetchone()
+    )
+    assert passed is False and reason == scorer.reason(result.score, result.details)
+
+
 def test_scorer_task_type_sets_match_the_sample_record():
     from filters import base
     from polite import record
