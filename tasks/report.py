@@ -23,7 +23,12 @@ INFO_SCORERS = ("reward_raw", "rouge", "rouge_l")  # recorded for reference, nev
 def funnel(store: LineageStore) -> list[dict[str, Any]]:
     """Counts left after each step: samples, rewritten, each filter in chain order, kept, exported."""
     with store.reader() as con:
-        scorers = [r[0] for r in con.execute("SELECT DISTINCT scorer FROM scores").fetchall()]
+        scorers = [
+            r[0]
+            for r in con.execute(
+                "SELECT scorer FROM scores UNION SELECT dropped_by FROM lineage WHERE dropped_by IS NOT NULL"
+            ).fetchall()
+        ]
         scorers = [s for s in scorers if s not in INFO_SCORERS]
         scorers.sort(key=lambda s: (CHAIN_ORDER.index(s) if s in CHAIN_ORDER else len(CHAIN_ORDER), s))
         n_samples, n_ok, n_rewritten, n_decided, n_kept, n_exported = con.execute(
@@ -34,12 +39,17 @@ def funnel(store: LineageStore) -> list[dict[str, Any]]:
         first_fail: dict[int, int] = {}
         if scorers:
             order = ", ".join(f"('{s}', {i})" for i, s in enumerate(scorers))
+            # The latest decision names the scorer that dropped each rewrite (`dropped_by`), under today's
+            # thresholds; `scores.passed` is only the verdict when the score was computed, so it is read
+            # just for decisions older than `dropped_by` (migration 006).
             rows = con.execute(
-                f"""SELECT first_fail, count(*) FROM (
-                    SELECT l.rewrite_id, min(o.idx) FILTER (WHERE sc.passed = false) AS first_fail
-                    FROM lineage l JOIN scores sc USING (rewrite_id)
-                    JOIN (VALUES {order}) o(scorer, idx) ON o.scorer = sc.scorer
-                    WHERE l.rewrite_status = 'ok' AND l.kept IS NOT NULL GROUP BY l.rewrite_id
+                f"""WITH o(scorer, idx) AS (VALUES {order})
+                SELECT first_fail, count(*) FROM (
+                    SELECT CASE WHEN l.kept THEN NULL
+                        WHEN l.dropped_by IS NOT NULL THEN (SELECT idx FROM o WHERE o.scorer = l.dropped_by)
+                        ELSE (SELECT min(o.idx) FROM scores sc JOIN o USING (scorer)
+                              WHERE sc.rewrite_id = l.rewrite_id AND sc.passed = false) END AS first_fail
+                    FROM lineage l WHERE l.rewrite_status = 'ok' AND l.kept IS NOT NULL
                 ) WHERE first_fail IS NOT NULL GROUP BY first_fail"""
             ).fetchall()
             first_fail = {int(k): int(v) for k, v in rows}

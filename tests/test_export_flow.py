@@ -236,6 +236,26 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
     assert kinds == {"polite-funnel": "table", "polite-report": "markdown"}
 
 
+def test_report_funnel_follows_the_latest_decisions_after_a_rethreshold(workspace):
+    """`scores.passed` is the verdict when a score was computed; after `--rethreshold` the decisions say who
+    dropped what, and the funnel's per-scorer steps must add up to the kept count."""
+    from tasks.report import funnel
+
+    store = populate(workspace)
+    with store.writer() as con:
+        # a looser NLI threshold now keeps gqa_1 (its stored score still says passed = false) ...
+        con.execute("UPDATE decisions SET kept = true, reason = 'kept' WHERE rewrite_id = 'r_s_gqa_1_1'")
+        # ... and a stricter semantic threshold drops coco_1 (its stored score still says passed = true)
+        con.execute(
+            "UPDATE decisions SET kept = false, reason = 'dropped: semantic 0.80 < 0.90', dropped_by = 'semantic' "
+            "WHERE rewrite_id = 'r_s_coco_1_1'"
+        )
+    steps = {s["step"]: s for s in funnel(store)}
+    assert steps["passed unchanged"]["note"] == "-1"  # legacy decision without dropped_by: from the scores
+    assert steps["passed semantic"]["note"] == "-1" and steps["passed nli"]["note"] == "-0"
+    assert steps["passed nli"]["count"] == steps["kept"]["count"] == 5
+
+
 def test_exporting_twice_gives_the_same_export_and_files(workspace, prefect_harness):
     from flows.export import export_flow
 
@@ -302,7 +322,9 @@ def test_a_bad_where_stops_the_export_before_any_work(workspace, prefect_harness
     store = populate(workspace)
     with pytest.raises(PredicateError, match="export.where"):
         export_flow(config={}, workspace=workspace.root, where="kept AND sorce = 'gqa'")
-    bad = CliRunner().invoke(app, ["export", "-w", workspace.root, "--where", "kept); DELETE FROM samples; SELECT (1"])
+    bad = CliRunner().invoke(
+        app, ["export", "-w", workspace.root, "--where", "kept); DELETE FROM samples; SELECT (1"]
+    )
     assert bad.exit_code == 2 and "is not a predicate over lineage" in bad.output
     assert store.query("SELECT * FROM runs WHERE flow = 'export'").num_rows == 0
     assert store.query("SELECT * FROM samples").num_rows > 0
