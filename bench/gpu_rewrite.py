@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel profile of prefill/steps")
     parser.add_argument("--scheduling-batch", type=int, default=None,
                         help="rows for the static-vs-continuous comparison, default 256 (tiny: 16); 0 skips")  # fmt: skip
+    parser.add_argument("--beam-scheduling", type=int, default=None,
+                        help="samples (x 3 beams) for static-vs-continuous beam search with the paper preset, "
+                             "default 0 on CUDA (it would not fit the time box with the rest), 4 tiny")  # fmt: skip
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--no-fp32-check", action="store_true", help="skip the fp32 exactness check (GPU only)")
     parser.add_argument("--bandwidth-tbs", type=float, default=None, help="peak memory bandwidth, TB/s")
@@ -438,6 +441,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         graphs.reset()
         attempt("scheduling", lever_scheduling, results, model, sched_batch, prompt_len, image_size, device,
                 dtype, record, 48 if tiny else 128)  # fmt: skip
+    beam_samples = (4 if tiny else 0) if args.beam_scheduling is None else args.beam_scheduling
+    if beam_samples:
+        graphs.reset()
+        attempt("beam scheduling", lever_beam_scheduling, results, model, beam_samples, prompt_len, image_size,
+                device, dtype, record, 48 if tiny else 128)  # fmt: skip
     if not args.no_profile:
         graphs.reset()
         kinds = sorted({kind for kind, *_ in variants} | {"sdpa"})
@@ -706,6 +714,67 @@ def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtyp
             run(decoder, every[: grown_rows if run is grows else batch])  # capture graphs / compile first
             _, seconds = timed(device, run, decoder, every)
             record(f"scheduling: {label}, {attention}", n_rows, seconds, tokens=useful)
+        finally:
+            decoder.reset()
+            del decoder
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def lever_beam_scheduling(results, model, samples, prompt_len, image_size, device, dtype, record, new: int) -> None:
+    """``lever_scheduling`` for the paper preset (3 sampled beams): static beam batches of ``samples`` (shrinking
+    as samples finish), static batches that start with room for a quarter of ``new`` (as many more samples as
+    fit the same KV memory, caches growing), and continuous batching (``stream_search``, a ring of prompt +
+    ``new``) with each attention. Output lengths drawn as there and forced per sample (min = max); 3 x
+    ``samples`` prompts; tokens/s counts the tokens samples asked for."""
+    import math
+
+    from models.fast_cache import KV_BLOCK, round_up
+    from models.search import SearchSettings, make_search
+
+    n = 3 * samples
+    g = torch.Generator().manual_seed(17)
+    lengths = torch.empty(n).log_normal_(math.log(0.4 * new), 0.6, generator=g).clamp(8, new).long().tolist()
+    ids, mask, px = make_inputs(model, n, prompt_len, image_size, device, dtype, seed=18)
+    eos = [model.eoc_token_id, 2]
+    # a minimum length in the settings puts the minimum-length rule in the processors; each sample's own limits
+    # (min = max = its drawn length) then replace the settings' in the search
+    settings = SearchSettings(max_new_tokens=new, min_new_tokens=new, **PAPER)
+    useful = sum(lengths)
+    cache_new = max(1, new // 4)
+    grown = samples * round_up(prompt_len + new, KV_BLOCK) // round_up(prompt_len + cache_new, KV_BLOCK)
+    results["beam_scheduling"] = {"samples": samples, "prompts": n, "new_max": new, "mean_length": useful / n,
+                                  "cache_new_tokens": cache_new, "grown_cache_samples": grown}  # fmt: skip
+
+    def static(decoder, which, size=samples, cache_new_tokens=None):
+        for k in range(0, len(which), size):
+            sel = torch.tensor(which[k : k + size], device=device)
+            search = make_search(ids[sel], settings, eos, 0)
+            search.max_new[:] = search.min_new[:] = torch.tensor([lengths[i] for i in sel.tolist()], device=device)
+            decoder.search(ids[sel], mask[sel], encode_images(model, px[sel])[:, None], search,
+                           cache_new_tokens=cache_new_tokens)  # fmt: skip
+
+    def grows(decoder, which):
+        static(decoder, which, size=grown, cache_new_tokens=cache_new)
+
+    def continuous(decoder, which):
+        ring = prompt_len + new
+        search = make_search(torch.empty((samples, 0), dtype=torch.long, device=device), settings, eos, 0, span=ring)
+        fetch = queue_fetch(list(which), ids, mask, lambda sel: encode_images(model, px[sel])[:, None], lengths)
+        for _ in decoder.stream_search(fetch, search, ring):
+            pass
+
+    every = list(range(n))
+    for label, run, attention in (("static beam batches", static, "sdpa"),
+                                  (f"static beam batches of {grown}, cache grows from {cache_new}", grows, "sdpa"),
+                                  ("continuous beams", continuous, "sdpa"),
+                                  ("continuous beams", continuous, "flex")):  # fmt: skip
+        decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention)
+        try:
+            torch.manual_seed(0)
+            run(decoder, every[: grown if run is grows else samples])  # capture graphs / compile first
+            _, seconds = timed(device, run, decoder, every)
+            record(f"beam scheduling: {label}, {attention}", n, seconds, tokens=useful)
         finally:
             decoder.reset()
             del decoder

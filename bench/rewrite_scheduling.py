@@ -8,6 +8,7 @@ whether both schedulings wrote the same rewrites.
 
     .venv/bin/polite run --workspace /tmp/demo_ws               # once: a trained tiny rewriter and 600 samples
     .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --rounds 3
+    .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --preset beam --cache-new-tokens 64
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--order", choices=("image", "sample"), default="image",
                         help="work order: the flow's (by first image, then sample id) or by sample id alone")  # fmt: skip
+    parser.add_argument("--preset", default="greedy", help="greedy, beam or paper (3 sampled beams)")
+    parser.add_argument("--token-budget", type=int, default=65536)
+    parser.add_argument("--cache-new-tokens", type=int, default=None,
+                        help="room for this many new tokens first (the ring's too); default: max_new_tokens")  # fmt: skip
     args = parser.parse_args(argv)
 
     import torch
@@ -42,12 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     demo = DemoShards(args.workspace, WORK_ORDER if args.order == "image" else "sample_id", args.shard_size,
                       prefix="rewrite-scheduling-")  # fmt: skip
     model, first, tmp, shards = demo.model, demo.work, demo.folder, demo.shards
-    settings = resolve_generation("greedy", {"max_new_tokens": args.max_new_tokens})
-    base = demo.job(settings, backend="auto", token_budget=65536, max_batch_size=args.max_batch_size)
-    print(
-        f"{first.num_rows} samples, model {model['model_id']}, max_new_tokens {args.max_new_tokens}",
-        flush=True,
-    )
+    settings = resolve_generation(args.preset, {"max_new_tokens": args.max_new_tokens})
+    base = demo.job(settings, backend="auto", token_budget=args.token_budget, max_batch_size=args.max_batch_size,
+                    cache_new_tokens=args.cache_new_tokens)  # fmt: skip
+    print(f"{first.num_rows} samples, model {model['model_id']}, {args.preset}, max_new_tokens "
+          f"{args.max_new_tokens}, cache_new_tokens {args.cache_new_tokens}, token_budget {args.token_budget}",
+          flush=True)  # fmt: skip
     demo.warm_up()
     runs, outputs = [], {}
     for k in range(args.rounds):
@@ -57,12 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
             for n, work_path in enumerate(shards):  # one generator per shard, as in the flow
                 out = str(tmp / f"{scheduling}-{k}-{n}.parquet")
                 stats = rewrite_shard(dict(base, work=work_path, out=out, scheduling=scheduling))
-                for name in ("generate_s", "output_tokens", "ok", "batches", "images_encoded"):
+                for name in ("generate_s", "output_tokens", "ok", "batches", "images_encoded", "rows_continued"):
                     total[name] = total.get(name, 0) + stats[name]
                 rows = read_table(out).to_pylist()
                 outputs.setdefault(scheduling, {}).update((r["sample_id"], r["output"]) for r in rows)
             wall = time.perf_counter() - started
             row = {"scheduling": stats["scheduling"], "round": k, "seconds": round(wall, 2), "shards": len(shards),
+                   "stream_rows": stats["stream_rows"],
                    **{name: round(value, 3) for name, value in total.items()},
                    "tokens_per_s": round(total["output_tokens"] / total["generate_s"], 1)}  # fmt: skip
             runs.append(row)
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     same = sum(outputs["static"][s] == outputs["continuous"].get(s) for s in outputs["static"])
     result = {
         "samples": first.num_rows,
+        "preset": args.preset,
+        "cache_new_tokens": args.cache_new_tokens,
+        "token_budget": args.token_budget,
         "order": args.order,
         "runs": runs,
         "identical_rewrites": f"{same}/{len(outputs['static'])}",

@@ -40,6 +40,12 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     # 16 rows x (24 + 48) slots hold 32 rows x (24 + 12)
     assert data["scheduling"]["grown_cache_rows"] == 32 and data["scheduling"]["cache_new_tokens"] == 12
     assert all(r["batch"] == 48 and r["tokens_per_s"] > 0 for r in scheduling)
+    beams = [r for r in data["runs"] if r["path"].startswith("beam scheduling")]
+    assert [r["path"] for r in beams] == ["beam scheduling: static beam batches, sdpa",
+                                          "beam scheduling: static beam batches of 8, cache grows from 12, sdpa",
+                                          "beam scheduling: continuous beams, sdpa",
+                                          "beam scheduling: continuous beams, flex"]  # fmt: skip
+    assert all(r["batch"] == 12 and r["tokens_per_s"] > 0 for r in beams)
     checks = data["checks"]
     assert checks["logits_ok"] and checks["greedy_token_agreement"] == 1.0
     assert checks["stream_sdpa"] == checks["stream_flex"] == {"stream_rows_identical": "12/12"}
