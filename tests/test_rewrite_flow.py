@@ -89,16 +89,17 @@ def test_poisoned_sample_fails_alone_and_retry_failed_redoes_only_it(prefect_har
     assert view == [{"rewrite_status": "ok", "attempt": 2}]
 
 
-def test_continuous_scheduling_gives_the_static_rewrites(prefect_harness, workspace, model_path):
-    """Rows refilled as others finish (models/continuous.py) write the same rewrites as static batches; a bad
-    image still fails alone."""
+@pytest.mark.parametrize("preset", ["greedy", "beam"])
+def test_continuous_scheduling_gives_the_static_rewrites(prefect_harness, workspace, model_path, preset):
+    """Samples refilled as others finish (models/continuous.py; for beams, num_beams rows each) write the same
+    rewrites as static batches; a bad image still fails alone."""
     from flows.rewrite import rewrite_flow
 
     make_samples(workspace, n=10)
     register_model(workspace, model_path)
     _add_poisoned_sample(workspace)
-    # 3 rows, so the rows of a 6-sample shard are refilled as they finish
-    cfg = dict(shard_size=6, max_batch_size=3, overrides={"max_new_tokens": 16})
+    # 3 samples at once, so the rows of a 6-sample shard are refilled as they finish
+    cfg = dict(shard_size=6, max_batch_size=3, preset=preset, overrides={"max_new_tokens": 16})
     continuous = rewrite_flow(config=_config(scheduling="continuous", **cfg), workspace=workspace.root)
     assert (continuous["ok"], continuous["failed"]) == (continuous["selected"] - 1, 1)
     first = {r["sample_id"]: r for r in _rows(workspace, "SELECT * FROM rewrites")}
