@@ -131,12 +131,12 @@ def test_coco_captions_with_boxes_joined_on_image_id(tmp_path, workspace):
 
 def test_llava_each_gpt_turn_is_a_conversation_sample(tmp_path, workspace):
     _, samples, _ = run_source(fixtures.llava_instruct(tmp_path / "l").spec, workspace)
-    bus = sorted((s for s in samples if s.source_key == "000000033471"), key=lambda s: len(s.meta["history"]))
+    bus = sorted((s for s in samples if s.source_key.startswith("000000033471")), key=lambda s: len(s.meta["history"]))
     assert [s.task_type for s in bus] == ["conversation", "conversation"]
     assert bus[0].instruction == "<image>What are the colors of the bus in the image?"
     assert bus[1].instruction == "<image>What feature can be seen on the back of the bus?"
     assert bus[1].meta["history"][1]["value"] == "The bus in the image is white and red."
-    cat = next(s for s in samples if s.source_key == "000000052846" and s.status == "ok")
+    cat = next(s for s in samples if s.source_key.startswith("000000052846") and s.status == "ok")
     assert cat.instruction == "<image>Where is the cat positioned in the image?"
 
 
@@ -190,3 +190,22 @@ def test_llava_without_an_image_folder_fails_before_any_work(tmp_path, workspace
     spec = built.spec | {"from": str(json_file), "options": {"image_folder": str(tmp_path / "l" / "images")}}
     results, _, _ = run_source(spec, workspace)
     assert sum(r["ok"] for r in results) == built.ok
+
+
+def test_llava_records_sharing_an_image_id_keep_distinct_sample_ids(tmp_path, workspace):
+    # llava_instruct_150k.json joins conversation_58k, detail_23k and complex_reasoning_77k, whose `id` is the
+    # COCO image id: one image has several records. Each record's samples must survive, not collide.
+    built = fixtures.llava_instruct(tmp_path / "l")
+    path = tmp_path / "l" / "llava_instruct_150k.json"
+    records = json.loads(path.read_text())
+    detail = {"id": "000000033471", "image": "000000033471.jpg", "conversations": [
+        {"from": "human", "value": "Describe the following image.\n<image>"},
+        {"from": "gpt", "value": "A white and red bus drives down a city street."}]}  # fmt: skip
+    path.write_text(json.dumps([*records, detail, records[0]]))  # the bus again, and an exact repeat
+    _, samples, _ = run_source(built.spec, workspace)
+    ok = [s for s in samples if s.status == "ok"]
+    assert len(ok) == built.ok + 1 + 2
+    assert len({s.sample_id for s in ok}) == built.ok + 1  # the exact repeat is the same samples
+    bus = [s for s in ok if s.source_key.startswith("000000033471")]
+    assert {s.raw_response for s in bus} >= {"The bus in the image is white and red.",
+                                             "A white and red bus drives down a city street."}  # fmt: skip

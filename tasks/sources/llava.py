@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from polite.ids import stable_hash
 from tasks.sources.base import Adapter, Draft, RowError, text
 from tasks.sources.loading import SourceError, load_source, looks_local
 
@@ -25,7 +26,9 @@ class LLaVAInstruct(Adapter):
     ``options.image_folder`` where images live (default ``<from>/images``, then ``<from>``).
     Every gpt turn is one sample (task_type ``conversation``): instruction = the human turn before it,
     raw = the gpt answer, meta.history = the earlier turns. Records without ``image`` (text-only) become
-    samples without images.
+    samples without images. ``id`` is the COCO image id, shared by every record about one image (the 150k file
+    joins the conversation, detail and complex-reasoning sets), so the row key is ``<id>:<hash of the
+    conversation>``: each record keeps its samples, and the same record in two files is the same sample.
     """
 
     name = "llava_instruct"
@@ -35,6 +38,7 @@ class LLaVAInstruct(Adapter):
     columns = ("id", "conversations")
     key_column = "id"
     summary = "LLaVA-Instruct: each gpt turn of a conversation (conversation; the high-quality side)"
+    version = "2"  # 2: the row key adds a hash of the conversation (ids repeat across records)
 
     def _file(self) -> str:
         if self.options.get("file"):
@@ -75,6 +79,9 @@ class LLaVAInstruct(Adapter):
                 f"llava_instruct: none of the first {len(names)} image files (e.g. {names[0]!r}) is in "
                 f"{[str(r) for r in roots]}; pass -o image_folder=DIR (COCO train2017 for llava_instruct_150k.json)"
             )
+
+    def row_key(self, row: dict, index: int) -> str:
+        return f"{super().row_key(row, index)}:{stable_hash('llava-record', row.get('conversations'), length=10)}"
 
     def map_row(self, row: dict, index: int) -> Iterable[Draft]:
         turns = row["conversations"]
