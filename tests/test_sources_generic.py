@@ -124,3 +124,14 @@ def test_paths_and_templates_are_deterministic():
 def test_hub_id_offline_fails_with_a_message(workspace):
     with pytest.raises(ValueError, match="cannot load 'lmms-lab/VQAv2'.*local copy"):
         plan_source(SourceSpec.model_validate({"adapter": "vqav2"}), workspace.root, 100)
+
+
+def test_generic_empty_verbatim_instruction_fails_the_sample(tmp_path, workspace):
+    records = [{"prompt": "", "caption": "A red square."}, {"prompt": " <image> ", "caption": "Two dots."},
+               {"prompt": "Describe it.", "caption": "A dot."}]  # fmt: skip
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    mapping = {"task_type": "caption", "instruction": "prompt", "instruction_verbatim": True, "response": "caption"}
+    _, samples, _ = run_source({"adapter": "generic", "from": str(tmp_path / "x.jsonl"), "mapping": mapping}, workspace)
+    assert [s.status for s in samples] == ["failed", "failed", "ok"]
+    assert all(s.error == "instruction is empty" for s in samples[:2])
+    assert samples[2].instruction == "Describe it."

@@ -243,6 +243,8 @@ def build_samples(adapter: Adapter, row: dict, index: int, ctx: RowContext) -> t
             raw = text(draft.raw, "annotation")
             if draft.question is not None:
                 text(draft.question, "question")
+            if draft.instruction is not None:  # a verbatim instruction of image markers alone asks nothing
+                text(draft.instruction.replace(IMAGE_MARKER, ""), "instruction")
             stored = [store(v) for v in draft.images]
         except (RowError, BadImageError) as exc:
             reason = f"bad image: {exc}" if isinstance(exc, BadImageError) else str(exc)
