@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
+import pytest
+
+from polite.config import SourceSpec
 from polite.formats import format_captions_and_boxes, parse_captions_and_boxes
+from tasks.ingest import plan_source
 from tasks.sources import fixtures
 from tasks.sources.demo import generate
 from tasks.sources.demo_scenes import make_scene, render_png, scene_record
+from tasks.sources.loading import SourceError
 
 
 def run_source(spec, workspace, shard_size=1000):
@@ -79,3 +85,11 @@ def test_leftmost_and_rightmost_are_by_centre():
         left = min(centres, key=centres.get)
         right = max(centres, key=centres.get)
         assert f"The {left} is the leftmost shape, while the {right} is furthest to the right." in text
+
+
+@pytest.mark.parametrize(("options", "bad"), [({"scenes": 0}, "scenes"), ({"scenes": "many"}, "scenes"),
+                                              ({"scenes": 2.5}, "scenes"), ({"seed": "x"}, "seed")])  # fmt: skip
+def test_bad_demo_options_say_what_to_fix_and_generate_nothing(options, bad, workspace):
+    with pytest.raises(SourceError, match=rf"-o {bad}=N"):
+        plan_source(SourceSpec.model_validate({"adapter": "demo", "options": options}), workspace.root, 100)
+    assert not list(Path(workspace.root).rglob("*.parquet"))

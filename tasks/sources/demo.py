@@ -71,9 +71,17 @@ class Demo(Adapter):
             return self.spec.from_
         if not self.workspace_root or "://" in self.workspace_root:
             raise SourceError("the demo source is generated into a local workspace: pass --workspace DIR")
-        n, seed = int(self.options.get("scenes", DEFAULT_SCENES)), int(self.options.get("seed", 0))
+        n, seed = self._int_option("scenes", DEFAULT_SCENES, 1), self._int_option("seed", 0, 0)
         folder = Path(self.workspace_root) / "sources" / f"demo-{DEMO_VERSION}-n{n}-s{seed}"
         return str(cached(("demo-generate", str(folder)), lambda: generate(folder, n, seed)))
+
+    def _int_option(self, name: str, default: int, least: int) -> int:
+        value = self.options.get(name, default)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SourceError(f"demo: option {name} must be a whole number >= {least}, got {value!r}; pass -o {name}=N")
+        return value
 
     def load(self):
         return load_source(self.source, "train", None, None, self.cache_dir)
