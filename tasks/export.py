@@ -177,6 +177,8 @@ def _hf_table(rows: list[dict[str, Any]]):
         rec["paragraph_clip_scores"] = None if scores is None else [float(s) for s in scores]
         rec["rewrite_id"] = row["rewrite_id"]
         records.append(rec)
+    if not records:  # from_list cannot take its columns from no rows
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     return datasets.Dataset.from_list(records, features=features)
 
 
@@ -210,7 +212,8 @@ def write_export(
         place_images(rows, out_dir, images)
     elif fmt == "datasets":
         fs.makedirs(url_to_fs(out_dir)[1], exist_ok=True)
-        _hf_table(rows).save_to_disk(out_dir)
+        # An empty table saved as 0 shards cannot be loaded back (datasets' load_from_disk needs one file).
+        _hf_table(rows).save_to_disk(out_dir, num_shards=1 if not rows else None)
         files.append("dataset_info.json")
     elif fmt == "parquet":
         name = "data/train-00000-of-00001.parquet"

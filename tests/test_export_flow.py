@@ -236,6 +236,28 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
     assert kinds == {"polite-funnel": "table", "polite-report": "markdown"}
 
 
+def test_an_empty_selection_exports_empty_files_in_every_format(workspace, prefect_harness):
+    """`export.checks.min_items: 0` allows an empty export: every format is written, none crashes."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    from flows.export import export_flow
+
+    populate(workspace)
+    config = {"export": {"checks": {"min_items": 0}}}
+    out = export_flow(
+        config=config,
+        workspace=workspace.root,
+        formats=["pf1m", "llava", "parquet", "datasets"],
+        where="kept AND source = 'none'",
+    )
+    assert out["n_items"] == 0 and {e["n_items"] for e in out["exports"].values()} == {0}
+    assert json.loads(Path(out["exports"]["llava"]["path"], "llava.json").read_text()) == []
+    assert datasets.load_from_disk(out["exports"]["datasets"]["path"]).num_rows == 0
+    table = pq.read_table(Path(out["exports"]["parquet"]["path"], "data/train-00000-of-00001.parquet"))
+    assert table.num_rows == 0 and "paragraph_clip_scores" in table.column_names
+
+
 def test_report_funnel_follows_the_latest_decisions_after_a_rethreshold(workspace):
     """`scores.passed` is the verdict when a score was computed; after `--rethreshold` the decisions say who
     dropped what, and the funnel's per-scorer steps must add up to the kept count."""
