@@ -214,6 +214,8 @@ def test_retrieve_box_lines_parse_back_to_the_boxes():
         ({"captions": ["ok"], "boxes": [["cat", [10, 20, 300, 400]]]}, "normalised to 0..1"),
         ({"captions": ["ok"], "boxes": [["cat", [0.1, 0.2]]]}, "4 coordinates"),
         ({"captions": ["ok"], "boxes": ["cat"]}, "must be [label"),
+        ({"captions": ["ok"], "boxes": [[None, [0.1, 0.2, 0.3, 0.4]]]}, "label"),
+        ({"captions": ["ok"], "boxes": [["  ", [0.1, 0.2, 0.3, 0.4]]]}, "empty label"),
     ],
 )
 def test_retrieve_bad_meta_fails_that_pair_with_a_reason(meta, reason):

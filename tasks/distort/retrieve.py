@@ -44,9 +44,11 @@ def captions_and_boxes(meta: dict[str, Any]) -> tuple[list[str], list[tuple[str,
             raise DistortError(f"meta.boxes[{i}] must be [label, [x1, y1, x2, y2]], got {item!r}") from None
         if len(coords) != 4 or not all(math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6 for v in coords):
             raise DistortError(f"meta.boxes[{i}] must have 4 coordinates normalised to 0..1, got {coords}")
-        if not str(label).strip():
+        if not isinstance(label, str):  # str(None) would print a "None: [...]" line
+            raise DistortError(f"meta.boxes[{i}] label must be a string, got {label!r}")
+        if not label.strip():
             raise DistortError(f"meta.boxes[{i}] has an empty label")
-        boxes.append((str(label).strip(), [min(max(v, 0.0), 1.0) for v in coords]))
+        boxes.append((label.strip(), [min(max(v, 0.0), 1.0) for v in coords]))
     return [c for c in captions if c.strip()], boxes
 
 
