@@ -106,11 +106,11 @@ def ingest_flow(
     cfg = parse_config(config)
     specs = _specs(cfg, sources)
     cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"sources": specs})})
+    labels = [spec.label for spec in specs]
+    if len(set(labels)) != len(labels):  # checked before any source is opened (a Hub load, the demo's generation)
+        raise ConfigError(f"two sources share a label {labels}: give each a distinct `name`")
     ws = Workspace.resolve(workspace or cfg.workspace).ensure()
     plans = [plan_source(spec, ws.root, cfg.ingest.shard_size) for spec in specs]
-    labels = [p.label for p in plans]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"two sources share a label {labels}: give each a distinct `name`")
 
     summary: dict[str, Any] = {"sources": {}}
     for plan in plans:

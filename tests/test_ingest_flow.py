@@ -114,3 +114,12 @@ def test_cli_ingest_list_and_errors(prefect_harness, workspace, tmp_path):
     assert bad.exit_code == 2 and "not found; columns found" in bad.output
     unknown = runner.invoke(app, ["ingest", "nope", "-w", workspace.root])
     assert unknown.exit_code == 2 and "unknown adapter 'nope'" in unknown.output
+
+
+def test_two_sources_with_one_label_fail_before_any_source_is_opened(workspace, tmp_path):
+    from polite.config import ConfigError
+
+    sources = [{"adapter": "demo", "options": {"scenes": 3}}, {"adapter": "vqav2", "name": "demo", "from": str(tmp_path / "nope")}]
+    with pytest.raises(ConfigError, match="share a label"):
+        ingest_flow.fn(workspace=workspace.root, sources=sources)
+    assert not list(Path(workspace.root).rglob("*.parquet"))  # the demo was not generated
