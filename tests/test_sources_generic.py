@@ -135,3 +135,25 @@ def test_generic_empty_verbatim_instruction_fails_the_sample(tmp_path, workspace
     assert [s.status for s in samples] == ["failed", "failed", "ok"]
     assert all(s.error == "instruction is empty" for s in samples[:2])
     assert samples[2].instruction == "Describe it."
+
+
+def test_local_state_follows_the_data_files_only(tmp_path):
+    # Computed on every load (once per shard): it must not stat a folder of images or a .git beside the data.
+    import os
+
+    from tasks.sources.loading import local_state
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "data" / "train-00000-of-00001.parquet").write_bytes(b"one")
+    (tmp_path / "images" / "0.jpg").write_bytes(b"jpg")
+    (tmp_path / ".git" / "index").write_bytes(b"git")
+    before = local_state(str(tmp_path))
+    (tmp_path / "images" / "0.jpg").write_bytes(b"another jpg")
+    (tmp_path / "images" / "1.jpg").write_bytes(b"jpg")
+    (tmp_path / ".git" / "index").write_bytes(b"changed")
+    assert local_state(str(tmp_path)) == before
+    (tmp_path / "data" / "train-00000-of-00001.parquet").write_bytes(b"two!")
+    os.utime(tmp_path / "data" / "train-00000-of-00001.parquet", ns=(1, 1))
+    assert local_state(str(tmp_path)) != before

@@ -90,18 +90,27 @@ def _load_local(path: Path, split: str | None, config_name: str | None, cache_di
 
 
 def local_state(from_: str) -> str | None:
-    """A signature of a local source's files (names, sizes, modification times); None for a Hub id.
+    """A signature of a local source's data files (names, sizes, modification times); None for a Hub id.
 
     Part of the per-process cache key, so a long-lived worker (``polite serve`` running a nightly schedule over a
     growing or repaired local dataset) reloads it when its files change instead of reading a stale copy.
+    It is computed on every load (once per shard), so only data files count, as ``_split_files`` picks them:
+    an image folder beside the data (LLaVA's ``images/``) or a ``.git`` is not walked file by file.
     """
     if not looks_local(from_):
         return None
     path = Path(os.path.expanduser(from_))
     if not path.exists():
         return None
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    signature = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    if path.is_file():
+        files = [path]
+    else:
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [Path(root, n) for n in names if not n.startswith(".") and Path(n).suffix in DATA_SUFFIXES]
+        files.sort()
+    signature = [(str(f), st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()]]
     return hashlib.blake2b(repr(signature).encode(), digest_size=12).hexdigest()
 
 
