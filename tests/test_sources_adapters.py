@@ -209,3 +209,16 @@ def test_llava_records_sharing_an_image_id_keep_distinct_sample_ids(tmp_path, wo
     bus = [s for s in ok if s.source_key.startswith("000000033471")]
     assert {s.raw_response for s in bus} >= {"The bus in the image is white and red.",
                                              "A white and red bus drives down a city street."}  # fmt: skip
+
+
+def test_aokvqa_direct_answers_that_are_not_a_list_fail_the_row():
+    from tasks.sources.base import RowError
+    from tasks.sources.vqa import AOKVQA
+
+    adapter = AOKVQA(SourceSpec(adapter="aokvqa", from_="x"))
+    row = {"image": None, "question": "What is he holding?", "choices": [], "correct_choice_idx": None,
+           "rationales": ["He holds it."]}  # fmt: skip
+    (draft,) = adapter.map_row(row | {"direct_answers": "['pipe', 'pipe', 'cigar']"}, 0)
+    assert draft.raw == "Answer: pipe. He holds it."
+    with pytest.raises(RowError, match="direct_answers is not a list"):
+        list(adapter.map_row(row | {"direct_answers": "'cigarette'"}, 0))  # not "Answer: t."

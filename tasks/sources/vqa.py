@@ -117,7 +117,7 @@ class AOKVQA(Adapter):
         if idx is not None and 0 <= idx < len(choices):
             answer = text(choices[idx], "correct choice")
         elif direct:
-            answer = most_common(text_list(list(direct), "direct_answers"))
+            answer = most_common(text_list(list(direct) if isinstance(direct, tuple) else direct, "direct_answers"))
         else:
             raise RowError("annotation is missing (no correct_choice_idx and no direct_answers)")
         rationales = " ".join(r.strip() for r in text_list(row.get("rationales"), "rationales"))
