@@ -1,6 +1,6 @@
 """The filter chain: which scorers run, in which order, and the decision each rewrite gets.
 
-Order (METHOD.md, cheap first): length, unchanged, repetition, truncated, semantic (captions), nli (QA),
+Order (METHOD.md, cheap first): length, unchanged, repetition, truncated, answer (QA), semantic (captions), nli (QA),
 clipscore (captions with images), reward (+ reward_raw). A rewrite dropped by one scorer is not scored by
 the later ones unless ``full_scoring``; the reason names the first scorer (in this order) that fails.
 """
