@@ -222,3 +222,14 @@ def test_aokvqa_direct_answers_that_are_not_a_list_fail_the_row():
     assert draft.raw == "Answer: pipe. He holds it."
     with pytest.raises(RowError, match="direct_answers is not a list"):
         list(adapter.map_row(row | {"direct_answers": "'cigarette'"}, 0))  # not "Answer: t."
+
+
+def test_coco_boxes_with_a_null_coordinate_are_skipped_not_fatal():
+    import datasets
+
+    from tasks.sources.captions import BoxSource
+
+    objects = [[{"bbox": [10.0, 20.0, 50.0, 60.0], "category": "dog"}, {"bbox": [1.0, None, 3.0, 4.0], "category": "cat"}]]
+    ds = datasets.Dataset.from_dict({"image_id": [7], "width": [100], "height": [100], "objects": objects})
+    boxes = BoxSource(ds, "xyxy", "inline")  # the format check reads the same rows: it must not raise either
+    assert boxes.get(7) == [("dog", [0.1, 0.2, 0.5, 0.6])]

@@ -71,7 +71,10 @@ class BoxSource:
             bbox, category = obj.get("bbox"), obj.get("category")
             if not bbox or len(bbox) != 4 or category is None:
                 continue
-            x1, y1, a, b = (float(v) for v in bbox)
+            try:
+                x1, y1, a, b = (float(v) for v in bbox)
+            except (TypeError, ValueError):  # a null coordinate: skip this box like a malformed one
+                continue
             xyxy = (x1, y1, x1 + a, y1 + b) if self.box_format == "xywh" else (x1, y1, a, b)
             if xyxy[2] < xyxy[0] or xyxy[3] < xyxy[1]:
                 inverted += 1
