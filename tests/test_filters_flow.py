@@ -385,3 +385,14 @@ def test_cli_rethreshold_with_set(prefect_harness, workspace, models):
     assert f"re-decided {len(CASES)} rewrites" in result.output and ": 0 kept" in result.output
     bad = runner.invoke(app, ["filter", "-w", workspace.root, "--set", "semantic.threshold=2"])
     assert bad.exit_code == 2 and "semantic.threshold" in bad.output
+
+
+def test_a_misspelt_device_is_refused_before_any_work(prefect_harness, workspace):
+    from flows.filter import filter_flow
+    from polite.config import ConfigError
+
+    store = populate(workspace)
+    with pytest.raises(ConfigError, match="filters.device: 'gpu'"):
+        filter_flow(config={"filters": {"device": "gpu"}}, workspace=workspace.root)
+    assert store.query("SELECT count(*) AS n FROM scores")["n"][0].as_py() == 0
+    assert store.query("SELECT count(*) AS n FROM runs WHERE flow = 'filter'")["n"][0].as_py() == 0
