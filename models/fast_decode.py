@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from models.fast_cache import KV_BLOCK, Session, SessionCache, capture_step, round_up
-from models.search import BeamSearch, TokenSearch
+from models.search import BeamSearch, BeamState, TokenSearch
 
 ATTENTION_KINDS = ("sdpa", "flex")
 
@@ -688,14 +688,19 @@ class FastFlamingoDecoder:
 
     @torch.inference_mode()
     def search(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: torch.Tensor,
-               search: TokenSearch, cache_new_tokens: int | None = None) -> DecodeOutput:  # fmt: skip
+               search: TokenSearch, cache_new_tokens: int | None = None,
+               resumed: Sequence[int] | None = None) -> DecodeOutput:  # fmt: skip
         """Beam search or sampling (``models.search``) of a left-padded batch: this decoder computes the logits,
         ``search`` picks the tokens. Each sample's prompt is prefilled once and its cache copied to its beams;
         after each step every beam's generated keys are gathered from the row it continues.
-        ``cache_new_tokens``: as in ``generate``."""
-        b, n = input_ids.shape
+        ``cache_new_tokens``: as in ``generate``.
+
+        ``resumed``: searches going on from exported states (``BeamSearch.restore``): per sample, how many tokens
+        its beams generated so far. The inputs then have a row per beam, its prompt and its generated tokens, and
+        each row is prefilled as it is (the keys of the generated part differ between beams)."""
         k = search.width
-        rows = b * k
+        rows = input_ids.shape[0] if resumed is not None else input_ids.shape[0] * k
+        b, n = rows // k, input_ids.shape[1]
         grows = self.grows
         max_new = search.s.max_new_tokens
         sess = self._session(rows, n, max_new, cache_len=self._first_cache_len(n, max_new, cache_new_tokens))
@@ -704,8 +709,16 @@ class FastFlamingoDecoder:
         logits = self._prefill(
             sess, input_ids.to(self.device), attention_mask.to(self.device), media.to(self.device)
         )
-        sess.nan[:b] = torch.isnan(logits).any(dim=-1)
-        if k > 1:  # every beam starts as a copy of its sample's prefilled row
+        sess.nan[: len(logits)] = torch.isnan(logits).any(dim=-1)
+        # per session row, the generated tokens whose keys fill its slots [start, slot) (beams only)
+        history = torch.zeros((rows, max_new + 1), dtype=torch.long, device=self.device) if k > 1 else None
+        start = torch.full((rows,), n, dtype=torch.long, device=self.device)
+        if resumed is not None:
+            generated = torch.as_tensor(resumed, dtype=torch.long, device=self.device).repeat_interleave(k)
+            start -= generated
+            for r, g in enumerate(generated.tolist()):
+                history[r, :g] = input_ids[r, n - g :]
+        elif k > 1:  # every beam starts as a copy of its sample's prefilled row
             source = torch.arange(b, device=self.device).repeat_interleave(k)
             self._move_rows(sess, sess, source, n)
             logits = logits[source]
@@ -716,8 +729,6 @@ class FastFlamingoDecoder:
         where = order.clone()
         full = logits
         nan = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        # per session row, the generated tokens whose keys fill its slots [n, slot) (beams only)
-        history = torch.zeros((rows, max_new + 1), dtype=torch.long, device=self.device) if k > 1 else None
         while not search.step(full):
             live = search.live_samples().repeat_interleave(k)[order].nonzero().flatten()
             no_slot = sess.slot_host >= sess.cache_len  # the next key has no slot: grow the cache first
@@ -728,17 +739,17 @@ class FastFlamingoDecoder:
                 where = torch.full_like(where, -1)
                 where[order] = torch.arange(len(order), device=self.device)
                 history = history[live] if history is not None else None
+                start = start[live]
             current = len(order)
             sess.tok[:current] = search.next_tokens[order]
-            written = sess.slot_host - n
+            written = sess.slot_host - start[:current]
             if search.source_rows is not None:
                 source = where[search.source_rows[order]]
                 moved = (source != sess.rows[:current]).nonzero().flatten()
-                if len(moved) and written:
-                    self._continue_beams(sess, history, moved, source[moved], torch.full_like(moved, n),
-                                         torch.full_like(moved, written))  # fmt: skip
+                if len(moved):
+                    self._continue_beams(sess, history, moved, source[moved], start[moved], written[moved])
             if history is not None:
-                history[:current, written] = sess.tok[:current]
+                history[sess.rows[:current], written] = sess.tok[:current]
             self._run_step(sess)
             sess.slot_host += 1
             if current == rows:
@@ -853,16 +864,17 @@ class FastFlamingoDecoder:
 
     @torch.inference_mode()
     def stream_search(self, fetch: Callable[[int], Admission | None], search: BeamSearch, cache_len: int,
-                      refill_at: int | None = None) -> Iterator[tuple[Any, list[int], bool, int]]:  # fmt: skip
+                      refill_at: int | None = None) -> Iterator[tuple[Any, list[int] | BeamState, bool]]:  # fmt: skip
         """Continuous batching for beam search: keep up to ``search.batch`` samples (``search.width`` rows each)
         decoding and refill the rows of samples that finish.
 
         ``search``: a ``BeamSearch`` made for streaming (``make_search`` with empty prompts and a span of at
-        least ``cache_len``). ``fetch(k)`` returns up to ``k`` new samples (an ``Admission``: one prompt per
-        sample, its ``max_new`` a limit that keeps prompt + new tokens within ``cache_len``), or None when there
-        are no more. Yields ``(key, tokens, nan, steps)`` per sample as it finishes: its best hypothesis's token
-        ids, whether its logits saw NaN, and how many steps its search ran (its ``max_new`` if it reached it). A sample's result is the one ``generate`` gives it with those limits
-        (deterministic beams: the same tokens; sampled ones draw from one random stream for the whole run).
+        least ``cache_len``). ``fetch(k)`` returns up to ``k`` new samples (an ``Admission``: one prompt and its
+        token limits per sample), or None when there are no more. Yields ``(key, result, nan)`` per sample as it
+        leaves: ``result`` is its best hypothesis's token ids, the ones ``generate`` gives it (deterministic
+        beams: the same tokens; sampled ones draw from one random stream for the whole run), or, for a sample
+        whose next key would not fit its row of the ring, its search's state (``BeamState``), which
+        ``search(..., resumed=)`` continues; ``nan``: its logits saw NaN.
 
         Each joining prompt is prefilled once into its sample's first row, ending at the current slot of the
         ring (as in ``stream``), and its keys are copied to the sample's other beams. After each step a beam
@@ -875,10 +887,15 @@ class FastFlamingoDecoder:
         self._ensure_flex(sess)
         refill_at = max(1, refill_at or samples // 8)
         owner: list[Any] = [None] * samples
+        room = [0] * samples  # tokens a sample can generate before its row of the ring is full
         start = torch.zeros(rows, dtype=torch.long, device=self.device)  # the slot of each row's first new key
         history = torch.zeros((rows, sess.cache_len + 1), dtype=torch.long, device=self.device)
         logits = torch.zeros((rows, self.vocab), dtype=torch.float32, device=self.device)
         beams = torch.arange(k, device=self.device)
+
+        def rows_of(groups: list[int]) -> torch.Tensor:
+            return (torch.as_tensor(groups, dtype=torch.long, device=self.device).view(-1, 1) * k + beams).view(-1)
+
         exhausted = False
         while True:
             free = [g for g in range(samples) if owner[g] is None]
@@ -887,28 +904,26 @@ class FastFlamingoDecoder:
                 if joining is None or not joining.keys:
                     exhausted = True
                 else:
-                    self._check_fits(joining, sess.cache_len, search.s.max_new_tokens, len(free))
+                    self._check_fits(joining, sess.cache_len, search.s.max_new_tokens, len(free), clipped=False)
                     taken = free[: len(joining.keys)]
                     at = torch.as_tensor(taken, dtype=torch.long, device=self.device)
-                    joined = (at.view(-1, 1) * k + beams).view(-1)
+                    joined = rows_of(taken)
                     logits[joined] = self._admit_beams(sess, at * k, joining, k).repeat_interleave(k, dim=0)
                     start[joined] = sess.slot_host
                     search.admit(at, joining.input_ids.to(self.device), joining.max_new, joining.min_new)
                     for g, key in zip(taken, joining.keys, strict=True):
-                        owner[g] = key
+                        owner[g], room[g] = key, sess.cache_len - joining.input_ids.shape[1]
             busy = [g for g in range(samples) if owner[g] is not None]
             if not busy:
                 if exhausted:
                     return
                 continue
             search.step(logits)
-            done = search.done().tolist()
-            ended = [g for g in busy if done[g]]
-            if ended:
-                at = torch.as_tensor(ended, dtype=torch.long, device=self.device)
-                parked = (at.view(-1, 1) * k + beams).view(-1)
+            done, generated = search.done().tolist(), search.gen.tolist()
+            leaving = [g for g in busy if done[g] or generated[g] >= room[g]]
+            if leaving:
+                parked = rows_of(leaving)
                 nan = sess.nan[parked].view(-1, k).any(dim=1).tolist()
-                steps = search.gen[at].tolist()
                 # park the rows: their span restarts at the slot, so idle steps read only fresh keys
                 sess.pad_len[parked] = sess.slot
                 bad = parked[sess.nan[parked]]
@@ -917,15 +932,17 @@ class FastFlamingoDecoder:
                         cache[bad] = 0
                 if sess.flex is not None:
                     sess.flex.start(sess.pad_len)
-                for g, tokens, bad_row, ran in zip(ended, search.tokens_of(ended), nan, steps, strict=True):
+                ended = [g for g in leaving if done[g]]
+                results = dict(zip(ended, search.tokens_of(ended), strict=True))
+                for g, bad_row in zip(leaving, nan, strict=True):
                     key, owner[g] = owner[g], None
-                    yield key, tokens, bool(bad_row), ran
-                search.retire(ended)
+                    yield key, results[g] if g in results else search.export(g), bool(bad_row)
+                search.retire(leaving)
                 busy = [g for g in busy if owner[g] is not None]
                 if not busy:
                     continue
             sess.tok[:rows] = search.next_tokens
-            live = (torch.as_tensor(busy, dtype=torch.long, device=self.device).view(-1, 1) * k + beams).view(-1)
+            live = rows_of(busy)
             written = sess.slot_host - start[live]
             moved = live[search.source_rows[live] != live]
             if len(moved):
@@ -959,11 +976,13 @@ class FastFlamingoDecoder:
         return logits
 
     @staticmethod
-    def _check_fits(joining: Admission, cache_len: int, max_new_tokens: int, free: int) -> None:
+    def _check_fits(joining: Admission, cache_len: int, max_new_tokens: int, free: int, clipped: bool = True) -> None:
+        """``clipped``: every joining row's ``max_new`` must fit the ring; else only one new token must (a beam
+        search that outlives its row leaves the ring with its state)."""
         n = joining.input_ids.shape[1]
         if len(joining.keys) > free:
             raise ValueError(f"fetch returned {len(joining.keys)} rows for {free} free ones")
-        if max(joining.max_new) > max_new_tokens or n + max(joining.max_new) > cache_len:
+        if max(joining.max_new) > max_new_tokens or n + (max(joining.max_new) if clipped else 1) > cache_len:
             raise ValueError(
                 f"a joining row needs {n} prompt + {max(joining.max_new)} new tokens; the ring holds {cache_len} "
                 f"and max_new_tokens is {max_new_tokens}"

@@ -468,11 +468,12 @@ class RewriteGenerator:
         ``num_beams`` rows).
 
         The ring cache holds ``longest_prompt`` plus ``planned_new_tokens`` per row (``cache_new_tokens``, else
-        ``max_new_tokens``). A sample that outlives it leaves the ring; once the stream has run dry, those
-        samples go on in static batches, their caches growing as needed. A greedy row's prompt there is its
-        prompt plus what it wrote (prefilled), so it gets the tokens decoding would have given, as a static batch
-        that grows its cache gives them; a beam search starts again from its prompt."""
+        ``max_new_tokens``). A sample that outlives it leaves the ring with what it wrote (greedy) or its
+        search's state (beams); once the stream has run dry, those samples go on in static batches whose rows'
+        prompts are their prompts plus what they wrote, prefilled and decoded on with a growing cache: the tokens
+        decoding would have given, as a static batch that grows its cache gives them."""
         from models.fast_cache import round_up
+        from models.search import BeamState
 
         if not self.can_stream:
             raise ValueError(
@@ -482,42 +483,42 @@ class RewriteGenerator:
         max_new = int(self.settings["max_new_tokens"])
         ring = round_up(longest_prompt + self.planned_new_tokens, self.decoder.kv_block)
         joined: dict[Any, tuple[Prepared, int]] = {}  # each sample and how many tokens the ring allows it
-        admission = self._admission(fetch, ring, joined)
-        outlived: list[tuple[Any, Prepared, list[int]]] = []
+        admission = self._admission(fetch, ring, joined, clip=self.beams == 1)
+        outlived: list[tuple[Any, Prepared, list[int] | BeamState]] = []
         try:
             if self.beams > 1:
-                finished = self._stream_beams(admission, rows, ring)
+                left = self._stream_beams(admission, rows, ring)
             else:
-                finished = (
-                    (key, tokens.tolist(), nan, len(tokens))
-                    for key, tokens, nan in self.decoder.stream(admission, rows, ring, max_new, self.eos_ids, PAD_ID)
-                )  # fmt: skip
-            for key, written, nan, steps in finished:
+                left = ((key, tokens.tolist(), nan)
+                        for key, tokens, nan in self.decoder.stream(admission, rows, ring, max_new, self.eos_ids, PAD_ID))  # fmt: skip
+            for key, written, nan in left:
                 prepared, limit = joined.pop(key)
-                ended = bool(written) and written[-1] in self.eos_ids
-                if not nan and limit < max_new and steps == limit and (self.beams > 1 or not ended):
+                if isinstance(written, BeamState):
+                    outlived_ring = not nan
+                else:  # a greedy row stopped at the ring's limit, not at an end token
+                    ended = bool(written) and written[-1] in self.eos_ids
+                    outlived_ring = not nan and limit < max_new and len(written) == limit and not ended
+                if outlived_ring:
                     outlived.append((key, prepared, written))
                 else:
-                    yield key, self._result(prepared, written, nan)
-            # as many samples per batch as take the ring's memory at first (a greedy row's cache starts at
-            # prompt + written + planned_new_tokens)
-            size = max(1, rows * ring // (ring + self.planned_new_tokens)) if self.beams == 1 else rows
+                    yield key, self._result(prepared, [] if isinstance(written, BeamState) else written, nan)
+            # as many samples per batch as take the ring's memory at first (their caches start at prompt +
+            # written + planned_new_tokens)
+            size = max(1, rows * ring // (ring + self.planned_new_tokens))
             for start in range(0, len(outlived), size):
                 chunk = outlived[start : start + size]
-                if self.beams > 1:  # a search cannot go on from one hypothesis: it starts again
-                    self.rows_continued += len(chunk)
-                    self.rows_restarted += len(chunk)
-                    results = self.generate([p for _, p, _ in chunk])
-                else:
-                    results = self._continue([(p, written) for _, p, written in chunk])
+                go_on = self._continue_search if self.beams > 1 else self._continue
+                results = go_on([(p, written) for _, p, written in chunk])
                 yield from zip([key for key, _, _ in chunk], results, strict=True)
         except BaseException as exc:
             self._after_error(exc)
             raise
 
-    def _admission(self, fetch, ring: int, joined: dict[Any, tuple[Prepared, int]]):
-        """``fetch`` as the decoder's stream wants it: the samples collated into an ``Admission`` whose token
-        limits keep each prompt plus its new tokens within the ring (each noted in ``joined``)."""
+    def _admission(self, fetch, ring: int, joined: dict[Any, tuple[Prepared, int]], clip: bool = True):
+        """``fetch`` as the decoder's stream wants it: the samples collated into an ``Admission`` (each noted in
+        ``joined`` with the tokens the ring allows it). ``clip``: its token limits keep each prompt plus its new
+        tokens within the ring (greedy rows stop there); else they are the settings' (a beam search leaves the
+        ring with its state)."""
         from models.fast_decode import Admission
 
         max_new = int(self.settings["max_new_tokens"])
@@ -531,24 +532,59 @@ class RewriteGenerator:
             limit = min(max_new, ring - ids.shape[1])  # >= planned_new_tokens: no prompt is longer than longest
             joined.update((key, (p, limit)) for key, p in batch)
             keys = [key for key, _ in batch]
-            return Admission(keys, ids, mask, media, max_new=[limit] * len(keys),
-                             min_new=[min(min_new, limit)] * len(keys))  # fmt: skip
+            most = limit if clip else max_new
+            return Admission(keys, ids, mask, media, max_new=[most] * len(keys),
+                             min_new=[min(min_new, most)] * len(keys))  # fmt: skip
 
         return admission
 
-    def _stream_beams(self, admission, samples: int, ring: int) -> Iterator[tuple[Any, list[int], bool, int]]:
-        """``FastFlamingoDecoder.stream_search`` over ``samples`` samples at a time: (key, tokens, nan, steps the
-        search ran) per sample."""
+    def _new_search(self, samples: int, span: int):
+        """A beam search with these settings that ``samples`` samples join later (``BeamSearch.admit`` or
+        ``restore``), guarded against NaN logits (the decoder flags the rows)."""
         import torch
 
         from models.search import SearchSettings, make_search
 
-        search = make_search(torch.empty((samples, 0), dtype=torch.long, device=self.loaded.device),
-                             SearchSettings.from_settings(self.settings), self.eos_ids, PAD_ID,
-                             extra_processors=[_nan_guard([], self.beams)], span=ring)  # fmt: skip
+        return make_search(torch.empty((samples, 0), dtype=torch.long, device=self.loaded.device),
+                           SearchSettings.from_settings(self.settings), self.eos_ids, PAD_ID,
+                           extra_processors=[_nan_guard([], self.beams)], span=span)  # fmt: skip
+
+    def _stream_beams(self, admission, samples: int, ring: int):
+        """``FastFlamingoDecoder.stream_search`` over ``samples`` samples at a time."""
+        import torch
+
+        search = self._new_search(samples, ring)
         if self.settings["do_sample"]:
             torch.manual_seed(int(self.settings.get("seed", 0)))  # one random stream for the whole run
         yield from self.decoder.stream_search(admission, search, ring)
+
+    def _continue_search(self, rows: list[tuple[Prepared, Any]]) -> list[Generated | Exception]:
+        """Beam searches that left the ring (``BeamState``s) go on in one static batch: each beam's row is its
+        prompt plus its generated tokens, prefilled, and the search resumes where it stopped (``generate``'s
+        beams, as for ``_continue``). A sample one of whose beams wrote an ``<image>`` token starts again
+        instead: in a prompt that token would be read as one more image."""
+        media_id = int(self.loaded.model.media_token_id)
+        again = [i for i, (_, st) in enumerate(rows) if bool((st.histories() == media_id).any())]
+        self.rows_continued += len(rows)
+        self.rows_restarted += len(again)
+        results: dict[int, Generated | Exception] = {}
+        if again:
+            results.update(zip(again, self.generate([rows[i][0] for i in again]), strict=True))
+        going = [i for i in range(len(rows)) if i not in results]
+        if going:
+            beams = [Prepared(p.input_ids + h, p.image_keys, p.pixels)
+                     for p, st in (rows[i] for i in going) for h in st.histories().tolist()]  # fmt: skip
+            ids, mask, media = self._collate(beams)
+            states = [rows[i][1] for i in going]
+            search = self._new_search(len(going), ids.shape[1] + int(self.settings["max_new_tokens"]))
+            search.restore(range(len(going)), states)
+            out = self.decoder.search(ids, mask, media, search, cache_new_tokens=self.cache_new_tokens,
+                                      resumed=[st.generated for st in states])  # fmt: skip
+            self.cache_grows += out.grows
+            new, nan = out.tokens.cpu().tolist(), out.nan.tolist()
+            for row, i in enumerate(going):
+                results[i] = self._result(rows[i][0], new[row], nan[row])
+        return [results[i] for i in range(len(rows))]
 
     def _continue(self, rows: list[tuple[Prepared, list[int]]]) -> list[Generated | Exception]:
         """Greedy decoding of samples that already wrote some tokens: each prompt plus its tokens is prefilled

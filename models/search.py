@@ -156,6 +156,28 @@ class Sampler(TokenSearch):
         return self.unfinished.bool()
 
 
+@dataclass
+class BeamState:
+    """One sample's beam search between two steps (``BeamSearch.export``), enough to go on elsewhere
+    (``BeamSearch.restore``): its beams' sequences (prompt and generated tokens, right-aligned, (k, tokens)) and
+    scores, its finished hypotheses, and its counters."""
+
+    running: torch.Tensor
+    running_scores: torch.Tensor
+    sequences: torch.Tensor
+    scores: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
+    may_improve: bool
+    generated: int
+    prompt_tokens: int
+    min_new: int
+
+    def histories(self) -> torch.Tensor:
+        """(k, generated) each beam's generated tokens."""
+        return self.running[:, self.running.shape[1] - self.generated :]
+
+
 class PerSampleMinNewTokens:
     """``generate``'s minimum-length rule (no end token before ``min_new_tokens`` new ones), counted per sample.
 
@@ -240,6 +262,44 @@ class BeamSearch(TokenSearch):
         self.gen[samples] = 0
         for i in samples.tolist():
             self._tokens_host[i], self._active_host[i] = n, True
+
+    def export(self, sample: int) -> BeamState:
+        """Sample ``sample``'s state after a ``step`` (its next tokens picked, not yet fed to the model)."""
+        width = self._tokens_host[sample]
+        return BeamState(
+            running=self.running[sample, :, self.span - width :].clone(),
+            running_scores=self.running_scores[sample].clone(),
+            sequences=self.sequences[sample, :, self.span - width :].clone(),
+            scores=self.scores[sample].clone(),
+            lengths=self.lengths[sample].clone(),
+            finished=self.finished[sample].clone(),
+            may_improve=bool(self.may_improve[sample]),
+            generated=int(self.gen[sample]),
+            prompt_tokens=width - int(self.gen[sample]),
+            min_new=int(self.min_new[sample]),
+        )
+
+    def restore(self, samples: Sequence[int], states: Sequence[BeamState]) -> None:
+        """Go on with exported states in ``samples``: their next ``step`` reads the logits after each beam's
+        sequence (a prefill of prompt + history per beam). The settings' ``max_new_tokens`` still counts from
+        each sample's first generated token."""
+        for i, st in zip(samples, states, strict=True):
+            width = st.running.shape[1]
+            if width > self.span:
+                raise ValueError(f"a state of {width} tokens does not fit a search of span {self.span}")
+            self.running[i] = self.fill
+            self.running[i, :, self.span - width :] = st.running
+            self.sequences[i] = self.fill
+            self.sequences[i, :, self.span - width :] = st.sequences
+            self.running_scores[i] = st.running_scores
+            self.scores[i] = st.scores
+            self.lengths[i] = st.lengths
+            self.finished[i] = st.finished
+            self.may_improve[i] = st.may_improve
+            self.gen[i] = st.generated
+            self.min_new[i] = st.min_new
+            self.max_new[i] = self.s.max_new_tokens
+            self._tokens_host[i], self._active_host[i] = width, True
 
     def retire(self, samples: Sequence[int]) -> None:
         """Samples whose results were taken: their rows are free, and the processors stop reading them."""

@@ -1,13 +1,14 @@
 """Continuous batching for beam search (FastFlamingoDecoder.stream_search through RewriteGenerator.stream):
 samples that join a running batch through the ring get the beams of a static batch (which are generate's), with
-either decode attention; samples that outlive the ring start again statically; a NaN sample fails alone."""
+either decode attention; samples that outlive the ring go on statically from their search's state; a NaN sample
+fails alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from test_rewrite_fast import images, loaded  # noqa: F401 - fixtures
-from test_rewrite_search import _batch, _run, ending  # noqa: F401 - fixtures
+from test_rewrite_search import _batch, _run, _shadowing, ending  # noqa: F401 - fixtures
 
 from models.generation import Prepared, RewriteGenerator, resolve_generation
 
@@ -57,15 +58,30 @@ def test_streamed_beams_get_the_beams_of_a_static_batch(ending, images, override
     assert len(set(lengths)) > 1 and min(lengths) < 24  # samples finished at different steps
 
 
-def test_beams_that_outlive_the_ring_start_again_statically(ending, images):  # noqa: F811
+def test_beams_that_outlive_the_ring_go_on_statically_from_their_state(ending, loaded, images):  # noqa: F811
     """A ring with room for each prompt plus 4 new tokens (rounded to 16 slots): the samples that end within it
-    finish in the stream, the others start again in a static batch, and all get the static batch's beams."""
+    finish in the stream; the others leave it with their search's state and go on in a static batch, each beam's
+    prompt plus its tokens prefilled; all get the beams of a static batch with room for all 24."""
     settings = resolve_generation("beam", {"max_new_tokens": 24})
     static = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16)
     ringed = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16, cache_new_tokens=4)
     batch = _batch(static, images) * 3
     assert _streamed(ringed, batch, samples=4) == _run(static, batch)
-    assert 0 < ringed.rows_restarted == ringed.rows_continued < len(batch)
+    assert 0 < ringed.rows_continued < len(batch) and ringed.rows_restarted == 0
+    # the random model rarely ends, so every sample leaves the ring and its beams reorder over the tokens they
+    # wrote in it (this fails if those tokens' keys are not taken along)
+    settings = resolve_generation("beam", {"max_new_tokens": 40})
+    static = RewriteGenerator(loaded, settings, backend="fast", cuda_graphs=False, kv_block=16)
+    ringed = RewriteGenerator(loaded, settings, backend="fast", cuda_graphs=False, kv_block=16, cache_new_tokens=4)
+    assert _streamed(ringed, batch, samples=4) == _run(static, batch)
+    assert ringed.rows_continued == len(batch) and ringed.rows_restarted == 0
+
+    # a sample one of whose beams wrote an <image> token starts again (in a prompt it would read as an image)
+    imaging = _shadowing(ending, images, int(ending.model.media_token_id))
+    static = RewriteGenerator(imaging, settings, backend="fast", cuda_graphs=False, kv_block=16)
+    ringed = RewriteGenerator(imaging, settings, backend="fast", cuda_graphs=False, kv_block=16, cache_new_tokens=4)
+    assert _streamed(ringed, batch, samples=4) == _run(static, batch)
+    assert 0 < ringed.rows_restarted < ringed.rows_continued
 
 
 def test_a_nan_sample_fails_alone_in_streamed_beams(ending, images):  # noqa: F811
