@@ -32,7 +32,9 @@ def test_stage_commands_without_a_config_run_the_demo_config_too():
 
     assert stage_config(None) == demo_config() != FactoryConfig()
     assert stage_config(str(CONFIGS / "pf1m.yaml")) == load_config(CONFIGS / "pf1m.yaml")
-    assert _config(None, None, [])["rewrite"] == demo_config().model_dump(mode="json", by_alias=True)["rewrite"]
+    assert (
+        _config(None, None, [])["rewrite"] == demo_config().model_dump(mode="json", by_alias=True)["rewrite"]
+    )
     beams = _config(None, "paper", ["rewrite.shard_size=8"])["rewrite"]
     assert (beams["preset"], beams["shard_size"], beams["overrides"]["max_new_tokens"]) == ("paper", 8, 224)
 
@@ -143,3 +145,18 @@ def test_factory_runs_every_stage_as_subflows_and_a_rerun_skips_finished_work(tm
     assert second["stages"]["rewrite"]["selected"] == 0
     assert second["stages"]["export"]["exports"] == first["stages"]["export"]["exports"]
     assert store.query(counts).to_pylist()[0] == before
+
+
+@pytest.mark.parametrize(
+    ("pair", "says"),
+    [
+        ("ingest.sources.5=1", "5 is not an index of a 1-item list"),
+        ("ingest.sources.5.limit=1", "5 is not an index of a 1-item list"),
+        ("ingest.sources.x=1", "x is not an index of a 1-item list"),
+        ("rewrite.overrides={a", "is not valid YAML"),
+    ],
+)
+def test_a_bad_set_is_one_line_naming_the_pair(pair, says):
+    result = CliRunner().invoke(app, ["run", "--set", pair, "--dry-run"])
+    assert result.exit_code == 2, result.output
+    assert says in result.output and f"--set {pair!r}" in result.output and "Traceback" not in result.output

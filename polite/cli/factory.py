@@ -16,6 +16,13 @@ TRY_SQL = [
 ]
 
 
+def _list_index(node: list, key: str, pair: str) -> int:
+    """``ingest.sources.0.limit=10``: a list item by index."""
+    if not key.isdigit() or int(key) >= len(node):
+        raise ValueError(f"--set {pair!r}: {key} is not an index of a {len(node)}-item list")
+    return int(key)
+
+
 def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
     """``section.key=value`` pairs onto a config dict; values are parsed as YAML (``3``, ``true``, ``[a, b]``)."""
     import yaml
@@ -27,21 +34,25 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
             )
         dotted, raw = pair.split("=", 1)
         keys = dotted.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"--set {pair!r}: {raw!r} is not valid YAML ({problem})") from None
+
         node: Any = data
         for key in keys[:-1]:
-            if isinstance(node, list):  # `ingest.sources.0.limit=10`: a list item by index
-                if not key.isdigit() or int(key) >= len(node):
-                    raise ValueError(f"--set {pair!r}: {key} is not an index of a {len(node)}-item list")
-                node = node[int(key)]
+            if isinstance(node, list):
+                node = node[_list_index(node, key, pair)]
                 continue
             child = node.setdefault(key, {})
             if not isinstance(child, dict | list):
                 raise ValueError(f"--set {pair!r}: {key} is not a section")
             node = child
         if isinstance(node, list):
-            node[int(keys[-1])] = yaml.safe_load(raw)
+            node[_list_index(node, keys[-1], pair)] = value
         else:
-            node[keys[-1]] = yaml.safe_load(raw)
+            node[keys[-1]] = value
     return data
 
 
