@@ -20,6 +20,7 @@ from prefect import flow
 
 from flows.common import logger, stage_run
 from flows.runners import ray_session, stage_resources, task_runner_for
+from lineage.store import LineageStore
 from polite.config import ConfigError, FactoryConfig, load_config, parse_config
 from polite.workspace import Workspace
 
@@ -87,6 +88,38 @@ def _compact(result: Any) -> Any:
     }
 
 
+def stages_to_run(cfg: FactoryConfig, chosen: str | None) -> list[str]:
+    """The enabled stages in order; training only when no rewriter is given."""
+    return [s for s in STAGES if _enabled(cfg, s) and not (s == "train" and chosen)]
+
+
+def check_predicates(cfg: FactoryConfig, ws: Workspace, stages: list[str], where: str | None = None) -> None:
+    """Bind the run's SQL predicates (the export selection, the training pairs) before any stage works.
+
+    The export stage checks its own only when it starts, after every stage before it: a misspelt column found
+    there costs the whole run. A workspace without a lineage yet binds against an empty one of the same
+    schema in a temporary folder, so a dry run still writes nothing. Raises ``PredicateError``."""
+    import tempfile
+
+    checks = []
+    selection = where if where is not None else cfg.export.where
+    if "export" in stages and selection:
+        checks.append((selection, "lineage", "export.where (--where)"))
+    if "train" in stages and cfg.train.pairs_where:
+        from flows.train_rewriter import PAIRS_SOURCE
+
+        checks.append((cfg.train.pairs_where, PAIRS_SOURCE, "train.pairs_where"))
+    if not checks:
+        return
+    with tempfile.TemporaryDirectory(prefix="polite-schema-") as scratch:
+        store = LineageStore(ws.db_path)
+        if not ws.db_path.exists():
+            store = LineageStore(Path(scratch) / "lineage.duckdb")
+            store.migrate()
+        for predicate, source, option in checks:
+            store.check_predicate(predicate, source, option)
+
+
 @flow(name="factory")
 def factory_flow(
     config: dict | str | None = None,
@@ -104,8 +137,10 @@ def factory_flow(
     cfg = resolve_config(config)
     ws = Workspace.resolve(workspace or cfg.workspace).ensure()
     chosen = given_model(cfg, model)
-    order = [s for s in STAGES if _enabled(cfg, s) and not (s == "train" and chosen)]
+    order = stages_to_run(cfg, chosen)
     flows = {s: stage_flow(s) for s in order}  # every stage importable before any work
+    LineageStore(ws.db_path).migrate()  # the views as this code defines them, before binding the predicates
+    check_predicates(cfg, ws, order, where)
     data = cfg.model_dump(mode="json", by_alias=True)
     log = logger()
     stages: dict[str, Any] = {}
@@ -198,7 +233,7 @@ def plan(cfg: FactoryConfig, workspace: str | None = None, model: str | None = N
             }
         )
     chosen = given_model(cfg, model)
-    stages = [s for s in STAGES if _enabled(cfg, s) and not (s == "train" and chosen)]
+    stages = stages_to_run(cfg, chosen)
     settings = {
         section: getattr(cfg, section).model_dump(mode="json")
         for section in ("distort", "train", "rewrite", "filters", "export", "runner")

@@ -160,3 +160,48 @@ def test_a_bad_set_is_one_line_naming_the_pair(pair, says):
     result = CliRunner().invoke(app, ["run", "--set", pair, "--dry-run"])
     assert result.exit_code == 2, result.output
     assert says in result.output and f"--set {pair!r}" in result.output and "Traceback" not in result.output
+
+
+def test_export_options_and_predicates_fail_before_any_stage_runs(tmp_path, monkeypatch):
+    """A misspelt --format or a --where / export.where / train.pairs_where naming no column stops `polite run`
+    (and `polite export`) with one line before a flow starts: found only by the export stage, it would cost
+    the whole run first. A fresh workspace binds against an empty lineage of the same schema and stays empty."""
+    import flows.factory
+
+    def no_flow(**kwargs):
+        raise AssertionError("a flow started")
+
+    monkeypatch.setattr(flows.factory, "factory_flow", no_flow)
+    monkeypatch.setattr("flows.export.export_flow", no_flow)
+    ws = tmp_path / "ws"
+    cases = [
+        (
+            ["run", "--format", "jsonl"],
+            "export.formats.0: Input should be 'datasets', 'parquet', 'pf1m' or 'llava'",
+        ),
+        (["export", "--format", "jsonl"], "export.formats.0: Input should be"),
+        (
+            ["run", "--where", "kept AND sorce = 'gqa'"],
+            "export.where (--where) \"kept AND sorce = 'gqa'\" is not",
+        ),
+        (
+            ["run", "--set", "export.where=nokept"],
+            "export.where (--where) 'nokept' is not a predicate over lineage",
+        ),
+        (
+            ["run", "--set", "train.pairs_where=s.sorce = 'demo'"],
+            "train.pairs_where \"s.sorce = 'demo'\" is not",
+        ),
+    ]
+    for args, says in cases:
+        for dry in ([], ["--dry-run"]) if args[0] == "run" else ([],):
+            result = CliRunner().invoke(app, [*args, *dry, "-w", str(ws)])
+            assert result.exit_code == 2, (args, result.output)
+            assert says in " ".join(result.output.split()), (args, result.output)
+            assert "Traceback" not in result.output
+    assert not ws.exists()  # a dry run writes nothing, and neither does a refused run
+    # a predicate that binds passes
+    result = CliRunner().invoke(
+        app, ["run", "--where", "kept AND source = 'demo'", "--dry-run", "-w", str(ws)]
+    )
+    assert result.exit_code == 0, result.output

@@ -25,7 +25,9 @@ WorkspaceOpt = Annotated[
 ]
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="YAML/TOML factory config; validated before any work. Default: the demo."),
+    typer.Option(
+        "--config", "-c", help="YAML/TOML factory config; validated before any work. Default: the demo."
+    ),
 ]
 
 
@@ -37,14 +39,31 @@ def stage_config(path: str | None):
     return resolve_config(path)
 
 
-def check_predicate(workspace: str | None, config_workspace: str, where: str | None, source: str, option: str) -> None:
+def with_export_options(
+    cfg, formats: list[str] | None, where: str | None, push_to_hub: str | None, origin: str
+):
+    """The config with a command's ``--format``/``--where``/``--push-to-hub`` in its export section, validated:
+    a misspelt format stops here, naming ``export.formats``, and not in the export flow after the stages before it."""
+    from polite.config import parse_config
+
+    data = cfg.model_dump(mode="json", by_alias=True)
+    options = {"formats": list(formats or []) or None, "where": where, "push_to_hub": push_to_hub}
+    data["export"].update({key: value for key, value in options.items() if value is not None})
+    return parse_config(data, origin=origin)
+
+
+def check_predicate(
+    workspace: str | None, config_workspace: str, where: str | None, source: str, option: str
+) -> None:
     """Stop on a user predicate the lineage cannot run before the flow (and a Prefect server) starts."""
     if not where:
         return
     from lineage.store import LineageStore
     from polite.workspace import Workspace
 
-    LineageStore(Workspace.resolve(workspace or config_workspace).db_path).check_predicate(where, source, option)
+    LineageStore(Workspace.resolve(workspace or config_workspace).db_path).check_predicate(
+        where, source, option
+    )
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

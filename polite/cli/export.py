@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console, stage_config, user_errors
+from polite.cli.common import (
+    ConfigOpt,
+    WorkspaceOpt,
+    check_predicate,
+    console,
+    stage_config,
+    user_errors,
+    with_export_options,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +42,10 @@ def register(app: typer.Typer) -> None:
 
         quiet_library_warnings()  # before Prefect is imported: it reads its settings once
         from flows.export import export_flow
-        cfg = stage_config(config)
+
+        cfg = with_export_options(
+            stage_config(config), formats, where, push_to_hub, origin=config or "(demo)"
+        )
         check_predicate(workspace, cfg.workspace, where, "lineage", "--where")
         result = export_flow(
             config=cfg.model_dump(mode="json", by_alias=True),

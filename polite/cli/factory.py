@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, console, err_console, user_errors
+from polite.cli.common import ConfigOpt, WorkspaceOpt, console, err_console, user_errors, with_export_options
 
 TRY_SQL = [
     'polite sql "SELECT source, count(*) AS samples, count(*) FILTER (WHERE kept) AS kept FROM lineage GROUP BY source"',
@@ -220,6 +220,12 @@ def register(app: typer.Typer) -> None:
         """
         quiet_library_warnings()
         cfg = read_config(config, set_ or [], limit, runner, ray_address)
+        cfg = with_export_options(cfg, formats, where, push_to_hub, origin=config or "(demo)")
+        from flows.factory import check_predicates, given_model, stages_to_run
+        from polite.workspace import Workspace
+
+        ws = Workspace.resolve(workspace or cfg.workspace)
+        check_predicates(cfg, ws, stages_to_run(cfg, given_model(cfg, model)), where)
         if dry_run:
             from flows.factory import plan
 
@@ -227,7 +233,6 @@ def register(app: typer.Typer) -> None:
             return
         from flows.export import ExportCheckFailed
         from flows.factory import factory_flow
-        from polite.workspace import Workspace
 
         try:
             result = factory_flow(
@@ -240,7 +245,6 @@ def register(app: typer.Typer) -> None:
             )
         except ExportCheckFailed as exc:
             # Every stage before export finished and is recorded: show it, then say which gate held.
-            ws = Workspace.resolve(workspace or cfg.workspace)
             print_summary({"workspace": ws.root, "db": str(ws.db_path), "stages": {}})
             err_console.print(
                 f"[bold red]export not published:[/] {exc}\n"

@@ -35,7 +35,8 @@ class ExportSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     formats: list[ExportFormat] = Field(default_factory=lambda: ["datasets", "pf1m", "llava"])
-    # Extra SQL predicate over the `lineage` view, ANDed with `kept = true`, e.g. "source = 'gqa'".
+    # SQL predicate over the `lineage` view that replaces the default `kept`: write "kept AND source = 'gqa'"
+    # to stay within the kept rewrites.
     where: str | None = None
     # Images of the JSON layouts: hard-link into the export folder (falls back to a copy across devices or
     # on remote storage), copy, or leave out. `datasets`/`parquet` always embed image bytes.
