@@ -61,7 +61,7 @@ def resolve_config(config: dict | str | None) -> FactoryConfig:
 
 def given_model(cfg: FactoryConfig, model: str | None) -> str | None:
     """A rewriter to use instead of training one: the ``model`` argument, else ``rewrite.model`` when set."""
-    return model or getattr(cfg.train, "model", None) or cfg.rewrite.model or None
+    return model or cfg.rewrite.model or None
 
 
 def stage_flow(stage: str):
@@ -242,7 +242,12 @@ def plan(cfg: FactoryConfig, workspace: str | None = None, model: str | None = N
         "workspace": ws.root,
         "stages": stages,
         "sources": sources,
-        "rewriter": chosen or "trained in this run (train settings)",
+        "rewriter": chosen
+        or (
+            "trained in this run (train settings)"
+            if "train" in stages
+            else "the latest rewriter in the lineage"
+        ),
         "models": _models(cfg, stages, chosen),
         "settings": settings,
         "runner": {s: type(task_runner_for(cfg.runner, s)).__name__ for s in stages},

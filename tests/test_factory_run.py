@@ -205,3 +205,13 @@ def test_export_options_and_predicates_fail_before_any_stage_runs(tmp_path, monk
         app, ["run", "--where", "kept AND source = 'demo'", "--dry-run", "-w", str(ws)]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_the_plan_names_the_lineage_rewriter_when_nothing_trains_or_is_given():
+    """configs/nightly.yaml trains nothing and sets no model: the rewrite stage takes the latest rewriter in the
+    lineage, and the plan must not say one is trained in this run."""
+    from flows.factory import plan
+
+    p = plan(load_config(CONFIGS / "nightly.yaml"))
+    assert "train" not in p["stages"] and "latest rewriter" in p["rewriter"], p["rewriter"]
+    assert plan(load_config(CONFIGS / "demo.yaml"))["rewriter"].startswith("trained in this run")
