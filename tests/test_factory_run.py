@@ -215,3 +215,22 @@ def test_the_plan_names_the_lineage_rewriter_when_nothing_trains_or_is_given():
     p = plan(load_config(CONFIGS / "nightly.yaml"))
     assert "train" not in p["stages"] and "latest rewriter" in p["rewriter"], p["rewriter"]
     assert plan(load_config(CONFIGS / "demo.yaml"))["rewriter"].startswith("trained in this run")
+
+
+def test_polite_ingest_refuses_a_bad_source_before_a_flow_starts(tmp_path, monkeypatch):
+    """An unknown adapter or a generic source without a mapping: one line, and no Prefect traceback from inside
+    a flow run (the flow used to start, log the traceback, then fail)."""
+
+    class NoFlow:
+        def with_options(self, **kwargs):
+            raise AssertionError("a flow started")
+
+    monkeypatch.setattr("flows.ingest.ingest_flow", NoFlow())
+    ws = str(tmp_path / "ws")
+    for args, says in [
+        (["ingest", "vqa2"], "ingest.sources.0: Value error, unknown adapter 'vqa2'; known: demo, generic"),
+        (["ingest", "generic", "--from", str(tmp_path)], "the generic adapter needs a `mapping`"),
+    ]:
+        result = CliRunner().invoke(app, [*args, "-w", ws])
+        assert result.exit_code == 2, (args, result.output)
+        assert says in result.output and "Traceback" not in result.output, (args, result.output)

@@ -110,6 +110,10 @@ def register(app: typer.Typer) -> None:
             if mapping:
                 spec["mapping"] = _mapping(mapping)
             sources = [spec]
+            # validated here, not only in the flow: a bad source is one line, not a flow run's traceback
+            from polite.config import parse_config
+
+            parse_config({**data, "ingest": {**data["ingest"], "sources": sources}}, origin="(command line)")
         elif any(v is not None for v in (from_, split, limit, config_name, revision, name, mapping)) or option:
             raise ValueError("--from/--split/--limit/... need a SOURCE (an adapter name; see --list)")
         from prefect.task_runners import ThreadPoolTaskRunner
