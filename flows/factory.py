@@ -34,12 +34,10 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-# The offline demo (`polite run` with no config; configs/demo.yaml writes it out): the defaults, except that
-# rewrites of short annotations are capped at 96 new tokens. The tiny rewriter has not always learnt to stop
-# after 2.5 minutes of training, and 1024 tokens per sample would cost the demo minutes for text the length
-# filter drops anyway.
-# The demo differs from the built-in defaults in two settings: a fixed number of training steps (not a wall-clock
-# budget, so the demo's outcome is the same on a fast or a busy machine) and room for full-length rewrites.
+# The offline demo (`polite run` with no config; configs/demo.yaml writes it out). It differs from the built-in
+# defaults in two settings: a fixed number of training steps (not a wall-clock budget, so the demo's outcome is
+# the same on a fast or a busy machine), and rewrites capped at 224 new tokens, room for a full scene
+# description (the default is the paper's 1024: the tiny rewriter does not always learn to stop).
 DEMO: dict[str, Any] = {
     "train": {"max_steps": 300, "time_budget_s": None},
     "rewrite": {"overrides": {"max_new_tokens": 224}},
