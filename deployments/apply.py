@@ -109,6 +109,16 @@ def runnable(specs: list[DeploymentSpec], root: Path = PROJECT_DIR) -> tuple[lis
     return ok, skipped
 
 
+def _rooted_config(parameters: dict[str, Any], root: Path) -> dict[str, Any]:
+    """A relative ``config`` path (``configs/nightly.yaml``) made absolute against the project folder. Served runs
+    are subprocesses in the serving process's working directory (a worker's pull step enters the project
+    folder instead), so served from elsewhere the path would name no file."""
+    config = parameters.get("config")
+    if isinstance(config, str) and not Path(config).is_absolute() and (root / config).exists():
+        return {**parameters, "config": str(root / config)}
+    return parameters
+
+
 def serve_all(specs: list[DeploymentSpec], root: Path = PROJECT_DIR, limit: int | None = None) -> None:
     """Serve the flows with their schedules from this process (blocks until interrupted)."""
     from prefect import serve
@@ -118,7 +128,7 @@ def serve_all(specs: list[DeploymentSpec], root: Path = PROJECT_DIR, limit: int 
             name=spec.name,
             description=spec.description or None,
             tags=spec.tags,
-            parameters=spec.parameters,
+            parameters=_rooted_config(spec.parameters, root),
             schedules=spec.prefect_schedules(),
             concurrency_limit=spec.prefect_concurrency(),
         )

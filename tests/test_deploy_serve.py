@@ -198,3 +198,19 @@ def test_serve_runs_a_triggered_export_and_deploy_registers_schedules(tmp_path):
         if serving is not None:
             _stop(serving)
         _stop(server)
+
+
+def test_serve_resolves_the_nightly_config_against_the_repository(tmp_path, monkeypatch):
+    """`polite serve` runs each flow in a subprocess of the serving process, in its working directory: served
+    from anywhere but the repository, `config: configs/nightly.yaml` would fail at 02:00 as a missing file."""
+    import prefect
+
+    from deployments.apply import serve_all
+
+    served = []
+    monkeypatch.setattr(prefect, "serve", lambda *deployments, **kwargs: served.extend(deployments))
+    monkeypatch.chdir(tmp_path)
+    serve_all(load_specs(DEFAULT_FILE, only=["nightly", "export"]))
+    params = {d.name: d.parameters for d in served}
+    assert params["nightly"] == {"config": str(REPO / "configs" / "nightly.yaml")}
+    assert params["export"] == {}
