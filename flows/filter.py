@@ -56,21 +56,6 @@ def _publish(summary: dict[str, Any], rows: list[dict], rewards: list[dict], ski
         logger().warning("could not store the funnel artifact: %s", exc)
 
 
-def _check_device(device: str) -> None:
-    """A misspelt device ("gpu") would fail every shard at model load, after the work is written: say so now.
-    Only the spelling is checked: the flow process may run where the workers' GPUs are not."""
-    if device == "auto":
-        return
-    import torch
-
-    try:
-        torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(
-            f"filters.device: {device!r} is not a torch device; use auto, cpu, cuda or cuda:N"
-        ) from None
-
-
 @flow(name="filter")
 def filter_flow(
     config: dict | None = None,
@@ -98,8 +83,6 @@ def filter_flow(
         raise ConfigError(
             "every scorer is disabled: enable at least one under `filters:` (e.g. filters.length.enabled: true)"
         )
-    if cfg.filters.enabled and not rethreshold and any(s.uses_model for s in chain.scorers):
-        _check_device(cfg.filters.device)
     log = logger()
     with stage_run("filter", cfg.model_dump(mode="json"), workspace, parent_run_id) as run:
         if not cfg.filters.enabled:

@@ -83,6 +83,22 @@ def test_overrides_apply_before_validation_and_bad_values_fail_with_the_key():
     assert result.exit_code == 2 and "rewrite.preset" in result.output
 
 
+def test_a_misspelt_device_is_a_config_error_in_every_stage():
+    """'gpu' would fail every shard at model load, after the work was written: the config refuses it."""
+    from polite.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as info:
+        parse_config({"rewrite": {"device": "gpu"}, "train": {"device": "cuda1"}, "filters": {"device": "GPU"},
+                      "distort": {"llm": {"backend": "local", "model": "m", "device": "auto"}}})  # fmt: skip
+    message = str(info.value)
+    for key, value in (("rewrite", "gpu"), ("train", "cuda1"), ("filters", "GPU"), ("distort.llm", "auto")):
+        assert f"{key}.device: Value error, '{value}' is not a torch device" in message
+    cfg = parse_config({"rewrite": {"device": "auto"}, "train": {"device": "cuda:1"}, "filters": {"device": "cpu"}})
+    assert (cfg.rewrite.device, cfg.train.device, cfg.filters.device) == (None, "cuda:1", "cpu")  # auto: the default
+    result = CliRunner().invoke(app, ["run", "--set", "rewrite.device=gpu", "--dry-run"])
+    assert result.exit_code == 2 and "rewrite.device" in result.output and "Traceback" not in result.output
+
+
 def test_a_misspelt_key_names_the_key_it_meant_and_the_known_ones():
     from polite.config import ConfigError, parse_config
 

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from polite.config.device import Device
 from polite.record import TASK_TYPES
 
 Method = Literal["llm", "augment", "retrieve"]
@@ -60,7 +61,7 @@ class LLMSettings(BaseModel):
     backoff_s: float = Field(default=1.0, ge=0)
     # local backend
     batch_size: int = Field(default=8, ge=1)
-    device: str = "cpu"
+    device: Device = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_prompt_tokens: int = Field(default=2048, ge=16)  # longer conversations are cut from the left
     allow_download: bool = False  # let a local backend fetch `model` from the Hub

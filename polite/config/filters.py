@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from polite.config.device import DeviceOrAuto
+
 Enabled = bool | Literal["auto"]
 
 
@@ -102,7 +104,7 @@ class FilterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     shard_size: int = Field(2000, ge=1)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: DeviceOrAuto = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     allow_download: bool = False  # let hub model ids download (never in tests or the offline demo)
     length: LengthSettings = Field(default_factory=LengthSettings)

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from polite.config.device import OptionalDevice
+
 
 class GenerationOverrides(BaseModel):
     """Any subset of the decoding parameters; unset fields keep the preset's value."""
@@ -62,7 +64,7 @@ class RewriteSettings(BaseModel):
     max_prompt_tokens: int = Field(default=1024, ge=8)  # longer prompts fail alone with reason 'too long'
 
     # -- where --
-    device: str | None = None  # None: cuda when available, else cpu
+    device: OptionalDevice = None  # None or auto: cuda when available, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     cuda_graphs: bool = True
     # the fast decoder's step attention: one masked span per batch (sdpa) or each row's own cache blocks (flex,

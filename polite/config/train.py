@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from polite.config.device import OptionalDevice
+
 TRAIN_GROUPS = ("lora", "perceiver", "cross_attn", "embeddings", "lm", "vision")
 
 
@@ -51,7 +53,7 @@ class TrainSettings(BaseModel):
     eval_every: int = Field(default=50, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False  # recompute decoder layers in backward: less memory, ~30% slower
-    device: str | None = None  # None: CUDA when available
+    device: OptionalDevice = None  # None or auto: CUDA when available
     num_threads: int | None = Field(default=None, ge=1)  # CPU threads for torch (None: torch's default)
 
     @model_validator(mode="after")
