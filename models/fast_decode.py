@@ -944,10 +944,10 @@ class FastFlamingoDecoder:
             sess.tok[:rows] = search.next_tokens
             live = rows_of(busy)
             written = sess.slot_host - start[live]
-            moved = live[search.source_rows[live] != live]
-            if len(moved):
-                self._continue_beams(sess, history, moved, search.source_rows[moved], start[moved],
-                                     sess.slot_host - start[moved])  # fmt: skip
+            moving = search.source_rows[live] != live
+            if bool(moving.any()):
+                moved = live[moving]
+                self._continue_beams(sess, history, moved, search.source_rows[moved], start[moved], written[moving])
             history[live, written] = sess.tok[live]
             self._run_step(sess)
             sess.slot_host += 1
