@@ -37,12 +37,11 @@ RUNTIME_KEYS = ("backend", "device", "dtype", "cuda_graphs", "decode_attention",
 
 
 # -- which model --------------------------------------------------------------------------------------------
-def resolve_model(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[str, str, bool]:
-    """``(model_id, path, registered_now)`` for a model id from the ``models`` table, a model folder, or (None)
-    the latest rewriter in the lineage. ``model_id`` is always the loader's fingerprint of the files."""
+def model_folder(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[tuple | None, str]:
+    """The ``models`` row (or None) and the folder of a model id, a model folder, or (None) the latest rewriter
+    in the lineage; a ``ConfigError`` when there is none. Cheap (no fingerprint): the command line checks it
+    before a flow starts."""
     from pathlib import Path
-
-    from models.loader import as_spec, fingerprint
 
     row = None
     with store.reader() as con:
@@ -61,6 +60,17 @@ def resolve_model(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[
         path = str(Path(ws.root) / path)
     if not path or not Path(path).exists():
         raise ConfigError(f"rewriter {ref or (row and row[0])!r}: no model folder at {path!r}")
+    return row, path
+
+
+def resolve_model(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[str, str, bool]:
+    """``(model_id, path, registered_now)`` for a model id from the ``models`` table, a model folder, or (None)
+    the latest rewriter in the lineage. ``model_id`` is always the loader's fingerprint of the files."""
+    from pathlib import Path
+
+    from models.loader import as_spec, fingerprint
+
+    row, path = model_folder(store, ws, ref)
     spec = as_spec(path)
     model_id = fingerprint(spec)
     if row and row[0] != model_id:

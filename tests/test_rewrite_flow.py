@@ -214,6 +214,25 @@ def test_rerun_where_redoes_exactly_the_selection(prefect_harness, workspace, mo
     assert len(_rows(workspace, "SELECT * FROM runs")) == runs
 
 
+def test_a_missing_rewriter_stops_before_a_flow_starts(workspace, monkeypatch):
+    """One line naming the folder, not a flow run's traceback: the command line checks the model first."""
+    from typer.testing import CliRunner
+
+    import flows.rewrite
+    from polite.cli import app
+
+    make_samples(workspace, n=2)
+
+    def started(**kwargs):
+        raise AssertionError("a flow started")
+
+    monkeypatch.setattr(flows.rewrite.rewrite_flow, "with_options", lambda **kw: started)
+    for args, message in ((["--model", "/nonexistent"], "rewriter '/nonexistent': no model folder at '/nonexistent'"),
+                          ([], "no rewriter in the lineage yet")):  # fmt: skip
+        result = CliRunner().invoke(app, ["rewrite", "--workspace", workspace.root, *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_without_losing_or_duplicating(prefect_harness, tmp_path, model_path):
     from prefect.settings import PREFECT_API_URL

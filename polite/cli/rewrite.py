@@ -61,10 +61,22 @@ def _run(config: dict[str, Any], workspace: str | None, **kwargs: Any) -> dict[s
     from flows.runners import ray_session, stage_resources, task_runner_for
     from polite.config import parse_config
 
-    runner = parse_config(config).runner
+    cfg = parse_config(config)
+    _check_model(workspace or cfg.workspace, kwargs.get("model") or cfg.rewrite.model)
+    runner = cfg.runner
     with ray_session(runner), stage_resources(runner, "rewrite"):
         flow = rewrite_flow.with_options(task_runner=task_runner_for(runner, "rewrite"))
         return flow(config=config, workspace=workspace, **kwargs)
+
+
+def _check_model(workspace: str, model: str | None) -> None:
+    """A missing rewriter is one line before the flow (and a Prefect server) starts, not a flow run's traceback."""
+    from flows.rewrite import model_folder
+    from lineage.store import LineageStore
+    from polite.workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    model_folder(LineageStore(ws.db_path), ws, model)
 
 
 def _report(summary: dict[str, Any]) -> None:
