@@ -181,11 +181,7 @@ def work_sql(chain: Chain, full_scoring: bool = False, pending_only: bool = True
         "NOT EXISTS (SELECT 1 FROM decisions d WHERE d.rewrite_id = w.rewrite_id "
         f"AND d.settings_hash = {sql_str(chain.settings_hash)})"
     )
-    # A score that errored (unreadable image, ...) is retried on the next run rather than kept forever.
-    errored = (
-        "EXISTS (SELECT 1 FROM scores e WHERE e.rewrite_id = w.rewrite_id AND e.score IS NULL "
-        f"AND {_version_filter(chain, 'e')})"
-    )
+    errored, err_cte = _retryable_errors(chain, full_scoring)
     need = f"({undecided} OR {errored})"
     if full_scoring:
         need = f"({need} OR ({applicable}) > len(coalesce(pr.prior, [])))"
@@ -209,10 +205,45 @@ pr AS (
     FROM scores sc WHERE sc.rewrite_id IN (SELECT rewrite_id FROM w) AND sc.score IS NOT NULL
         AND {_version_filter(chain, "sc")}
     GROUP BY sc.rewrite_id
-)
+){err_cte}
 SELECT w.rewrite_id, w.sample_id, w.source, w.task_type, w.instruction, w.raw_response, w.rewrite,
     coalesce(img.image_paths, CAST([] AS VARCHAR[])) AS image_paths, pr.prior
 FROM w LEFT JOIN img ON img.rewrite_id = w.rewrite_id LEFT JOIN pr ON pr.rewrite_id = w.rewrite_id
+{"LEFT JOIN err ON err.rewrite_id = w.rewrite_id" if err_cte else ""}
 WHERE {need}
 ORDER BY w.rewrite_id
 """
+
+
+def _retryable_errors(chain: Chain, full_scoring: bool) -> tuple[str, str]:
+    """(predicate, CTE) selecting rewrites with an errored score (score NULL) that the chain will retry.
+
+    A score that errored (unreadable image, ...) is retried on the next run rather than kept forever, but
+    only where the chain reaches its scorer: without ``full_scoring`` the chain stops at the first drop, so
+    an error behind an earlier scorer whose stored score drops the rewrite (a threshold tightened since)
+    would be selected on every run and never rescored. ``first_drop`` is that earlier scorer, judged like
+    ``Chain.run`` judges stored scores; a scorer not stored yet may pass when scored, so it blocks nothing.
+    """
+    if not chain.scorers:
+        return "FALSE", ""
+    keys = ", ".join(f"({k}, {sql_str(s.name)}, {sql_str(s.version)})" for k, s in enumerate(chain.scorers))
+    applies = " ".join(
+        f"WHEN {k} THEN {s.applies_sql('w.task_type', 'w.n_images')}" for k, s in enumerate(chain.scorers)
+    )
+    drops = " ".join(
+        f"WHEN {k} THEN NOT ({s.passes_sql('sc.score', 'sc.details')})" for k, s in enumerate(chain.scorers)
+    )
+    cte = f""",
+keys(k, scorer, scorer_version) AS (VALUES {keys}),
+err AS (
+    SELECT sc.rewrite_id,
+        min(keys.k) FILTER (WHERE sc.score IS NULL) AS first_error,
+        min(keys.k) FILTER (WHERE sc.score IS NOT NULL AND (CASE keys.k {drops} END)) AS first_drop
+    FROM scores sc JOIN keys USING (scorer, scorer_version) JOIN w ON w.rewrite_id = sc.rewrite_id
+    WHERE (CASE keys.k {applies} END) AND sc.rewrite_id IN (
+        SELECT e.rewrite_id FROM scores e WHERE e.score IS NULL AND {_version_filter(chain, "e")})
+    GROUP BY sc.rewrite_id
+)"""
+    if full_scoring:  # every applicable scorer runs: every error is retried
+        return "err.first_error IS NOT NULL", cte
+    return f"coalesce(err.first_error < coalesce(err.first_drop, {len(chain.scorers)}), FALSE)", cte

@@ -396,3 +396,42 @@ def test_a_misspelt_device_is_refused_before_any_work(prefect_harness, workspace
         filter_flow(config={"filters": {"device": "gpu"}}, workspace=workspace.root)
     assert store.query("SELECT count(*) AS n FROM scores")["n"][0].as_py() == 0
     assert store.query("SELECT count(*) AS n FROM runs WHERE flow = 'filter'")["n"][0].as_py() == 0
+
+
+def test_an_error_behind_an_earlier_drop_is_not_work_every_run(prefect_harness, workspace, monkeypatch):
+    """An errored score the chain cannot reach (an earlier scorer's stored score now drops the rewrite) is
+    not selected as work: it would never be rescored, so a second run with nothing to change selects nothing."""
+    from filters.text import TruncatedScorer
+    from flows.filter import filter_flow
+
+    store = populate(workspace)
+    cheap = {name: {"enabled": False} for name in ("answer", "semantic", "nli", "clipscore", "reward")}
+    loose = {"filters": {**cheap, "shard_size": 4}}
+    measure = TruncatedScorer.measure
+
+    def flaky(self, items):  # r_00's text makes `truncated` raise: an error row, as an unreadable image would
+        if any(i.rewrite == CAPTION_TEXT for i in items):
+            raise RuntimeError("flaky scorer")
+        return measure(self, items)
+
+    monkeypatch.setattr(TruncatedScorer, "measure", flaky)
+    first = filter_flow(config=loose, workspace=workspace.root)
+    assert decisions(store, first["settings_hash"])["r_00"]["reason"].startswith("dropped: truncated error: ")
+    monkeypatch.setattr(TruncatedScorer, "measure", measure)
+
+    # a stricter length floor now drops r_00 before `truncated`: its error row can never be retried
+    strict = {"filters": {**loose["filters"], "length": {"min_tokens": 100}}}
+    second = filter_flow(config=strict, workspace=workspace.root)
+    assert second["rewrites"] == len(CASES)
+    assert decisions(store, second["settings_hash"])["r_00"]["dropped_by"] == "length"
+    n_scores = store.query("SELECT count(*) AS n FROM scores")["n"][0].as_py()
+    again = filter_flow(config=strict, workspace=workspace.root)
+    assert again["rewrites"] == 0 and again["shards"] == 0
+    assert store.query("SELECT count(*) AS n FROM scores")["n"][0].as_py() == n_scores
+
+    # back to the loose floor the chain reaches `truncated` again: the error is retried, and then done
+    back = filter_flow(config=loose, workspace=workspace.root)
+    assert back["rewrites"] == 1
+    assert decisions(store, first["settings_hash"])["r_00"]["reason"] == "kept"
+    assert store.query("SELECT count(*) AS n FROM scores WHERE score IS NULL")["n"][0].as_py() == 0
+    assert filter_flow(config=loose, workspace=workspace.root)["rewrites"] == 0
