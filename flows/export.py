@@ -106,6 +106,21 @@ def run_checks(store: LineageStore, selection: pa.Table, checks: ExportChecks) -
             ).fetchall()[0]
             if empty:
                 failed.append(f"no_empty_outputs: {empty} selected items have an empty output")
+        # Not a threshold, so never off: an image id without its `images` row has no path, and the sample
+        # would be exported without that image (its `<image>` marker then points at another, or at none).
+        lost = con.execute(
+            "SELECT u.sample_id, list(DISTINCT u.image_id ORDER BY u.image_id) AS ids FROM "
+            "(SELECT sample_id, unnest(images) AS image_id FROM samples "
+            " WHERE sample_id IN (SELECT sample_id FROM selection)) u "
+            "WHERE u.image_id NOT IN (SELECT image_id FROM images) GROUP BY u.sample_id ORDER BY u.sample_id"
+        ).fetchall()
+        if lost:
+            named = ", ".join(f"{sid} ({', '.join(ids)})" for sid, ids in lost[:5])
+            more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+            failed.append(
+                f"images: {len(lost)} selected item{'s reference' if len(lost) > 1 else ' references'} image "
+                f"ids with no row in `images`: {named}{more}; re-ingest their source, or leave them out with --where"
+            )
         con.unregister("selection")
     return failed
 

@@ -326,6 +326,24 @@ def test_a_failing_gate_stops_the_export_and_names_the_check(workspace, prefect_
     assert failed == ["failed"] * 3
 
 
+def test_an_image_without_its_images_row_stops_the_export_and_names_it(workspace, prefect_harness):
+    """A sample whose image id has no `images` row is not exported without that image (it was silently
+    dropped by an inner join): the `images` check names the sample and the image, and nothing is written."""
+    from flows.export import ExportCheckFailed, export_flow
+
+    store = populate(workspace)
+    with store.writer() as con:  # s_coco_3 gets a second image whose row is gone (lost, or never ingested)
+        con.execute("UPDATE samples SET images = list_append(images, 'i_gone') WHERE sample_id = 's_coco_3'")
+    with pytest.raises(ExportCheckFailed, match=r"images: 1 selected item .* s_coco_3 \(i_gone\)"):
+        export_flow(workspace=workspace.root, formats=["pf1m"])
+    assert store.query("SELECT count(*) AS n FROM exports").column("n")[0].as_py() == 0
+    assert not list(Path(workspace.root, "exports").glob("pf1m-*"))
+    # leaving it out (or re-ingesting its image) exports the rest, each with every image it has
+    out = export_flow(workspace=workspace.root, formats=["pf1m"], where="kept AND sample_id <> 's_coco_3'")
+    coco = json.loads(Path(out["exports"]["pf1m"]["path"], "coco.json").read_text())
+    assert [r["id"] for r in coco] == ["s_coco_0", "s_coco_1"] and all(len(r["images"]) == 1 for r in coco)
+
+
 def test_where_is_read_only(workspace, prefect_harness):
     from flows.export import selection_sql
     from lineage.store import ReadOnlyQueryError
