@@ -13,7 +13,10 @@ from polite.config import ConfigError, SourceSpec, parse_config
 from polite.workspace import Workspace
 from tasks.ingest import ingest_shard_task, plan_source
 
-COUNTS = ("ok", "failed", "skipped")
+COUNTS = ("ok", "failed", "skipped", "duplicates")
+# The summary names at most this many of a source's repeated sample ids; the lineage holds them all
+# (samples.duplicate_of).
+MAX_DUPLICATE_IDS = 20
 # Finished shards are loaded into DuckDB in batches: each writer session costs ~50-100 ms of open/close,
 # so one per 2000-row shard would dominate. The lineage lags the shards by at most this much.
 FLUSH_ROWS = 20_000
@@ -64,11 +67,24 @@ class LineageBatcher:
             shards = [r["samples"] for r in self.pending]
             # A sample that failed before (a corrupt image, say) and is ok in these shards, because the source
             # was fixed, is replaced; ok samples are never touched (ingest stays idempotent on sample_id).
-            self.store.replace_failed("samples", "sample_id", shards, con=con)
-            self.store.ingest_parquet("samples", shards, con=con)
+            self.store.replace_failed("samples", "sample_id", shards, con=con, same_row="source_row")
+            # A key that repeats in a source: the first row keeps the sample id, each later row is recorded as a
+            # failed duplicate; its row moves from the ok/failed count it was counted under to `duplicates`.
+            duplicates = self.store.ingest_samples(shards, self.run_id, con=con)
             # rows inserted just now are the only ones without a run: count them, then stamp them
-            fresh = con.execute("SELECT source, count(*) FROM samples WHERE run_id IS NULL GROUP BY source").fetchall()
+            fresh = con.execute(
+                "SELECT source, count(*) FROM samples WHERE run_id IS NULL AND duplicate_of IS NULL GROUP BY source"
+            ).fetchall()
             con.execute("UPDATE samples SET run_id = ? WHERE run_id IS NULL", [self.run_id])
+        for label, status, kept, stored in duplicates:
+            if label in self.counts:
+                counts = self.counts[label]
+                counts[status if status in ("ok", "failed") else "failed"] -= 1
+                counts["duplicates"] += 1
+                counts["new_samples"] -= stored  # a row this run stored, now a duplicate record
+                # the smallest ids, so the list does not depend on the order shards finished in
+                ids = counts.get("duplicate_ids", [])
+                counts["duplicate_ids"] = sorted({*ids, kept})[:MAX_DUPLICATE_IDS]
         for label, n in fresh:
             if label in self.counts:
                 self.counts[label]["new_samples"] += n
@@ -82,11 +98,20 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="ingest: what landed")
-    for column in ("source", "rows read", "ok", "failed", "skipped", "new samples", "new images"):
+    keys = ("rows", "ok", "failed", "skipped", "duplicates", "new_samples", "new_images")
+    for column in ("source", "rows read", "ok", "failed", "skipped", "duplicates", "new samples", "new images"):
         table.add_column(column, justify="left" if column == "source" else "right")
     for label, c in summary["sources"].items():
-        table.add_row(label, *[str(c[k]) for k in ("rows", "ok", "failed", "skipped", "new_samples", "new_images")])
-    Console().print(table)
+        table.add_row(label, *[str(c.get(k, 0)) for k in keys])
+    console = Console()
+    console.print(table)
+    for label, c in summary["sources"].items():
+        if c.get("duplicates"):
+            console.print(
+                f"{label}: {c['duplicates']} row(s) repeat a key of an earlier row; the first row keeps the sample "
+                f"id ({', '.join(c['duplicate_ids'])}{', ...' if len(c['duplicate_ids']) >= MAX_DUPLICATE_IDS else ''}). "
+                f"polite sql \"SELECT duplicate_of, source_row, error FROM samples WHERE duplicate_of IS NOT NULL\""
+            )
 
 
 # Bounded by default (Prefect's own default is unbounded threads, so memory would grow with the number of
@@ -116,7 +141,7 @@ def ingest_flow(
     for plan in plans:
         summary["sources"][plan.label] = {"adapter": plan.adapter, "from": plan.origin, "rows": plan.rows,
                                           "shards": len(plan.items), "new_samples": 0, "new_images": 0,
-                                          **dict.fromkeys(COUNTS, 0)}
+                                          **dict.fromkeys(COUNTS, 0), "duplicate_ids": []}
     with stage_run("ingest", cfg.model_dump(mode="json", by_alias=True), ws, parent_run_id) as run:
         loader = LineageBatcher(run.store, run.run_id, summary["sources"])
         items = [item for plan in plans for item in plan.items]

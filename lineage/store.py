@@ -17,6 +17,8 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
 
 from polite.shards import read_table
 from polite.workspace import is_local
@@ -222,22 +224,132 @@ class LineageStore:
         after = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
         return int(after - before)
 
+    def ingest_samples(
+        self, urls: Sequence[str], run_id: str, con: duckdb.DuckDBPyConnection
+    ) -> list[tuple[str, str, str, bool]]:
+        """Insert samples shards; a sample id that several source rows share goes to the first row in source order.
+
+        Rows carry ``source_row`` (their row in the source dataset). Per sample id the winner is the lowest row
+        among these shards and a row already stored by this run (``run_id``), so the outcome does not depend on
+        which shard finished or was flushed first; a row stored by an earlier run keeps its id. Every losing row
+        is stored as its own failed record (id ``s_`` + a hash of the sample id and row, ``duplicate_of`` the id
+        it lost, the reason in ``error``); a stored row of this run that loses is turned into one. All
+        set-based. Returns ``(source, status, kept_sample_id, stored)`` for each row found to be a duplicate now:
+        the status its row was counted under (the caller moves it from that count to ``duplicates``), and whether
+        it was a row this run had already stored as a new sample.
+        """
+        urls = list(urls)
+        if not urls:
+            return []
+        if all(is_local(u) for u in urls):
+            paths = [u[len("file://") :] if u.startswith("file://") else u for u in urls]
+            return self._ingest_samples_from(f"read_parquet({paths!r}, union_by_name = true)", run_id, con)
+        data = pa.concat_tables([read_table(u) for u in urls], promote_options="default")
+        con.register("_arrow_samples", data)
+        try:
+            return self._ingest_samples_from("_arrow_samples", run_id, con)
+        finally:
+            con.unregister("_arrow_samples")
+
+    def _ingest_samples_from(self, source: str, run_id: str, con) -> list[tuple[str, str, str, bool]]:
+        src_cols = [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+        if "source_row" not in src_cols:  # shards written before migration 009: no order to go by
+            self._insert_from("samples", source, con, replace=False)
+            return []
+        columns = [r[0] for r in con.execute("DESCRIBE samples").fetchall()]
+        shared = [c for c in columns if c in src_cols and c != "duplicate_of"]
+        cols = ", ".join(shared)
+        tie = ", shard" if "shard" in src_cols else ""
+        # the winning row per sample id (small: ids and rows only)
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE _first AS
+            SELECT c.sample_id, CASE
+                WHEN e.source_row IS NULL THEN min(c.source_row)      -- new id, or a row stored before 009
+                WHEN e.run_id IS DISTINCT FROM $run THEN e.source_row -- an earlier run's row keeps its id
+                ELSE least(e.source_row, min(c.source_row)) END AS first_row
+            FROM (SELECT sample_id, source_row FROM {source}) c LEFT JOIN samples e USING (sample_id)
+            GROUP BY c.sample_id, e.source_row, e.run_id""",
+            {"run": run_id},
+        )
+
+        def as_duplicate(alias: str) -> str:
+            """The select list that turns a losing row into its own failed record."""
+            override = {
+                "sample_id": f"'s_' || substr(md5({alias}.sample_id || '#' || {alias}.source_row), 1, 16)",
+                "status": "'failed'",
+                "error": f"format('duplicate key ''{{}}'': source row {{}} repeats row {{}}, which keeps sample id "
+                f"{{}} (the first occurrence of a key wins)', {alias}.source_key, {alias}.source_row, "
+                f"f.first_row, {alias}.sample_id)",
+            }
+            return ", ".join(override.get(c, f"{alias}.{c}") for c in shared) + f", {alias}.sample_id"
+
+        loses = "s.source_row > f.first_row"
+        found = con.execute(
+            f"SELECT s.source, s.status, s.sample_id, true FROM samples s JOIN _first f USING (sample_id) "
+            f"WHERE s.run_id = $run AND {loses} "
+            f"UNION ALL SELECT s.source, s.status, s.sample_id, false FROM {source} s JOIN _first f USING (sample_id) "
+            f"WHERE {loses}",
+            {"run": run_id},
+        ).fetchall()
+        if found:
+            # a row this run stored before an earlier row of its key arrived: record it as the duplicate, then
+            # free its id (two statements: DuckDB checks a key deleted and re-inserted in one transaction eagerly)
+            con.execute(
+                f"INSERT OR IGNORE INTO samples ({cols}, duplicate_of) SELECT {as_duplicate('s')} "
+                f"FROM samples s JOIN _first f USING (sample_id) WHERE s.run_id = $run AND {loses}",
+                {"run": run_id},
+            )
+            con.execute(
+                f"DELETE FROM samples s USING _first f WHERE s.sample_id = f.sample_id AND s.run_id = $run "
+                f"AND {loses}",
+                {"run": run_id},
+            )
+            con.execute(
+                f"INSERT OR IGNORE INTO samples ({cols}, duplicate_of) SELECT {as_duplicate('s')} "
+                f"FROM {source} s JOIN _first f USING (sample_id) WHERE {loses}"
+            )
+        con.execute(
+            f"""INSERT OR IGNORE INTO samples ({cols})
+            SELECT {cols} FROM (
+                SELECT s.*, row_number() OVER (PARTITION BY s.sample_id ORDER BY s.source_row{tie}) AS _rn
+                FROM {source} s JOIN _first f USING (sample_id) WHERE NOT coalesce({loses}, false)
+            ) WHERE _rn = 1"""
+        )
+        con.execute("DROP TABLE _first")
+        return [(src, status, sid, bool(stored)) for src, status, sid, stored in found]
+
     def replace_failed(
-        self, table: str, key: str, urls: Sequence[str], con: duckdb.DuckDBPyConnection
+        self, table: str, key: str, urls: Sequence[str], con: duckdb.DuckDBPyConnection,
+        same_row: str | None = None,
     ) -> int:
         """Delete rows with status 'failed' whose key comes back with status 'ok' in these shard files.
 
         The following ``ingest_parquet`` then inserts the good rows: a failure is repaired by re-running on
-        fixed input, while rows that were ok stay exactly as they were.
+        fixed input, while rows that were ok stay exactly as they were. With ``same_row`` (a column both sides
+        may have, e.g. ``source_row``), only an ok row from the same source row repairs: a later row that
+        repeats a failed row's key is its duplicate, not its repair.
         """
-        data = pa.concat_tables([read_table(u, columns=[key, "status"]) for u in urls]) if urls else None
-        if data is None or data.num_rows == 0:
+        if not urls:
             return 0
+        parts = []
+        for u in urls:
+            wanted = [key, "status"]
+            if same_row:
+                fs, path = url_to_fs(u)
+                with fs.open(path, "rb") as handle:
+                    wanted += [same_row] if same_row in pq.read_schema(handle).names else []
+            parts.append(read_table(u, columns=wanted))
+        data = pa.concat_tables(parts, promote_options="default")
+        if data.num_rows == 0:
+            return 0
+        same = ""
+        if same_row and same_row in data.column_names:
+            same = (f" AND (r.{same_row} IS NULL OR t.{same_row} IS NULL OR r.{same_row} = t.{same_row})")
         con.register("_repaired", data)
         try:
             deleted = con.execute(
-                f"DELETE FROM {table} WHERE status = 'failed' AND {key} IN "
-                f"(SELECT {key} FROM _repaired WHERE status = 'ok') RETURNING {key}"
+                f"DELETE FROM {table} t WHERE t.status = 'failed' AND EXISTS (SELECT 1 FROM _repaired r "
+                f"WHERE r.{key} = t.{key} AND r.status = 'ok'{same}) RETURNING t.{key}"
             ).fetchall()
         finally:
             con.unregister("_repaired")

@@ -29,6 +29,9 @@ from tasks.sources.base import RowContext, build_samples
 from tasks.sources.loading import arrow_rows, looks_local
 
 COUNTS_KEY = b"polite.ingest.counts"
+# Part of every shard's fingerprint: bumped when the samples shard gains a column the flow relies on
+# (2: source_row), so shards written before are rebuilt rather than reused.
+SHARD_FORMAT = 2
 
 
 @dataclass
@@ -58,7 +61,7 @@ def plan_source(spec: SourceSpec, workspace_root: str, shard_size: int) -> Sourc
     rows = dataset.num_rows if spec.limit is None else min(spec.limit, dataset.num_rows)
     settings = {k: v for k, v in _spec_dict(spec).items() if k != "limit"}
     fingerprint = stable_hash(
-        "ingest", adapter.name, adapter.version, settings, adapter.source, getattr(dataset, "_fingerprint", ""), length=12
+        "ingest", SHARD_FORMAT, adapter.name, adapter.version, settings, adapter.source, getattr(dataset, "_fingerprint", ""), length=12
     )
     ws = Workspace.resolve(workspace_root)
     plan = SourcePlan(spec.label, adapter.name, adapter.source, rows, fingerprint)
@@ -105,10 +108,11 @@ def ingest_shard(item: dict[str, Any]) -> dict[str, Any]:
         label=spec.label, split=adapter.split or "train", revision=spec.revision or "",
         store=ImageStore(ws.images), image_roots=adapter.image_roots(),
     )
-    samples, skipped = [], 0
+    samples, source_rows, skipped = [], [], 0
     for index, row in arrow_rows(dataset, item["start"], item["stop"]):
         made, skip = build_samples(adapter, row, index, ctx)
         samples.extend(made)
+        source_rows.extend([index] * len(made))
         skipped += skip
     failed = sum(1 for s in samples if s.status == "failed")
     counts = {"ok": len(samples) - failed, "failed": failed, "skipped": skipped}
@@ -117,6 +121,8 @@ def ingest_shard(item: dict[str, Any]) -> dict[str, Any]:
     table = samples_to_table(samples)
     # the shard's own (deterministic) URL travels with its rows, so the flow can bulk-load files directly
     table = table.append_column("shard", pa.array([item["samples_url"]] * table.num_rows, type=pa.string()))
+    # each sample's row in the source: where a key repeats, the lineage keeps the first row (lineage/store.py)
+    table = table.append_column("source_row", pa.array(source_rows, type=pa.int64()))
     table = table.replace_schema_metadata({COUNTS_KEY: json.dumps(counts).encode()})
     write_table_atomic(table, item["samples_url"])  # written last: its presence marks the shard done
     return result | counts | {"reused": False}

@@ -123,3 +123,67 @@ def test_two_sources_with_one_label_fail_before_any_source_is_opened(workspace, 
     with pytest.raises(ConfigError, match="share a label"):
         ingest_flow.fn(workspace=workspace.root, sources=sources)
     assert not list(Path(workspace.root).rglob("*.parquet"))  # the demo was not generated
+
+
+def _repeated_keys(folder: Path) -> dict:
+    """A generic text-only source whose key `qid` repeats: k1 at rows 0 and 3 (another shard at shard_size 2),
+    k2 at rows 1 and 2 (one shard, the repeat failed: empty answer)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({
+        "qid": ["k1", "k2", "k2", "k1", "k3"],
+        "question": ["What is it?", "How many?", "How many now?", "What is it now?", "Where?"],
+        "answer": ["first k1", "first k2", "", "second k1", "only k3"],
+    }), folder / "data.parquet")
+    return {"adapter": "generic", "name": "rep", "from": str(folder / "data.parquet"), "split": "train",
+            "mapping": {"task_type": "vqa", "key": "qid", "instruction": "question", "response": "answer"}}
+
+
+def _samples(store: LineageStore) -> list[dict]:
+    return _one(store, "SELECT sample_id, source_key, raw_response, status, error, duplicate_of, source_row "
+                       "FROM samples ORDER BY source_row, sample_id")
+
+
+def test_repeated_keys_keep_the_first_occurrence_and_are_counted(prefect_harness, workspace, tmp_path):
+    from polite.ids import sample_id
+
+    spec = _repeated_keys(tmp_path / "rep")
+    summary = ingest_flow(config={"ingest": {"shard_size": 2}}, workspace=workspace.root, sources=[spec])
+    k1, k2, k3 = (sample_id("rep", "train", k) for k in ("k1", "k2", "k3"))
+    counts = summary["sources"]["rep"]
+    assert (counts["ok"], counts["failed"], counts["duplicates"]) == (3, 0, 2)
+    assert counts["duplicate_ids"] == sorted([k1, k2]) and summary["new_samples"] == 3
+    store = LineageStore(workspace.db_path)
+    rows = _samples(store)
+    kept = {r["sample_id"]: r for r in rows if r["duplicate_of"] is None}
+    assert {k: r["raw_response"] for k, r in kept.items()} == {k1: "first k1", k2: "first k2", k3: "only k3"}
+    assert all(r["status"] == "ok" for r in kept.values())
+    dups = [r for r in rows if r["duplicate_of"] is not None]  # the later rows: failed, with a reason, traceable
+    assert [(r["source_row"], r["duplicate_of"], r["status"]) for r in dups] == [(2, k2, "failed"), (3, k1, "failed")]
+    assert "duplicate key 'k1'" in dups[1]["error"] and "row 3 repeats row 0" in dups[1]["error"]
+    assert dups[1]["raw_response"] == "second k1"  # what was dropped stays visible
+
+    again = ingest_flow(config={"ingest": {"shard_size": 2}}, workspace=workspace.root, sources=[spec])
+    assert again["new_samples"] == 0 and again["sources"]["rep"]["duplicates"] == 2 and again["ok"] == 3
+    assert _samples(store) == rows
+
+
+def test_repeated_keys_resolve_the_same_whatever_order_shards_land_in(workspace, tmp_path):
+    from flows.ingest import LineageBatcher
+
+    spec = _repeated_keys(tmp_path / "rep")
+    results, _, _ = fixtures.ingest_locally(spec, workspace.root, shard_size=1)  # one shard per row
+    tables = []
+    for name, order in (("forward", results), ("backward", results[::-1])):
+        store = LineageStore(Path(workspace.root) / f"{name}.duckdb")
+        store.migrate()
+        counts = {"rep": dict.fromkeys(("ok", "failed", "skipped", "duplicates", "new_samples", "new_images"), 0)}
+        batcher = LineageBatcher(store, f"run_{name}", counts)
+        for result in order:  # each shard in its own writer session, as when shards finish seconds apart
+            batcher.add(result)
+            batcher.flush()
+        assert (counts["rep"]["ok"], counts["rep"]["failed"], counts["rep"]["duplicates"]) == (3, 0, 2), name
+        assert counts["rep"]["new_samples"] == 3, name
+        tables.append(_samples(store))
+    assert tables[0] == tables[1]
+    assert {r["source_key"]: r["raw_response"] for r in tables[0] if r["duplicate_of"] is None} == {
+        "k1": "first k1", "k2": "first k2", "k3": "only k3"}
