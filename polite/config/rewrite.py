@@ -78,9 +78,9 @@ class RewriteSettings(BaseModel):
     # (one graph per half-layer for all layers): fuses the norms, rotations and activations between the matrix
     # products; compiles for tens of seconds once per worker process
     compile_layers: bool = False
-    # static: each batch decodes until its longest rewrite ends. continuous: rows that finish are refilled with
-    # the next samples at once (greedy decoding on the fast decoder; beams, sampling and the plain path stay
-    # static). auto: continuous with flex attention (and on CPU with shrink_batches off), else static: every sdpa
+    # static: each batch decodes until its longest rewrite ends. continuous: samples that finish are refilled
+    # with the next ones at once (greedy decoding and beam search on the fast decoder; a single sampled row per
+    # sample and the plain path stay static). auto: continuous with flex attention (and on CPU with shrink_batches off), else static: every sdpa
     # continuous step attends the whole ring cache, and on CPU shrinking static batches measured 1.6-1.8x faster
     scheduling: Literal["auto", "static", "continuous"] = "auto"
     prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
