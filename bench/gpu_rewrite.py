@@ -702,18 +702,24 @@ def lever_scheduling(results, model, batch, prompt_len, image_size, device, dtyp
         for _ in decoder.stream(fetch, batch, prompt_len + new, new, eos, 0):
             pass
 
-    every = list(range(n_rows))
-    for label, run, attention, shrink in (("static batches, no shrinking", static, "sdpa", False),
-                                          ("static batches", static, "sdpa", True),
-                                          (f"static batches of {grown_rows}, cache grows from {cache_new}", grows,
-                                           "sdpa", True),
-                                          ("continuous", continuous, "sdpa", True),
-                                          ("continuous", continuous, "flex", True)):  # fmt: skip
+    time_schedulings(model, device, record, "scheduling", list(range(n_rows)), useful, (
+        ("static batches, no shrinking", static, "sdpa", False, batch),
+        ("static batches", static, "sdpa", True, batch),
+        (f"static batches of {grown_rows}, cache grows from {cache_new}", grows, "sdpa", True, grown_rows),
+        ("continuous", continuous, "sdpa", True, batch),
+        ("continuous", continuous, "flex", True, batch)))  # fmt: skip
+
+
+def time_schedulings(model, device, record, prefix: str, every: list[int], useful: int, cases) -> None:
+    """Each case ``(label, run, attention, shrink, warm)`` on a fresh decoder: ``run(decoder, rows)`` over the
+    first ``warm`` rows (captures graphs, compiles), then timed over ``every`` row; tokens/s counts ``useful``."""
+    for label, run, attention, shrink, warm in cases:
         decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention, shrink=shrink)
         try:
-            run(decoder, every[: grown_rows if run is grows else batch])  # capture graphs / compile first
+            torch.manual_seed(0)  # sampled beams draw alike in every case
+            run(decoder, every[:warm])
             _, seconds = timed(device, run, decoder, every)
-            record(f"scheduling: {label}, {attention}", n_rows, seconds, tokens=useful)
+            record(f"{prefix}: {label}, {attention}", len(every), seconds, tokens=useful)
         finally:
             decoder.reset()
             del decoder
@@ -764,22 +770,11 @@ def lever_beam_scheduling(results, model, samples, prompt_len, image_size, devic
         for _ in decoder.stream_search(fetch, search, ring):
             pass
 
-    every = list(range(n))
-    for label, run, attention in (("static beam batches", static, "sdpa"),
-                                  (f"static beam batches of {grown}, cache grows from {cache_new}", grows, "sdpa"),
-                                  ("continuous beams", continuous, "sdpa"),
-                                  ("continuous beams", continuous, "flex")):  # fmt: skip
-        decoder = FastFlamingoDecoder(model, cuda_graphs=True, attention=attention)
-        try:
-            torch.manual_seed(0)
-            run(decoder, every[: grown if run is grows else samples])  # capture graphs / compile first
-            _, seconds = timed(device, run, decoder, every)
-            record(f"beam scheduling: {label}, {attention}", n, seconds, tokens=useful)
-        finally:
-            decoder.reset()
-            del decoder
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    time_schedulings(model, device, record, "beam scheduling", list(range(n)), useful, (
+        ("static beam batches", static, "sdpa", True, samples),
+        (f"static beam batches of {grown}, cache grows from {cache_new}", grows, "sdpa", True, grown),
+        ("continuous beams", continuous, "sdpa", True, samples),
+        ("continuous beams", continuous, "flex", True, samples)))  # fmt: skip
 
 
 @torch.inference_mode()
