@@ -212,13 +212,21 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
     train_rows, held_rows = split_heldout(rows, s.heldout_fraction, s.heldout_max, seed)
     train, skipped = make_examples(train_rows, tokenizer, s.max_length)
     heldout, skipped_held = make_examples(held_rows, tokenizer, s.max_length)
+    images = ImageCache(image_processor)
+    for e in heldout:  # the held-out pairs are few: check their images now, the training pairs as they come
+        if (problem := images.problem(e)) is not None:
+            skipped_held[e.pair_id] = problem
+    heldout = [e for e in heldout if e.pair_id not in skipped_held]
+    for pair_id, reason in {**skipped, **skipped_held}.items():
+        log(f"skipping pair {pair_id}: {reason}")
     if not train:
-        raise ValueError(f"no usable training pairs in {training_set} ({len(rows)} rows, {skipped} too long)")
+        raise ValueError(
+            f"no usable training pairs in {training_set} ({len(rows)} rows; skipped: {_reasons(skipped)})"
+        )
     total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(train) / s.batch_size))
     lengths = [len(e.input_ids) for e in train] if s.group_by_length else None
     plan = BatchPlan(len(train), seed, s.batch_size, lengths)
     heldout = by_length(heldout)  # evaluation pads less too; its mean loss does not depend on the order
-    images = ImageCache(image_processor)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def micro_batches(examples):
@@ -249,11 +257,12 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
             model.vision_encoder.eval()
 
     optimizer = torch.optim.AdamW(list(params.values()), lr=s.learning_rate, weight_decay=s.weight_decay)
-    state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "history": [], "heldout": []}
+    # skipped: {pair_id: reason} for training pairs whose images turned out unreadable when their step came
+    state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "history": [], "heldout": [], "skipped": {}}
     resumed_from = None
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = {"skipped": {}, **load_checkpoint(ckpt, model, optimizer)}
         resumed_from = state["step"]
         log(f"resuming from {ckpt} (step {state['step']})")
     if not state["heldout"]:
@@ -267,7 +276,14 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
         step = state["step"]
         for group in optimizer.param_groups:
             group["lr"] = s.learning_rate * min(1.0, (step + 1) / max(1, s.warmup_steps))
-        batch = by_length([train[i] for i in plan.step(step)])
+        batch = []
+        for e in (train[i] for i in plan.step(step)):
+            if (problem := images.problem(e)) is None:
+                batch.append(e)
+            elif e.pair_id not in state["skipped"]:
+                state["skipped"][e.pair_id] = problem
+                log(f"skipping pair {e.pair_id}: {problem}")
+        batch = by_length(batch)
         n_tokens = max(1, sum(e.n_target for e in batch))
         step_loss = 0.0
         for ids, mask, labels, vision_x in micro_batches(batch):
@@ -294,19 +310,29 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
         state["heldout"].append([state["step"], evaluate()])
     save_checkpoint(out_dir, model, optimizer, state)
     summary = _write_model(out_dir, model, base_spec, s, groups, state, train, heldout)
+    all_skipped = {**skipped, **skipped_held, **state["skipped"]}  # every skipped pair, with its reason
     summary.update(
         steps_this_run=steps_this_run,
         steps_per_s=round(steps_this_run / train_seconds, 4) if train_seconds > 0 else None,
         resumed_from=resumed_from,
-        n_skipped=skipped + skipped_held,
+        n_skipped=len(all_skipped),
+        skipped=_reasons(all_skipped),
         device=str(device),
         precision="bf16" if bf16 else "fp32",
         threads=torch.get_num_threads(),
     )
+    state["skipped"] = all_skipped
     (out_dir / DONE_FILE).write_text(
         json.dumps({"summary": summary, "settings": s.model_dump(mode="json"), **state}, indent=1)
     )
     return summary
+
+
+def _reasons(skipped: dict[str, str]) -> dict[str, int]:
+    """How many pairs were skipped for each kind of reason (the text before its ':' detail)."""
+    from collections import Counter
+
+    return dict(Counter(r.split(":")[0] for r in skipped.values()))
 
 
 def _write_model(

@@ -66,13 +66,30 @@ def split_heldout(rows: list[dict[str, Any]], fraction: float, max_heldout: int,
     return [r for r in rows if r["pair_id"] not in held_ids], held
 
 
-def make_examples(rows: list[dict[str, Any]], tokenizer, max_length: int) -> tuple[list[Example], int]:
-    """Tokenized examples and how many rows were skipped (prompt longer than the context)."""
-    out, skipped = [], 0
+def row_problem(row: dict[str, Any]) -> str | None:
+    """Why a training-set row cannot be trained on (``None`` when it can): no prompt, no target, bad images.
+    An empty target would teach the rewriter to answer with nothing but eos."""
+    if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        return "no prompt"
+    if not isinstance(row.get("target"), str) or not row["target"].strip():
+        return "empty target"
+    images = row.get("images") or []
+    if not isinstance(images, list | tuple) or not all(isinstance(p, str) and p for p in images):
+        return f"bad images: not a list of paths: {images!r}"
+    return None
+
+
+def make_examples(
+    rows: list[dict[str, Any]], tokenizer, max_length: int
+) -> tuple[list[Example], dict[str, str]]:
+    """Tokenized examples, and the rows skipped as ``{pair_id: reason}`` (malformed, or a prompt longer than the
+    context): one bad pair is left out and recorded, it does not stop the run."""
+    out, skipped = [], {}
     for r in rows:
-        built = build_example(tokenizer, r["prompt"], r["target"] or "", max_length)
+        problem = row_problem(r)
+        built = None if problem else build_example(tokenizer, r["prompt"], r["target"], max_length)
         if built is None:
-            skipped += 1
+            skipped[str(r["pair_id"])] = problem or f"prompt too long: over max_length {max_length}"
             continue
         out.append(Example(r["pair_id"], tuple(r.get("images") or ()), tuple(built[0]), tuple(built[1])))
     return out, skipped
@@ -136,11 +153,13 @@ def by_length(examples: list[Example]) -> list[Example]:
 
 
 class ImageCache:
-    """Preprocessed pixels per image path, computed once per training run."""
+    """Preprocessed pixels per image path, computed once per training run; an image that cannot be read is
+    remembered with the reason, and ``problem`` tells which examples to skip for it."""
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
         self._pixels: dict[str, Any] = {}
+        self._bad: dict[str, str] = {}
 
     def pixels(self, path: str):
         if path not in self._pixels:
@@ -148,6 +167,18 @@ class ImageCache:
 
             self._pixels[path] = self.image_processor(open_image(path))
         return self._pixels[path]
+
+    def problem(self, example: Example) -> str | None:
+        """Why ``example``'s images cannot be used (missing, unreadable, corrupt), or ``None`` when they can."""
+        for path in example.images:
+            if path not in self._bad:
+                try:
+                    self.pixels(path)
+                except Exception as exc:  # noqa: BLE001 - any failure to read one image skips its pairs only
+                    self._bad[path] = f"image unreadable: {path}: {type(exc).__name__}: {exc}"
+            if path in self._bad:
+                return self._bad[path]
+        return None
 
     def blank(self):
         if "" not in self._pixels:

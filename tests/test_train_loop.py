@@ -186,3 +186,25 @@ def test_a_steps_gradient_does_not_depend_on_its_micro_batches(tmp_path, monkeyp
     for step_a, step_b in zip(sorted_grads, mixed_grads, strict=True):
         for ga, gb in zip(step_a, step_b, strict=True):
             torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_a_bad_pair_is_skipped_and_recorded_not_fatal(data, tmp_path):
+    """A missing or corrupt image, an empty target or a missing prompt leaves that pair out (with the reason in
+    training.json) instead of crashing the run at the step that meets it."""
+    path, base = data
+    rows = pq.read_table(path).to_pylist()
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    rows[0]["images"] = [str(tmp_path / "missing.png")]
+    rows[1]["images"] = [str(tmp_path / "corrupt.png")]
+    rows[2]["target"] = None
+    rows[3]["prompt"] = None
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), bad)
+    settings = dict(SMALL, max_steps=10, batch_size=8, micro_batch_size=8, heldout_fraction=0.0,
+                    checkpoint_every=10, eval_every=10)  # fmt: skip
+    result = train_rewriter(str(bad), base, tmp_path / "run", settings, seed=0, base_is_tiny=True)
+    assert result["steps"] == 10 and result["n_skipped"] == 4  # 10 steps of 8 see every one of the 40 pairs
+    assert result["skipped"] == {"image unreadable": 2, "empty target": 1, "no prompt": 1}
+    recorded = json.loads((tmp_path / "run" / "training.json").read_text())["skipped"]
+    assert set(recorded) == {"p000", "p001", "p002", "p003"}
+    assert "missing.png" in recorded["p000"] and "corrupt.png" in recorded["p001"]
