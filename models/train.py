@@ -87,7 +87,10 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: dict[str, Any], keep
         {n: p.detach().float().contiguous().cpu() for n, p in _trainable(model).items()},
         str(tmp / "trainable.safetensors"),
     )
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    rng = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators, not the CPU one
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -113,6 +116,8 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict[str, Any]:
     extra = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["rng"])
+    if "cuda_rng" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
     return json.loads((ckpt / "state.json").read_text())
 
 

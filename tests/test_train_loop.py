@@ -208,3 +208,20 @@ def test_a_bad_pair_is_skipped_and_recorded_not_fatal(data, tmp_path):
     recorded = json.loads((tmp_path / "run" / "training.json").read_text())["skipped"]
     assert set(recorded) == {"p000", "p001", "p002", "p003"}
     assert "missing.png" in recorded["p000"] and "corrupt.png" in recorded["p001"]
+
+
+def test_a_checkpoint_restores_the_cuda_random_state_too(tmp_path, monkeypatch):
+    """On a GPU, LoRA dropout draws from the CUDA generators: a resume restores them as well as the CPU one
+    (CUDA faked here, so the check runs on any machine)."""
+    from models.train import load_checkpoint, save_checkpoint
+
+    cuda_state = [torch.arange(16, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = save_checkpoint(tmp_path, model, optimizer, {"step": 1, "history": [], "heldout": []})
+    load_checkpoint(ckpt, model, optimizer)
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state[0])
