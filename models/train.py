@@ -327,9 +327,11 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
         threads=torch.get_num_threads(),
     )
     state["skipped"] = all_skipped
-    (out_dir / DONE_FILE).write_text(
-        json.dumps({"summary": summary, "settings": s.model_dump(mode="json"), **state}, indent=1)
-    )
+    # the marker of a finished folder: written whole or not at all, else a crash here leaves a folder that
+    # neither loads as finished nor resumes
+    tmp = out_dir / f".{DONE_FILE}.tmp"
+    tmp.write_text(json.dumps({"summary": summary, "settings": s.model_dump(mode="json"), **state}, indent=1))
+    tmp.replace(out_dir / DONE_FILE)
     return summary
 
 

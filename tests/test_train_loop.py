@@ -225,3 +225,26 @@ def test_a_checkpoint_restores_the_cuda_random_state_too(tmp_path, monkeypatch):
     ckpt = save_checkpoint(tmp_path, model, optimizer, {"step": 1, "history": [], "heldout": []})
     load_checkpoint(ckpt, model, optimizer)
     assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state[0])
+
+
+def test_a_crash_while_writing_training_json_leaves_a_folder_that_resumes(data, tmp_path, monkeypatch):
+    """training.json marks a finished folder; a write cut short must not leave a half file that every later run
+    trips over."""
+    from pathlib import Path
+
+    path, base = data
+    settings = dict(SMALL, max_steps=2, checkpoint_every=2, eval_every=2)
+    real_write = Path.write_text
+
+    def cut_short(self, text, *args, **kwargs):
+        if "training.json" in self.name:
+            real_write(self, text[:20], *args, **kwargs)
+            raise Crash("disk full")
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(Crash):
+        train_rewriter(path, base, tmp_path / "run", settings, seed=0, base_is_tiny=True)
+    monkeypatch.setattr(Path, "write_text", real_write)
+    result = train_rewriter(path, base, tmp_path / "run", settings, seed=0, base_is_tiny=True)
+    assert result["steps"] == 2 and result["resumed_from"] == 2
