@@ -33,6 +33,10 @@ from models.train_data import (
 )
 
 DONE_FILE = "training.json"
+# settings that say where, how fast or how long training runs: a checkpoint may be resumed with other values
+# (the learning rate after warm-up is constant, so a longer run continues a shorter one exactly)
+_RESUMABLE_ACROSS = ("enabled", "device", "num_threads", "checkpoint_every", "eval_every", "max_steps", "epochs",
+                     "time_budget_s")  # fmt: skip
 
 
 def default_groups(train_groups: list[str] | None, base_is_tiny: bool) -> list[str]:
@@ -214,6 +218,7 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
         p.data = p.data.float()  # master weights of what we train stay fp32
 
     rows = read_training_set(training_set)
+    run_key = _run_key(training_set, base_spec, s, seed, groups)
     train_rows, held_rows = split_heldout(rows, s.heldout_fraction, s.heldout_max, seed)
     train, skipped = make_examples(train_rows, tokenizer, s.max_length)
     heldout, skipped_held = make_examples(held_rows, tokenizer, s.max_length)
@@ -263,11 +268,17 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
 
     optimizer = torch.optim.AdamW(list(params.values()), lr=s.learning_rate, weight_decay=s.weight_decay)
     # skipped: {pair_id: reason} for training pairs whose images turned out unreadable when their step came
-    state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "history": [], "heldout": [], "skipped": {}}
+    state: dict[str, Any] = {"step": 0, "elapsed_s": 0.0, "history": [], "heldout": [], "skipped": {},
+                             "run_key": run_key}  # fmt: skip
     resumed_from = None
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
         state = {"skipped": {}, **load_checkpoint(ckpt, model, optimizer)}
+        if state.setdefault("run_key", run_key) != run_key:
+            raise ValueError(
+                f"{ckpt} is a checkpoint of another run (other base, training set, settings or seed): resuming "
+                f"it would mix two runs. Delete {out_dir / 'checkpoints'} or train into another out_dir."
+            )
         resumed_from = state["step"]
         log(f"resuming from {ckpt} (step {state['step']})")
     if not state["heldout"]:
@@ -333,6 +344,16 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
     tmp.write_text(json.dumps({"summary": summary, "settings": s.model_dump(mode="json"), **state}, indent=1))
     tmp.replace(out_dir / DONE_FILE)
     return summary
+
+
+def _run_key(training_set: str, base_spec: FlamingoSpec, s, seed: int, groups: list[str]) -> str:
+    """What a checkpoint must have been trained on to be resumed: base, training-set content, learning settings,
+    seed and trained groups."""
+    from models.loader import file_digest, fingerprint
+    from polite.ids import stable_hash
+
+    learned = {k: v for k, v in s.model_dump(mode="json").items() if k not in _RESUMABLE_ACROSS}
+    return stable_hash("train-run", fingerprint(base_spec), file_digest(training_set), learned, seed, groups)
 
 
 def _reasons(skipped: dict[str, str]) -> dict[str, int]:

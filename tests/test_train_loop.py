@@ -248,3 +248,22 @@ def test_a_crash_while_writing_training_json_leaves_a_folder_that_resumes(data, 
     monkeypatch.setattr(Path, "write_text", real_write)
     result = train_rewriter(path, base, tmp_path / "run", settings, seed=0, base_is_tiny=True)
     assert result["steps"] == 2 and result["resumed_from"] == 2
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(data, tmp_path):
+    """The same out_dir with another learning rate or seed refuses the old checkpoint instead of continuing it
+    as if it were its own; a longer run of the same settings continues it."""
+    path, base = data
+    settings = dict(SMALL, max_steps=4, checkpoint_every=2, eval_every=2)
+
+    def crash_at_3(step, loss):
+        if step == 3:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        train_rewriter(path, base, tmp_path / "run", settings, seed=0, base_is_tiny=True, on_step=crash_at_3)
+    for other, seed in ((dict(settings, learning_rate=1e-4), 0), (settings, 1)):
+        with pytest.raises(ValueError, match="another run"):
+            train_rewriter(path, base, tmp_path / "run", other, seed=seed, base_is_tiny=True)
+    longer = train_rewriter(path, base, tmp_path / "run", dict(settings, max_steps=5), seed=0, base_is_tiny=True)
+    assert longer["resumed_from"] == 2 and longer["steps"] == 5
