@@ -131,13 +131,17 @@ def rewrite_ids(sample_ids: list[str], attempts: list[int], key: dict[str, str])
     return ["r_" + h for h in hashes]
 
 
-def samples_where(store: LineageStore, where: str | None) -> pa.Table:
-    """The ``sample_id`` of every sample the SQL predicate ``where`` selects in the ``lineage`` view, read-only;
-    a predicate that does not parse or bind stops with ``PredicateError`` before any work."""
+def _check_where(where: str | None) -> None:
     if not where or not where.strip():
         raise ConfigError(
             "rerun needs --where with a SQL predicate over the lineage view, e.g. \"source = 'gqa'\""
         )
+
+
+def samples_where(store: LineageStore, where: str | None) -> pa.Table:
+    """The ``sample_id`` of every sample the SQL predicate ``where`` selects in the ``lineage`` view, read-only;
+    a predicate that does not parse or bind stops with ``PredicateError`` before any work."""
+    _check_where(where)
     store.check_predicate(where, "lineage", "--where")
     return store.user_query(f"SELECT DISTINCT sample_id FROM lineage WHERE ({where})")
 
@@ -321,7 +325,9 @@ def rewrite_flow(
 
     cfg = parse_config(config)
     rs = cfg.rewrite
-    if retry_failed and where:
+    if where is not None:  # an empty --where (an unset shell variable) must not become a plain rewrite
+        _check_where(where)
+    if retry_failed and where is not None:
         raise ConfigError("choose one of --retry-failed and --where: a rerun already redoes what it selects")
     if limit is not None and limit < 1:
         raise ConfigError("limit must be at least 1")
@@ -336,7 +342,7 @@ def rewrite_flow(
             raise ConfigError(
                 "rewrite.backend 'fast' has no repetition penalty: drop it from the settings, or use backend auto/plain"
             )
-    mode = "rerun" if where else "retry-failed" if retry_failed else "first"
+    mode = "rerun" if where is not None else "retry-failed" if retry_failed else "first"
     ws = Workspace.resolve(workspace or cfg.workspace).ensure()
     store = LineageStore(ws.db_path)
     store.migrate()

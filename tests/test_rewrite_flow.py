@@ -412,3 +412,19 @@ def test_the_rewrite_command_says_how_the_batches_fitted():
         cli._report(summary)
     text = captured.get()
     assert "3 batches, 2 cache grows" in text and "continued" not in text and "out-of-memory" not in text
+
+
+def test_an_empty_where_is_refused_not_run_as_a_plain_rewrite(prefect_harness, workspace, model_path):
+    """``polite rerun --where "$PREDICATE"`` with the variable unset must stop, not rewrite everything not yet
+    attempted under the ``first`` mode (or retry every failure)."""
+    from flows.rewrite import rewrite_flow
+    from polite.config import ConfigError
+
+    make_samples(workspace, n=4)
+    register_model(workspace, model_path)
+    for retry_failed in (False, True):
+        with pytest.raises(ConfigError, match="--where"):
+            rewrite_flow(config=_config(), workspace=workspace.root, where="", retry_failed=retry_failed)
+    assert _rows(workspace, "SELECT count(*) AS n FROM rewrites") == [{"n": 0}]
+    assert _rows(workspace, "SELECT count(*) AS n FROM runs WHERE flow = 'rewrite'") == [{"n": 0}]
+
