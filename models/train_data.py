@@ -156,16 +156,27 @@ class ImageCache:
     """Preprocessed pixels per image path, computed once per training run; an image that cannot be read is
     remembered with the reason, and ``problem`` tells which examples to skip for it."""
 
-    def __init__(self, image_processor):
+    # at most this many images kept (least recently used dropped): at 336 px one is 1.35 MB of float32, and the
+    # paper's training set names ~80k images, which unbounded would not fit in memory
+    max_items = 2048
+
+    def __init__(self, image_processor, max_items: int | None = None):
+        from collections import OrderedDict
+
         self.image_processor = image_processor
-        self._pixels: dict[str, Any] = {}
+        self.max_items = max_items or type(self).max_items
+        self._pixels: OrderedDict[str, Any] = OrderedDict()
         self._bad: dict[str, str] = {}
 
     def pixels(self, path: str):
-        if path not in self._pixels:
+        if path in self._pixels:
+            self._pixels.move_to_end(path)
+        else:
             from models.inference import open_image
 
             self._pixels[path] = self.image_processor(open_image(path))
+            while len(self._pixels) > self.max_items:
+                self._pixels.popitem(last=False)
         return self._pixels[path]
 
     def problem(self, example: Example) -> str | None:

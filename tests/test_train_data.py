@@ -115,3 +115,27 @@ def test_a_steps_examples_go_longest_first_into_micro_batches():
 
     examples = [Example(f"p{k}", (), tuple(range(k)), tuple(range(k))) for k in (3, 9, 1, 5)]
     assert [len(e.input_ids) for e in by_length(examples)] == [9, 5, 3, 1]
+
+
+def test_image_cache_is_bounded(tmp_path):
+    """Preprocessed pixels are kept for the most recently used images only, not for every image of the run."""
+    from PIL import Image
+
+    from models.train_data import ImageCache
+
+    calls = []
+
+    def processor(im):
+        calls.append(im)
+        return torch.zeros(3, 4, 4)
+
+    paths = []
+    for k in range(4):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.new("RGB", (4, 4), (k, 0, 0)).save(paths[-1])
+    cache = ImageCache(processor, max_items=2)
+    for p in paths + paths[-2:]:
+        cache.pixels(p)
+    assert len(calls) == 4 and len(cache._pixels) == 2  # the last two came from the cache
+    cache.pixels(paths[0])
+    assert len(calls) == 5
