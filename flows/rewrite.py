@@ -354,7 +354,9 @@ def rewrite_flow(
 
     with rewrite_lock(ws, key):
         # an interrupted retry/rerun resumes the work it chose; "first" work is its own resume query
-        request_key = stable_hash("rewrite-request", mode, where, key)
+        # the same request = the same selection: a retry's source/type filters (a rerun ignores them) and limit
+        filters = None if mode == "rerun" else [rs.sources, rs.task_types, rs.exclude_sources, rs.exclude_task_types]
+        request_key = stable_hash("rewrite-request", mode, where, key, filters, limit)
         manifest = _pending_manifest(store, request_key) if mode != "first" else None
         recovered = recover_results(store, results_dir, run_id="recovered", key=key)
         if manifest:

@@ -428,3 +428,63 @@ def test_an_empty_where_is_refused_not_run_as_a_plain_rewrite(prefect_harness, w
     assert _rows(workspace, "SELECT count(*) AS n FROM rewrites") == [{"n": 0}]
     assert _rows(workspace, "SELECT count(*) AS n FROM runs WHERE flow = 'rewrite'") == [{"n": 0}]
 
+
+def _failed_attempts(workspace, model_id: str, sample_ids: list[str]) -> None:
+    """Record one failed attempt under the FAST_REWRITE key for each of ``sample_ids``."""
+    import pyarrow as pa
+
+    from flows.rewrite import rewrite_ids
+    from models.generation import resolve_generation
+    from models.prompts import PROMPT_VERSION
+    from polite.ids import settings_hash
+
+    key = {"model_id": model_id, "prompt_version": PROMPT_VERSION,
+           "settings_hash": settings_hash(resolve_generation("greedy", {"max_new_tokens": 12}))}  # fmt: skip
+    n = len(sample_ids)
+    table = pa.table({"rewrite_id": rewrite_ids(sample_ids, [1] * n, key), "sample_id": sample_ids,
+                      "model_id": [model_id] * n, "prompt_version": [PROMPT_VERSION] * n,
+                      "settings_hash": [key["settings_hash"]] * n, "attempt": pa.array([1] * n, pa.int32()),
+                      "status": ["failed"] * n, "error": ["BadImageError: fake"] * n, "reason": ["first"] * n})  # fmt: skip
+    LineageStore(workspace.db_path).ingest_arrow("rewrites", table)
+
+
+@pytest.mark.parametrize("change", ["sources", "limit"])
+def test_an_interrupted_retry_is_resumed_only_by_the_same_request(prefect_harness, workspace, model_path,
+                                                                  monkeypatch, change):  # fmt: skip
+    """A retry with other source filters, or another limit, is another request: it chooses its own work
+    instead of resuming the manifest of an interrupted retry that chose something else."""
+    import flows.rewrite
+    from flows.rewrite import rewrite_flow
+    from polite.shards import read_table
+
+    samples = make_samples(workspace, n=9, extra_hq=0)
+    model_id = register_model(workspace, model_path)
+    _failed_attempts(workspace, model_id, [s.sample_id for s in samples])
+    by_source = {src: sorted(s.sample_id for s in samples if s.source == src) for src in ("gqa", "coco")}
+    chosen: list[str] = []
+
+    def interrupted(task, jobs, ingest, description):
+        raise KeyboardInterrupt("killed")
+
+    def recorded(task, jobs, ingest, description):
+        chosen.extend(sid for job in jobs for sid in read_table(job["work"]).column("sample_id").to_pylist())
+        return []
+
+    monkeypatch.setattr(flows.rewrite, "map_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rewrite_flow(config=_config(sources=["gqa"]), workspace=workspace.root, retry_failed=True, limit=1)
+    monkeypatch.setattr(flows.rewrite, "map_shards", recorded)
+    if change == "sources":
+        rewrite_flow(config=_config(sources=["coco"]), workspace=workspace.root, retry_failed=True, limit=1)
+        assert chosen == by_source["coco"][:1]
+    else:
+        rewrite_flow(config=_config(sources=["gqa"]), workspace=workspace.root, retry_failed=True)
+        assert sorted(chosen) == by_source["gqa"]
+    # the same request still resumes its own manifest
+    chosen.clear()
+    monkeypatch.setattr(flows.rewrite, "map_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rewrite_flow(config=_config(sources=["vqav2"]), workspace=workspace.root, retry_failed=True, limit=2)
+    monkeypatch.setattr(flows.rewrite, "map_shards", recorded)
+    rewrite_flow(config=_config(sources=["vqav2"]), workspace=workspace.root, retry_failed=True, limit=2)
+    assert len(chosen) == 2
