@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
-from models.fast_decode import attention_inputs, layer_output  # noqa: E402
+from models.fast_layers import attention_inputs, layer_output  # noqa: E402
 
 # ops that are the work itself (a fused kernel still does them) and ops that only re-describe memory
 MATRIX_OPS = {"mm", "addmm", "bmm", "linear", "matmul", "scaled_dot_product_attention",

@@ -69,6 +69,26 @@ class Session:
     select: bool = True
 
 
+@dataclass
+class Admission:
+    """Rows joining a running batch (``FastFlamingoDecoder.stream``): left-padded prompts, their image latents
+    (k, T_img, n_latents, dim) and per-row token limits, under caller-chosen keys."""
+
+    keys: list
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    media: torch.Tensor
+    max_new: list[int]
+    min_new: list[int]
+
+
+@dataclass
+class DecodeOutput:
+    tokens: torch.Tensor  # (B, steps) generated ids; pad after a row's end-of-sequence token
+    nan: torch.Tensor  # (B,) a row saw NaN logits
+    grows: int = 0  # times the batch's unfinished rows moved to a longer KV cache
+
+
 class SessionCache:
     """Sessions by (batch bucket, cache length, max new tokens), least recently used dropped beyond ``MAX_SESSIONS``."""
 

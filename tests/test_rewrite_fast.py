@@ -222,7 +222,8 @@ def test_bucketed_batches_with_dummy_rows_give_the_same_tokens(loaded, images):
 def test_fused_projections_share_the_models_weights(loaded, images):
     """q/k/v and gate/up run as one product each; the model's weights become views of those matrices (a second
     decoder reuses them), adapters or biases keep a layer unfused, and tokens do not change."""
-    from models.fast_decode import FastFlamingoDecoder, _fuse_linears
+    from models.fast_decode import FastFlamingoDecoder
+    from models.fast_layers import _fuse_linears
 
     gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 12}), backend="plain")
     ids, mask, media = gen._collate(_batch(gen, images))
