@@ -262,20 +262,24 @@ WHERE new.status = 'ok' AND old.status = 'ok' AND old.superseded_by IS NULL
 
 
 def ingest_result(store: LineageStore, path: str, run_id: str, key: dict[str, str]) -> int:
-    """Insert one result file's rows (idempotent), mark superseded rewrites, and note the file as ingested."""
+    """Insert one result file's rows (idempotent), mark superseded rewrites, and note the file as ingested, in
+    one transaction: a crash between the rows and the supersede would leave two accepted rewrites."""
     table = read_table(path).cast(RESULT_SCHEMA)
     with store.writer() as con:
-        new = store.ingest_arrow("rewrites", table, con=con)
         con.register("_new", table)
+        con.execute("BEGIN TRANSACTION")
         try:
+            new = store.ingest_arrow("rewrites", table, con=con)
             con.execute(_SUPERSEDE)
-        finally:
-            con.unregister("_new")
-        con.execute(
-            "INSERT OR IGNORE INTO rewrite_result_files (path, model_id, prompt_version, settings_hash, n_rows, run_id) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [path, key["model_id"], key["prompt_version"], key["settings_hash"], table.num_rows, run_id],
-        )
+            con.execute(
+                "INSERT OR IGNORE INTO rewrite_result_files (path, model_id, prompt_version, settings_hash, n_rows, run_id) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [path, key["model_id"], key["prompt_version"], key["settings_hash"], table.num_rows, run_id],
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
     return new
 
 

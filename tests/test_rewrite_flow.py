@@ -488,3 +488,38 @@ def test_an_interrupted_retry_is_resumed_only_by_the_same_request(prefect_harnes
     monkeypatch.setattr(flows.rewrite, "map_shards", recorded)
     rewrite_flow(config=_config(sources=["vqav2"]), workspace=workspace.root, retry_failed=True, limit=2)
     assert len(chosen) == 2
+
+
+def test_ingesting_a_result_is_all_or_nothing(workspace, monkeypatch):
+    """A rerun's result file whose ingest dies after its rows went in but before the earlier ok rewrite was
+    marked superseded would leave two accepted rewrites of one sample (until that key runs again): the rows,
+    the supersede and the note of the file commit together or not at all."""
+    import pyarrow as pa
+
+    import flows.rewrite
+    from flows.rewrite import ingest_result
+    from polite.shards import write_table_atomic
+    from tasks.rewrite import RESULT_SCHEMA
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    key = {"model_id": "m_1", "prompt_version": "pf-v1", "settings_hash": "h"}
+
+    def result(attempt: int) -> str:
+        row = {"rewrite_id": f"r_{attempt}", "sample_id": "s_1", **key, "attempt": attempt, "status": "ok",
+               "output": f"take {attempt}", "run_id": "run_x", "reason": "rerun: true"}  # fmt: skip
+        path = f"{workspace.root}/attempt{attempt}.parquet"
+        write_table_atomic(pa.Table.from_pylist([row], schema=RESULT_SCHEMA), path)
+        return path
+
+    ingest_result(store, result(1), "run_x", key)
+    second = result(2)
+    monkeypatch.setattr(flows.rewrite, "_SUPERSEDE", "SELECT error('killed while superseding')")
+    with pytest.raises(Exception, match="killed while superseding"):
+        ingest_result(store, second, "run_x", key)
+    accepted = "SELECT rewrite_id FROM rewrites WHERE status = 'ok' AND superseded_by IS NULL ORDER BY 1"
+    assert _rows(workspace, accepted) == [{"rewrite_id": "r_1"}]
+    assert _rows(workspace, "SELECT count(*) AS n FROM rewrite_result_files") == [{"n": 1}]
+    monkeypatch.undo()
+    ingest_result(store, second, "run_x", key)  # what the next run's recovery does
+    assert _rows(workspace, accepted) == [{"rewrite_id": "r_2"}]
