@@ -251,9 +251,11 @@ def cut_shards(
 
 
 # -- ingesting results --------------------------------------------------------------------------------------
+# ``new``: the stored rows of the file's rewrite ids, not the file's copies (another file may have stored an
+# id first, with another outcome)
 _SUPERSEDE = """
 UPDATE rewrites AS old SET superseded_by = new.rewrite_id
-FROM _new AS new
+FROM (SELECT * FROM rewrites WHERE rewrite_id IN (SELECT rewrite_id FROM _new)) AS new
 WHERE new.status = 'ok' AND old.status = 'ok' AND old.superseded_by IS NULL
   AND old.sample_id = new.sample_id AND old.model_id = new.model_id
   AND old.prompt_version = new.prompt_version AND old.settings_hash = new.settings_hash

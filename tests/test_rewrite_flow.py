@@ -523,3 +523,31 @@ def test_ingesting_a_result_is_all_or_nothing(workspace, monkeypatch):
     monkeypatch.undo()
     ingest_result(store, second, "run_x", key)  # what the next run's recovery does
     assert _rows(workspace, accepted) == [{"rewrite_id": "r_2"}]
+
+
+def test_a_result_row_that_was_not_stored_supersedes_nothing(workspace):
+    """Two result files can hold one rewrite id (a shard task of a killed Ray run that finishes after the next
+    run redid that sample). Only the stored row counts: an ok copy of a rewrite stored as failed must not
+    retire the accepted rewrite, which would leave the sample with none."""
+    import pyarrow as pa
+
+    from flows.rewrite import ingest_result
+    from polite.shards import write_table_atomic
+    from tasks.rewrite import RESULT_SCHEMA
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    key = {"model_id": "m_1", "prompt_version": "pf-v1", "settings_hash": "h"}
+
+    def result(name: str, attempt: int, status: str) -> str:
+        row = {"rewrite_id": f"r_{attempt}", "sample_id": "s_1", **key, "attempt": attempt, "status": status,
+               "output": "text" if status == "ok" else None, "run_id": "run_x", "reason": "rerun: true"}  # fmt: skip
+        path = f"{workspace.root}/{name}.parquet"
+        write_table_atomic(pa.Table.from_pylist([row], schema=RESULT_SCHEMA), path)
+        return path
+
+    ingest_result(store, result("first", 1, "ok"), "run_x", key)
+    ingest_result(store, result("rerun", 2, "failed"), "run_x", key)
+    ingest_result(store, result("late-copy", 2, "ok"), "recovered", key)
+    accepted = "SELECT rewrite_id FROM rewrites WHERE status = 'ok' AND superseded_by IS NULL"
+    assert _rows(workspace, accepted) == [{"rewrite_id": "r_1"}]
