@@ -243,8 +243,9 @@ def cut_shards(
         shard = work.slice(rows[0], len(rows))
         shard_hash = stable_hash("rewrite-shard", shard.column("rewrite_id").to_pylist(), length=20)
         work_url = f"{base}/work/{shard_hash}.parquet"
-        if not exists(work_url):
-            write_table_atomic(shard, work_url)
+        # written again even if a killed run left it: the same rewrite ids may come with another reason (a
+        # retry of what an interrupted rerun chose) or image paths
+        write_table_atomic(shard, work_url)
         jobs.append({"name": f"{shard_hash[:8]} ({shard.num_rows} samples)", "work": work_url,
                      "out": f"{results_dir}/{shard_hash}.parquet", **common})  # fmt: skip
     return jobs

@@ -551,3 +551,24 @@ def test_a_result_row_that_was_not_stored_supersedes_nothing(workspace):
     ingest_result(store, result("late-copy", 2, "ok"), "recovered", key)
     accepted = "SELECT rewrite_id FROM rewrites WHERE status = 'ok' AND superseded_by IS NULL"
     assert _rows(workspace, accepted) == [{"rewrite_id": "r_1"}]
+
+
+def test_a_shard_cut_again_works_from_this_run_s_rows(workspace):
+    """A rerun killed before its shard finished leaves the shard's work file; a retry that picks the same
+    samples at the same attempts cuts a shard of the same name, and must record its own reason, not the rerun's."""
+    import pyarrow as pa
+
+    from flows.rewrite import cut_shards
+    from polite.shards import read_table
+    from tasks.rewrite import WORK_SCHEMA
+
+    def work(reason: str) -> pa.Table:
+        row = {"rewrite_id": "r_x2", "sample_id": "s_x", "attempt": 2, "reason": reason, "instruction": "q",
+               "raw_response": "a", "image_ids": [], "image_paths": []}  # fmt: skip
+        return pa.Table.from_pylist([row], schema=WORK_SCHEMA)
+
+    base = workspace.stage_dir("rewrites")
+    killed = cut_shards(work("rerun: sample_id = 's_x'"), 4, base, f"{base}/results", {})
+    retried = cut_shards(work("retry-failed"), 4, base, f"{base}/results", {})
+    assert killed[0]["work"] == retried[0]["work"]  # the same rewrite ids: the same shard
+    assert read_table(retried[0]["work"]).column("reason").to_pylist() == ["retry-failed"]
