@@ -204,18 +204,16 @@ def select_work(
 def _pending_manifest(store: LineageStore, request_key: str) -> str | None:
     """The manifest of the latest run of this same retry/rerun request, if that run did not complete."""
     with store.reader() as con:
-        rows = con.execute(
-            "SELECT status, config FROM runs WHERE flow = 'rewrite' ORDER BY started_at DESC LIMIT 200"
-        ).fetchall()
-    for status, config in rows:
-        try:
-            request = json.loads(config or "{}").get("request") or {}
-        except ValueError:
-            continue
-        if request.get("key") == request_key:
-            manifest = request.get("manifest")
-            return manifest if status != "completed" and manifest and exists(manifest) else None
-    return None
+        row = con.execute(
+            "SELECT status, config FROM runs WHERE flow = 'rewrite' "
+            "AND json_extract_string(try_cast(config AS JSON), '$.request.key') = ? ORDER BY started_at DESC LIMIT 1",
+            [request_key],
+        ).fetchone()
+    if row is None:
+        return None
+    status, config = row
+    manifest = (json.loads(config).get("request") or {}).get("manifest")
+    return manifest if status != "completed" and manifest and exists(manifest) else None
 
 
 def _not_done(store: LineageStore, work: pa.Table) -> pa.Table:

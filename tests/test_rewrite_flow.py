@@ -572,3 +572,26 @@ def test_a_shard_cut_again_works_from_this_run_s_rows(workspace):
     retried = cut_shards(work("retry-failed"), 4, base, f"{base}/results", {})
     assert killed[0]["work"] == retried[0]["work"]  # the same rewrite ids: the same shard
     assert read_table(retried[0]["work"]).column("reason").to_pylist() == ["retry-failed"]
+
+
+def test_an_interrupted_request_is_found_behind_many_later_runs(workspace):
+    """A rerun killed long ago is still resumed after hundreds of other rewrite runs (a scheduled factory)."""
+    import datetime
+
+    from flows.rewrite import _pending_manifest
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    manifest = f"{workspace.root}/manifest.parquet"
+    Path(manifest).write_bytes(b"")
+    start = datetime.datetime(2024, 1, 1)
+    rows = [("run_old", "running", start, {"request": {"key": "q_old", "manifest": manifest}})]
+    rows += [(f"run_{k}", "completed", start + datetime.timedelta(minutes=k + 1), {"request": {"key": f"q_{k}"}})
+             for k in range(250)]  # fmt: skip
+    with store.writer() as con:
+        con.executemany(
+            "INSERT INTO runs (run_id, flow, status, started_at, config) VALUES (?, 'rewrite', ?, ?, ?)",
+            [(r, s, t, json.dumps(c)) for r, s, t, c in rows],
+        )
+    assert _pending_manifest(store, "q_old") == manifest
+    assert _pending_manifest(store, "q_7") is None  # completed
