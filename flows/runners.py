@@ -104,7 +104,7 @@ def ray_session(settings: RunnerSettings) -> Iterator[None]:
 
     owned = not ray.is_initialized()
     if owned:
-        address = None if settings.ray_address in (None,) else settings.ray_address
+        address = settings.ray_address
         ray.init(address=address, namespace="prefect", **ray_init_kwargs(settings))
     try:
         yield
