@@ -83,6 +83,7 @@ class FlamingoSpec:
         extra = sorted(set(data) - known)
         if extra:
             raise ValueError(f"unknown model spec fields {extra}; known: {sorted(known)}")
+        _check_values(data)
         spec = cls(**data)
         return spec.resolve(root) if root is not None or spec.root else spec
 
@@ -94,7 +95,10 @@ class FlamingoSpec:
             path = path / SPEC_FILE
         if not path.exists():
             raise FileNotFoundError(f"no model spec at {path} (a model folder holds {SPEC_FILE})")
-        return cls.from_dict(json.loads(path.read_text()), root=path.parent)
+        try:
+            return cls.from_dict(json.loads(path.read_text()), root=path.parent)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +131,34 @@ class FlamingoSpec:
         out = folder / SPEC_FILE
         out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         return out
+
+
+_BOOL_FIELDS = ("merge_lora", "v1_masking", "allow_download")
+_COUNT_FIELDS = ("cross_attn_every_n_layers", "perceiver_depth", "perceiver_latents", "perceiver_heads",
+                 "perceiver_dim_head", "cross_attn_heads", "cross_attn_dim_head", "cross_attn_ff_mult")  # fmt: skip
+_TEXT_FIELDS = ("lm", "tokenizer", "vision", "vision_pretrained", "checkpoint", "adapter",
+                "decoder_layers_attr_name", "root")  # fmt: skip
+
+
+def _check_values(data: dict[str, Any]) -> None:
+    """Reject a spec's values of the wrong kind by name: a JSON "false" would otherwise be true, a string of
+    extra checkpoints one path per character, and a zero count a crash deep inside open_flamingo."""
+    for name in _BOOL_FIELDS:
+        if name in data and not isinstance(data[name], bool):
+            raise ValueError(f"model spec: {name} must be true or false, got {data[name]!r}")
+    for name in _COUNT_FIELDS:
+        value = data.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model spec: {name} must be a whole number of at least 1, got {value!r}")
+    for name in _TEXT_FIELDS:
+        value = data.get(name, "")
+        if not isinstance(value, str) and not (value is None and name != "vision"):
+            raise ValueError(f"model spec: {name} must be a path or name, got {value!r}")
+    extra = data.get("extra_checkpoints", [])
+    if not isinstance(extra, list) or not all(isinstance(p, str) for p in extra):
+        raise ValueError(f"model spec: extra_checkpoints must be a list of paths, got {extra!r}")
+    if not isinstance(data.get("lm_config", {}), dict | None):
+        raise ValueError(f"model spec: lm_config must be a mapping (a model config), got {data['lm_config']!r}")
 
 
 def _local_only(spec: FlamingoSpec, what: str, ref: str) -> bool:

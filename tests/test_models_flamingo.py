@@ -193,3 +193,31 @@ def test_threads_sharing_one_cached_model_get_their_own_images(loaded):
     with ThreadPoolExecutor(max_workers=4) as pool:
         together = list(pool.map(lambda vx: generate(loaded.model, vx, ids, mask, **kw).tolist(), images * 2))
     assert together == alone * 2
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("v1_masking", "false", "v1_masking must be true or false"),
+        ("merge_lora", 1, "merge_lora must be true or false"),
+        ("extra_checkpoints", "polite_flamingo.pt", "extra_checkpoints must be a list of paths"),
+        ("extra_checkpoints", [3], "extra_checkpoints must be a list of paths"),
+        ("cross_attn_every_n_layers", 0, "cross_attn_every_n_layers must be a whole number of at least 1"),
+        ("perceiver_depth", "6", "perceiver_depth must be a whole number of at least 1"),
+        ("perceiver_latents", True, "perceiver_latents must be a whole number of at least 1"),
+        ("lm", 7, "lm must be a path or name"),
+        ("vision", None, "vision must be a path or name"),
+        ("lm_config", ["llama"], "lm_config must be a mapping"),
+    ],
+)
+def test_spec_file_with_a_bad_value_is_rejected_naming_it(tmp_path, field, value, message):
+    """A hand-edited flamingo.json fails on load with the field named, not later (or never: "false" is truthy,
+    a string of extra checkpoints would be read as one path per character)."""
+    (tmp_path / "flamingo.json").write_text(json.dumps({"lm": "lm", field: value}))
+    with pytest.raises(ValueError, match=message):
+        FlamingoSpec.from_file(tmp_path)
+
+
+def test_spec_file_with_good_values_loads(tiny):
+    spec = FlamingoSpec.from_file(tiny)
+    assert FlamingoSpec.from_dict(spec.to_dict()) == spec
