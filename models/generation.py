@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from models.prompts import EOS_ID, PAD_ID, rewrite_prompt, split_response
+from models.prompts import EOS_ID, PAD_ID, cut_response, rewrite_prompt
 
 # The released inference code's decoding (METHOD.md), and two cheaper presets.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -456,7 +456,8 @@ class RewriteGenerator:
         cut = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
         kept = tokens if cut is None else tokens[:cut]
         n_out = len(tokens) if cut is None else cut + 1
-        text = split_response(self.tokenizer.decode(kept, skip_special_tokens=True))
+        # the generated tokens alone: no prompt to split off at a response marker
+        text = cut_response(self.tokenizer.decode(kept, skip_special_tokens=True))
         return Generated(text=text, input_tokens=len(prepared.input_ids), output_tokens=n_out, token_ids=kept)
 
     def stream(

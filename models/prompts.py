@@ -58,7 +58,11 @@ def get_prompt(instruction: str, raw_annotation: str | None = None, mode: str = 
 
 def split_response(full_text: str, response_split: str = RESPONSE_SPLITS["polite_flamingo"]) -> str:
     """The generated response after the last ``response_split`` marker, without end-of-chunk/eos text."""
-    tail = full_text.rsplit(response_split, 1)[-1]
+    return cut_response(full_text.rsplit(response_split, 1)[-1])
+
+
+def cut_response(generated: str) -> str:
+    """Generated text alone (no prompt) up to end-of-chunk/eos text or a new human turn, stripped."""
     for stop in (CHUNK_END_TOKEN, "</s>", "\n### Human:", "### Human:"):
-        tail = tail.split(stop, 1)[0]
-    return tail.strip()
+        generated = generated.split(stop, 1)[0]
+    return generated.strip()

@@ -1,0 +1,48 @@
+"""RewriteGenerator's CPU side over the tiny model: cutting a row's tokens into its rewrite, loading images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.generation import RewriteGenerator, resolve_generation
+from models.loader import load_rewriter
+from models.tiny import make_tiny_rewriter
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    tiny = make_tiny_rewriter(tmp_path_factory.getbasetemp() / "tiny-rewriter", seed=0)
+    loaded = load_rewriter(tiny, device="cpu", dtype=torch.float32)
+    return RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 8}), backend="plain")
+
+
+def _ids(gen, text: str) -> list[int]:
+    return gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prepared(gen):
+    from models.generation import Prepared
+
+    return Prepared(input_ids=[1, 5, 6], image_keys=[], pixels=[])
+
+
+def test_result_is_the_generated_text_up_to_the_first_end_token(gen):
+    eoc = int(gen.loaded.model.eoc_token_id)
+    tokens = _ids(gen, "A polite answer.") + [eoc] + _ids(gen, "junk after")
+    got = gen._result(_prepared(gen), tokens, nan=False)
+    assert got.text == "A polite answer."
+    assert got.output_tokens == len(_ids(gen, "A polite answer.")) + 1
+
+
+def test_result_keeps_a_rewrite_that_contains_the_response_marker(gen):
+    """The generated tokens hold no prompt: text before a '(Revised Response): ' the rewrite itself wrote is
+    part of the rewrite, not a prompt to split off."""
+    text = "Quoted from the form: (Revised Response): none given."
+    got = gen._result(_prepared(gen), _ids(gen, text), nan=False)
+    assert got.text == text
+
+
+def test_an_empty_rewrite_is_empty(gen):
+    got = gen._result(_prepared(gen), [2], nan=False)
+    assert got.text == "" and got.output_tokens == 1 and got.token_ids == []
