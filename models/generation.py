@@ -335,6 +335,7 @@ class RewriteGenerator:
             return self._images[key]
         from fsspec.core import url_to_fs
 
+        from models.inference import to_rgb
         from polite.images import BadImageError, decode_check
 
         fs, local = url_to_fs(path)
@@ -343,7 +344,7 @@ class RewriteGenerator:
                 data = handle.read()
         except (FileNotFoundError, OSError) as exc:
             raise BadImageError(f"image {key} unreadable at {path}: {exc}") from exc
-        image = decode_check(data).convert("RGB")
+        image = to_rgb(decode_check(data))
         pixels = self.loaded.image_processor(image)
         self._images[key] = pixels
         if len(self._images) > self._image_cache_size:

@@ -32,14 +32,26 @@ DEFAULT_DECODING = dict(
 _BLANK_SIZE = (224, 224)
 
 
+def to_rgb(image):
+    """``image`` in RGB. 16-bit grayscale (modes ``I;16*``, and ``I`` as older Pillow opens such PNGs) keeps its
+    top 8 bits: a plain RGB conversion clips every value above 255 to white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        import numpy as np
+        from PIL import Image
+
+        levels = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(levels.clip(0, 255).astype(np.uint8))  # mode L
+    return image.convert("RGB")
+
+
 def open_image(ref):
     """A PIL RGB image from a path or an already open image."""
     from PIL import Image
 
     if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
+        return to_rgb(ref)
     with Image.open(ref) as im:
-        return im.convert("RGB")
+        return to_rgb(im)
 
 
 def images_to_vision_x(image_lists: Sequence[Sequence[Any]], image_processor, device=None, dtype=None):

@@ -46,3 +46,23 @@ def test_result_keeps_a_rewrite_that_contains_the_response_marker(gen):
 def test_an_empty_rewrite_is_empty(gen):
     got = gen._result(_prepared(gen), [2], nan=False)
     assert got.text == "" and got.output_tokens == 1 and got.token_ids == []
+
+
+def _save(path, image) -> str:
+    image.save(path, format="PNG")
+    return str(path)
+
+
+def test_a_16_bit_grayscale_image_is_seen_as_its_8_bit_self(gen, tmp_path):
+    """A 16-bit PNG (mode I;16) converted straight to RGB clips every value above 255 to white."""
+    import numpy as np
+    from PIL import Image
+
+    from models.inference import open_image
+
+    levels = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
+    deep = _save(tmp_path / "deep.png", Image.fromarray(levels))
+    flat = _save(tmp_path / "flat.png", Image.fromarray((levels >> 8).astype(np.uint8)))
+    assert Image.open(deep).mode.startswith("I")
+    assert np.array_equal(np.asarray(open_image(deep)), np.asarray(open_image(flat)))
+    assert torch.equal(gen._pixels("i_deep", deep), gen._pixels("i_flat", flat))
