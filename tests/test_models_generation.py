@@ -66,3 +66,15 @@ def test_a_16_bit_grayscale_image_is_seen_as_its_8_bit_self(gen, tmp_path):
     assert Image.open(deep).mode.startswith("I")
     assert np.array_equal(np.asarray(open_image(deep)), np.asarray(open_image(flat)))
     assert torch.equal(gen._pixels("i_deep", deep), gen._pixels("i_flat", flat))
+
+
+def test_rewrite_prompt_is_the_released_template_byte_for_byte():
+    """METHOD.md's ``rewrite`` template (typo included), with each image marker followed by an end of chunk."""
+    from models.prompts import rewrite_prompt
+
+    system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")  # fmt: skip
+    got = rewrite_prompt("<image> What is it?", "a cat")
+    assert got == (f"{system}\n### Human: <image><|endofchunk|> What is it?\n### Assistent: (Drafted Response): "
+                   "a cat\n (Revised Response): ")  # fmt: skip
+    assert rewrite_prompt("<image><|endofchunk|> What is it?", "a cat") == got
