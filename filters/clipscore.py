@@ -104,11 +104,13 @@ def open_image(path: str | None):
     from fsspec.core import url_to_fs
     from PIL import Image
 
+    from polite.images import to_rgb
+
     if not path:
         raise FileNotFoundError("the sample names an image that is not in the `images` table")
     fs, local = url_to_fs(path)
     with fs.open(local, "rb") as handle:
-        return Image.open(io.BytesIO(handle.read())).convert("RGB")
+        return to_rgb(Image.open(io.BytesIO(handle.read())))
 
 
 class ClipScoreScorer(Scorer):

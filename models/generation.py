@@ -335,8 +335,7 @@ class RewriteGenerator:
             return self._images[key]
         from fsspec.core import url_to_fs
 
-        from models.inference import to_rgb
-        from polite.images import BadImageError, decode_check
+        from polite.images import BadImageError, decode_check, to_rgb
 
         fs, local = url_to_fs(path)
         try:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from models.prompts import split_response
+from polite.images import to_rgb
 
 # Decoding defaults of the released inference code (METHOD.md).
 DEFAULT_DECODING = dict(
@@ -30,18 +31,6 @@ DEFAULT_DECODING = dict(
     no_repeat_ngram_size=3,
 )
 _BLANK_SIZE = (224, 224)
-
-
-def to_rgb(image):
-    """``image`` in RGB. 16-bit grayscale (modes ``I;16*``, and ``I`` as older Pillow opens such PNGs) keeps its
-    top 8 bits: a plain RGB conversion clips every value above 255 to white."""
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        import numpy as np
-        from PIL import Image
-
-        levels = np.asarray(image).astype(np.int64) >> 8
-        image = Image.fromarray(levels.clip(0, 255).astype(np.uint8))  # mode L
-    return image.convert("RGB")
 
 
 def open_image(ref):

@@ -30,6 +30,17 @@ class BadImageError(ValueError):
     """The bytes are missing, empty, truncated or not an image: the sample fails, the run goes on."""
 
 
+def to_rgb(image):
+    """``image`` in RGB. 16-bit grayscale (modes ``I;16*``, and ``I`` as older Pillow opens such PNGs) keeps its
+    top 8 bits: a plain RGB conversion clips every value above 255 to white."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        import numpy as np
+
+        levels = np.asarray(image).astype(np.int64) >> 8
+        image = Image.fromarray(levels.clip(0, 255).astype(np.uint8))  # mode L
+    return image.convert("RGB")
+
+
 @dataclass(frozen=True, slots=True)
 class StoredImage:
     image_id: str
@@ -93,4 +104,4 @@ class ImageStore:
     def open(self, path: str) -> Image.Image:
         fs, local = url_to_fs(path)
         with fs.open(local, "rb") as handle:
-            return Image.open(io.BytesIO(handle.read())).convert("RGB")
+            return to_rgb(Image.open(io.BytesIO(handle.read())))

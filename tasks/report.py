@@ -189,10 +189,12 @@ def _thumbnail(path: str) -> bytes | None:
     from fsspec.core import url_to_fs
     from PIL import Image
 
+    from polite.images import to_rgb
+
     try:
         fs, local = url_to_fs(path)
         with fs.open(local, "rb") as handle:
-            image = Image.open(io.BytesIO(handle.read())).convert("RGB")
+            image = to_rgb(Image.open(io.BytesIO(handle.read())))
     except (OSError, ValueError, SyntaxError):  # unreadable image: a card without a picture beats no report
         return None
     image.thumbnail((256, 256))

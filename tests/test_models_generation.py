@@ -66,6 +66,15 @@ def test_a_16_bit_grayscale_image_is_seen_as_its_8_bit_self(gen, tmp_path):
     assert Image.open(deep).mode.startswith("I")
     assert np.array_equal(np.asarray(open_image(deep)), np.asarray(open_image(flat)))
     assert torch.equal(gen._pixels("i_deep", deep), gen._pixels("i_flat", flat))
+    # and wherever else the factory opens stored images: the image store, CLIPScore, the report's cards
+    from filters.clipscore import open_image as clip_open
+    from polite.images import ImageStore
+    from tasks.report import _thumbnail
+
+    store = ImageStore(str(tmp_path / "store"))
+    for opened in (store.open(deep), clip_open(deep)):
+        assert np.array_equal(np.asarray(opened), np.asarray(open_image(flat)))
+    assert _thumbnail(deep) == _thumbnail(flat)
 
 
 def test_rewrite_prompt_is_the_released_template_byte_for_byte():
