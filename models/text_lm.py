@@ -20,16 +20,21 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 def fingerprint(name_or_path: str) -> str:
-    """``hf:<name>@<hash>`` of a local model folder (config and weight files' names and sizes), or the Hub id.
+    """``hf:<name>@<hash>`` of a local model folder (its config, and its weight files' and tokenizer's content
+    digests), or the Hub id.
 
-    Cheap (no weights are read), so flows can compute it to key resume before loading anything.
+    Cheap enough to key resume before loading anything: a large file's digest reads its first and last MiB
+    (``models.loader.file_digest``). Sizes alone did not do: a model fine-tuned and saved over the same folder
+    keeps its files' sizes, and resume would have taken the old model's output for the new one's.
     """
+    from models.loader import file_digest
+
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         return f"hf:{name_or_path}"
     config = (path / "config.json").read_text() if (path / "config.json").exists() else ""
-    files = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
-    tok = (path / "tokenizer.json").stat().st_size if (path / "tokenizer.json").exists() else 0
+    files = sorted((p.name, file_digest(p)) for p in path.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
+    tok = file_digest(path / "tokenizer.json") if (path / "tokenizer.json").exists() else ""
     return f"hf:{path.resolve().name}@{stable_hash('text-lm', config, files, tok, length=10)}"
 
 

@@ -61,6 +61,26 @@ def test_local_backend_batches_left_padded_like_one_by_one(tiny_lm_dir):
     assert lm.generate(prompts, max_new_tokens=6, batch_size=2) == batched
 
 
+def test_a_model_saved_over_the_same_folder_gets_a_new_fingerprint(tiny_lm_dir, tmp_path):
+    """Distortion resume is keyed by the local LM's fingerprint: new weights of the same shape must change it."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from models.text_lm import fingerprint
+
+    folder = tmp_path / "lm"
+    shutil.copytree(tiny_lm_dir, folder)
+    before = fingerprint(str(folder))
+    assert fingerprint(str(folder)) == before  # stable
+    model = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # "fine-tuned": same shapes, same file sizes
+    model.save_pretrained(folder)
+    assert fingerprint(str(folder)) != before
+
+
 def test_shipped_guanaco_chat_template_renders_like_the_local_fallback():
     from importlib import resources
 
