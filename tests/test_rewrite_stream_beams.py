@@ -124,3 +124,23 @@ def test_single_sampled_rows_still_batch_statically(ending):  # noqa: F811
     assert not sampled.can_stream and choose_scheduling("continuous", sampled, static_batches=5) == "static"
     with pytest.raises(ValueError, match="greedy or beam-search settings"):
         next(sampled.stream(lambda k: [], rows=2, longest_prompt=8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_cuda_graphs_stream_the_eager_beams(images, tmp_path, attention):  # noqa: F811
+    """On a GPU in fp32 (TF32 off): continuous beam search with graph-replayed steps, samples leaving a short ring
+    and going on statically, gives the beams of an eager static batch."""
+    from models.loader import load_rewriter
+    from models.tiny import make_tiny_rewriter
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    on_gpu = load_rewriter(make_tiny_rewriter(tmp_path / "tiny", seed=3), device="cuda", dtype=torch.float32)
+    settings = resolve_generation("beam", {"max_new_tokens": 40})
+    eager = RewriteGenerator(on_gpu, settings, backend="fast", cuda_graphs=False, kv_block=16)
+    graphs = RewriteGenerator(on_gpu, settings, backend="fast", cuda_graphs=True, kv_block=16,
+                              decode_attention=attention, cache_new_tokens=4)  # fmt: skip
+    batch = _batch(eager, images) * 3
+    assert _streamed(graphs, batch, samples=4) == _run(eager, batch)
+    assert graphs.rows_continued > 0 and graphs.decoder.graph_error is None
