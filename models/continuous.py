@@ -98,6 +98,13 @@ def run_continuous(
         admitted.update((i, now) for i, _ in taken)
         return taken
 
+    def statically(rest: list[int]) -> None:
+        fallback, more = run_batches(plan_fallback(rest), load_item, fallback_generate, prefetch=prefetch)
+        outcomes.update((o.index, o) for o in fallback)
+        for name in ("batches", "splits", "oom_splits", "load_failures", "load_wait_s"):
+            setattr(stats, name, getattr(stats, name) + getattr(more, name))
+        stats.errors.extend(more.errors)
+
     started = time.perf_counter()
     try:
         for i, value in stream(fetch):
@@ -107,17 +114,16 @@ def run_continuous(
             else:
                 outcomes[i] = Outcome(index=i, value=value, latency_s=latency)
         stats.batches += 1
+        rest = sorted(admitted) + loader.rest()
+        if rest:  # a stream that stopped early: its items must not cost the shard's finished work
+            stats.errors.append(f"the stream ended with {len(rest)} items unfinished; they ran in static batches")
+            statically(rest)
     except Exception as exc:  # the stream as a whole failed: isolate the cause the static way
         oom = is_oom_error(exc)
         stats.splits += 1
         stats.oom_splits += int(oom)
         stats.errors.append(describe_error(exc))
-        rest = sorted(admitted) + loader.rest()
-        fallback, more = run_batches(plan_fallback(rest), load_item, fallback_generate, prefetch=prefetch)
-        outcomes.update((o.index, o) for o in fallback)
-        for name in ("batches", "splits", "oom_splits", "load_failures", "load_wait_s"):
-            setattr(stats, name, getattr(stats, name) + getattr(more, name))
-        stats.errors.extend(more.errors)
+        statically(sorted(admitted) + loader.rest())
     finally:
         loader.close()
         stats.generate_s += time.perf_counter() - started

@@ -208,6 +208,27 @@ def test_a_failing_stream_hands_the_unfinished_items_to_static_batches():
     assert "OutOfMemoryError" in stats.errors[0]
 
 
+def test_a_stream_that_stops_early_leaves_no_item_without_an_outcome():
+    """A stream that returns before asking for every item (or with some admitted and never finished): those
+    items run in static batches; the finished ones are kept."""
+    from models.continuous import run_continuous
+
+    seen: list[str] = []
+
+    def static(batch):
+        seen.extend(batch)
+        return [int(item[4:]) * 10 for item in batch]
+
+    def short(fetch):
+        yield from ((i, i * 10) for i, _ in fetch(3)[:2])  # admits 3, finishes 2, never asks again
+
+    order = list(range(8))
+    outcomes, stats = run_continuous(order, lambda i: f"item{i}", short, static, lambda idx: [idx], prefetch=False)
+    assert [o.index for o in outcomes] == order and all(o.value == o.index * 10 for o in outcomes)
+    assert sorted(int(item[4:]) for item in seen) == list(range(2, 8))  # the 2 finished ones were not redone
+    assert "6 items unfinished" in stats.errors[0]
+
+
 def test_auto_scheduling_is_continuous_where_it_pays():
     from types import SimpleNamespace
 
