@@ -70,6 +70,9 @@ def decode_check(data: bytes | None) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+    except Image.DecompressionBombError as exc:
+        # not an OSError: a few corrupt header bytes claiming a huge size would crash the whole shard
+        raise BadImageError(f"image too large to decode: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(f"image cannot be decoded: {exc}") from exc
     if image.width == 0 or image.height == 0:
