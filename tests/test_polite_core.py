@@ -25,3 +25,41 @@ def test_an_image_whose_header_claims_a_huge_size_fails_the_sample_not_the_run(t
     with pytest.raises(BadImageError, match="too large"):
         store.put(_bmp_claiming(30000, 30000))
     assert not (tmp_path / "images").exists()
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_failed_shard_write_leaves_neither_the_shard_nor_a_temporary_file(tmp_path, monkeypatch, where):
+    import uuid
+
+    import pyarrow as pa
+    from fsspec.core import url_to_fs
+
+    from polite import shards
+
+    root = str(tmp_path / "ws") if where == "local" else f"memory://core-{uuid.uuid4().hex}"
+    url = f"{root}/shards/samples/part-0.parquet"
+
+    def half_then_fail(table, handle, **kw):
+        handle.write(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shards.pq, "write_table", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        shards.write_table_atomic(pa.table({"a": [1]}), url)
+    fs, folder = url_to_fs(f"{root}/shards/samples")
+    assert fs.ls(folder, detail=False) == []
+    assert not shards.exists(url)
+
+
+def test_a_failed_byte_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from polite.shards import write_bytes_atomic
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError("read-only destination")
+
+    monkeypatch.setattr(LocalFileSystem, "mv", refuse)
+    with pytest.raises(PermissionError):
+        write_bytes_atomic(b"image bytes", str(tmp_path / "images" / "ab" / "i_ab.png"))
+    assert list((tmp_path / "images" / "ab").iterdir()) == []
