@@ -20,10 +20,11 @@ def configure_runtime_env() -> None:
     """Apply our defaults without overriding anything the user set explicitly."""
     for key, value in _DEFAULTS.items():
         os.environ.setdefault(key, value)
-    no_proxy = os.environ.get("NO_PROXY", "")
-    wanted = ["127.0.0.1", "localhost"]
-    missing = [h for h in wanted if h not in no_proxy.split(",")]
-    if missing:
-        merged = ",".join([p for p in no_proxy.split(",") if p] + missing)
-        os.environ["NO_PROXY"] = merged
-        os.environ["no_proxy"] = merged
+    # Both spellings, merged: urllib and httpx prefer the lowercase one when both are set, and a user's
+    # lowercase-only ``no_proxy`` must keep its hosts.
+    hosts: list[str] = []
+    for value in (os.environ.get("no_proxy", ""), os.environ.get("NO_PROXY", ""), "127.0.0.1,localhost"):
+        hosts += [h for h in (p.strip() for p in value.split(",")) if h and h not in hosts]
+    merged = ",".join(hosts)
+    os.environ["NO_PROXY"] = merged
+    os.environ["no_proxy"] = merged

@@ -63,3 +63,28 @@ def test_a_failed_byte_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(PermissionError):
         write_bytes_atomic(b"image bytes", str(tmp_path / "images" / "ab" / "i_ab.png"))
     assert list((tmp_path / "images" / "ab").iterdir()) == []
+
+
+def test_runtime_env_keeps_a_lowercase_no_proxy_the_user_set(monkeypatch):
+    import os
+
+    from polite.env import configure_runtime_env
+
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setenv("no_proxy", "internal.corp,.svc")
+    configure_runtime_env()
+    for name in ("NO_PROXY", "no_proxy"):
+        hosts = os.environ[name].split(",")
+        assert {"internal.corp", ".svc", "127.0.0.1", "localhost"} <= set(hosts), name
+
+
+def test_runtime_env_merges_both_spellings_of_no_proxy(monkeypatch):
+    import os
+
+    from polite.env import configure_runtime_env
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "registry.local")
+    configure_runtime_env()
+    assert "registry.local" in os.environ["NO_PROXY"].split(",")
+    assert "registry.local" in os.environ["no_proxy"].split(",")
