@@ -8,9 +8,17 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def _json_default(value: Any) -> Any:
+    # A set iterates in an order that changes with PYTHONHASHSEED, so ``str`` of it would give every process
+    # its own id: sort it, by each member's JSON (members may be of mixed types).
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=lambda v: json.dumps(v, sort_keys=True, default=_json_default))
+    return str(value)
+
+
 def stable_hash(*parts: Any, length: int = 16) -> str:
     """Hex digest over the JSON encoding of ``parts``; identical inputs give identical ids on any machine."""
-    payload = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    payload = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=_json_default)
     return hashlib.blake2b(payload.encode("utf-8"), digest_size=32).hexdigest()[:length]
 
 

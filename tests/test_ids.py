@@ -34,3 +34,26 @@ def test_stable_hashes_refuses_what_json_would_spell_differently():
         stable_hashes("rewrite", [1.5])
     with pytest.raises(ValueError):  # columns of different lengths
         stable_hashes(["a", "b"], [1])
+
+
+def test_stable_hash_of_a_set_is_the_same_in_every_process():
+    """A set's iteration order follows ``PYTHONHASHSEED``: its id may not."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from polite.ids import stable_hash; print(stable_hash({'k': {'alpha', 'beta', 'gamma', 'delta'}}))"
+    )
+    got = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3", "4")
+    }
+    assert len(got) == 1
+    assert stable_hash(frozenset({"b", "a"})) == stable_hash({"a", "b"})
