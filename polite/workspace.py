@@ -13,6 +13,8 @@ from pathlib import Path
 import fsspec
 from fsspec.core import url_to_fs
 
+from polite.ids import stable_hash
+
 DEFAULT_WORKSPACE = "./workspace"
 
 
@@ -53,7 +55,11 @@ class Workspace:
             return Path(self.root) / "lineage.duckdb"
         base = Path(os.environ.get("POLITE_DB_DIR", ".polite")).resolve()
         safe = self.root.replace("://", "_").replace("/", "_")
-        return base / safe / "lineage.duckdb"
+        legacy = base / safe / "lineage.duckdb"
+        if legacy.exists():  # made before the folder name carried a hash: keep using it
+            return legacy
+        # the readable name alone is ambiguous (s3://b/x_y and s3://b/x/y both give s3_b_x_y): add the root's hash
+        return base / f"{safe}-{stable_hash('workspace-db', self.root, length=8)}" / "lineage.duckdb"
 
     @property
     def images(self) -> str:

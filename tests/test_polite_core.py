@@ -88,3 +88,24 @@ def test_runtime_env_merges_both_spellings_of_no_proxy(monkeypatch):
     configure_runtime_env()
     assert "registry.local" in os.environ["NO_PROXY"].split(",")
     assert "registry.local" in os.environ["no_proxy"].split(",")
+
+
+def test_two_remote_workspaces_never_share_a_lineage_database(tmp_path, monkeypatch):
+    from polite.workspace import Workspace
+
+    monkeypatch.setenv("POLITE_DB_DIR", str(tmp_path / "dbs"))
+    a = Workspace.resolve("s3://bucket/team_a").db_path
+    b = Workspace.resolve("s3://bucket/team/a").db_path
+    assert a != b
+    assert a.parent.parent == b.parent.parent == tmp_path / "dbs"
+    assert Workspace.resolve("s3://bucket/team_a").db_path == a  # stable
+
+
+def test_a_remote_database_made_before_the_hashed_name_is_still_found(tmp_path, monkeypatch):
+    from polite.workspace import Workspace
+
+    monkeypatch.setenv("POLITE_DB_DIR", str(tmp_path / "dbs"))
+    legacy = tmp_path / "dbs" / "s3_bucket_old" / "lineage.duckdb"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"")
+    assert Workspace.resolve("s3://bucket/old").db_path == legacy
