@@ -57,7 +57,7 @@ def sample_id(source: str, split: str, row_key: str | int, turn: int = 0) -> str
 
 
 def seed_for(run_seed: int, *parts: Any) -> int:
-    """A 63-bit seed derived from the run seed and e.g. a sample id, so shards can run in any order or place."""
+    """A 60-bit seed (15 hex digits) derived from the run seed and e.g. a sample id, so shards can run in any order or place."""
     return int(stable_hash("seed", run_seed, *parts, length=15), 16)
 
 
