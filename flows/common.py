@@ -111,7 +111,14 @@ def stage_run(
 
 
 class ShardFailures(RuntimeError):
-    """Some shards failed as a whole (not sample by sample); the rest were ingested. Re-run to resume."""
+    """Some shards failed as a whole (not sample by sample); the rest were ingested. Re-run to resume.
+
+    ``summary`` is the stage run's summary where the flow filled it in (what landed before the failure).
+    """
+
+    def __init__(self, message: str, summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.summary: dict = summary if summary is not None else {}
 
 
 def map_shards(

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 from prefect import flow
 
-from flows.common import logger, map_shards, stage_run
+from flows.common import ShardFailures, logger, map_shards, stage_run
 from lineage.store import LineageStore
 from models.prompts import PROMPT_VERSION
 from polite.config import ConfigError, parse_config
@@ -303,6 +303,19 @@ def recover_results(store: LineageStore, results_dir: str, run_id: str, key: dic
     return len(orphans)
 
 
+def outcome_counts(store: LineageStore, work: pa.Table) -> dict[str, int]:
+    """How the selected work stands: ``ok`` and ``failed`` rewrites, and ``unattempted`` (a shard that failed whole)."""
+    with store.reader() as con:
+        con.register("_work", work.select(["rewrite_id"]))
+        counts = dict(
+            con.execute(
+                "SELECT status, count(*) FROM rewrites WHERE rewrite_id IN (SELECT rewrite_id FROM _work) GROUP BY 1"
+            ).fetchall()
+        )
+    ok, failed = int(counts.get("ok", 0)), int(counts.get("failed", 0))
+    return {"ok": ok, "failed": failed, "unattempted": work.num_rows - ok - failed}
+
+
 def rewrite_lock(ws: Workspace, key: dict):
     """Held by a rewrite flow while it works on ``key``: a second flow with the same key would redo the same
     shards, and its attempt numbers would race (polite/locks.py). Other keys run side by side."""
@@ -395,20 +408,18 @@ def rewrite_flow(
                         run.count(name, result[name])
 
             log.info("rewrite (%s): %d samples in %d shards with %s", mode, work.num_rows, len(jobs), model_id)
-            map_shards(rewrite_shard_task, jobs, ingest, description=f"rewrite ({mode})")
-            with store.reader() as con:
-                con.register("_work", work.select(["rewrite_id"]))
-                counts = dict(
-                    con.execute(
-                        "SELECT status, count(*) FROM rewrites WHERE rewrite_id IN (SELECT rewrite_id FROM _work) GROUP BY 1"
-                    ).fetchall()
-                )
-            run.summary["ok"] = int(counts.get("ok", 0))
-            run.summary["failed"] = int(counts.get("failed", 0))
-            if run.summary.get("generate_s"):
-                run.summary["tokens_per_s"] = round(
-                    run.summary.get("output_tokens", 0) / run.summary["generate_s"], 1
-                )
+            try:
+                map_shards(rewrite_shard_task, jobs, ingest, description=f"rewrite ({mode})")
+            except ShardFailures as exc:
+                exc.summary = run.summary  # filled in below, before the failure leaves the flow
+                raise
+            finally:
+                # counted even when whole shards failed: the run's record says what landed and what is left
+                run.summary.update(outcome_counts(store, work))
+                if run.summary.get("generate_s"):
+                    run.summary["tokens_per_s"] = round(
+                        run.summary.get("output_tokens", 0) / run.summary["generate_s"], 1
+                    )
     summary = dict(run.summary, run_id=run.run_id, workspace=ws.root)
     log.info("rewrite finished: %s", {k: summary.get(k) for k in ("selected", "ok", "failed", "shards")})
     return summary

@@ -233,6 +233,44 @@ def test_a_missing_rewriter_stops_before_a_flow_starts(workspace, monkeypatch):
         assert result.exit_code == 2 and message in result.output, result.output
 
 
+def test_a_shard_that_fails_whole_is_reported_and_resumed(prefect_harness, workspace, model_path, monkeypatch):
+    """A shard whose task dies (here its work file is unreadable) costs only that shard: the command prints what
+    landed, how many samples were not attempted and how to resume, exits 1 without a traceback, and the run's
+    record in the lineage keeps the same counts. Running it again does only the samples left."""
+    from typer.testing import CliRunner
+
+    import flows.rewrite
+    from polite.cli import app
+
+    make_samples(workspace, n=9)
+    register_model(workspace, model_path)
+    cut = flows.rewrite.cut_shards
+
+    def one_unreadable(*args, **kwargs):
+        jobs = cut(*args, **kwargs)
+        Path(jobs[1]["work"]).write_bytes(b"not parquet")
+        return jobs
+
+    monkeypatch.setattr(flows.rewrite, "cut_shards", one_unreadable)
+    sets = ["--set", "rewrite.overrides.max_new_tokens=12", "--set", "rewrite.token_budget=2048",
+            "--set", "rewrite.max_batch_size=8", "--set", "rewrite.shard_size=3"]  # fmt: skip
+    failed = CliRunner().invoke(app, ["rewrite", "--workspace", workspace.root, *sets])
+    assert failed.exit_code == 1, failed.output
+    assert "9 selected, 6 ok, 0 failed, 3 not attempted in 3 shards" in failed.output
+    assert "1 of 3 shards failed in rewrite (first)" in failed.output and "Traceback" not in failed.output
+    run = _rows(workspace, "SELECT status, summary FROM runs WHERE flow = 'rewrite'")
+    assert len(run) == 1 and run[0]["status"] == "failed"
+    assert {k: json.loads(run[0]["summary"])[k] for k in ("ok", "failed", "unattempted")} == {
+        "ok": 6, "failed": 0, "unattempted": 3}  # fmt: skip
+
+    monkeypatch.setattr(flows.rewrite, "cut_shards", cut)
+    resumed = CliRunner().invoke(app, ["rewrite", "--workspace", workspace.root, *sets])
+    assert resumed.exit_code == 0, resumed.output
+    assert "3 selected, 3 ok, 0 failed in 1 shards" in resumed.output
+    accepted = _rows(workspace, "SELECT sample_id, count(*) AS n FROM rewrites WHERE status = 'ok' GROUP BY 1")
+    assert len(accepted) == 9 and all(r["n"] == 1 for r in accepted)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_without_losing_or_duplicating(prefect_harness, tmp_path, model_path):
     from prefect.settings import PREFECT_API_URL

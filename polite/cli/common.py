@@ -71,6 +71,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from flows.common import ShardFailures
         from lineage.store import LineageLockedError, ReadOnlyQueryError
         from polite.config import ConfigError
         from polite.locks import WorkspaceBusy
@@ -82,5 +83,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             sys.exit(2)
+        except ShardFailures as exc:  # the finished shards are recorded; the message says how to resume
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(1)
 
     return wrapper

@@ -79,10 +79,24 @@ def _check_model(workspace: str, model: str | None) -> None:
     model_folder(LineageStore(ws.db_path), ws, model)
 
 
+def _run_and_report(config: dict[str, Any], workspace: str | None, **kwargs: Any) -> None:
+    """Run the flow and print its summary; where whole shards failed, print what landed before the error."""
+    from flows.common import ShardFailures
+
+    try:
+        summary = _run(config, workspace, **kwargs)
+    except ShardFailures as exc:
+        if exc.summary:
+            _report(exc.summary)
+        raise
+    _report(summary)
+
+
 def _report(summary: dict[str, Any]) -> None:
+    left = f", {summary['unattempted']} not attempted" if summary.get("unattempted") else ""
     console.print(
         f"rewrite ({summary['mode']}): {summary['selected']} selected, {summary.get('ok', 0)} ok, "
-        f"{summary.get('failed', 0)} failed in {summary.get('shards', 0)} shards "
+        f"{summary.get('failed', 0)} failed{left} in {summary.get('shards', 0)} shards "
         f"(model {summary['model_id']}, settings {summary['settings_hash']})",
         highlight=False,
     )
@@ -126,7 +140,7 @@ def register(app: typer.Typer) -> None:
         and only unfinished shards are redone.
         """
         data = _config(config, preset, set_)
-        _report(_run(data, workspace, model=model, retry_failed=retry_failed, limit=limit))
+        _run_and_report(data, workspace, model=model, retry_failed=retry_failed, limit=limit)
 
     @app.command("rerun", epilog=RERUN_EXAMPLES)
     @user_errors
@@ -147,4 +161,4 @@ def register(app: typer.Typer) -> None:
         """
         data = _config(config, preset, set_)
         check_predicate(workspace, data["workspace"], where, "lineage", "--where")
-        _report(_run(data, workspace, model=model, where=where, limit=limit))
+        _run_and_report(data, workspace, model=model, where=where, limit=limit)
