@@ -15,6 +15,8 @@ import yaml
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_FILE = Path(__file__).resolve().parent / "prefect.yaml"
+# the keys of a prefect.yaml cron schedule that we apply as `prefect deploy` does
+SCHEDULE_KEYS = frozenset({"cron", "timezone", "active", "day_or", "parameters", "slug"})
 
 
 @dataclass
@@ -42,21 +44,33 @@ class DeploymentSpec:
         path, func = self.entrypoint.split(":", 1)
         return load_flow_from_entrypoint(f"{root / path}:{func}", use_placeholder_flow=False)
 
-    def prefect_schedules(self) -> list:
+    def prefect_schedules(self, root: Path | None = None) -> list:
+        """The cron schedules; with ``root`` (serving), a schedule's relative ``config`` made absolute against it."""
         from prefect.client.schemas.schedules import CronSchedule
         from prefect.schedules import Schedule
 
         out = []
         for entry in self.schedules:
+            parameters = entry.get("parameters") or {}
             if "cron" not in entry:
                 raise ValueError(
                     f"deployment {self.name}: only cron schedules are supported here, got {entry}"
+                )
+            unknown = sorted(set(entry) - SCHEDULE_KEYS)
+            if unknown:  # prefect deploy would apply (or refuse) it: never a schedule that quietly differs
+                raise ValueError(
+                    f"deployment {self.name}: schedule key {unknown[0]!r} is not applied here "
+                    f"(known: {', '.join(sorted(SCHEDULE_KEYS))})"
                 )
             out.append(
                 Schedule(
                     cron=entry["cron"],
                     timezone=entry.get("timezone", "UTC"),
                     active=entry.get("active", True),
+                    day_or=entry.get("day_or", True),
+                    # this schedule's runs: over the deployment's parameters
+                    parameters=_rooted_config(parameters, root) if root else parameters,
+                    slug=entry.get("slug"),
                 )
             )
             CronSchedule(
@@ -129,12 +143,32 @@ def serve_all(specs: list[DeploymentSpec], root: Path = PROJECT_DIR, limit: int 
             description=spec.description or None,
             tags=spec.tags,
             parameters=_rooted_config(spec.parameters, root),
-            schedules=spec.prefect_schedules(),
+            schedules=spec.prefect_schedules(root),
             concurrency_limit=spec.prefect_concurrency(),
         )
         for spec in specs
     ]
     serve(*deployments, limit=limit, print_starting_message=True)
+
+
+def api_problem() -> str | None:
+    """Why the Prefect API at PREFECT_API_URL cannot be reached, or None (also when none is set: Prefect then
+    starts a temporary server of its own). Checked first, so a server that is not running is one line, not the
+    traceback of the first request that needed it."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    with get_client(sync_client=True) as client:
+        exc = client.api_healthcheck()
+    if exc is None:
+        return None
+    return (
+        f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}); start a server "
+        "(prefect server start) and point PREFECT_API_URL at it"
+    )
 
 
 def ensure_work_pool(name: str, kind: str = "process") -> bool:
@@ -167,6 +201,7 @@ def deploy_all(
             name=spec.name,
             work_pool_name=pool,
             work_queue_name=spec.work_pool.get("work_queue_name"),
+            job_variables=spec.work_pool.get("job_variables") or None,
             build=False,
             push=False,
             description=spec.description or None,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,14 +93,27 @@ def stages_to_run(cfg: FactoryConfig, chosen: str | None) -> list[str]:
     return [s for s in STAGES if _enabled(cfg, s) and not (s == "train" and chosen)]
 
 
+@contextmanager
+def _checking_store(ws: Workspace) -> Iterator[LineageStore]:
+    """The workspace's lineage to check against; where there is none yet, an empty one of the same schema in a
+    temporary folder, so a dry run (and a refused run) still writes nothing."""
+    import tempfile
+
+    if ws.db_path.exists():
+        yield LineageStore(ws.db_path)
+        return
+    with tempfile.TemporaryDirectory(prefix="polite-schema-") as scratch:
+        store = LineageStore(Path(scratch) / "lineage.duckdb")
+        store.migrate()
+        yield store
+
+
 def check_predicates(cfg: FactoryConfig, ws: Workspace, stages: list[str], where: str | None = None) -> None:
     """Bind the run's SQL predicates (the export selection, the training pairs) before any stage works.
 
     The export stage checks its own only when it starts, after every stage before it: a misspelt column found
     there costs the whole run. A workspace without a lineage yet binds against an empty one of the same
     schema in a temporary folder, so a dry run still writes nothing. Raises ``PredicateError``."""
-    import tempfile
-
     checks = []
     selection = where if where is not None else cfg.export.where
     if "export" in stages and selection:
@@ -109,13 +124,44 @@ def check_predicates(cfg: FactoryConfig, ws: Workspace, stages: list[str], where
         checks.append((cfg.train.pairs_where, PAIRS_SOURCE, "train.pairs_where"))
     if not checks:
         return
-    with tempfile.TemporaryDirectory(prefix="polite-schema-") as scratch:
-        store = LineageStore(ws.db_path)
-        if not ws.db_path.exists():
-            store = LineageStore(Path(scratch) / "lineage.duckdb")
-            store.migrate()
+    with _checking_store(ws) as store:
         for predicate, source, option in checks:
             store.check_predicate(predicate, source, option)
+
+
+def check_models(cfg: FactoryConfig, ws: Workspace, stages: list[str], chosen: str | None) -> None:
+    """Find the rewriter the run needs, the base training starts from and the filters' scorers before any
+    stage works.
+
+    Each stage looks for its models only when it starts: a ``--model`` naming no folder, or a config that trains
+    nothing in a workspace with no rewriter yet (the nightly run's first night), would cost every stage before
+    the rewrite, and a scorer enabled without its model every stage before the filter. Raises ``ConfigError``
+    or ``FileNotFoundError``."""
+    if "train" in stages:  # what the train stage checks first
+        if not ws.local:
+            raise ConfigError(
+                f"training reads and writes models on local disk; {ws.root} is not a local workspace"
+            )
+        if cfg.train.base != "tiny":
+            from models.loader import as_spec
+
+            as_spec(cfg.train.base)
+    if "rewrite" in stages and "train" not in stages:  # trained in this run: found when training ends
+        from flows.rewrite import model_folder
+
+        with _checking_store(ws) as store:
+            model_folder(store, ws, chosen)
+    if "filter" in stages:  # what the filter stage checks first
+        from filters.chain import ScorerUnavailableError, build_chain
+
+        try:
+            chain = build_chain(cfg.filters)
+        except ScorerUnavailableError as exc:
+            raise ConfigError(str(exc)) from None
+        if not chain.scorers:
+            raise ConfigError(
+                "every scorer is disabled: enable at least one under `filters:` (e.g. filters.length.enabled: true)"
+            )
 
 
 @flow(name="factory")
@@ -137,14 +183,16 @@ def factory_flow(
     chosen = given_model(cfg, model)
     order = stages_to_run(cfg, chosen)
     flows = {s: stage_flow(s) for s in order}  # every stage importable before any work
+    runners = {s: task_runner_for(cfg.runner, s) for s in order}  # and its runner installed
     LineageStore(ws.db_path).migrate()  # the views as this code defines them, before binding the predicates
     check_predicates(cfg, ws, order, where)
+    check_models(cfg, ws, order, chosen)
     data = cfg.model_dump(mode="json", by_alias=True)
     log = logger()
     stages: dict[str, Any] = {}
     with stage_run("factory", data, ws, parent_run_id) as run, ray_session(cfg.runner):
         for stage in order:
-            runner = task_runner_for(cfg.runner, stage)
+            runner = runners[stage]
             sub = flows[stage].with_options(task_runner=runner)
             kwargs: dict[str, Any] = {}
             if stage == "rewrite":

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+from polite.config import ConfigError
 from polite.config.runner import RunnerSettings
 
 # Environment a Ray worker needs to behave like the flow process (offline hubs, no telemetry, no proxy
@@ -35,6 +36,9 @@ _FORWARDED_ENV = (
 )
 
 STAGE_GPU_SETTING = {"rewrite": "gpus_per_rewrite_task", "filter": "gpus_per_filter_task"}
+RAY_MISSING = (
+    "runner.kind = ray needs prefect-ray and ray (the project's `ray` extra): pip install prefect-ray ray"
+)
 
 
 def uses_ray(settings: RunnerSettings, stage: str | None = None) -> bool:
@@ -62,10 +66,8 @@ def task_runner_for(settings: RunnerSettings, stage: str | None = None):
         return ThreadPoolTaskRunner(max_workers=settings.max_workers)
     try:
         from prefect_ray import RayTaskRunner
-    except ImportError as exc:  # the `ray` extra is optional
-        raise RuntimeError(
-            "runner.kind = ray needs `pip install 'polite-flamingo[ray]'` (prefect-ray, ray)"
-        ) from exc
+    except ImportError as exc:  # the `ray` extra is optional: a config this install cannot run
+        raise ConfigError(f"{RAY_MISSING}: {exc}") from None
     return RayTaskRunner(address=settings.ray_address, init_kwargs=ray_init_kwargs(settings))
 
 
@@ -100,7 +102,10 @@ def ray_session(settings: RunnerSettings) -> Iterator[None]:
     if settings.kind != "ray":
         yield
         return
-    import ray
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError(f"{RAY_MISSING}: {exc}") from None
 
     owned = not ray.is_initialized()
     if owned:

@@ -214,3 +214,67 @@ def test_serve_resolves_the_nightly_config_against_the_repository(tmp_path, monk
     params = {d.name: d.parameters for d in served}
     assert params["nightly"] == {"config": str(REPO / "configs" / "nightly.yaml")}
     assert params["export"] == {}
+
+
+@pytest.mark.parametrize("command", ["deploy", "serve"])
+def test_deploy_and_serve_without_a_reachable_api_say_so_in_one_line(tmp_path, command):
+    """PREFECT_API_URL set with no server there: one line naming the URL and what to start, not a 300-line
+    httpx traceback."""
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api}
+    done = subprocess.run(
+        [str(BIN / "polite"), command, "--only", "export"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert f"cannot reach the Prefect API at {api}" in " ".join(output.split()), output
+    assert "Traceback" not in output and len(output.splitlines()) <= 3, output
+
+
+def test_deploy_applies_job_variables_and_schedule_parameters_from_the_yaml(tmp_path, monkeypatch):
+    """The YAML is the one source of truth: `prefect deploy` honours a work pool's job_variables and a schedule's
+    own parameters and slug, so `polite deploy` must too (it dropped them silently); a schedule key it cannot
+    apply is an error naming the deployment, not a schedule that quietly differs."""
+    import prefect.flows
+
+    import deployments.apply as apply
+
+    (tmp_path / "prefect.yaml").write_text(
+        """
+deployments:
+- name: export
+  entrypoint: flows/export.py:export_flow
+  parameters: {formats: [pf1m]}
+  schedules:
+  - cron: "0 6 * * 1"
+    slug: weekly
+    parameters: {formats: [parquet]}
+    active: false
+  work_pool:
+    name: polite-process
+    job_variables: {env: {POLITE_WORKSPACE: /data/ws}}
+"""
+    )
+    deployed = []
+
+    class Sourced:
+        def deploy(self, **kwargs):
+            deployed.append(kwargs)
+            return "id"
+
+    monkeypatch.setattr(prefect.flows.Flow, "from_source", classmethod(lambda cls, **kwargs: Sourced()))
+    monkeypatch.setattr(apply, "ensure_work_pool", lambda name, kind="process": False)
+    monkeypatch.setenv("POLITE_PROJECT_DIR", str(apply.PROJECT_DIR))  # deploy_all sets it when unset
+    apply.deploy_all(apply.load_specs(tmp_path / "prefect.yaml"))
+    (kwargs,) = deployed
+    assert kwargs["job_variables"] == {"env": {"POLITE_WORKSPACE": "/data/ws"}}
+    (schedule,) = kwargs["schedules"]
+    assert (schedule.slug, schedule.parameters, schedule.active) == ("weekly", {"formats": ["parquet"]}, False)
+    bad = apply.DeploymentSpec(name="x", entrypoint="flows/x.py:f", schedules=[{"cron": "0 2 * * *", "tz": "UTC"}])
+    with pytest.raises(ValueError, match="deployment x: schedule key 'tz'"):
+        bad.prefect_schedules()

@@ -250,3 +250,63 @@ def test_polite_ingest_refuses_a_bad_source_before_a_flow_starts(tmp_path, monke
         result = CliRunner().invoke(app, [*args, "-w", ws])
         assert result.exit_code == 2, (args, result.output)
         assert says in result.output and "Traceback" not in result.output, (args, result.output)
+
+
+def test_a_missing_rewriter_stops_polite_run_before_any_stage(tmp_path, monkeypatch):
+    """`--model` naming no folder, or a config that trains nothing in a workspace with no rewriter yet (the
+    nightly run's first night): the rewrite stage would find out only after ingest and distort had run, which
+    on PF-1M is hours (and the filter stage, its scorers, only after the rewrites). `polite run` says so in one
+    line before a flow starts, and writes nothing."""
+    import flows.factory
+
+    def no_flow(**kwargs):
+        raise AssertionError("a flow started")
+
+    monkeypatch.setattr(flows.factory, "factory_flow", no_flow)
+    ws = tmp_path / "ws"
+    cases = [
+        (["run", "--model", str(tmp_path / "nope")], "no model folder at"),
+        (["run", "--set", "train.enabled=false"], "no rewriter in the lineage yet"),
+        (["run", "--set", "train.base=/models/absent-base"], "/models/absent-base"),
+        # a scorer enabled explicitly whose model is not here: found by the filter stage after the rewrites
+        (
+            ["run", "--set", "filters.nli.enabled=true", "--set", "filters.nli.model=/models/absent-nli"],
+            "filters.nli is enabled but model /models/absent-nli is not available locally",
+        ),
+        (
+            ["run", *[f"--set=filters.{name}.enabled=false" for name in ("length", "unchanged", "repetition",
+             "truncated", "answer", "semantic", "nli", "clipscore", "reward")]],  # fmt: skip
+            "every scorer is disabled",
+        ),
+    ]
+    for args, says in cases:
+        result = CliRunner().invoke(app, [*args, "-w", str(ws)])
+        assert result.exit_code == 2, (args, result.output)
+        assert says in " ".join(result.output.split()), (args, result.output)
+        assert "Traceback" not in result.output
+    assert not ws.exists()
+    # training needs a local workspace: a remote one stops the run before ingest, not after it
+    monkeypatch.setenv("POLITE_DB_DIR", str(tmp_path / "db"))
+    result = CliRunner().invoke(app, ["run", "-w", "memory://polite-factory-test"])
+    assert result.exit_code == 2 and "is not a local workspace" in result.output, result.output
+    # the dry run still prints the plan where the weights are absent (it says ABSENT)
+    result = CliRunner().invoke(app, ["run", "--model", str(tmp_path / "nope"), "--dry-run", "-w", str(ws)])
+    assert result.exit_code == 0 and "ABSENT" in result.output, result.output
+
+
+def test_the_factory_flow_checks_the_rewriter_before_any_stage(tmp_path, monkeypatch, prefect_harness):
+    """The same check inside the flow, for deployment runs (the nightly schedule) that skip the command line."""
+    from flows.factory import factory_flow
+    from polite.config import ConfigError
+
+    class NoFlow:
+        def with_options(self, **kwargs):
+            raise AssertionError("a stage started")
+
+    for stage in ("ingest", "distort"):
+        monkeypatch.setattr(f"flows.{stage}.{stage}_flow", NoFlow())
+    config = {"ingest": {"sources": [{"adapter": "demo", "options": {"scenes": 2}}]}, "train": {"enabled": False}}
+    with pytest.raises(ConfigError, match="no rewriter in the lineage yet"):
+        factory_flow(config=config, workspace=str(tmp_path / "ws"))
+    with pytest.raises(ConfigError, match="no model folder at"):
+        factory_flow(config=config, workspace=str(tmp_path / "ws"), model=str(tmp_path / "nope"))

@@ -81,3 +81,26 @@ def _assigned_resources_in_a_subflow(settings: RunnerSettings) -> dict:
     annotated = settings.model_copy(update={"cpus_per_task": 0.5, "ray_stages": ["filter"]})
     with stage_resources(annotated, "filter"):
         return stage.with_options(task_runner=task_runner_for(annotated, "filter"))()
+
+
+def test_ray_without_the_ray_extra_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """`polite run --runner ray` where `pip install '.[ray]'` was not run: a config error naming the extra, from
+    the dry run and before a flow starts (the flow used to run ingest, distort and training first, then fail at
+    the rewrite stage with a RuntimeError traceback)."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    import flows.factory
+    from polite.cli import app
+
+    def no_flow(**kwargs):
+        raise AssertionError("a flow started")
+
+    monkeypatch.setattr(flows.factory, "factory_flow", no_flow)
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)  # import prefect_ray raises ImportError
+    for dry in (["--dry-run"], []):
+        result = CliRunner().invoke(app, ["run", "--runner", "ray", *dry, "-w", str(tmp_path / "ws")])
+        assert result.exit_code == 2, (dry, result.output)
+        assert "needs prefect-ray and ray" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "ws").exists()

@@ -184,6 +184,16 @@ def print_summary(result: dict[str, Any]) -> None:
     console.print(f"  polite explain <sample_id> -w {result['workspace']}", highlight=False)
 
 
+def _require_api() -> None:
+    """`polite deploy`/`polite serve` need the Prefect API: where it is down, say so in one line."""
+    from deployments.apply import api_problem
+
+    problem = api_problem()
+    if problem:
+        err_console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     @user_errors
@@ -221,16 +231,23 @@ def register(app: typer.Typer) -> None:
         quiet_library_warnings()
         cfg = read_config(config, set_ or [], limit, runner, ray_address)
         cfg = with_export_options(cfg, formats, where, push_to_hub, origin=config or "(demo)")
-        from flows.factory import check_predicates, given_model, stages_to_run
+        from flows.factory import check_models, check_predicates, given_model, stages_to_run
         from polite.workspace import Workspace
 
         ws = Workspace.resolve(workspace or cfg.workspace)
-        check_predicates(cfg, ws, stages_to_run(cfg, given_model(cfg, model)), where)
-        if dry_run:
+        chosen = given_model(cfg, model)
+        stages = stages_to_run(cfg, chosen)
+        check_predicates(cfg, ws, stages, where)
+        from flows.runners import task_runner_for
+
+        for stage in stages:  # the ray extra installed where a stage runs on Ray
+            task_runner_for(cfg.runner, stage)
+        if dry_run:  # the plan says which models are absent
             from flows.factory import plan
 
             print_plan(plan(cfg, workspace, model))
             return
+        check_models(cfg, ws, stages, chosen)
         from flows.export import ExportCheckFailed
         from flows.factory import factory_flow
 
@@ -275,6 +292,7 @@ def register(app: typer.Typer) -> None:
         from deployments.apply import DEFAULT_FILE, deploy_all, load_specs, runnable
 
         specs, skipped = runnable(load_specs(file or DEFAULT_FILE, only))
+        _require_api()
         for note in skipped:
             console.print(f"[yellow]skipped[/] {note}")
         ids = deploy_all(specs, work_pool=work_pool)
@@ -300,6 +318,7 @@ def register(app: typer.Typer) -> None:
         from deployments.apply import DEFAULT_FILE, load_specs, runnable, serve_all
 
         specs, skipped = runnable(load_specs(file or DEFAULT_FILE, only))
+        _require_api()
         for note in skipped:
             console.print(f"[yellow]skipped[/] {note}")
         serve_all(specs, limit=limit)
