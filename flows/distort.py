@@ -16,7 +16,7 @@ from prefect import flow
 
 from flows.common import StageRun, logger, map_shards, stage_run
 from lineage.store import LineageStore
-from polite.config import ConfigError, FactoryConfig, parse_config
+from polite.config import ConfigError, FactoryConfig, resolve_config
 from polite.config.distort import METHODS, DistortSettings, MixEntry
 from polite.ids import stable_hash
 from polite.shards import chunked, read_table, write_table_atomic
@@ -55,11 +55,15 @@ def select_work(store: LineageStore, entry: MixEntry, settings: DistortSettings,
         ).column("n")[0].as_py()
         limit = f" LIMIT {max(entry.count - existing, 0)}"
     # md5 of (sample, variant) orders samples the same way on every run, so a count picks a stable subset.
+    # A retry puts the failed pairs first: new samples that sort before them would otherwise use up the count.
+    failed_first = (
+        "(SELECT 1 FROM pairs p WHERE p.sample_id = s.sample_id AND p.variant = ?) IS NULL, " if retry_failed else ""
+    )
     return store.query(
         f"SELECT {_SELECT_COLUMNS} FROM samples s WHERE {where} "
         f"AND NOT EXISTS (SELECT 1 FROM pairs p WHERE p.sample_id = s.sample_id AND {made}) "
-        f"ORDER BY md5(s.sample_id || ':' || ?){limit}",
-        [*params, variant, variant],
+        f"ORDER BY {failed_first}md5(s.sample_id || ':' || ?){limit}",
+        [*params, variant, *([variant] if retry_failed else []), variant],
     )
 
 
@@ -88,14 +92,14 @@ def _record_distorter(run: StageRun, settings: DistortSettings, identity: str) -
 
 @flow(name="distort")
 def distort_flow(
-    config: dict | None = None,
+    config: dict | str | None = None,
     workspace: str | None = None,
     parent_run_id: str | None = None,
     retry_failed: bool = False,
     methods: list[str] | None = None,
 ) -> dict:
     """Make the pairs the mix asks for that are not made yet; return counts per method."""
-    cfg: FactoryConfig = parse_config(config)
+    cfg: FactoryConfig = resolve_config(config)
     settings = cfg.distort
     unknown = sorted(set(methods or []) - set(METHODS))
     if unknown:
@@ -103,6 +107,14 @@ def distort_flow(
     if not settings.enabled:
         logger().info("distortion is disabled in the config (distort.enabled: false)")
         return {"enabled": False}
+    # `--method llm` with a config whose mix has no llm entry would make nothing and look like a finished resume.
+    in_mix = sorted({e.method for e in settings.mix})
+    absent = sorted(set(methods or []) - set(in_mix))
+    if absent:
+        raise ConfigError(
+            f"methods {absent} are not in distort.mix (it has {', '.join(in_mix) or 'none'}); "
+            "add an entry for them, or pass the config that has one (--config)"
+        )
     entries = [e for e in settings.mix if not methods or e.method in methods]
     run_seed = cfg.seed if settings.seed is None else settings.seed
     identity = None
@@ -171,7 +183,7 @@ def _write_work_shards(
 
 # -- the rewriter's training set ---------------------------------------------------------------------------
 def write_training_set(
-    config: dict | None = None,
+    config: dict | str | None = None,
     workspace: str | None = None,
     where: str | None = None,
     out: str | None = None,
@@ -188,9 +200,11 @@ def write_training_set(
 
     if format not in ("parquet", "datasets"):
         raise ValueError(f"format must be 'parquet' or 'datasets', got {format!r}")
-    cfg = parse_config(config)
+    cfg = resolve_config(config)
     ws = Workspace.resolve(workspace or cfg.workspace)
     store = LineageStore(ws.db_path)
+    if where:  # a misspelt column stops here with the columns it may have meant, not with a DuckDB traceback
+        store.check_predicate(where, "pairs p JOIN samples s USING (sample_id)", "--where")
     selected = (
         "FROM pairs p JOIN samples s USING (sample_id) WHERE p.status = 'ok' AND p.distorted IS NOT NULL "
         f"AND coalesce(trim(p.original), '') <> '' AND ({where or 'true'})"

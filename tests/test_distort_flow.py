@@ -175,3 +175,61 @@ def test_bad_settings_fail_before_any_work(workspace):
             workspace=str(workspace.root),
         )
     assert not workspace.db_path.exists() or LineageStore(workspace.db_path).query("SELECT * FROM runs").num_rows == 0
+
+
+def test_retry_failed_with_a_count_redoes_the_failed_pairs_even_after_new_samples_arrive(workspace):
+    """``--retry-failed`` redoes the failed pairs (docs/distort.md). With a ``count``, the work is the first
+    samples in md5 order; new samples that sort before the failed ones (a nightly ingest) took their places,
+    so the failed pairs were never retried once the count was reached."""
+    import hashlib
+
+    from flows.distort import select_work
+    from polite.config import parse_config
+    from tasks.distort.record import Pair, new_pair, pairs_to_table, variant_for
+
+    store = seed_lineage(workspace)
+    settings = parse_config(config("http://127.0.0.1:9/v1")).distort
+    entry = next(e for e in settings.mix if e.method == "llm")  # llava, count 3
+    variant = variant_for("llm", settings, 7, "openai:stub-llm")
+    first = select_work(store, entry, settings, variant, retry_failed=False).to_pylist()
+    assert len(first) == 3
+    failed: list[Pair] = [new_pair(r, "llm", variant, 7, "distort-llm-v1").fail("HTTP 500") for r in first]
+    table = pairs_to_table(failed)
+    store.ingest_arrow("pairs", table.append_column("run_id", pa.array(["run_x"] * table.num_rows, pa.string())))
+    # Two new samples that sort before every failed one in the count's md5 order.
+    key = lambda sid: hashlib.md5(f"{sid}:{variant}".encode()).hexdigest()  # noqa: E731
+    cutoff = min(key(r["sample_id"]) for r in first)
+    new_ids = [sid for sid in (f"s_new_{i}" for i in range(400)) if key(sid) < cutoff][:2]
+    assert len(new_ids) == 2
+    store.ingest_arrow("samples", samples_to_table([
+        Sample(sample_id=sid, source="llava", split="train", task_type="conversation", instruction="Q?",
+               raw_response="A long and helpful answer. With two sentences.") for sid in new_ids
+    ]))  # fmt: skip
+
+    assert select_work(store, entry, settings, variant, retry_failed=False).num_rows == 0  # count reached
+    retried = select_work(store, entry, settings, variant, retry_failed=True).column("sample_id").to_pylist()
+    assert sorted(retried) == sorted(r["sample_id"] for r in first)
+
+
+def test_export_training_set_with_a_misspelt_column_is_a_user_error(workspace):
+    """``--where`` is bound against the lineage before the export, as every other command's predicate is: a
+    typo stops with the columns it may have meant and exit code 2, not a DuckDB traceback."""
+    from typer.testing import CliRunner
+
+    from polite.cli import app
+
+    seed_lineage(workspace)
+    ws = str(workspace.root)
+    result = CliRunner().invoke(app, ["distort", "-w", ws, "--export-training-set", "-", "--where", "p.methd = 'llm'"])
+    assert result.exit_code == 2, result.output
+    assert "--where" in result.output and "method" in result.output
+
+
+def test_a_method_the_mix_does_not_have_is_a_config_error_not_a_silent_no_op(workspace):
+    """``polite distort --method llm`` without a config whose mix has an llm entry made nothing and said
+    ``{"shards": 0}``, as if every pair were already made."""
+    from flows.distort import distort_flow
+
+    with pytest.raises(ConfigError, match=r"\['llm'\].*augment, retrieve"):
+        distort_flow.fn(config={"seed": 1}, workspace=str(workspace.root), methods=["llm"])
+    assert not workspace.db_path.exists() or LineageStore(workspace.db_path).query("SELECT * FROM runs").num_rows == 0

@@ -170,3 +170,81 @@ def test_http_connection_refused_is_a_failure_not_a_crash():
     settings = LLMSettings(model="m", base_url="http://127.0.0.1:9/v1", max_retries=1, backoff_s=0.01)
     (pair,) = distort_llm(rows(1), settings, OpenAIChatBackend(settings), "v_h", run_seed=0)
     assert pair.status == "failed" and "connection error" in pair.error
+
+
+def test_a_reply_that_cannot_be_decoded_fails_its_pair_not_the_shard():
+    """A body whose Content-Encoding lies (a proxy, a broken server) raised httpx.DecodingError out of the shard."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b"this is not gzip"
+            self.send_response(200)
+            for name, value in (("Content-Type", "application/json"), ("Content-Encoding", "gzip"),
+                                ("Content-Length", str(len(body)))):  # fmt: skip
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        settings = LLMSettings(model="m", base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", max_retries=1,
+                               backoff_s=0.01)  # fmt: skip
+        pairs = distort_llm(rows(2), settings, OpenAIChatBackend(settings), "v_h", run_seed=0)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert [p.status for p in pairs] == ["failed", "failed"]
+    assert all("DecodingError" in p.error and p.params["attempts"] == 2 for p in pairs), [p.error for p in pairs]
+
+
+def test_concurrency_is_per_shard_when_shards_share_a_backend():
+    """The threads runner runs shards side by side on one cached backend (get_backend). ``concurrency`` is the
+    requests in flight per shard (docs/distort.md), but the client's connection cap made it per process: three
+    shards of two requests at concurrency 2 sent two at a time, and a waiting request could time out in the pool."""
+    import json
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    all_in_flight = threading.Barrier(6, timeout=3)  # answers only once all six requests are in at once
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                all_in_flight.wait()
+                status, body = 200, json.dumps({"choices": [{"message": {"content": "a curt reply"}}]}).encode()
+            except threading.BrokenBarrierError:
+                status, body = 503, b"fewer than six requests were in flight together"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        settings = LLMSettings(model="m", base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", concurrency=2,
+                               timeout_s=10, max_retries=0)  # fmt: skip
+        backend = OpenAIChatBackend(settings)
+        with ThreadPoolExecutor(3) as shards:
+            results = list(shards.map(lambda k: distort_llm(rows(2), settings, backend, f"v_{k}", k), range(3)))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert [p.error for pairs in results for p in pairs] == [None] * 6

@@ -312,3 +312,73 @@ def test_shards_give_the_same_pairs_whatever_the_sharding(tmp_path):
         results.append(out)
     assert len(results[0]) == 24 and results[0] == results[1]
 
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        ("\u201cDog\u201d sits on a \u201ccouch\u201d", "\u201cDog\u201d sits on a \u201ccouch\u201d"),
+        ("\u2018a\u2019 b \u2018c\u2019", "\u2018a\u2019 b \u2018c\u2019"),
+        ('"dog" and "cat"', '"dog" and "cat"'),
+        ("\u201ca dog on a \u2018couch\u2019\u201d", "a dog on a \u2018couch\u2019"),
+    ],
+)
+def test_parse_reply_keeps_quotes_that_do_not_wrap_the_whole_reply(reply, expected):
+    """Curly quotes open and close with different characters: two quoted words are not one wrapped reply."""
+    assert parse_reply(reply, RESPONSE) == (expected, None)
+
+
+@pytest.mark.parametrize(
+    ("meta", "reason"),
+    [
+        ({"captions": ["ok"], "boxes": 5}, "meta.boxes must be a list"),
+        ({"captions": ["ok"], "boxes": "dog"}, "meta.boxes must be a list"),
+        ({"captions": ["ok"], "boxes": [["cat", [10**400, 0, 0, 0]]]}, "must be [label"),
+        ({"captions": ["ok"], "boxes": [["cat", "0000"]]}, "must be [label"),
+    ],
+)
+def test_retrieve_malformed_boxes_fail_the_pair_instead_of_the_shard(meta, reason):
+    (pair,) = distort_retrieve([row(meta=meta)], "v_r", run_seed=0)
+    assert pair.status == "failed" and reason in pair.error and pair.distorted is None
+
+
+def test_retrieve_keeps_one_caption_and_one_box_per_line():
+    """A caption or label with a line break inside would read as two captions, or as a caption among the boxes."""
+    meta = {"captions": ["A man\nwalks a dog.", "A street.\r\n"], "boxes": [["traffic\nlight", [0.1, 0.2, 0.3, 0.4]]]}
+    (pair,) = distort_retrieve([row(meta=meta)], "v_r", run_seed=0)
+    assert pair.status == "ok", pair.error
+    assert parse_captions_and_boxes(pair.distorted) == (
+        ["A man walks a dog.", "A street."],
+        [("traffic light", [0.1, 0.2, 0.3, 0.4])],
+    )
+    assert pair.distorted.count("\n") == 2 + 1 + 1  # two captions, the blank line, the sentence, one box
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("version: v\nfollowup: [unclosed\n", "is not valid YAML"),
+        ("- just\n- a list\n", "needs string keys"),
+        ("", "needs string keys"),
+    ],
+)
+def test_a_broken_template_file_is_a_config_error_before_any_work(tmp_path, monkeypatch, workspace, text, reason):
+    """A user's copy of distort_v1.yaml with a YAML slip must stop the flow with the file named, not a traceback."""
+    import types
+
+    from tasks.distort import prompting
+
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "mine.yaml").write_text(text)
+    monkeypatch.setattr(prompting, "resources", types.SimpleNamespace(files=lambda package: tmp_path))
+    prompting.load_template.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=reason):
+            prompting.load_template("mine")
+        from flows.distort import distort_flow
+
+        cfg = {"distort": {"mix": [{"method": "llm"}], "llm": {"model": "m", "template": "mine"}}}
+        with pytest.raises(ConfigError, match="mine"):
+            distort_flow.fn(config=cfg, workspace=str(workspace.root))
+    finally:
+        prompting.load_template.cache_clear()

@@ -60,11 +60,13 @@ class OpenAIChatBackend:
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        n = settings.concurrency
         self._client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(settings.timeout_s),
-            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            # No connection cap: chat()'s thread pool bounds the requests in flight per call (per shard). The
+            # client is shared by every shard of the process (get_backend), so a cap of `concurrency` here made
+            # it per process, and a request queued behind other shards' could time out waiting for a connection.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=settings.concurrency),
             # A server on this machine must not be reached through a proxy from the environment.
             trust_env=urlsplit(settings.base_url).hostname not in ("127.0.0.1", "localhost", "::1"),
         )
@@ -100,6 +102,8 @@ class OpenAIChatBackend:
                 last = f"timeout after {s.timeout_s:g}s"
             except httpx.TransportError as exc:
                 last = f"connection error: {type(exc).__name__}: {exc}"
+            except httpx.RequestError as exc:  # e.g. a body its Content-Encoding cannot decode: this pair fails
+                last = f"request error: {type(exc).__name__}: {exc}"
             else:
                 status = response.status_code
                 if status == 200:

@@ -34,8 +34,13 @@ def load_template(name: str) -> Template:
         known = sorted(p.name[:-5] for p in (resources.files("tasks.distort") / "templates").iterdir()
                        if p.name.endswith(".yaml"))
         raise ValueError(f"no distortion template {name!r}; known: {known}")
-    data = yaml.safe_load(entry.read_text())
-    missing = [k for k in ("version", "followup", "defect") if not isinstance((data or {}).get(k), str)]
+    try:
+        data = yaml.safe_load(entry.read_text())
+    except yaml.YAMLError as exc:  # a slip in a user's copy: name the file, stop before any work
+        raise ValueError(f"template {name!r} ({entry}) is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):  # an empty file, or a list where the keys belong
+        data = {}
+    missing = [k for k in ("version", "followup", "defect") if not isinstance(data.get(k), str)]
     if missing or "{DEFECT}" not in data["defect"]:
         raise ValueError(f"template {name!r} needs string keys version, followup and defect (with {{DEFECT}})")
     return Template(name=name, version=data["version"], followup=data["followup"].strip(), defect=data["defect"])
@@ -106,9 +111,21 @@ def clean_reply(reply: str) -> str:
         text = fenced.group(1).strip()
     for _ in range(2):  # "\"text\"" wrapped twice happens
         for left, right in _QUOTES:
-            if len(text) >= 2 and text.startswith(left) and text.endswith(right) and text.count(left) <= 2:
+            if _wrapped(text, left, right):
                 text = text[len(left) : -len(right)].strip()
     return text
+
+
+def _wrapped(text: str, left: str, right: str) -> bool:
+    """``text`` is one quotation: it opens with ``left``, closes with ``right``, and neither occurs inside.
+
+    Counting only ``left`` was enough for straight quotes, but a curly pair opens and closes with different
+    characters: ``\u201cDog\u201d on a \u201ccouch\u201d`` starts and ends with quotes without being wrapped in them.
+    """
+    if len(text) < 2 or not (text.startswith(left) and text.endswith(right)):
+        return False
+    inner = text[len(left) : -len(right)]
+    return left not in inner and right not in inner
 
 
 def parse_reply(reply: str | None, original: str) -> tuple[str | None, str | None]:

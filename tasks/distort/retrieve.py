@@ -28,6 +28,12 @@ def _meta(row: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line: the format has one caption or one box per line, so a line break inside would
+    read as two captions, or put a caption among the boxes."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def captions_and_boxes(meta: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[float]]]]:
     """Validated ``meta["captions"]`` and ``meta["boxes"]`` (``[[label, [x1, y1, x2, y2]], ...]`` in 0..1)."""
     captions = meta.get("captions")
@@ -35,21 +41,26 @@ def captions_and_boxes(meta: dict[str, Any]) -> tuple[list[str], list[tuple[str,
         raise DistortError("no captions in meta (need meta.captions: a list of strings)")
     if not all(isinstance(c, str) for c in captions):
         raise DistortError("meta.captions must hold strings only")
+    raw_boxes = meta.get("boxes") or []
+    if not isinstance(raw_boxes, list):  # a number would not iterate, a string would iterate as characters
+        raise DistortError(f"meta.boxes must be a list of [label, [x1, y1, x2, y2]], got {type(raw_boxes).__name__}")
     boxes: list[tuple[str, list[float]]] = []
-    for i, item in enumerate(meta.get("boxes") or []):
+    for i, item in enumerate(raw_boxes):
         try:
             label, coords = item
+            if not isinstance(coords, list | tuple):  # "0000" would pass as four digits
+                raise TypeError
             coords = [float(v) for v in coords]
-        except (TypeError, ValueError):
-            raise DistortError(f"meta.boxes[{i}] must be [label, [x1, y1, x2, y2]], got {item!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer beyond float range
+            raise DistortError(f"meta.boxes[{i}] must be [label, [x1, y1, x2, y2]], got {item!r:.120}") from None
         if len(coords) != 4 or not all(math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6 for v in coords):
             raise DistortError(f"meta.boxes[{i}] must have 4 coordinates normalised to 0..1, got {coords}")
         if not isinstance(label, str):  # str(None) would print a "None: [...]" line
             raise DistortError(f"meta.boxes[{i}] label must be a string, got {label!r}")
         if not label.strip():
             raise DistortError(f"meta.boxes[{i}] has an empty label")
-        boxes.append((label.strip(), [min(max(v, 0.0), 1.0) for v in coords]))
-    return [c for c in captions if c.strip()], boxes
+        boxes.append((_one_line(label), [min(max(v, 0.0), 1.0) for v in coords]))
+    return [_one_line(c) for c in captions if c.strip()], boxes
 
 
 def distort_retrieve(rows: list[dict[str, Any]], variant: str, run_seed: int) -> list[Pair]:
