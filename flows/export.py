@@ -16,7 +16,7 @@ from prefect import flow
 
 from flows.common import logger, map_shards, stage_run
 from lineage.store import LineageStore, check_read_only_sql
-from polite.config import parse_config
+from polite.config import resolve_config
 from polite.config.export import ExportChecks, ExportSettings
 from polite.ids import stable_hash
 from polite.shards import write_table_atomic
@@ -156,7 +156,7 @@ def _settings(cfg_export: ExportSettings, formats, where, push_to_hub) -> Export
 
 @flow(name="export")
 def export_flow(
-    config: dict | None = None,
+    config: dict | str | None = None,
     workspace: str | None = None,
     parent_run_id: str | None = None,
     formats: list[str] | str | None = None,
@@ -167,7 +167,7 @@ def export_flow(
     from tasks.export import card_facts, dataset_card, push_folder_to_hub, write_export_task
     from tasks.report import write_report
 
-    cfg = parse_config(config)
+    cfg = resolve_config(config)
     settings = _settings(cfg.export, formats, where, push_to_hub)
     if settings.where:
         db_path = Workspace.resolve(workspace or cfg.workspace).db_path

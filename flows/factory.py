@@ -23,7 +23,7 @@ from prefect import flow
 from flows.common import logger, stage_run
 from flows.runners import ray_session, stage_resources, task_runner_for
 from lineage.store import LineageStore
-from polite.config import ConfigError, FactoryConfig, load_config, parse_config
+from polite.config import DEMO, ConfigError, FactoryConfig, demo_config, resolve_config  # noqa: F401 (re-exported)
 from polite.workspace import Workspace
 
 STAGES: dict[str, tuple[str, str]] = {
@@ -34,29 +34,6 @@ STAGES: dict[str, tuple[str, str]] = {
     "filter": ("flows.filter", "filter_flow"),
     "export": ("flows.export", "export_flow"),
 }
-
-
-# The offline demo (`polite run` with no config; configs/demo.yaml writes it out). It differs from the built-in
-# defaults in two settings: a fixed number of training steps (not a wall-clock budget, so the demo's outcome is
-# the same on a fast or a busy machine), and rewrites capped at 224 new tokens, room for a full scene
-# description (the default is the paper's 1024: the tiny rewriter does not always learn to stop).
-DEMO: dict[str, Any] = {
-    "train": {"max_steps": 300, "time_budget_s": None},
-    "rewrite": {"overrides": {"max_new_tokens": 224}},
-}
-
-
-def demo_config() -> FactoryConfig:
-    return parse_config(DEMO, origin="(demo)")
-
-
-def resolve_config(config: dict | str | None) -> FactoryConfig:
-    """A config dict, a YAML/TOML path (what a deployment passes), or ``None`` for the demo."""
-    if config is None:
-        return demo_config()
-    if isinstance(config, str | Path):
-        return load_config(config)
-    return parse_config(config)
 
 
 def given_model(cfg: FactoryConfig, model: str | None) -> str | None:

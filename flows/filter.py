@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, task
 
 from flows.common import logger, map_shards, stage_run
-from polite.config import ConfigError, parse_config
+from polite.config import ConfigError, resolve_config
 
 
 @task(name="filter-shard")
@@ -58,7 +58,7 @@ def _publish(summary: dict[str, Any], rows: list[dict], rewards: list[dict], ski
 
 @flow(name="filter")
 def filter_flow(
-    config: dict | None = None,
+    config: dict | str | None = None,
     workspace: str | None = None,
     parent_run_id: str | None = None,
     rethreshold: bool = False,
@@ -74,7 +74,7 @@ def filter_flow(
     from filters.sql import record_settings, work_sql
     from filters.sql import rethreshold as redecide
 
-    cfg = parse_config(config)
+    cfg = resolve_config(config)
     try:
         chain = build_chain(cfg.filters)
     except ScorerUnavailableError as exc:

@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import logger, map_shards, stage_run
-from polite.config import ConfigError, SourceSpec, parse_config
+from polite.config import ConfigError, SourceSpec, resolve_config
 from polite.workspace import Workspace
 from tasks.ingest import ingest_shard_task, plan_source
 
@@ -118,7 +118,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 # shards); the factory and the CLI swap in the runner of config.runner with ``with_options``.
 @flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def ingest_flow(
-    config: dict | None = None,
+    config: dict | str | None = None,
     workspace: str | None = None,
     parent_run_id: str | None = None,
     sources: list[dict] | None = None,
@@ -128,7 +128,7 @@ def ingest_flow(
     Every source is opened and its columns checked before any shard runs. Re-running gives the same sample ids
     and adds nothing; a run that stopped part-way resumes (finished shards are reused).
     """
-    cfg = parse_config(config)
+    cfg = resolve_config(config)
     specs = _specs(cfg, sources)
     cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"sources": specs})})
     labels = [spec.label for spec in specs]

@@ -24,7 +24,7 @@ from prefect import flow
 from flows.common import ShardFailures, logger, map_shards, stage_run
 from lineage.store import LineageStore
 from models.prompts import PROMPT_VERSION
-from polite.config import ConfigError, parse_config
+from polite.config import ConfigError, resolve_config
 from polite.ids import settings_hash, stable_hash, stable_hashes
 from polite.locks import exclusive
 from polite.shards import chunked, exists, read_table, write_table_atomic
@@ -326,7 +326,7 @@ def rewrite_lock(ws: Workspace, key: dict):
 # -- the flow -----------------------------------------------------------------------------------------------
 @flow(name="rewrite")
 def rewrite_flow(
-    config: dict | None = None,
+    config: dict | str | None = None,
     workspace: str | None = None,
     parent_run_id: str | None = None,
     model: str | None = None,
@@ -341,7 +341,7 @@ def rewrite_flow(
     """
     from models.generation import resolve_generation
 
-    cfg = parse_config(config)
+    cfg = resolve_config(config)
     rs = cfg.rewrite
     if where is not None:  # an empty --where (an unset shell variable) must not become a plain rewrite
         _check_where(where)
@@ -429,7 +429,6 @@ def main(argv: list[str] | None = None) -> dict:
     """``python -m flows.rewrite``: the flow without the CLI (used by the crash-and-resume test)."""
     import argparse
 
-    from polite.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m flows.rewrite", description=rewrite_flow.__doc__)
     parser.add_argument("--workspace")
@@ -439,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--where")
     parser.add_argument("--limit", type=int)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = resolve_config(args.config)
     from flows.runners import ray_session, stage_resources, task_runner_for
 
     with ray_session(cfg.runner), stage_resources(cfg.runner, "rewrite"):

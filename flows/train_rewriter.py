@@ -18,7 +18,7 @@ from prefect import flow, task
 
 from flows.common import logger, stage_run
 from lineage.store import LineageStore
-from polite.config import ConfigError, parse_config
+from polite.config import ConfigError, resolve_config
 from polite.config.train import TrainSettings
 from polite.ids import stable_hash
 from polite.workspace import Workspace
@@ -84,7 +84,7 @@ def pairs_query(where: str | None) -> str:
 
 @flow(name="train_rewriter")
 def train_rewriter_flow(
-    config: dict | None = None,
+    config: dict | str | None = None,
     workspace: str | None = None,
     parent_run_id: str | None = None,
     base: str | None = None,
@@ -102,7 +102,7 @@ def train_rewriter_flow(
     from flows.distort import write_training_set
     from models.loader import as_spec, file_digest, fingerprint
 
-    cfg = parse_config(config)
+    cfg = resolve_config(config)
     overrides = {"base": base, "max_steps": max_steps, "time_budget_s": time_budget_s, "pairs_where": where}
     try:
         settings = TrainSettings.model_validate(

@@ -233,6 +233,23 @@ def test_a_missing_rewriter_stops_before_a_flow_starts(workspace, monkeypatch):
         assert result.exit_code == 2 and message in result.output, result.output
 
 
+def test_a_deployment_passes_the_config_as_a_path(prefect_harness, workspace, model_path, tmp_path):
+    """Deployments give flows their config as a YAML path (`config: configs/nightly.yaml`): the stage flow reads
+    it, so a path and the same settings inline make the same key and the same work."""
+    from flows.rewrite import rewrite_flow
+
+    make_samples(workspace, n=4)
+    register_model(workspace, model_path)
+    path = tmp_path / "stage.yaml"
+    path.write_text(yaml.safe_dump({"workspace": workspace.root, "rewrite": {**FAST_REWRITE, "shard_size": 8}}))
+    by_path = rewrite_flow(config=str(path), limit=2)
+    assert (by_path["selected"], by_path["ok"], by_path["workspace"]) == (2, 2, workspace.root)
+    inline = rewrite_flow(config=_config(shard_size=8), workspace=workspace.root)
+    assert inline["settings_hash"] == by_path["settings_hash"] and inline["selected"] == 2
+    with pytest.raises(Exception, match="does not exist"):
+        rewrite_flow(config=str(tmp_path / "missing.yaml"))
+
+
 def test_a_shard_that_fails_whole_is_reported_and_resumed(prefect_harness, workspace, model_path, monkeypatch):
     """A shard whose task dies (here its work file is unreadable) costs only that shard: the command prints what
     landed, how many samples were not attempted and how to resume, exits 1 without a traceback, and the run's
