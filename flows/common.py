@@ -102,6 +102,9 @@ def stage_run(
     try:
         yield run
         status = "completed"
+    except ShardFailures as exc:
+        exc.summary = run.summary  # what landed before the failure, for the command to print
+        raise
     finally:
         with store.writer() as con:
             con.execute(
@@ -113,7 +116,7 @@ def stage_run(
 class ShardFailures(RuntimeError):
     """Some shards failed as a whole (not sample by sample); the rest were ingested. Re-run to resume.
 
-    ``summary`` is the stage run's summary where the flow filled it in (what landed before the failure).
+    ``summary``: the stage run's summary (what landed before the failure), filled in by ``stage_run``.
     """
 
     def __init__(self, message: str, summary: dict | None = None) -> None:

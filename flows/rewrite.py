@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 from prefect import flow
 
-from flows.common import ShardFailures, logger, map_shards, stage_run
+from flows.common import logger, map_shards, stage_run
 from lineage.store import LineageStore
 from models.prompts import PROMPT_VERSION
 from polite.config import ConfigError, resolve_config
@@ -410,9 +410,6 @@ def rewrite_flow(
             log.info("rewrite (%s): %d samples in %d shards with %s", mode, work.num_rows, len(jobs), model_id)
             try:
                 map_shards(rewrite_shard_task, jobs, ingest, description=f"rewrite ({mode})")
-            except ShardFailures as exc:
-                exc.summary = run.summary  # filled in below, before the failure leaves the flow
-                raise
             finally:
                 # counted even when whole shards failed: the run's record says what landed and what is left
                 run.summary.update(outcome_counts(store, work))
