@@ -76,6 +76,18 @@ def _check_llm(settings: DistortSettings) -> None:
         )
 
 
+def _check_llm_server(settings: DistortSettings) -> None:
+    """A server that refuses every request (a wrong address, key or model) would fail every pair, each after
+    its retries, and the pairs would count as made: stop before the shards with what to fix instead."""
+    from tasks.distort.backends import OpenAIChatBackend
+
+    if settings.llm is None or settings.llm.backend != "openai":
+        return
+    refusal = OpenAIChatBackend(settings.llm).refusal()
+    if refusal:
+        raise ConfigError(f"distort.llm: {refusal}; fix distort.llm (base_url, model, api_key_env) and run again")
+
+
 def _record_distorter(run: StageRun, settings: DistortSettings, identity: str) -> None:
     llm = settings.llm
     assert llm is not None
@@ -134,6 +146,8 @@ def distort_flow(
         if identity is not None:
             _record_distorter(run, settings, identity)
         jobs = _write_work_shards(run, entries, settings, variants, retry_failed)
+        if any(job["method"] == "llm" for job in jobs):
+            _check_llm_server(settings)
 
         def ingest(out: str) -> None:
             table = read_table(out)

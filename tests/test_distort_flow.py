@@ -233,3 +233,24 @@ def test_a_method_the_mix_does_not_have_is_a_config_error_not_a_silent_no_op(wor
     with pytest.raises(ConfigError, match=r"\['llm'\].*augment, retrieve"):
         distort_flow.fn(config={"seed": 1}, workspace=str(workspace.root), methods=["llm"])
     assert not workspace.db_path.exists() or LineageStore(workspace.db_path).query("SELECT * FROM runs").num_rows == 0
+
+
+@pytest.mark.parametrize("mode", ["401", "404", "closed"])
+def test_an_llm_server_that_refuses_every_request_stops_the_stage_before_any_pair(prefect_harness, workspace, mode):
+    """A wrong key, model or address would fail every llm pair after its retries, and the failures would count
+    as made: one test request finds it first, and the stage stops with what to fix. A failing server (500) is
+    not refused: its pairs fail and are retried later (test_distort_flow_resumes_retries_and_exports)."""
+    from flows.distort import distort_flow
+    from polite.config import ConfigError
+
+    store = seed_lineage(workspace)
+    with StubChatServer() as server:
+        url = server.url(mode) if mode != "closed" else "http://127.0.0.1:9/v1"
+        cfg = config(url)
+        cfg["distort"]["llm"]["api_key_env"] = "POLITE_TEST_KEY"
+        message = {"401": "HTTP 401.*is POLITE_TEST_KEY set", "404": "HTTP 404", "closed": "no server answers"}[mode]
+        with pytest.raises(ConfigError, match=message):
+            distort_flow(config=cfg, workspace=str(workspace.root), methods=["llm"])
+        if mode != "closed":
+            assert server.requests[mode] == 1  # the test request only, not one per pair and retry
+    assert store.query("SELECT count(*) AS n FROM pairs").to_pylist() == [{"n": 0}]

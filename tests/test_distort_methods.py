@@ -252,6 +252,10 @@ def test_defect_is_drawn_half_the_time_and_named_in_capitals():
         ("cars and a dog\n### Human: thanks", "cars and a dog"),
         ("```\nshort text\n```", "short text"),
         ("DOG. STREET.\n\nI hope this helps!", "DOG. STREET."),
+        ("Here is the distorted response, with the defect applied: dog, street", "dog, street"),
+        # content that merely starts like a preamble is kept whole
+        ("This is a kitchen: rice, chicken", "This is a kitchen: rice, chicken"),
+        ("Here are two dogs: one brown, one black", "Here are two dogs: one brown, one black"),
     ],
 )
 def test_parse_reply_strips_quotes_preambles_and_chatter(reply, expected):

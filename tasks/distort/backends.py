@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from polite.config.distort import LLMSettings
@@ -78,20 +78,43 @@ class OpenAIChatBackend:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="distort-llm") as pool:
             return list(pool.map(self._one, conversations, seeds))
 
-    def _one(self, messages: list[Message], seed: int) -> Reply:
-        import httpx
-
+    def _body(self, messages: list[Message], seed: int, max_tokens: int | None = None) -> dict[str, Any]:
         s = self.settings
         body = {
             "model": s.model,
             "messages": messages,
-            "max_tokens": s.max_new_tokens,
+            "max_tokens": max_tokens or s.max_new_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
             "seed": seed % (2**31),  # some servers take a 32-bit seed only
         }
         if s.stop:
             body["stop"] = list(s.stop)
+        return body
+
+    def refusal(self) -> str | None:
+        """One small request, as the pairs will send it: why the server refuses it where every pair would be
+        refused too (no server at the address, HTTP 401/403/404 or another 4xx that is not retried: a wrong key,
+        model or path), else None. A busy or failing server (timeouts, 5xx) is left to the pairs' retries."""
+        import httpx
+
+        try:
+            response = self._client.post(self.url, json=self._body([{"role": "user", "content": "Hi"}], 0, 1))
+        except httpx.ConnectError as exc:
+            return f"no server answers at {self.url} ({exc})"
+        except httpx.RequestError:
+            return None
+        status = response.status_code
+        if 400 <= status < 500 and status not in _RETRY_STATUS:
+            hint = f"; is {self.settings.api_key_env} set?" if status in (401, 403) and self.settings.api_key_env else ""
+            return f"{self.url} refused a test request for model {self.settings.model!r}: HTTP {status} {response.text[:200]}{hint}"
+        return None
+
+    def _one(self, messages: list[Message], seed: int) -> Reply:
+        import httpx
+
+        s = self.settings
+        body = self._body(messages, seed)
         attempts = 1 + s.max_retries
         last = "no attempt made"
         started = time.perf_counter()

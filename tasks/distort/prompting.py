@@ -78,9 +78,12 @@ def build_conversation(instruction: str, response: str, template: Template, defe
 
 # -- reply parsing -------------------------------------------------------------------------------------
 _ROLE_MARKERS = re.compile(r"(### ?Human:|### ?Assistant:|<\|im_end\|>|<\|eot_id\|>|</s>|\n(?:User|USER|Human):)")
+# A preamble names what follows ("Here is the short version:"); "This is a kitchen: rice, chicken" is content.
 _PREAMBLE = re.compile(
     r"^\s*(?:(?:sure|certainly|okay|ok|of course|alright)\b[!,.]?\s*)?"
-    r"(?:here(?:'s| is| are)|below is|this is)\b[^:\n]{0,100}:\s*",
+    r"(?:here(?:'s| is| are)|below is|this is)\b[^:\n]{0,100}?"
+    r"\b(?:version|rewrite|rewritten|response|answer|text|caption|description|output|result|reply|paraphrase)s?\b"
+    r"[^:\n]{0,40}:\s*",
     re.IGNORECASE,
 )
 _LEAD_WORD = re.compile(r"^\s*(?:sure|certainly|okay|ok|of course|alright)[!,.]\s+", re.IGNORECASE)

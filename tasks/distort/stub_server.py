@@ -2,7 +2,7 @@
 
 The first path segment picks the behaviour, so one server serves every case: ``/<mode>/v1/chat/completions``.
 Modes: ``ok`` (a curt version of the assistant turn, wrapped in the chatter real LLMs add), ``echo`` (the
-original unchanged), ``flaky`` (500 on every first attempt of a conversation, then ``ok``), ``500``, ``400``,
+original unchanged), ``flaky`` (500 on every first attempt of a conversation, then ``ok``), an HTTP status (``500``, ``401``, ...),
 ``garbage`` (200 with a body that is not JSON), ``slow`` (answers after ``delay_s``).
 
     python -m tasks.distort.stub_server --port 8099   # then distort.llm.base_url: http://127.0.0.1:8099/ok/v1
@@ -70,10 +70,8 @@ class StubChatServer:
             if first:
                 return 500, b'{"error": "warming up"}'
             mode = "ok"
-        if mode == "500":
-            return 500, b'{"error": "internal error"}'
-        if mode == "400":
-            return 400, b'{"error": "bad request"}'
+        if mode.isdigit():  # that HTTP status, e.g. 500, 400, 401
+            return int(mode), json.dumps({"error": f"stub status {mode}"}).encode()
         if mode == "garbage":
             return 200, b"<html>definitely not json"
         if mode == "slow":
