@@ -228,6 +228,9 @@ def export_flow(
                     ),
                     con=con,
                 )
+                # an export found done in a copied or moved workspace: its row says where it is now
+                con.execute("UPDATE exports SET path = ? WHERE export_id = ? AND path <> ?",
+                            [job["out_dir"], job["export_id"], job["out_dir"]])  # fmt: skip
                 store.ingest_arrow(
                     "export_items",
                     items.append_column(

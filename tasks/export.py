@@ -193,7 +193,8 @@ def write_export(
     fs, done_path = url_to_fs(done)
     if fs.exists(done_path):
         with fs.open(done_path, "rb") as handle:
-            return json.loads(handle.read())
+            # the folder it is in now: a copied or moved workspace finds its exports done where they are
+            return {**json.loads(handle.read()), "path": out_dir}
     rows = read_table(selection_url).to_pylist()
     rows.sort(key=lambda r: r["sample_id"])
     files: list[str] = []

@@ -303,6 +303,27 @@ def test_exporting_twice_gives_the_same_export_and_files(workspace, prefect_harn
     )
 
 
+def test_a_copied_workspace_exports_into_its_own_folder(workspace, prefect_harness, tmp_path):
+    """A finished export's `_SUCCESS.json` names the folder it was written to; in a copy of the workspace the same
+    export is found done in the copy's folder, and recorded there (it used to stop with StopIteration)."""
+    import shutil
+
+    from flows.export import export_flow
+    from lineage.store import LineageStore
+    from polite.workspace import Workspace
+
+    populate(workspace)
+    first = export_flow(workspace=workspace.root, formats=["pf1m", "parquet"])
+    copy = shutil.copytree(workspace.root, tmp_path / "copy")
+    again = export_flow(workspace=str(copy), formats=["pf1m", "parquet"])
+    for fmt in ("pf1m", "parquet"):
+        assert again["exports"][fmt]["export_id"] == first["exports"][fmt]["export_id"]
+        assert again["exports"][fmt]["path"] == first["exports"][fmt]["path"].replace(str(workspace.root), str(copy))
+        assert _tree(again["exports"][fmt]["path"]) == _tree(first["exports"][fmt]["path"])
+    paths = LineageStore(Workspace.resolve(str(copy)).db_path).query("SELECT format, path FROM exports").to_pylist()
+    assert {r["format"]: r["path"] for r in paths} == {f: e["path"] for f, e in again["exports"].items()}
+
+
 def test_a_failing_gate_stops_the_export_and_names_the_check(workspace, prefect_harness):
     from flows.export import ExportCheckFailed, export_flow
 
