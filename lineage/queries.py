@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import duckdb
+
 from lineage.store import LineageStore
 
 _EXPLAIN_PARTS: dict[str, str] = {
     "sample": "SELECT * FROM samples WHERE sample_id = $id",
-    "images": "SELECT i.* FROM samples s, unnest(s.images) AS u(image_id) JOIN images i USING (image_id) "
-    "WHERE s.sample_id = $id",
+    # in instruction order (the n-th <image> marker is the n-th image); an id missing from the image store is
+    # listed with no path rather than left out: the export refuses such a sample, and this says why
+    "images": "SELECT u.image_id, i.* EXCLUDE (image_id) FROM (SELECT unnest(images) AS image_id, "
+    "generate_subscripts(images, 1) AS pos FROM samples WHERE sample_id = $id) u "
+    "LEFT JOIN images i USING (image_id) ORDER BY u.pos",
     "pairs": "SELECT * FROM pairs WHERE sample_id = $id ORDER BY created_at, pair_id",
-    "rewrites": "SELECT * FROM rewrites WHERE sample_id = $id ORDER BY created_at, attempt",
+    "rewrites": "SELECT * FROM rewrites WHERE sample_id = $id ORDER BY created_at, attempt, rewrite_id",
+    "models": "SELECT * FROM models WHERE model_id IN (SELECT model_id FROM rewrites WHERE sample_id = $id) "
+    "ORDER BY created_at, model_id",
     "scores": "SELECT sc.* FROM scores sc JOIN rewrites r USING (rewrite_id) WHERE r.sample_id = $id "
     "ORDER BY sc.created_at, sc.scorer",
     "decisions": "SELECT d.* REPLACE (coalesce(d.thresholds, ds.thresholds) AS thresholds) FROM decisions d "
@@ -21,9 +28,16 @@ _EXPLAIN_PARTS: dict[str, str] = {
     "ORDER BY d.decided_at",
     "exports": "SELECT e.*, ei.rewrite_id FROM export_items ei JOIN exports e USING (export_id) "
     "WHERE ei.sample_id = $id ORDER BY e.created_at",
-    "runs": "SELECT * FROM runs WHERE run_id IN ("
+    # every run that wrote a fact above, the filter and export runs and the rewriters' training runs included
+    "runs": "WITH rw AS (SELECT rewrite_id, model_id, run_id FROM rewrites WHERE sample_id = $id) "
+    "SELECT * FROM runs WHERE run_id IN ("
     "SELECT run_id FROM samples WHERE sample_id = $id UNION SELECT run_id FROM pairs WHERE sample_id = $id "
-    "UNION SELECT run_id FROM rewrites WHERE sample_id = $id) ORDER BY started_at",
+    "UNION SELECT run_id FROM rw "
+    "UNION SELECT created_by_run FROM models WHERE model_id IN (SELECT model_id FROM rw) "
+    "UNION SELECT run_id FROM scores WHERE rewrite_id IN (SELECT rewrite_id FROM rw) "
+    "UNION SELECT run_id FROM decisions WHERE rewrite_id IN (SELECT rewrite_id FROM rw) "
+    "UNION SELECT e.run_id FROM exports e JOIN export_items ei USING (export_id) WHERE ei.sample_id = $id) "
+    "ORDER BY started_at, run_id",
 }
 
 
@@ -39,12 +53,30 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _not_upgraded(store: LineageStore, con) -> ValueError | None:
+    """Why a canned query misses a table or column: a database that no writing command has migrated yet to
+    this code's schema (a reader opens it read-only, so it cannot migrate it)."""
+    pending = store.pending_migrations(con)
+    if not pending:
+        return None
+    return ValueError(
+        f"{store.db_path} is not yet upgraded to this version of polite (pending: {', '.join(pending)}); "
+        "any command that writes it (polite ingest, polite filter, polite run, ...) applies them first"
+    )
+
+
 def explain(store: LineageStore, sample_id: str) -> dict[str, Any]:
     """Everything known about one sample, stage by stage. Raises KeyError for an unknown id."""
     report: dict[str, Any] = {}
     with store.reader() as con:
         for part, sql in _EXPLAIN_PARTS.items():
-            rows = con.sql(sql, params={"id": sample_id}).to_arrow_table().to_pylist()
+            try:
+                rows = con.sql(sql, params={"id": sample_id}).to_arrow_table().to_pylist()
+            except duckdb.CatalogException as exc:
+                upgrade = _not_upgraded(store, con)
+                if upgrade is None:
+                    raise
+                raise upgrade from exc
             report[part] = [_decode(r) for r in rows]
     if not report["sample"]:
         raise KeyError(f"no sample with id {sample_id!r} in {store.db_path}")
@@ -52,9 +84,12 @@ def explain(store: LineageStore, sample_id: str) -> dict[str, Any]:
     return report
 
 
+# runs.started_at/finished_at are naive UTC (flows.common.utcnow): a running run is timed against UTC now, not
+# now()::TIMESTAMP, which is local time
 RECENT_RUNS_SQL = """
 SELECT r.run_id, r.flow, r.status, r.started_at, r.finished_at,
-       round(epoch(coalesce(r.finished_at, now()::TIMESTAMP) - r.started_at), 1) AS seconds,
+       round(epoch(coalesce(r.finished_at, CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)) - r.started_at), 1)
+           AS seconds,
        r.code_version, r.summary
 FROM runs r ORDER BY r.started_at DESC LIMIT $limit
 """

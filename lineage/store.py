@@ -81,7 +81,8 @@ class LineageStore:
 
     # -- connections -------------------------------------------------------------------------------
     def _connect(self, read_only: bool, timeout_s: float | None, config: dict | None = None):
-        deadline = time.monotonic() + (self.lock_timeout_s if timeout_s is None else timeout_s)
+        wait_s = self.lock_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait_s
         delay = 0.005
         while True:
             try:
@@ -91,7 +92,7 @@ class LineageStore:
                     if _is_lock_error(exc):
                         raise LineageLockedError(
                             f"{self.db_path} stayed locked by another process for "
-                            f"{timeout_s or self.lock_timeout_s:.0f}s; try again when it finishes"
+                            f"{wait_s:g}s; try again when it finishes"
                         ) from exc
                     raise
                 time.sleep(delay * (0.5 + random.random()))
@@ -150,6 +151,15 @@ class LineageStore:
                 applied.append(name)
             con.execute(_views_sql())
         return applied
+
+    @staticmethod
+    def pending_migrations(con: duckdb.DuckDBPyConnection) -> list[str]:
+        """Migrations this code has that the database has not applied (readers cannot apply them)."""
+        try:
+            done = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
+        except duckdb.CatalogException:
+            done = set()
+        return [name for version, name, _ in _migrations() if version not in done]
 
     # -- the single writer's bulk paths ------------------------------------------------------------
     def ingest_parquet(
@@ -406,8 +416,26 @@ def check_read_only_sql(sql: str) -> None:
     if len(statements) != 1:
         raise ReadOnlyQueryError(f"give exactly one statement, got {len(statements)}")
     kind = statements[0].type.name
-    if kind not in _ALLOWED:
+    explained = _explained_kind(statements[0].query) if kind == "EXPLAIN" else "SELECT"
+    if kind not in _ALLOWED or explained != "SELECT":
+        what = f"EXPLAIN of a {explained} statement is" if kind == "EXPLAIN" else f"{kind} statements are"
         raise ReadOnlyQueryError(
-            f"{kind} statements are refused: `polite sql` is read-only "
+            f"{what} refused: `polite sql` is read-only "
             "(no INSERT/UPDATE/DELETE/CREATE, ATTACH, COPY, INSTALL/LOAD or SET). Use SELECT."
         )
+
+
+def _explained_kind(query: str) -> str:
+    """The type of the statement that ``EXPLAIN [ANALYZE] [(options)] ...`` wraps (EXPLAIN ANALYZE runs it).
+
+    The parser does not say, so: the first suffix of the text, from a token after the EXPLAIN keyword, that
+    parses as one statement on its own (``ANALYZE`` and the options do not)."""
+    tokens = [pos for pos, kind in duckdb.tokenize(query) if kind != duckdb.token_type.comment]
+    for pos in tokens[1:]:
+        try:
+            inner = duckdb.extract_statements(query[pos:])
+        except duckdb.ParserException:
+            continue
+        if len(inner) == 1:
+            return inner[0].type.name
+    return "UNKNOWN"

@@ -17,23 +17,43 @@ SELECT * EXCLUDE (rn) FROM (
     FROM decisions d LEFT JOIN decision_settings ds ON ds.settings_hash = d.settings_hash
 ) WHERE rn = 1;
 
+-- A scorer's versions all keep their rows (scores' key has scorer_version), so a re-scored rewrite has
+-- several scores per scorer: show the one its latest decision read (the version named in its thresholds;
+-- thresholds that come back after a re-score read the older version again), else the one scored last.
+-- max() over versions showed a stale score beside a decision made on the new one.
+CREATE OR REPLACE VIEW scorer_versions AS   -- the scorer versions each set of thresholds read (a few rows)
+SELECT settings_hash, scorer,
+    json_extract_string(thresholds, '$.scorers."' || scorer || '".version') AS scorer_version
+FROM (SELECT settings_hash, thresholds, unnest(json_keys(try_cast(thresholds AS JSON), '$.scorers')) AS scorer
+      FROM decision_settings);
+
 CREATE OR REPLACE VIEW score_columns AS
-SELECT rewrite_id,
-    max(score) FILTER (WHERE scorer = 'reward')      AS reward,
-    max(score) FILTER (WHERE scorer = 'reward_raw')  AS raw_reward,
-    max(score) FILTER (WHERE scorer = 'semantic')    AS semantic,
-    max(score) FILTER (WHERE scorer = 'nli')         AS nli,
-    max(score) FILTER (WHERE scorer = 'clipscore')   AS clipscore,
-    max(score) FILTER (WHERE scorer = 'length')      AS length,
-    max(score) FILTER (WHERE scorer = 'unchanged')   AS unchanged,
-    max(score) FILTER (WHERE scorer = 'repetition')  AS repetition,
-    max(score) FILTER (WHERE scorer = 'truncated')   AS truncated,
-    max(score) FILTER (WHERE scorer = 'answer')      AS answer
-FROM scores GROUP BY rewrite_id;
+SELECT sc.rewrite_id,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'reward')     AS reward,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'reward_raw') AS raw_reward,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'semantic')   AS semantic,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'nli')        AS nli,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'clipscore')  AS clipscore,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'length')     AS length,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'unchanged')  AS unchanged,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'repetition') AS repetition,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'truncated')  AS truncated,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'answer')     AS answer
+FROM (
+    -- one integer to rank by (a struct was slower): read by the latest decision first, then the newest
+    SELECT s.rewrite_id, s.scorer, s.score,
+        (coalesce(s.scorer_version = v.scorer_version, false)::BIGINT << 56)
+            + coalesce(epoch_us(s.created_at), 0) AS _rank
+    FROM scores s
+    LEFT JOIN (SELECT rewrite_id, settings_hash FROM latest_decisions) d ON d.rewrite_id = s.rewrite_id
+    LEFT JOIN scorer_versions v ON v.settings_hash = d.settings_hash AND v.scorer = s.scorer
+) sc
+GROUP BY sc.rewrite_id;
 
 CREATE OR REPLACE VIEW latest_exports AS
 SELECT * EXCLUDE (rn) FROM (
-    SELECT ei.sample_id, e.export_id, e.format, e.path AS export_path, e.created_at AS exported_at,
+    SELECT ei.sample_id, ei.rewrite_id, e.export_id, e.format, e.path AS export_path,
+        e.created_at AS exported_at,
         row_number() OVER (PARTITION BY ei.sample_id ORDER BY e.created_at DESC, e.export_id) AS rn
     FROM export_items ei JOIN exports e USING (export_id)
 ) WHERE rn = 1;
@@ -64,4 +84,5 @@ FROM samples s
 LEFT JOIN latest_rewrites r ON r.sample_id = s.sample_id
 LEFT JOIN score_columns sc ON sc.rewrite_id = r.rewrite_id
 LEFT JOIN latest_decisions d ON d.rewrite_id = r.rewrite_id
-LEFT JOIN latest_exports x ON x.sample_id = s.sample_id;
+-- the export only if it holds this rewrite: after a rerun, the sample's earlier export holds an older text
+LEFT JOIN latest_exports x ON x.sample_id = s.sample_id AND x.rewrite_id = r.rewrite_id;

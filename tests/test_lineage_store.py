@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -131,11 +132,25 @@ def test_ingest_rejects_a_shard_without_the_key(workspace):
         "INSTALL httpfs",
         "SELECT 1; DELETE FROM samples",
         "SET threads = 1",
+        # EXPLAIN is allowed, but only of a SELECT: EXPLAIN ANALYZE runs the statement it explains
+        "EXPLAIN DELETE FROM samples",
+        "EXPLAIN ANALYZE INSERT INTO runs VALUES ('x')",
+        "/* why */ EXPLAIN (FORMAT json) DELETE FROM samples",
     ],
 )
 def test_user_sql_refuses_anything_but_one_select(sql):
     with pytest.raises(ReadOnlyQueryError):
         check_read_only_sql(sql)
+
+
+def test_user_sql_explains_a_select_and_says_why_it_refuses_a_write(workspace):
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    for sql in ("EXPLAIN SELECT 1", "EXPLAIN ANALYZE SELECT count(*) FROM samples", "-- plan\nEXPLAIN (SELECT 1)",
+                "EXPLAIN (FORMAT json) FROM lineage", "SHOW TABLES", "DESCRIBE lineage"):  # fmt: skip
+        assert store.user_query(sql).num_rows > 0, sql
+    with pytest.raises(ReadOnlyQueryError, match="EXPLAIN of a DELETE statement is refused"):
+        store.user_query("EXPLAIN ANALYZE DELETE FROM samples")
 
 
 def test_user_sql_cannot_read_files(workspace, tmp_path):
@@ -183,7 +198,7 @@ def test_reader_gives_up_with_a_clear_error(workspace):
     )
     try:
         holder.stdout.readline()
-        with pytest.raises(LineageLockedError, match="locked by another process"):
+        with pytest.raises(LineageLockedError, match="locked by another process for 0.3s"):
             store.query("SELECT 1", timeout_s=0.3)
     finally:
         holder.kill()
@@ -236,3 +251,201 @@ def test_a_wrong_query_is_one_line_that_names_the_columns(workspace):
     assert 'column "kind" not found' in wrong.output and "Candidate bindings" in wrong.output
     missing = CliRunner().invoke(app, ["sql", "SELECT * FROM no_such_table", "-w", str(workspace.root)])
     assert missing.exit_code == 2 and "no_such_table" in missing.output and "SHOW TABLES" in missing.output
+
+
+# -- the views over a sample's whole history ----------------------------------------------------------------
+def _thresholds(settings_hash: str, reward_version: str) -> str:
+    """``decision_settings.thresholds`` as ``Chain.thresholds_json`` writes it."""
+    import json
+
+    scorers = {"reward": {"version": reward_version, "min_score": 0.0}, "length": {"version": "v1-len", "min_words": 1}}
+    return json.dumps({"settings_hash": settings_hash, "scorers": scorers}, sort_keys=True)
+
+
+def _history(store: LineageStore) -> None:
+    """s_a: rerun (attempt 1 superseded by 2) then a failed attempt 3, re-scored by a new reward version, re-decided,
+    exported before the rerun; s_b: exported twice; s_c: never rewritten."""
+    with store.writer() as con:
+        con.execute("INSERT INTO samples (sample_id, source, status) VALUES ('s_a', 'x', 'ok'), ('s_b', 'x', 'ok'), "
+                    "('s_c', 'x', 'ok')")  # fmt: skip
+        con.execute(
+            "INSERT INTO rewrites (rewrite_id, sample_id, model_id, settings_hash, attempt, status, output, error, "
+            "superseded_by, created_at) VALUES "
+            "('r_a1', 's_a', 'm', 'h', 1, 'ok', 'first', NULL, 'r_a2', TIMESTAMP '2024-01-01 10:00'), "
+            "('r_a2', 's_a', 'm', 'h', 2, 'ok', 'second', NULL, NULL, TIMESTAMP '2024-01-02 10:00'), "
+            "('r_a3', 's_a', 'm', 'h', 3, 'failed', NULL, 'oom', NULL, TIMESTAMP '2024-01-03 10:00'), "
+            "('r_b1', 's_b', 'm', 'h', 1, 'ok', 'bee', NULL, NULL, TIMESTAMP '2024-01-01 10:00')"
+        )
+        con.execute(
+            "INSERT INTO decision_settings (settings_hash, thresholds) VALUES ('H1', ?), ('H2', ?)",
+            [_thresholds("H1", "v1-old"), _thresholds("H2", "v2-new")],
+        )
+        # reward v1-old (high) scored first; the reward model changed, v2-new (low) scored later
+        con.execute(
+            "INSERT INTO scores (rewrite_id, scorer, scorer_version, score, created_at) VALUES "
+            "('r_a2', 'reward', 'v1-old', 5.0, TIMESTAMP '2024-01-04'), "
+            "('r_a2', 'length', 'v1-len', 7.0, TIMESTAMP '2024-01-04'), "
+            "('r_a2', 'reward', 'v2-new', -1.0, TIMESTAMP '2024-01-05'), "
+            "('r_b1', 'reward', 'v1-old', 2.0, TIMESTAMP '2024-01-04')"
+        )
+        con.execute(
+            "INSERT INTO decisions (decision_id, rewrite_id, kept, reason, settings_hash, dropped_by, decided_at) VALUES "
+            "('d_a2_1', 'r_a2', true, 'kept', 'H1', NULL, TIMESTAMP '2024-01-04 12:00'), "
+            "('d_a2_2', 'r_a2', false, 'dropped: reward', 'H2', 'reward', TIMESTAMP '2024-01-05 12:00'), "
+            "('d_b1_1', 'r_b1', true, 'kept', 'H1', NULL, TIMESTAMP '2024-01-04 12:00')"
+        )
+        con.execute(
+            "INSERT INTO exports (export_id, format, path, created_at) VALUES "
+            "('e_1', 'parquet', '/x/e_1', TIMESTAMP '2024-01-01 12:00'), "
+            "('e_2', 'llava', '/x/e_2', TIMESTAMP '2024-01-06 12:00')"
+        )
+        con.execute("INSERT INTO export_items VALUES ('e_1', 's_a', 'r_a1'), ('e_1', 's_b', 'r_b1'), "
+                    "('e_2', 's_b', 'r_b1')")  # fmt: skip
+
+
+LINEAGE_FACTS = "SELECT sample_id, rewrite_id, attempt, reward, length_score, kept, dropped_by, export_id FROM lineage"
+
+
+def test_lineage_is_one_row_per_sample_with_the_scores_and_export_of_its_current_rewrite(workspace):
+    """The accepted attempt, the score of the scorer version its latest decision read (not the max over
+    versions), and an export only if it holds that attempt (s_a's export holds the superseded r_a1)."""
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    _history(store)
+    rows = store.query(LINEAGE_FACTS + " ORDER BY sample_id").to_pylist()
+    assert rows == [
+        {"sample_id": "s_a", "rewrite_id": "r_a2", "attempt": 2, "reward": -1.0, "length_score": 7.0,
+         "kept": False, "dropped_by": "reward", "export_id": None},
+        {"sample_id": "s_b", "rewrite_id": "r_b1", "attempt": 1, "reward": 2.0, "length_score": None,
+         "kept": True, "dropped_by": None, "export_id": "e_2"},
+        {"sample_id": "s_c", "rewrite_id": None, "attempt": None, "reward": None, "length_score": None,
+         "kept": None, "dropped_by": None, "export_id": None},
+    ]  # fmt: skip
+    # thresholds back to H1 (a --rethreshold: a fresh decided_at): its decision read reward v1-old again,
+    # although v2-new was scored later
+    with store.writer() as con:
+        con.execute("UPDATE decisions SET decided_at = TIMESTAMP '2024-01-07' WHERE decision_id = 'd_a2_1'")
+    row = store.query(LINEAGE_FACTS + " WHERE sample_id = 's_a'").to_pylist()[0]
+    assert (row["reward"], row["kept"]) == (5.0, True)
+    # undecided: the score scored last
+    with store.writer() as con:
+        con.execute("DELETE FROM decisions WHERE rewrite_id = 'r_a2'")
+    assert store.query(LINEAGE_FACTS + " WHERE sample_id = 's_a'").to_pylist()[0]["reward"] == -1.0
+
+
+def test_recent_runs_times_a_running_run_in_utc_whatever_the_local_zone(workspace):
+    """``runs.started_at`` is naive UTC (flows.common.utcnow); ``now()::TIMESTAMP`` is local time, so a run that
+    started seconds ago showed -17,995 s in New York."""
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    script = textwrap.dedent(f"""
+        from datetime import UTC, datetime, timedelta
+        from lineage.queries import recent_runs
+        from lineage.store import LineageStore
+        store = LineageStore({str(workspace.db_path)!r})
+        started = datetime.now(UTC).replace(tzinfo=None) - timedelta(seconds=5)
+        with store.writer() as con:
+            con.execute("INSERT INTO runs (run_id, flow, status, started_at) VALUES ('r', 'x', 'running', ?)", [started])
+        print(recent_runs(store)[0]["seconds"])
+    """)
+    import os
+
+    env = {**os.environ, "TZ": "America/New_York"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 4 <= float(out.stdout.strip()) < 120
+
+
+def test_explain_names_every_run_model_and_image_of_a_sample(workspace):
+    """Images in instruction order, one missing from the image store shown as missing (not left out), the models
+    that rewrote it, and every run that touched it: ingest, rewrite, filter, export, and the models' training."""
+    from lineage.queries import explain
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    _history(store)
+    with store.writer() as con:
+        con.execute("UPDATE samples SET images = ['i_b', 'i_gone', 'i_a'], run_id = 'run_ingest' WHERE sample_id = 's_a'")
+        con.execute("INSERT INTO images (image_id, path) VALUES ('i_a', 'a.jpg'), ('i_b', 'b.jpg')")
+        con.execute("UPDATE rewrites SET run_id = 'run_rewrite'")
+        con.execute("UPDATE scores SET run_id = 'run_score'")
+        con.execute("UPDATE decisions SET run_id = 'run_decide'")
+        con.execute("UPDATE exports SET run_id = 'run_export'")
+        con.execute("INSERT INTO models (model_id, kind, created_by_run) VALUES ('m', 'rewriter', 'run_train')")
+        con.execute(
+            "INSERT INTO runs (run_id, flow, status, started_at) SELECT r, 'x', 'completed', "
+            "TIMESTAMP '2024-01-01' + INTERVAL (i) HOUR FROM (VALUES ('run_ingest', 1), ('run_train', 2), "
+            "('run_rewrite', 3), ('run_score', 4), ('run_decide', 5), ('run_export', 6), ('run_other', 7)) t(r, i)"
+        )
+    report = explain(store, "s_a")
+    assert [(i["image_id"], i["path"]) for i in report["images"]] == [("i_b", "b.jpg"), ("i_gone", None), ("i_a", "a.jpg")]
+    assert [r["run_id"] for r in report["runs"]] == [
+        "run_ingest", "run_train", "run_rewrite", "run_score", "run_decide", "run_export"
+    ]  # fmt: skip
+    assert [m["model_id"] for m in report["models"]] == ["m"]
+    assert [r["rewrite_id"] for r in report["rewrites"]] == ["r_a1", "r_a2", "r_a3"]
+
+
+def test_sql_writes_list_columns_as_csv_and_explain_prints_every_part(workspace):
+    """`polite sql "SELECT * FROM lineage" -f csv` failed with "Unsupported Type: list" (images,
+    removed_paragraphs); such columns are written as JSON text."""
+    import csv
+    import io
+    import json
+
+    from typer.testing import CliRunner
+
+    from polite.cli import app
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    _history(store)
+    with store.writer() as con:
+        con.execute("UPDATE samples SET images = ['i_b', 'i_a'] WHERE sample_id = 's_a'")
+        con.execute("UPDATE decisions SET removed_paragraphs = [0, 2] WHERE decision_id = 'd_a2_2'")
+    ws = ["-w", str(workspace.root)]
+    out = CliRunner().invoke(app, ["sql", "SELECT * FROM lineage ORDER BY sample_id", "-f", "csv", *ws])
+    assert out.exit_code == 0, out.output
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert len(rows) == 3 and json.loads(rows[0]["images"]) == ["i_b", "i_a"]
+    assert json.loads(rows[0]["removed_paragraphs"]) == [0, 2] and rows[2]["images"] == ""
+    shown = CliRunner().invoke(app, ["explain", "s_a", *ws])
+    assert shown.exit_code == 0, shown.output
+    assert "models (0)" in shown.output and "rewrites (3)" in shown.output and '"image_id": "i_b"' in shown.output
+
+
+def test_sql_prints_a_result_too_wide_for_a_table_one_field_a_line(workspace):
+    """38 columns of `SELECT * FROM lineage` in a table of 80 characters were cells folded to nothing."""
+    from typer.testing import CliRunner
+
+    from polite.cli import app
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    _history(store)
+    out = CliRunner().invoke(app, ["sql", "SELECT * FROM lineage ORDER BY sample_id", "-w", str(workspace.root)])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert any(line.split() == ["decision_reason", "dropped:", "reward"] for line in lines), out.output
+    assert sum(line.split()[:1] == ["sample_id"] for line in lines) == 3
+
+
+def test_explain_on_a_database_older_than_the_code_says_how_to_upgrade_it(workspace, monkeypatch):
+    """Readers cannot migrate (read-only): explain's queries need migration 008's decision_settings, and failed
+    with a traceback on a database no writing command had upgraded yet."""
+    import lineage.store as store_module
+    from lineage.queries import explain
+
+    real = store_module._migrations
+    monkeypatch.setattr(store_module, "_migrations", lambda: [m for m in real() if m[0] < 8])
+    monkeypatch.setattr(store_module, "_views_sql", lambda: "SELECT 1")
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    with store.writer() as con:
+        con.execute("INSERT INTO samples (sample_id, source, status) VALUES ('s_a', 'x', 'ok')")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"not yet upgraded.*008_decision_settings.sql.*polite ingest"):
+        explain(store, "s_a")
+    store.migrate()
+    assert explain(store, "s_a")["sample"]["sample_id"] == "s_a"

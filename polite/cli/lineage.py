@@ -27,7 +27,13 @@ def _store(workspace: str | None):
     return LineageStore(Workspace.resolve(workspace).db_path, lock_timeout_s=60)
 
 
+MIN_COLUMN_WIDTH = 8  # narrower, rich folds every value into a column of empty-looking cells
+
+
 def print_table(arrow_table, title: str | None = None, max_rows: int = 50, max_width: int = 60) -> None:
+    if arrow_table.num_columns * MIN_COLUMN_WIDTH > console.width:  # `SELECT * FROM lineage`: 38 columns
+        print_records(arrow_table, max_rows)
+        return
     table = Table(title=title, show_lines=False)
     for name in arrow_table.column_names:
         table.add_column(name, overflow="fold", max_width=max_width)
@@ -36,6 +42,34 @@ def print_table(arrow_table, title: str | None = None, max_rows: int = 50, max_w
     console.print(table)
     if arrow_table.num_rows > max_rows:
         console.print(f"... {arrow_table.num_rows - max_rows} more rows (use --format csv|json|parquet for all)")
+
+
+def print_records(arrow_table, max_rows: int = 50) -> None:
+    """One ``column: value`` line per field, row after row (psql's expanded display), for results too wide to
+    be a table."""
+    width = max(len(name) for name in arrow_table.column_names)
+    for i, row in enumerate(arrow_table.slice(0, max_rows).to_pylist()):
+        console.rule(f"row {i + 1}", align="left")
+        for name, value in row.items():
+            console.print(f"[bold]{name.ljust(width)}[/] {'' if value is None else value}", highlight=False)
+    if arrow_table.num_rows > max_rows:
+        console.print(f"... {arrow_table.num_rows - max_rows} more rows (--format csv|json|parquet for all)")
+
+
+def csv_ready(arrow_table):
+    """CSV has no lists, structs, maps or intervals, and pyarrow refuses the whole table (`SELECT * FROM
+    lineage` has ``images`` and ``removed_paragraphs``): such columns go as the JSON text ``--format json``
+    prints."""
+    import pyarrow as pa
+    import pyarrow.types as pat
+
+    columns = []
+    for column in arrow_table.columns:
+        if pat.is_nested(column.type) or pat.is_interval(column.type):
+            values = [None if v is None else json.dumps(v, default=str) for v in column.to_pylist()]
+            column = pa.array(values, pa.string())
+        columns.append(column)
+    return pa.Table.from_arrays(columns, names=arrow_table.column_names)
 
 
 def compact_summary(summary, width: int = 90) -> str:
@@ -77,7 +111,7 @@ def register(app: typer.Typer) -> None:
         elif format is OutputFormat.csv:
             import pyarrow.csv as pacsv
 
-            pacsv.write_csv(result, sys.stdout.buffer)
+            pacsv.write_csv(csv_ready(result), sys.stdout.buffer)
         elif format is OutputFormat.json:
             for row in result.to_pylist():
                 sys.stdout.write(json.dumps(row, default=str) + "\n")
@@ -96,7 +130,8 @@ def register(app: typer.Typer) -> None:
         workspace: WorkspaceOpt = None,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     ) -> None:
-        """Everything known about one sample: source row, images, distortions, rewrites, scores, decisions, exports.
+        """Everything known about one sample: source row, images, distortions, rewrites and their models,
+        scores, decisions, exports, and the runs that recorded them.
 
         Example: polite explain s_0123456789abcdef
         """
@@ -108,10 +143,11 @@ def register(app: typer.Typer) -> None:
             return
         sample = report["sample"]
         console.rule(f"[bold]{sample_id}[/]  {sample['source']}/{sample['split']}  ({sample['task_type']})")
-        for key in ("status", "error", "source_key", "source_revision", "instruction", "raw_response", "meta"):
+        for key in ("status", "error", "duplicate_of", "source_key", "source_row", "source_revision",
+                    "instruction", "raw_response", "meta"):  # fmt: skip
             if sample.get(key) not in (None, "", {}):
                 console.print(f"[bold]{key}:[/] {sample[key]}", highlight=False)
-        for part in ("images", "pairs", "rewrites", "scores", "decisions", "exports", "runs"):
+        for part in ("images", "pairs", "rewrites", "models", "scores", "decisions", "exports", "runs"):
             rows = report[part]
             console.print(f"\n[bold]{part}[/] ({len(rows)})")
             for row in rows:
