@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -355,6 +356,32 @@ def test_recent_runs_times_a_running_run_in_utc_whatever_the_local_zone(workspac
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert 4 <= float(out.stdout.strip()) < 120
+
+
+def test_runs_on_a_narrow_terminal_print_each_run_s_counts_under_it(workspace):
+    """At 80 columns the table's summary column was a few characters wide, a dozen lines per run: a narrow
+    terminal gets a line per run and its counts wrapped under it, every count whole."""
+    import json as _json
+    from datetime import datetime
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    summary = {"selected": 600, "ok": 598, "failed": 2, "tokens_per_s": 1307.25, "model_id": "m_x",
+               **{f"count_{i}": i for i in range(12)}}  # fmt: skip
+    with store.writer() as con:
+        con.execute("INSERT INTO runs (run_id, flow, status, started_at, finished_at, summary) VALUES "
+                    "('run_a', 'rewrite', 'completed', ?, ?, ?)",
+                    [datetime(2026, 11, 26, 21, 57), datetime(2026, 11, 26, 21, 58), _json.dumps(summary)])  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", "from polite.cli import app; app()", "runs", "--workspace", str(workspace.root)],
+                         env={**os.environ, "COLUMNS": "80"}, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1].split() == ["run_a", "rewrite", "completed", "11-26", "21:57:00", "60.0", "s"]
+    counts = " ".join(line.strip() for line in lines[2:])
+    assert all(line.startswith("    ") and len(line) <= 80 for line in lines[2:])
+    assert "selected=600, ok=598, failed=2, tokens_per_s=1307" in counts and "count_11=11" in counts
+    assert "model_id" not in counts
 
 
 def test_explain_names_every_run_model_and_image_of_a_sample(workspace):

@@ -84,6 +84,28 @@ def compact_summary(summary, width: int = 90) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+# Below this a table's summary column is a few characters wide and every run takes a dozen lines.
+RUNS_TABLE_WIDTH = 110
+
+
+def _started(row: dict) -> str:
+    return row["started_at"].strftime("%m-%d %H:%M:%S") if row["started_at"] else ""
+
+
+def runs_as_lines(rows: list[dict], width: int) -> list[str]:
+    """Recent runs for a narrow terminal: a line of run, flow, status, start (UTC) and seconds, then its counts
+    wrapped to ``width`` under it."""
+    import textwrap
+
+    lines = []
+    for row in rows:
+        lines.append(f"{row['run_id']}  {row['flow']:<15} {row['status']:<9} {_started(row)}  {row['seconds']} s")
+        summary = compact_summary(row["summary"], width=400)
+        if summary:
+            lines.extend(textwrap.wrap(summary, width=width, initial_indent="    ", subsequent_indent="    "))
+    return lines
+
+
 def register(app: typer.Typer) -> None:
     @app.command("sql")
     @user_errors
@@ -167,12 +189,17 @@ def register(app: typer.Typer) -> None:
         from lineage.queries import recent_runs
 
         rows = recent_runs(_store(workspace), limit)
-        table = Table(title="recent runs (full rows: polite sql \"SELECT * FROM runs\")")
+        title = "recent runs (full rows: polite sql \"SELECT * FROM runs\")"
+        if console.width < RUNS_TABLE_WIDTH:
+            console.print(title, highlight=False)
+            for line in runs_as_lines(rows, console.width):
+                console.print(line, highlight=False, markup=False)
+            return
+        table = Table(title=title)
         for name, opts in (("run_id", {"no_wrap": True}), ("flow", {}), ("status", {}), ("started", {"no_wrap": True}),
                            ("s", {"justify": "right"}), ("summary", {"overflow": "fold"})):  # fmt: skip
             table.add_column(name, **opts)
         for row in rows:
-            started = row["started_at"].strftime("%H:%M:%S") if row["started_at"] else ""
-            table.add_row(row["run_id"], row["flow"], row["status"], started, str(row["seconds"]),
+            table.add_row(row["run_id"], row["flow"], row["status"], _started(row), str(row["seconds"]),
                           compact_summary(row["summary"]))  # fmt: skip
         console.print(table)

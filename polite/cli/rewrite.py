@@ -10,11 +10,11 @@ from polite.cli.common import ConfigOpt, WorkspaceOpt, check_predicate, console,
 
 REWRITE_EXAMPLES = """
 Examples:
-  polite rewrite                                  # every selected sample not yet rewritten with this model/settings
-  polite rewrite --model workspace/models/m_123   # a model folder (registered in the lineage) or a model_id
-  polite rewrite --preset paper                   # the released decoding: 3 beams, sampling, no-repeat 3-grams
+  polite rewrite                        # every selected sample not yet rewritten with this model/settings
+  polite rewrite --model workspace/models/rewriter-0123abcd   # a model folder (in the lineage) or a model_id
+  polite rewrite --preset paper         # the released decoding: 3 beams, sampling, no-repeat 3-grams
   polite rewrite --set rewrite.overrides.max_new_tokens=256 --set rewrite.token_budget=32768
-  polite rewrite --retry-failed                   # only samples whose attempts all failed
+  polite rewrite --retry-failed         # only samples whose attempts all failed
 """
 RERUN_EXAMPLES = """
 Examples:
