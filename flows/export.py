@@ -39,7 +39,7 @@ image_paths AS (
 ),
 extra AS (
     SELECT rewrite_id,
-        max(score) FILTER (WHERE scorer IN ('rouge', 'rouge_l')) AS rouge,
+        arg_max(score, created_at) FILTER (WHERE scorer IN ('rouge', 'rouge_l')) AS rouge,  -- the newest version's
         arg_max(details, created_at) FILTER (WHERE scorer = 'clipscore') AS clip_details
     FROM scores WHERE rewrite_id IN (SELECT rewrite_id FROM picked) GROUP BY rewrite_id
 )
