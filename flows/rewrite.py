@@ -252,10 +252,14 @@ def cut_shards(
 # -- ingesting results --------------------------------------------------------------------------------------
 # ``new``: the stored rows of the file's rewrite ids, not the file's copies (another file may have stored an
 # id first, with another outcome)
+# The new rows as stored: a late ok copy of a row stored as failed supersedes nothing. The stored ids are
+# materialized first; as a plain subquery DuckDB joined the whole table in (rerun shards 444 vs 250 ms at 1M).
 _SUPERSEDE = """
 UPDATE rewrites AS old SET superseded_by = new.rewrite_id
-FROM (SELECT * FROM rewrites WHERE rewrite_id IN (SELECT rewrite_id FROM _new)) AS new
-WHERE new.status = 'ok' AND old.status = 'ok' AND old.superseded_by IS NULL
+FROM (WITH stored AS MATERIALIZED (
+          SELECT rewrite_id FROM rewrites WHERE status = 'ok' AND rewrite_id IN (SELECT rewrite_id FROM _new))
+      SELECT * FROM _new WHERE rewrite_id IN (SELECT rewrite_id FROM stored)) AS new
+WHERE old.status = 'ok' AND old.superseded_by IS NULL
   AND old.sample_id = new.sample_id AND old.model_id = new.model_id
   AND old.prompt_version = new.prompt_version AND old.settings_hash = new.settings_hash
   AND old.attempt < new.attempt
