@@ -9,6 +9,7 @@ That lets ``polite sql`` run while a long flow is going; see bench/lineage_concu
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -45,6 +46,14 @@ class LineageLockedError(RuntimeError):
     """Another process held the database for longer than the caller was willing to wait."""
 
 
+# How long a connection waits for the file while another process has it (a flow's writer, by default).
+LOCK_TIMEOUT_S = 120.0
+
+
+class QueryTimeLimitError(ValueError):
+    """A user query ran past its time limit and was stopped (it would keep running flows from writing)."""
+
+
 class ReadOnlyQueryError(ValueError):
     """A user query tried to write, attach, copy, install or read outside the database."""
 
@@ -75,7 +84,7 @@ def _views_sql() -> str:
 class LineageStore:
     """Handle on one ``lineage.duckdb`` file. Cheap to create; holds no connection between calls."""
 
-    def __init__(self, db_path: str | Path, lock_timeout_s: float = 120.0):
+    def __init__(self, db_path: str | Path, lock_timeout_s: float = LOCK_TIMEOUT_S):
         self.db_path = Path(db_path)
         self.lock_timeout_s = lock_timeout_s
 
@@ -371,16 +380,33 @@ class LineageStore:
         with self.reader(timeout_s=timeout_s) as con:
             return con.sql(sql, params=params or None).to_arrow_table()
 
-    def user_query(self, sql: str, timeout_s: float | None = None) -> pa.Table:
-        """Run user SQL: a single SELECT, read-only, without file or network access."""
+    def user_query(self, sql: str, timeout_s: float | None = None, time_limit_s: float | None = None) -> pa.Table:
+        """Run user SQL: a single SELECT, read-only, without file or network access.
+
+        ``time_limit_s``: stop the query after this long (None or 0: no limit). While any connection has the file
+        open no flow can write it, and a flow's writer gives up after ``LOCK_TIMEOUT_S``: a query that runs longer
+        would fail a running flow."""
         check_read_only_sql(sql)
         with self.reader(timeout_s=timeout_s, sandboxed=True) as con:
+            timer = threading.Timer(time_limit_s, con.interrupt) if time_limit_s else None
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
             try:
                 return con.sql(sql).to_arrow_table()
             except duckdb.PermissionException as exc:
                 raise ReadOnlyQueryError(
                     f"refused: {exc}. `polite sql` only reads the lineage database."
                 ) from exc
+            except duckdb.InterruptException:
+                raise QueryTimeLimitError(
+                    f"the query was stopped after {time_limit_s:g} s: while it reads, no flow can write the lineage, "
+                    f"and a flow waits {LOCK_TIMEOUT_S:g} s at most. Narrow it (a WHERE, a LIMIT), or give it "
+                    "more time (--time-limit SECONDS, 0 for none) when no flow is running."
+                ) from None
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     def check_predicate(self, where: str, source: str, option: str) -> None:
         """Raise ``PredicateError`` unless ``where`` runs as a predicate over ``source`` (a table, view or join).

@@ -476,3 +476,21 @@ def test_explain_on_a_database_older_than_the_code_says_how_to_upgrade_it(worksp
         explain(store, "s_a")
     store.migrate()
     assert explain(store, "s_a")["sample"]["sample_id"] == "s_a"
+
+
+def test_a_user_query_past_its_time_limit_is_stopped_so_flows_can_write(workspace):
+    """While `polite sql` has the file open no flow can write it, and a flow's writer waits LOCK_TIMEOUT_S at
+    most: a query is stopped at its time limit with what to do, and the file is free for a writer at once."""
+    from lineage.store import LOCK_TIMEOUT_S, QueryTimeLimitError
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    endless = "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b"
+    started = time.monotonic()
+    with pytest.raises(QueryTimeLimitError, match=r"stopped after 0.5 s.*a flow waits 120 s at most.*--time-limit"):
+        store.user_query(endless, time_limit_s=0.5)
+    assert time.monotonic() - started < 30 and LOCK_TIMEOUT_S == 120
+    with LineageStore(workspace.db_path, lock_timeout_s=1).writer() as con:  # the reader let go of the file
+        con.execute("SELECT 1")
+    # a query within its limit answers as before
+    assert store.user_query("SELECT 42 AS n", time_limit_s=5).to_pylist() == [{"n": 42}]

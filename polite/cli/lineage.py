@@ -114,6 +114,10 @@ def register(app: typer.Typer) -> None:
         workspace: WorkspaceOpt = None,
         format: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
         output: Annotated[str | None, typer.Option("--output", "-o", help="File for --format parquet.")] = None,
+        time_limit: Annotated[float, typer.Option(
+            "--time-limit", min=0,
+            help="Stop the query after this many seconds (0: no limit). While it reads, no flow can write the "
+                 "lineage, and a running flow waits 120 s at most.")] = 60.0,  # fmt: skip
     ) -> None:
         """Query the lineage database, read-only (safe while a run is going).
 
@@ -124,7 +128,7 @@ def register(app: typer.Typer) -> None:
         from lineage.store import sql_error_summary
 
         try:
-            result = _store(workspace).user_query(query)
+            result = _store(workspace).user_query(query, time_limit_s=time_limit)
         except duckdb.Error as exc:  # the user's SQL: a line that says what is wrong, not a traceback
             raise ValueError(f"{sql_error_summary(exc)}. Tables and views: polite sql \"SHOW TABLES\"; "
                              f'a table\'s columns: polite sql "DESCRIBE rewrites"') from None  # fmt: skip
