@@ -95,7 +95,7 @@ class LineageStore:
         delay = 0.005
         while True:
             try:
-                return duckdb.connect(str(self.db_path), read_only=read_only, config=config or {})
+                con = duckdb.connect(str(self.db_path), read_only=read_only, config=config or {})
             except (duckdb.IOException, duckdb.ConnectionException) as exc:
                 if not _is_lock_error(exc) or time.monotonic() >= deadline:
                     if _is_lock_error(exc):
@@ -106,6 +106,11 @@ class LineageStore:
                     raise
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.25)
+                continue
+            # every stored timestamp in UTC: the column defaults (current_timestamp) follow the session's zone,
+            # which is the machine's, while the flows write UTC (runs, decisions)
+            con.execute("SET TimeZone = 'UTC'")
+            return con
 
     @contextmanager
     def writer(self, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -494,3 +494,25 @@ def test_a_user_query_past_its_time_limit_is_stopped_so_flows_can_write(workspac
         con.execute("SELECT 1")
     # a query within its limit answers as before
     assert store.user_query("SELECT 42 AS n", time_limit_s=5).to_pylist() == [{"n": 42}]
+
+
+def test_stored_timestamps_are_utc_whatever_the_machine_s_zone(workspace):
+    """Column defaults (`created_at` of rewrites, scores, exports, ...) follow the session's time zone, the
+    machine's, while the flows write runs and decisions in UTC: every connection is set to UTC, so "latest"
+    orderings and the times users query agree."""
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    script = textwrap.dedent(f"""
+        from datetime import UTC, datetime
+        import pyarrow as pa
+        from lineage.store import LineageStore
+        store = LineageStore({str(workspace.db_path)!r})
+        store.ingest_arrow("exports", pa.table({{"export_id": ["x_1"], "format": ["pf1m"], "path": ["/x"]}}))
+        stored = store.query("SELECT created_at FROM exports").to_pylist()[0]["created_at"]
+        print(abs((datetime.now(UTC).replace(tzinfo=None) - stored).total_seconds()))
+    """)
+    env = {**os.environ, "TZ": "Pacific/Kiritimati"}  # UTC+14: a local-time default is 14 hours off
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) < 60
