@@ -53,18 +53,6 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _not_upgraded(store: LineageStore, con) -> ValueError | None:
-    """Why a canned query misses a table or column: a database that no writing command has migrated yet to
-    this code's schema (a reader opens it read-only, so it cannot migrate it)."""
-    pending = store.pending_migrations(con)
-    if not pending:
-        return None
-    return ValueError(
-        f"{store.db_path} is not yet upgraded to this version of polite (pending: {', '.join(pending)}); "
-        "any command that writes it (polite ingest, polite filter, polite run, ...) applies them first"
-    )
-
-
 def explain(store: LineageStore, sample_id: str) -> dict[str, Any]:
     """Everything known about one sample, stage by stage. Raises KeyError for an unknown id."""
     report: dict[str, Any] = {}
@@ -73,7 +61,7 @@ def explain(store: LineageStore, sample_id: str) -> dict[str, Any]:
             try:
                 rows = con.sql(sql, params={"id": sample_id}).to_arrow_table().to_pylist()
             except duckdb.CatalogException as exc:
-                upgrade = _not_upgraded(store, con)
+                upgrade = store.not_upgraded(con)
                 if upgrade is None:
                     raise
                 raise upgrade from exc

@@ -50,6 +50,10 @@ class LineageLockedError(RuntimeError):
 LOCK_TIMEOUT_S = 120.0
 
 
+class LineageNotUpgradedError(ValueError):
+    """The database has migrations this code has not applied yet; a writing command applies them."""
+
+
 class QueryTimeLimitError(ValueError):
     """A user query ran past its time limit and was stopped (it would keep running flows from writing)."""
 
@@ -174,6 +178,17 @@ class LineageStore:
         except duckdb.CatalogException:
             done = set()
         return [name for version, name, _ in _migrations() if version not in done]
+
+    def not_upgraded(self, con: duckdb.DuckDBPyConnection) -> LineageNotUpgradedError | None:
+        """Why a query misses a table or column when the database predates this code's schema (a reader opens it
+        read-only and cannot migrate it); None when it is up to date."""
+        pending = self.pending_migrations(con)
+        if not pending:
+            return None
+        return LineageNotUpgradedError(
+            f"{self.db_path} is not yet upgraded to this version of polite (pending: {', '.join(pending)}); "
+            "any command that writes it (polite ingest, polite filter, polite run, ...) applies them first"
+        )
 
     # -- the single writer's bulk paths ------------------------------------------------------------
     def ingest_parquet(
@@ -403,6 +418,11 @@ class LineageStore:
                 raise ReadOnlyQueryError(
                     f"refused: {exc}. `polite sql` only reads the lineage database."
                 ) from exc
+            except (duckdb.CatalogException, duckdb.BinderException) as exc:
+                upgrade = self.not_upgraded(con)
+                if upgrade is None:
+                    raise
+                raise upgrade from exc
             except duckdb.InterruptException:
                 raise QueryTimeLimitError(
                     f"the query was stopped after {time_limit_s:g} s: while it reads, no flow can write the lineage, "

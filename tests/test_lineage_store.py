@@ -9,6 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 
@@ -474,8 +475,14 @@ def test_explain_on_a_database_older_than_the_code_says_how_to_upgrade_it(worksp
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"not yet upgraded.*008_decision_settings.sql.*polite ingest"):
         explain(store, "s_a")
+    # `polite sql` over a table or column a pending migration adds says the same, not "does not exist"
+    for sql in ("SELECT * FROM decision_settings", "SELECT duplicate_of FROM samples"):
+        with pytest.raises(ValueError, match=r"not yet upgraded.*009_.*polite ingest"):
+            store.user_query(sql)
     store.migrate()
     assert explain(store, "s_a")["sample"]["sample_id"] == "s_a"
+    with pytest.raises(duckdb.CatalogException):  # an up-to-date database: the user's own mistake, as it was
+        store.user_query("SELECT * FROM no_such_table")
 
 
 def test_a_user_query_past_its_time_limit_is_stopped_so_flows_can_write(workspace):
