@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"mode": mode, "cache_new_tokens": modes[mode], "round": k,
                    "seconds": round(time.perf_counter() - started, 2),
                    **{name: round(value, 3) for name, value in total.items()},
-                   "rows_per_batch": round(total["ok"] / total["batches"], 1), "stream_rows": stats["stream_rows"],
+                   # continuous: a shard's stream counts as one batch, so its rows are stream_rows, not this
+                   "rows_per_batch": round(total["ok"] / total["batches"], 1) if args.scheduling == "static" else None,
+                   "stream_rows": stats["stream_rows"],
                    "kv_cache_mb": round(decoder.kv_cache_bytes / 2**20, 2),
                    "tokens_per_s": round(total["output_tokens"] / total["generate_s"], 1)}  # fmt: skip
             runs.append(row)

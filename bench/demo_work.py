@@ -23,10 +23,11 @@ def report(result: dict, by: str, out: str | None) -> dict:
     """Add the median ``generate_s`` of ``result["runs"]`` for each value of ``by``, print the result without its
     runs, and write all of it as JSON to ``out`` if given."""
     import json
+    import statistics
 
     for kind in dict.fromkeys(r[by] for r in result["runs"]):
-        mine = sorted(r["generate_s"] for r in result["runs"] if r[by] == kind)
-        result[f"{kind}_median_generate_s"] = mine[len(mine) // 2]
+        mine = [r["generate_s"] for r in result["runs"] if r[by] == kind]
+        result[f"{kind}_median_generate_s"] = round(statistics.median(mine), 3)  # of 2 rounds: their mean
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}), flush=True)
     if out:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")

@@ -1,8 +1,8 @@
 """CPU benchmark of the rewrite generator with the tiny model: plain HF generate vs the fast decoder, per batch size.
 
 Real prompts (models.prompts.rewrite_prompt), real PNG images through the tiny model's image processor, the
-batching engine with prefetch, greedy decoding forced to --new-tokens tokens. Prints one line per setting and a
-summary; use it to see the CPU-side overheads (Python per step) that the GPU benchmark removes with CUDA graphs.
+batching engine with prefetch, greedy decoding forced to --new-tokens tokens. Prints one JSON line per setting
+(backend, batch); use it to see the CPU-side overheads (Python per step) that the GPU benchmark removes with CUDA graphs.
 
     .venv/bin/python bench/rewrite_cpu.py                 # ~1 min on 2 cores
     .venv/bin/python bench/rewrite_cpu.py --samples 256 --batches 1,16,64 --new-tokens 64
