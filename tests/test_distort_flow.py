@@ -146,8 +146,11 @@ def test_distort_flow_resumes_retries_and_exports(prefect_harness, workspace, tm
 
     ds = datasets.load_from_disk(only_llm)
     assert len(ds) == 3 and set(ds["method"]) == {"llm"}
-    with pytest.raises(Exception, match="refused|statement"):
+    from lineage.store import PredicateError
+
+    with pytest.raises(PredicateError, match=r"--where .* is not a predicate over .*give exactly one statement"):
         write_training_set(None, ws, where="true); DELETE FROM pairs; SELECT (1")
+    assert pairs(store) == after  # the smuggled DELETE never ran
 
     # The CLI: export to the default path; --where without an export is a user error, not a traceback.
     from typer.testing import CliRunner

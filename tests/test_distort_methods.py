@@ -70,15 +70,23 @@ def test_each_step_fires_about_half_the_time_and_both_branches_are_hit():
 def test_augment_steps_do_what_they_say():
     settings = AugmentSettings(p_keep_first=1, p_shuffle=0, p_char=0, p_word=0)
     text, steps, _ = augment_text(RESPONSE, settings, seed=5)
-    assert RESPONSE.startswith(text) and steps[0]["op"] == "keep_first"
+    (step,) = steps
+    assert step["op"] == "keep_first" and 1 <= step["k"] < step["of"] == len(sentence_spans(RESPONSE))
+    assert text == keep_first(RESPONSE, step["k"]) and len(sentence_spans(text)) == step["k"]
     shuffle_only = AugmentSettings(p_keep_first=0, p_shuffle=1, p_char=0, p_word=0)
-    text, steps, _ = augment_text(RESPONSE, shuffle_only, seed=11)
-    originals = sorted(RESPONSE[a:b].strip() for a, b in sentence_spans(RESPONSE))
-    joiner = steps[0]["joiner"]
-    pieces = text.split("\n") if joiner == "\n" else None
-    if pieces is not None:
-        assert sorted(pieces) == originals  # a permutation of the sentences
-    assert sorted("".join(originals)) == sorted(text.replace("\n", ""))
+    sentences = [RESPONSE[a:b].strip() for a, b in sentence_spans(RESPONSE)]
+    joiners = set()
+    for seed in (11, 12):  # seed 11 draws the "" joiner, seed 12 the line break: both branches are checked
+        text, steps, _ = augment_text(RESPONSE, shuffle_only, seed=seed)
+        (step,) = steps
+        order = step["order"]
+        assert step["op"] == "shuffle" and sorted(order) == list(range(len(sentences)))
+        assert order != sorted(order)  # really reordered
+        assert text == step["joiner"].join(sentences[i] for i in order)  # whole sentences, in the drawn order
+        if step["joiner"] == "\n":
+            assert sorted(text.split("\n")) == sorted(sentences)  # a permutation of the sentences
+        joiners.add(step["joiner"])
+    assert joiners == {"", "\n"}
     delete_words = AugmentSettings(p_keep_first=0, p_shuffle=0, p_char=0, p_word=1, word_actions=["delete"])
     text, steps, _ = augment_text(RESPONSE, delete_words, seed=3)
     assert len(text.split()) < len(RESPONSE.split())

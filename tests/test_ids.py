@@ -32,7 +32,7 @@ def test_stable_hashes_refuses_what_json_would_spell_differently():
         stable_hashes("rewrite", ["s_1"], [True])
     with pytest.raises(TypeError, match="strings and ints"):
         stable_hashes("rewrite", [1.5])
-    with pytest.raises(ValueError):  # columns of different lengths
+    with pytest.raises(ValueError, match="argument 2 is shorter than argument 1"):  # columns of different lengths
         stable_hashes(["a", "b"], [1])
 
 

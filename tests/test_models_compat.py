@@ -168,17 +168,29 @@ def test_activation_checkpointing_reaches_the_wrapped_decoder_layers(built):
     enc = tok(["<image><|endofchunk|> a red bus on the street"], return_tensors="pt")
     vision_x = torch.randn(1, 1, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
+    layers = [m for m in model.lang_encoder.model.layers]
+    assert layers
+    # each decoder layer's attention calls, the backward's recomputations included (the recomputation runs the
+    # layer's forward, not its __call__, so a hook on the layer itself sees the first pass only)
+    calls = []
+    hooks = [layer.decoder_layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in layers]
+
     def grads():
+        calls.clear()
         model.zero_grad(set_to_none=True)
         loss, _ = masked_loss_sum(model(vision_x, enc["input_ids"]).logits, enc["input_ids"])
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain = grads()
+    assert len(calls) == len(layers)  # one forward each, nothing recomputed
     compat.enable_activation_checkpointing(model)
-    layers = [m for m in model.lang_encoder.model.layers]
     assert all(getattr(layer.decoder_layer, "gradient_checkpointing", False) for layer in layers)
     recomputed = grads()
-    assert plain.keys() == recomputed.keys()
+    assert len(calls) == 2 * len(layers)  # the backward really ran each decoder layer again
+    for hook in hooks:
+        hook.remove()
+    assert plain and plain.keys() == recomputed.keys()
+    assert any("lora_" in name for name in plain) and any("gated_cross_attn" in name for name in plain)
     for name in plain:
         torch.testing.assert_close(plain[name], recomputed[name], rtol=1e-5, atol=1e-6)

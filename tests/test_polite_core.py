@@ -60,7 +60,7 @@ def test_a_failed_byte_write_leaves_no_temporary_file(tmp_path, monkeypatch):
         raise PermissionError("read-only destination")
 
     monkeypatch.setattr(LocalFileSystem, "mv", refuse)
-    with pytest.raises(PermissionError):
+    with pytest.raises(PermissionError, match="read-only destination"):  # the move's own error, unchanged
         write_bytes_atomic(b"image bytes", str(tmp_path / "images" / "ab" / "i_ab.png"))
     assert list((tmp_path / "images" / "ab").iterdir()) == []
 

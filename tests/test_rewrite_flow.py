@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 import torch
 import yaml
@@ -246,7 +247,9 @@ def test_a_deployment_passes_the_config_as_a_path(prefect_harness, workspace, mo
     assert (by_path["selected"], by_path["ok"], by_path["workspace"]) == (2, 2, workspace.root)
     inline = rewrite_flow(config=_config(shard_size=8), workspace=workspace.root)
     assert inline["settings_hash"] == by_path["settings_hash"] and inline["selected"] == 2
-    with pytest.raises(Exception, match="does not exist"):
+    from polite.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"config file {tmp_path / 'missing.yaml'} does not exist"):
         rewrite_flow(config=str(tmp_path / "missing.yaml"))
 
 
@@ -570,7 +573,7 @@ def test_ingesting_a_result_is_all_or_nothing(workspace, monkeypatch):
     ingest_result(store, result(1), "run_x", key)
     second = result(2)
     monkeypatch.setattr(flows.rewrite, "_SUPERSEDE", "SELECT error('killed while superseding')")
-    with pytest.raises(Exception, match="killed while superseding"):
+    with pytest.raises(duckdb.Error, match="killed while superseding"):
         ingest_result(store, second, "run_x", key)
     accepted = "SELECT rewrite_id FROM rewrites WHERE status = 'ok' AND superseded_by IS NULL ORDER BY 1"
     assert _rows(workspace, accepted) == [{"rewrite_id": "r_1"}]

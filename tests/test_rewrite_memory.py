@@ -22,7 +22,7 @@ from models.memory import (
     token_budget_for,
     usable_bytes,
 )
-from polite.config import load_config
+from polite.config import ConfigError, load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 torch.set_num_threads(1)
@@ -78,8 +78,8 @@ def test_the_setting_takes_auto_or_a_positive_count(tmp_path):
 
     assert load_config(None).rewrite.token_budget == "auto"
     assert rewrite(32768).token_budget == 32768
-    for bad in ("0", "lots"):
-        with pytest.raises(Exception, match="token_budget"):
+    for bad, shown in (("0", "0"), ("lots", "'lots'"), ("-4096", "-4096")):
+        with pytest.raises(ConfigError, match=rf"rewrite\.token_budget: .*positive number of KV-cache slots, not {shown}$"):
             rewrite(bad)
 
 

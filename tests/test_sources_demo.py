@@ -57,24 +57,67 @@ def test_demo_ingest_ids_counts_and_shape(tmp_path, workspace):
     assert sorted(s.sample_id for s in again) == sorted(s.sample_id for s in samples)
 
 
+def _where_by_thirds(box: tuple[int, int, int, int], size: int) -> str:
+    """The answer to "Where is ...?": the third of the image the shape's centre is in, per axis."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    col = "left" if cx < size / 3 else "right" if cx > 2 * size / 3 else ""
+    row = "top" if cy < size / 3 else "bottom" if cy > 2 * size / 3 else ""
+    return f"{row} {col}".strip() or "centre"
+
+
 def test_answers_are_true_of_the_scene():
+    import io
+
+    from PIL import Image
+
+    from tasks.sources.demo_scenes import BACKGROUNDS, SIZE
+
+    asked_kinds = set()
     for index in range(60):
         scene = make_scene(index)
         record = scene_record(scene)
         names = [s.name for s in scene.shapes]
         for question, answer, polite in record["qa"]:
             if question == "How many shapes are there?":
+                kind = "count"
                 assert answer == str(len(scene.shapes))
+            elif question.startswith("How many "):  # "How many circles are there?"
+                kind = "count of a kind"
+                shape = question[len("How many "):-len("s are there?")]
+                assert answer == str(sum(s.kind == shape for s in scene.shapes))
             elif question.startswith("Is there "):
+                kind = f"is there ({answer})"
                 asked = question[len("Is there "):-1].split(" ", 1)[1]  # drop the article
                 assert answer == ("yes" if asked in names else "no")
                 assert polite.startswith("Yes, " if answer == "yes" else "No, ")
-            elif question.startswith("What colour is the ") and question != "What colour is the background?":
-                kind = question[len("What colour is the "):-1]
-                assert f"{answer} {kind}" in names
+            elif question == "What colour is the background?":
+                kind = "background"
+                assert answer == scene.background
+                corner = Image.open(io.BytesIO(render_png(scene))).convert("RGB").getpixel((0, 0))
+                assert corner == BACKGROUNDS[answer]  # what the picture shows
+            elif question.startswith("What colour is the "):
+                kind = "colour"
+                shape = question[len("What colour is the "):-1]
+                (only,) = [s for s in scene.shapes if s.kind == shape]  # asked only of the one shape of a kind
+                assert answer == only.colour
+            elif question.startswith("What shape is the "):
+                kind = "shape"
+                colour = question[len("What shape is the "):-len(" object?")]
+                (only,) = [s for s in scene.shapes if s.colour == colour]
+                assert answer == only.kind
+            elif question.startswith("Where is the "):
+                kind = "where"
+                (only,) = [s for s in scene.shapes if s.name == question[len("Where is the "):-1]]
+                assert answer == _where_by_thirds(only.box, SIZE)
+            else:
+                raise AssertionError(f"a question this test does not check: {question!r}")
+            asked_kinds.add(kind)
         for name in names:
             assert name in record["description"]
         assert 2 <= len(scene.shapes) <= 4
+    # every kind of question was met and checked (60 scenes x 2 questions)
+    assert asked_kinds == {"count", "count of a kind", "is there (yes)", "is there (no)", "background", "colour",
+                           "shape", "where"}  # fmt: skip
 
 
 def test_leftmost_and_rightmost_are_by_centre():
