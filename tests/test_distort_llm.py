@@ -101,6 +101,7 @@ def test_method_llm_with_a_local_model_is_deterministic_and_records_every_pair(t
     first = [p.to_row() for p in distort_llm(rows(4), settings, backend, "v_l", run_seed=1)]
     second = [p.to_row() for p in distort_llm(rows(4), settings, backend, "v_l", run_seed=1)]
     assert first == second
+    assert sorted(r["sample_id"] for r in first) == [f"s_llm_{i}" for i in range(4)]  # one pair per row, none lost
     for r in first:
         assert r["llm"] == backend.identity and r["template_version"] == "distort-llm-v1"
         # A random model says random things: either a usable distortion or a failure with its reason.

@@ -62,7 +62,10 @@ def test_sql_rule_and_reason_match_python():
         _item("3", "There are three shapes."),
     ]
     con = duckdb.connect()
-    for score, details in scorer.measure(items):
+    measured = scorer.measure(items)
+    # the flipped yes/no and the wrong corner fail (their SQL reason is compared too), the count passes
+    assert [scorer.passes(score, details) for score, details in measured] == [False, False, True]
+    for score, details in measured:
         payload = json.dumps(details)
         sql_pass, sql_reason = con.execute(
             f"SELECT {scorer.passes_sql('s', 'd')}, {scorer.reason_sql('s', 'd')} FROM (SELECT ?::DOUBLE s, ?::VARCHAR d)",

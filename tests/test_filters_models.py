@@ -104,6 +104,7 @@ def test_nli_builds_the_method_pair_and_stores_three_probabilities(tiny):
         for i in range(5)
     ]
     results = scorer.score_batch(items)
+    assert len(results) == len(items)
     for r in results:
         p = r.details
         assert p["entailment"] + p["neutral"] + p["contradiction"] == pytest.approx(1.0, abs=1e-4)

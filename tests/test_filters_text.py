@@ -83,6 +83,7 @@ def test_truncated(text, truncated):
 def test_rules_in_sql_match_python_for_every_cheap_scorer():
     settings = FilterSettings(length={"min_tokens": 5, "max_chars": 60}, unchanged={"max_similarity": 0.8})
     chain = build_chain(settings, only=["length", "unchanged", "repetition", "truncated"])
+    assert [s.name for s in chain.scorers] == ["length", "unchanged", "repetition", "truncated"]
     texts = [
         "Yes.",
         "A dog on a couch",
