@@ -2,6 +2,10 @@
 
 The root may be any fsspec URL (shards, images and exports go there); the DuckDB file is always local,
 next to the root when the root is local, else under ``POLITE_DB_DIR`` (default ``./.polite``).
+
+The lineage stores every path inside the workspace relative to its root (``images/ab/i_ab....png``), so a
+workspace can be moved or copied whole: `Workspace.stored` makes the stored form, `Workspace.locate` reads it
+back. Paths outside the workspace (a model folder passed with ``--model``) stay as given.
 """
 
 from __future__ import annotations
@@ -9,17 +13,26 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from polite.ids import stable_hash
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 DEFAULT_WORKSPACE = "./workspace"
 
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
+
+
+def is_absolute(path: str) -> bool:
+    """A URL or an absolute local path (as opposed to a path relative to a workspace)."""
+    return "://" in path or path.startswith("/")
 
 
 def _strip_file_scheme(url: str) -> str:
@@ -48,6 +61,41 @@ class Workspace:
 
     def url(self, *parts: str) -> str:
         return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def stored(self, path: str | os.PathLike) -> str:
+        """How the lineage records ``path``: relative to the root when inside it, else unchanged."""
+        text = str(path)
+        if self.local:
+            text = _strip_file_scheme(text)
+            if is_local(text) and os.path.isabs(text):
+                # no symlink resolution: a workspace reached through a link stays relative to the link
+                rel = os.path.relpath(os.path.normpath(text), self.root)
+                return text if rel == ".." or rel.startswith("../") else Path(rel).as_posix()
+            return text
+        return text[len(self.root) + 1 :] if text.startswith(self.root + "/") else text
+
+    def locate(self, stored: str | None) -> str | None:
+        """The path of a stored path: relative ones are under the root; absolute paths and URLs as they are."""
+        if not stored or is_absolute(stored):
+            return stored
+        return self.root if stored == "." else self.url(stored)
+
+    def locate_paths(self, table: pa.Table, column: str) -> pa.Table:
+        """``table`` with `locate` applied to its ``column`` of paths or of lists of paths (a sample's images),
+        vectorized: a rewrite selection has a million of them."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        paths = table.column(column).combine_chunks()
+        is_list = pa.types.is_list(paths.type) or pa.types.is_large_list(paths.type)
+        values = paths.values if is_list else paths  # with .offsets, right for a sliced array too
+        as_is = pc.or_kleene(
+            pc.or_kleene(pc.equal(values, ""), pc.starts_with(values, "/")), pc.match_substring(values, "://")
+        )
+        located = pc.if_else(pc.fill_null(as_is, True), values, pc.binary_join_element_wise(self.root + "/", values, ""))
+        if is_list:
+            located = type(paths).from_arrays(paths.offsets, located, mask=paths.is_null() if paths.null_count else None)
+        return table.set_column(table.schema.get_field_index(column), column, located.cast(paths.type))
 
     @property
     def db_path(self) -> Path:

@@ -214,6 +214,47 @@ def test_retry_failed_with_a_count_redoes_the_failed_pairs_even_after_new_sample
     assert sorted(retried) == sorted(r["sample_id"] for r in first)
 
 
+
+def test_a_changed_stop_or_local_dtype_makes_the_pairs_again_and_the_defaults_do_not(workspace):
+    """stop (HTTP) and dtype/device (local) are in the variant only off their old defaults: pairs made with
+    the defaults stay made, and a change selects the same samples again, as new pairs beside the old."""
+    from flows.distort import select_work
+    from polite.config import parse_config
+    from tasks.distort.record import new_pair, pairs_to_table, variant_for
+
+    store = seed_lineage(workspace)
+    raw = config("http://127.0.0.1:9/v1")
+
+    def settings_with(**llm):
+        cfg = json.loads(json.dumps(raw))
+        cfg["distort"]["llm"].update(llm)
+        return parse_config(cfg).distort
+
+    for llm, identity, changed in [
+        ({}, "openai:stub-llm", {"stop": ["\n"]}),
+        ({"backend": "local", "model": "tiny"}, "hf:tiny@0123456789", {"dtype": "bfloat16"}),
+        ({"backend": "local", "model": "tiny"}, "hf:tiny@0123456789", {"device": "cuda"}),
+    ]:
+        settings = settings_with(**llm)
+        entry = next(e for e in settings.mix if e.method == "llm")  # llava, count 3
+        variant = variant_for("llm", settings, 7, identity)
+        work = select_work(store, entry, settings, variant, retry_failed=False).to_pylist()
+        if work:  # the local settings share their variant with each other: made once
+            made = [new_pair(r, "llm", variant, 7, "distort-llm-v1") for r in work]
+            for pair in made:
+                pair.distorted = "short."
+            table = pairs_to_table(made)
+            store.ingest_arrow("pairs", table.append_column("run_id", pa.array(["run_x"] * len(made), pa.string())))
+        assert select_work(store, entry, settings, variant, retry_failed=False).num_rows == 0
+        # The explicit old defaults are the defaults.
+        same = settings_with(**llm, **({"stop": ["### Human:"]} if not llm else {"dtype": "float32", "device": "cpu"}))
+        assert variant_for("llm", same, 7, identity) == variant
+        other = settings_with(**llm, **changed)
+        new_variant = variant_for("llm", other, 7, identity)
+        assert new_variant != variant, changed
+        assert select_work(store, entry, other, new_variant, retry_failed=False).num_rows == 3, changed
+
+
 def test_export_training_set_with_a_misspelt_column_is_a_user_error(workspace):
     """``--where`` is bound against the lineage before the export, as every other command's predicate is: a
     typo stops with the columns it may have meant and exit code 2, not a DuckDB traceback."""

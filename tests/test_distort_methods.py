@@ -301,6 +301,70 @@ def test_variant_changes_with_what_changes_the_text_only():
     assert variant_for("llm", llm, 0, "openai:m") != variant_for("llm", llm, 0, "openai:other")
 
 
+
+def llm_settings(**llm) -> DistortSettings:
+    return DistortSettings(mix=[{"method": "llm"}], llm={"model": "m", **llm})
+
+
+LOCAL_ID = "hf:tiny@0123456789"
+
+
+def test_variants_of_existing_settings_are_pinned():
+    """Values computed before stop, device and dtype joined the variant: a workspace made with these settings
+    must keep its variants, or every pair (LLM calls included) would count as not made and be made again."""
+    assert variant_for("augment", DistortSettings(), 0) == "v_6934c2c93ca4"
+    assert variant_for("retrieve", DistortSettings(), 0) == "v_057ba16fd12f"
+    assert variant_for("llm", llm_settings(), 0, "openai:m") == "v_6be92af22223"
+    assert variant_for("llm", llm_settings(backend="local"), 0, LOCAL_ID) == "v_797d02549768"
+    # Non-default settings that were in the variant already keep theirs too.
+    sampling = llm_settings(temperature=0.7, top_p=0.9, max_new_tokens=128, defect_probability=0.2)
+    assert variant_for("llm", sampling, 7, "openai:m") == "v_da2adf8545a7"
+    local = llm_settings(backend="local", temperature=0.7, max_prompt_tokens=512, batch_size=2)
+    assert variant_for("llm", local, 7, LOCAL_ID) == "v_98e834ea90c9"
+    # Settings equal to the old values, spelt another way, are the old values.
+    assert variant_for("llm", llm_settings(stop=["### Human:", "### Human:"]), 0, "openai:m") == "v_6be92af22223"
+    assert variant_for("llm", llm_settings(backend="local", dtype="float32"), 0, LOCAL_ID) == "v_797d02549768"
+
+
+def test_a_non_default_stop_gives_the_http_backend_a_new_variant():
+    base = variant_for("llm", llm_settings(), 0, "openai:m")
+    none = variant_for("llm", llm_settings(stop=[]), 0, "openai:m")
+    lines = variant_for("llm", llm_settings(stop=["\n"]), 0, "openai:m")
+    both = variant_for("llm", llm_settings(stop=["\n", "### Human:"]), 0, "openai:m")
+    assert len({base, none, lines, both}) == 4
+    assert both == variant_for("llm", llm_settings(stop=["### Human:", "\n"]), 0, "openai:m")  # order: no matter
+    # The HTTP backend sends neither device nor dtype: they leave its variant alone.
+    assert base == variant_for("llm", llm_settings(device="cuda", dtype="float16"), 0, "openai:m")
+
+
+def test_local_dtype_and_device_kind_give_a_new_variant_stop_does_not():
+    def v(**kw) -> str:
+        return variant_for("llm", llm_settings(backend="local", **kw), 0, LOCAL_ID)
+
+    base = v()
+    variants = {
+        "bf16": v(dtype="bfloat16"),
+        "fp16": v(dtype="float16"),
+        "cuda auto (bf16)": v(device="cuda"),
+        "cuda fp32": v(device="cuda", dtype="float32"),
+        "mps": v(device="mps"),
+    }
+    assert base not in variants.values() and len(set(variants.values())) == len(variants), variants
+    assert v(device="cuda:1") == v(device="cuda") == v(device="cuda:0", dtype="bfloat16")  # the index: no matter
+    assert v(device="cpu", dtype="auto") == v(dtype="float32") == base  # auto on the CPU is float32
+    assert v(stop=[]) == v(stop=["\n"]) == base  # the local backend does not use stop
+
+
+def test_resolved_dtype_is_what_the_local_backend_loads():
+    torch = pytest.importorskip("torch")
+    from models.text_lm import _dtype
+
+    for device in ("cpu", "cuda", "cuda:1", "mps", "xpu"):
+        for dtype in ("auto", "float32", "bfloat16", "float16"):
+            llm = llm_settings(backend="local", device=device, dtype=dtype).llm
+            assert getattr(torch, llm.resolved_dtype) is _dtype(dtype, device), (device, dtype)
+
+
 def test_shards_give_the_same_pairs_whatever_the_sharding(tmp_path):
     """A pair depends on its sample and settings only: not on the shard, its size or its order."""
     import pyarrow as pa

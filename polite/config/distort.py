@@ -2,7 +2,7 @@
 
 The ``mix`` says how many (distorted -> original) pairs each method makes from which sources; the method
 sections say how. Everything that changes a pair's text is part of its *variant* (see
-``tasks.distort.variant``), so changing it makes new pairs instead of mixing two settings under one key.
+``tasks.distort.record.variant_for``), so changing it makes new pairs instead of mixing two settings under one key.
 """
 
 from __future__ import annotations
@@ -65,6 +65,14 @@ class LLMSettings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_prompt_tokens: int = Field(default=2048, ge=16)  # longer conversations are cut from the left
     allow_download: bool = False  # let a local backend fetch `model` from the Hub
+
+    @property
+    def resolved_dtype(self) -> str:
+        """The torch dtype name the local backend loads the model in: ``auto`` is bfloat16 on CUDA, else
+        float32. The rule of ``models.text_lm._dtype``, without importing torch (a test checks they agree)."""
+        if self.dtype == "auto":
+            return "bfloat16" if self.device.startswith("cuda") else "float32"
+        return self.dtype
 
     @model_validator(mode="after")
     def _check(self) -> LLMSettings:
