@@ -9,6 +9,7 @@ whether both schedulings wrote the same rewrites.
     .venv/bin/polite run --workspace /tmp/demo_ws               # once: a trained tiny rewriter and 600 samples
     .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --rounds 3
     .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --preset beam --cache-new-tokens 64
+    .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --limit 64 --rounds 1   # a quick check
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--shard-size", type=int, default=512, help="samples per rewrite_shard call, as the flow"
     )
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples of the work")
     parser.add_argument("--order", choices=("image", "sample"), default="image",
                         help="work order: the flow's (by first image, then sample id) or by sample id alone")  # fmt: skip
     parser.add_argument("--preset", default="greedy", help="greedy, beam or paper (3 sampled beams)")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tasks.rewrite import rewrite_shard
 
     torch.set_num_threads(args.threads)
-    demo = DemoShards(args.workspace, WORK_ORDER if args.order == "image" else "sample_id", args.shard_size,
+    demo = DemoShards(args.workspace, WORK_ORDER if args.order == "image" else "sample_id", args.shard_size, args.limit,
                       prefix="rewrite-scheduling-")  # fmt: skip
     model, first, tmp, shards = demo.model, demo.work, demo.folder, demo.shards
     settings = resolve_generation(args.preset, {"max_new_tokens": args.max_new_tokens})

@@ -72,8 +72,9 @@ def explain(store: LineageStore, sample_id: str) -> dict[str, Any]:
     return report
 
 
-# runs.started_at/finished_at are naive UTC (flows.common.utcnow): a running run is timed against UTC now, not
-# now()::TIMESTAMP, which is local time
+# runs.started_at/finished_at are naive UTC (flows.common.utcnow): a running run is timed against UTC now. Every
+# store connection sets TimeZone = 'UTC', so now()::TIMESTAMP is UTC too; AT TIME ZONE 'UTC' keeps the query right
+# on a connection that did not set it
 RECENT_RUNS_SQL = """
 SELECT r.run_id, r.flow, r.status, r.started_at, r.finished_at,
        round(epoch(coalesce(r.finished_at, CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)) - r.started_at), 1)

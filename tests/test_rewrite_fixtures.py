@@ -105,3 +105,23 @@ def register_model(workspace, path: str) -> str:
 def image_path(workspace, image_id: str) -> str:
     lineage = LineageStore(workspace.db_path)
     return lineage.query("SELECT path FROM images WHERE image_id = ?", [image_id]).column("path")[0].as_py()
+
+
+def hold_rewrite_lock(workspace, model_id: str, max_new_tokens: int = 12):
+    """A separate process that holds the rewrite lock of ``model_id`` under the greedy preset with
+    ``max_new_tokens`` (the settings the rewrite tests run) until killed; returned once it holds it."""
+    import subprocess
+    import sys
+
+    from flows.rewrite import rewrite_key
+    from models.generation import resolve_generation
+
+    key = rewrite_key(model_id, resolve_generation("greedy", {"max_new_tokens": max_new_tokens}))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from flows.rewrite import rewrite_lock; "
+         "from polite.workspace import Workspace; lock = rewrite_lock(Workspace.resolve(sys.argv[1]), "
+         f"{key!r}); lock.__enter__(); print('held', flush=True); time.sleep(300)", workspace.root],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    return holder

@@ -62,21 +62,32 @@ def _run(config: dict[str, Any], workspace: str | None, **kwargs: Any) -> dict[s
     from polite.config import parse_config
 
     cfg = parse_config(config)
-    _check_model(workspace or cfg.workspace, kwargs.get("model") or cfg.rewrite.model)
+    _check_model_and_lock(cfg, workspace or cfg.workspace, kwargs.get("model") or cfg.rewrite.model)
     runner = cfg.runner
     with ray_session(runner), stage_resources(runner, "rewrite"):
         flow = rewrite_flow.with_options(task_runner=task_runner_for(runner, "rewrite"))
         return flow(config=config, workspace=workspace, **kwargs)
 
 
-def _check_model(workspace: str, model: str | None) -> None:
-    """A missing rewriter is one line before the flow (and a Prefect server) starts, not a flow run's traceback."""
-    from flows.rewrite import model_folder
+def _check_model_and_lock(cfg, workspace: str, model: str | None) -> None:
+    """A missing rewriter, or a rewrite of the same key (model, prompt, settings) already running in the workspace,
+    is one line before the flow (and a Prefect server) starts, not a flow run's traceback.
+
+    The lock is only probed (taken and dropped at once): the flow takes it for itself, and a rewrite that starts
+    between the two is still stopped by the flow's own lock (polite/locks.py).
+    """
+    from flows.rewrite import generation_settings, model_folder, rewrite_key, rewrite_lock
     from lineage.store import LineageStore
+    from models.loader import as_spec, fingerprint
     from polite.workspace import Workspace
 
     ws = Workspace.resolve(workspace)
-    model_folder(LineageStore(ws.db_path), ws, model)
+    row, path = model_folder(LineageStore(ws.db_path), ws, model)
+    # the flow's key: a registered model's id is its row's (the flow stops when the files no longer fingerprint
+    # as that), an unregistered folder's the fingerprint it would be registered under (cached for the flow)
+    key = rewrite_key(row[0] if row else fingerprint(as_spec(path)), generation_settings(cfg.rewrite))
+    with rewrite_lock(ws, key):
+        pass
 
 
 def _run_and_report(config: dict[str, Any], workspace: str | None, **kwargs: Any) -> None:
