@@ -49,6 +49,7 @@ def latest_rewriter_and_first_work(workspace: str, order_by: str):
         .query("SELECT model_id, path FROM models WHERE kind = 'rewriter' ORDER BY created_at DESC LIMIT 1")
         .to_pylist()[0]
     )
+    model["path"] = ws.locate(model["path"])  # stored relative to the workspace
     work = [read_table(str(p)) for p in sorted(Path(ws.root, "shards", "rewrites", "work").glob("*.parquet"))]
     first = pa.concat_tables([t for t in work if set(t.column("reason").to_pylist()) == {"first"}])
     first = duckdb.sql(f"SELECT * FROM first ORDER BY {order_by}").to_arrow_table().cast(first.schema)

@@ -128,10 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     from polite.config import parse_config
     from polite.ids import settings_hash
     from polite.shards import write_table_atomic
+    from polite.workspace import Workspace
 
     root = Path(args.root or tempfile.mkdtemp(prefix="rewrite-lineage-"))
     store = LineageStore(root / "lineage.duckdb")
     store.migrate()
+    ws = Workspace.resolve(root)
     rs = parse_config({}).rewrite
     settings = resolve_generation("paper", {})
     key = {"model_id": "m_bench", "prompt_version": PROMPT_VERSION, "settings_hash": settings_hash(settings)}
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures["resume: rows left"] = timed(
         "resume: select work", select_work, store, rs, key, "first", None, None
     ).num_rows
-    figures["resume: orphaned result files"] = timed("resume: recover results", recover_results, store, results_dir,
+    figures["resume: orphaned result files"] = timed("resume: recover results", recover_results, store, ws, results_dir,
                                                      "run_resume", key)  # fmt: skip
     figures["retry-failed: rows"] = one_round("retry-failed", None, "run_retry", 1000)
     figures["rerun: rows"] = one_round("rerun", args.rerun_where, "run_rerun", 2000)

@@ -232,7 +232,7 @@ def write_training_set(
     images = store.user_query(
         f"SELECT image_id, path FROM images WHERE image_id IN (SELECT unnest(s.images) {selected})"
     ).to_pylist()
-    table, unresolved = training_rows(pairs, {r["image_id"]: r["path"] for r in images})
+    table, unresolved = training_rows(pairs, {r["image_id"]: ws.locate(r["path"]) for r in images})
     if unresolved:
         logger().warning("%d pairs left out: their images are not in the images table (e.g. %s)", len(unresolved), unresolved[0])
     if out is None:

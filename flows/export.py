@@ -188,7 +188,9 @@ def export_flow(
             if settings.report == "none":
                 return None
             folder = ws.url("reports", f"{prefix}-{digest[:12]}")
-            return write_report(store, folder, settings.report, n_cards=settings.sample_cards, selection=selection)
+            return write_report(
+                store, folder, settings.report, n_cards=settings.sample_cards, selection=selection, workspace=ws
+            )
 
         if failures:
             # The report shows why (funnel, score histograms, dropped examples) even when nothing is published.
@@ -198,8 +200,8 @@ def export_flow(
                 + "\n  - ".join(failures)
                 + (f"\nreport: {held}" if held else "")
             )
-        selection_url = write_table_atomic(
-            selection, ws.url("shards", "exports", f"selection-{digest}.parquet")
+        selection_url = write_table_atomic(  # the writers read the images: where they are now
+            ws.locate_paths(selection, "image_paths"), ws.url("shards", "exports", f"selection-{digest}.parquet")
         )
         facts = card_facts(store, sql, selection)
         jobs = []
@@ -220,7 +222,7 @@ def export_flow(
                         {
                             "export_id": [job["export_id"]],
                             "format": [job["format"]],
-                            "path": [job["out_dir"]],
+                            "path": [ws.stored(job["out_dir"])],
                             "run_id": [run.run_id],
                             "selection": [sql],
                             "n_items": [manifest["n_items"]],
@@ -228,9 +230,10 @@ def export_flow(
                     ),
                     con=con,
                 )
-                # an export found done in a copied or moved workspace: its row says where it is now
+                # an export found done in a workspace copied before paths were stored relative: its row says
+                # where it is now
                 con.execute("UPDATE exports SET path = ? WHERE export_id = ? AND path <> ?",
-                            [job["out_dir"], job["export_id"], job["out_dir"]])  # fmt: skip
+                            [ws.stored(job["out_dir"]), job["export_id"], ws.stored(job["out_dir"])])  # fmt: skip
                 store.ingest_arrow(
                     "export_items",
                     items.append_column(

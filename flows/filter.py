@@ -98,7 +98,7 @@ def filter_flow(
                 result = redecide(con, chain, run.run_id)
             run.summary["rethreshold"] = {**result, "seconds": round(time.perf_counter() - started, 4)}
         else:
-            work = store.query(work_sql(chain, full_scoring))
+            work = run.workspace.locate_paths(store.query(work_sql(chain, full_scoring)), "image_paths")
             run.summary["rewrites"] = work.num_rows
             with store.writer() as con:  # the decisions' thresholds, before any decision refers to them
                 record_settings(con, chain)

@@ -55,9 +55,9 @@ def model_folder(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[t
                 )
         else:
             row = con.execute("SELECT model_id, path FROM models WHERE model_id = ?", [ref]).fetchone()
-    path = row[1] if row else ref
+    path = ws.locate(row[1]) if row else ref  # a trained rewriter's path is stored relative to the workspace
     if path and not Path(path).exists() and ws.local and (Path(ws.root) / path).exists():
-        path = str(Path(ws.root) / path)
+        path = str(Path(ws.root) / path)  # --model models/rewriter-...: a folder named inside the workspace
     if not path or not Path(path).exists():
         raise ConfigError(f"rewriter {ref or (row and row[0])!r}: no model folder at {path!r}")
     return row, path
@@ -86,7 +86,7 @@ def resolve_model(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[
                 params = json.dumps(spec.to_dict(), sort_keys=True, default=str)
                 con.execute(
                     "INSERT INTO models (model_id, kind, base, adapter, path, params) VALUES (?, 'rewriter', ?, ?, ?, ?)",
-                    [model_id, spec.lm, spec.adapter, str(Path(path).resolve()), params],
+                    [model_id, spec.lm, spec.adapter, ws.stored(Path(path).resolve()), params],
                 )
                 registered = True
     return model_id, str(Path(path).resolve()), registered
@@ -155,7 +155,8 @@ def select_work(
     ``sample_id`` (``WORK_ORDER``), so that the questions about one image (hundreds per image in GQA) share a
     shard, and its image is read, decoded and encoded once there. The order is a fixed function of the selected
     rows, so a resumed run cuts the same shards. Picking, image paths and order are one query; only the ids are
-    hashed in Python (1M samples: bench/rewrite_lineage.py)."""
+    hashed in Python (1M samples: bench/rewrite_lineage.py). Image paths are as stored (relative to the
+    workspace): a manifest keeps them so, and `Workspace.locate_paths` resolves them for the workers."""
     params: dict[str, Any] = {
         "model": key["model_id"],
         "prompt": key["prompt_version"],
@@ -201,7 +202,7 @@ def select_work(
     )
 
 
-def _pending_manifest(store: LineageStore, request_key: str) -> str | None:
+def _pending_manifest(store: LineageStore, ws: Workspace, request_key: str) -> str | None:
     """The manifest of the latest run of this same retry/rerun request, if that run did not complete."""
     with store.reader() as con:
         row = con.execute(
@@ -212,7 +213,7 @@ def _pending_manifest(store: LineageStore, request_key: str) -> str | None:
     if row is None:
         return None
     status, config = row
-    manifest = (json.loads(config).get("request") or {}).get("manifest")
+    manifest = ws.locate((json.loads(config).get("request") or {}).get("manifest"))
     return manifest if status != "completed" and manifest and exists(manifest) else None
 
 
@@ -266,9 +267,12 @@ WHERE old.status = 'ok' AND old.superseded_by IS NULL
 """
 
 
-def ingest_result(store: LineageStore, path: str, run_id: str, key: dict[str, str]) -> int:
-    """Insert one result file's rows (idempotent), mark superseded rewrites, and note the file as ingested, in
-    one transaction: a crash between the rows and the supersede would leave two accepted rewrites."""
+def ingest_result(
+    store: LineageStore, path: str, run_id: str, key: dict[str, str], recorded_as: str | None = None
+) -> int:
+    """Insert one result file's rows (idempotent), mark superseded rewrites, and note the file as ingested
+    (``recorded_as``, its path relative to the workspace; default ``path``), in one transaction: a crash between
+    the rows and the supersede would leave two accepted rewrites."""
     table = read_table(path).cast(RESULT_SCHEMA)
     with store.writer() as con:
         con.register("_new", table)
@@ -279,7 +283,8 @@ def ingest_result(store: LineageStore, path: str, run_id: str, key: dict[str, st
             con.execute(
                 "INSERT OR IGNORE INTO rewrite_result_files (path, model_id, prompt_version, settings_hash, n_rows, run_id) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                [path, key["model_id"], key["prompt_version"], key["settings_hash"], table.num_rows, run_id],
+                [recorded_as or path, key["model_id"], key["prompt_version"], key["settings_hash"], table.num_rows,
+                 run_id],
             )
             con.execute("COMMIT")
         except BaseException:
@@ -288,7 +293,7 @@ def ingest_result(store: LineageStore, path: str, run_id: str, key: dict[str, st
     return new
 
 
-def recover_results(store: LineageStore, results_dir: str, run_id: str, key: dict[str, str]) -> int:
+def recover_results(store: LineageStore, ws: Workspace, results_dir: str, run_id: str, key: dict[str, str]) -> int:
     """Ingest result files of this key that a killed run wrote but never ingested. Returns how many."""
     from fsspec.core import url_to_fs
 
@@ -301,9 +306,9 @@ def recover_results(store: LineageStore, results_dir: str, run_id: str, key: dic
     files = listed if is_local(results_dir) else [fs.unstrip_protocol(f) for f in listed]
     with store.reader() as con:
         seen = {r[0] for r in con.execute("SELECT path FROM rewrite_result_files").fetchall()}
-    orphans = sorted(f for f in files if f not in seen)
+    orphans = sorted(f for f in files if ws.stored(f) not in seen and f not in seen)
     for path in orphans:
-        ingest_result(store, path, run_id, key)
+        ingest_result(store, path, run_id, key, recorded_as=ws.stored(path))
     return len(orphans)
 
 
@@ -318,6 +323,21 @@ def outcome_counts(store: LineageStore, work: pa.Table) -> dict[str, int]:
         )
     ok, failed = int(counts.get("ok", 0)), int(counts.get("failed", 0))
     return {"ok": ok, "failed": failed, "unattempted": work.num_rows - ok - failed}
+
+
+def generation_settings(rs) -> dict[str, Any]:
+    """The generation settings of ``rewrite`` settings: the preset with its overrides."""
+    from models.generation import resolve_generation
+
+    try:
+        return resolve_generation(rs.preset, rs.overrides.model_dump(exclude_none=True))
+    except ValueError as exc:
+        raise ConfigError(f"rewrite settings: {exc}") from None
+
+
+def rewrite_key(model_id: str, settings: dict[str, Any]) -> dict[str, str]:
+    """What makes a rewrite "the same": its work, resume, results folder and lock are per key."""
+    return {"model_id": model_id, "prompt_version": PROMPT_VERSION, "settings_hash": settings_hash(settings)}
 
 
 def rewrite_lock(ws: Workspace, key: dict):
@@ -343,8 +363,6 @@ def rewrite_flow(
     ``model``: a model id or folder (default: ``rewrite.model``, else the latest rewriter in the lineage).
     Returns counts: selected, shards, ok, failed, output tokens, seconds, and the key that was used.
     """
-    from models.generation import resolve_generation
-
     cfg = resolve_config(config)
     rs = cfg.rewrite
     if where is not None:  # an empty --where (an unset shell variable) must not become a plain rewrite
@@ -353,10 +371,7 @@ def rewrite_flow(
         raise ConfigError("choose one of --retry-failed and --where: a rerun already redoes what it selects")
     if limit is not None and limit < 1:
         raise ConfigError("limit must be at least 1")
-    try:
-        settings = resolve_generation(rs.preset, rs.overrides.model_dump(exclude_none=True))
-    except ValueError as exc:
-        raise ConfigError(f"rewrite settings: {exc}") from None
+    settings = generation_settings(rs)
     if rs.backend == "fast":
         from models.generation import fast_supported
 
@@ -369,7 +384,7 @@ def rewrite_flow(
     store = LineageStore(ws.db_path)
     store.migrate()
     model_id, model_path, registered = resolve_model(store, ws, model or rs.model)
-    key = {"model_id": model_id, "prompt_version": PROMPT_VERSION, "settings_hash": settings_hash(settings)}
+    key = rewrite_key(model_id, settings)
     base = ws.stage_dir("rewrites")
     results_dir = f"{base}/results/{model_id}/{PROMPT_VERSION}-{key['settings_hash']}"
     log = logger()
@@ -379,8 +394,8 @@ def rewrite_flow(
         # the same request = the same selection: a retry's source/type filters (a rerun ignores them) and limit
         filters = None if mode == "rerun" else [rs.sources, rs.task_types, rs.exclude_sources, rs.exclude_task_types]
         request_key = stable_hash("rewrite-request", mode, where, key, filters, limit)
-        manifest = _pending_manifest(store, request_key) if mode != "first" else None
-        recovered = recover_results(store, results_dir, run_id="recovered", key=key)
+        manifest = _pending_manifest(store, ws, request_key) if mode != "first" else None
+        recovered = recover_results(store, ws, results_dir, run_id="recovered", key=key)
         if manifest:
             work = _not_done(store, read_table(manifest).cast(WORK_SCHEMA))
             log.info("resuming an interrupted %s: %d samples left of %s", mode, work.num_rows, manifest)
@@ -391,7 +406,8 @@ def rewrite_flow(
                 if not exists(manifest):
                     write_table_atomic(work, manifest)
 
-        request = {"mode": mode, "where": where, "limit": limit, "key": request_key, "manifest": manifest, **key,
+        request = {"mode": mode, "where": where, "limit": limit, "key": request_key,
+                   "manifest": manifest and ws.stored(manifest), **key,
                    "model_path": model_path, "settings": settings}  # fmt: skip
         with stage_run("rewrite", {**cfg.model_dump(mode="json"), "request": request}, ws, parent_run_id) as run:
             run.summary.update(
@@ -400,11 +416,11 @@ def rewrite_flow(
             common = {"model_path": model_path, "model_id": model_id, "prompt_version": PROMPT_VERSION,
                       "settings": settings, "settings_hash": key["settings_hash"], "run_id": run.run_id,
                       **{k: getattr(rs, k) for k in RUNTIME_KEYS}}  # fmt: skip
-            jobs = cut_shards(work, rs.shard_size, base, results_dir, common)
+            jobs = cut_shards(ws.locate_paths(work, "image_paths"), rs.shard_size, base, results_dir, common)
             run.summary["shards"] = len(jobs)
 
             def ingest(result: dict) -> None:
-                ingest_result(store, result["path"], run.run_id, key)
+                ingest_result(store, result["path"], run.run_id, key, recorded_as=ws.stored(result["path"]))
                 run.count("reused_shards", int(bool(result.get("reused"))))
                 for name in ("output_tokens", "generate_s", "load_wait_s", "batches", "splits", "oom_splits",
                              "cache_grows", "rows_continued"):  # fmt: skip

@@ -153,9 +153,9 @@ def train_rewriter_flow(
                 "INSERT OR IGNORE INTO models (model_id, kind, base, adapter, path, params, pairs_query, final_loss, "
                 "created_by_run, heldout_loss_start, heldout_loss_end, n_pairs, training_set, steps) "
                 "VALUES (?, 'rewriter', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [model_id, base_fp, spec.adapter, str(out_dir), json.dumps(params, sort_keys=True),
+                [model_id, base_fp, spec.adapter, ws.stored(out_dir), json.dumps(params, sort_keys=True),
                  pairs_query(settings.pairs_where), summary["final_loss"], run.run_id, summary["heldout_loss_start"],
-                 summary["heldout_loss_end"], n_pairs, training_set, summary["steps"]],
+                 summary["heldout_loss_end"], n_pairs, ws.stored(training_set), summary["steps"]],
             )  # fmt: skip
         result: dict[str, Any] = {
             "model_id": model_id,

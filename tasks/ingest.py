@@ -116,11 +116,14 @@ def ingest_shard(item: dict[str, Any]) -> dict[str, Any]:
         skipped += skip
     failed = sum(1 for s in samples if s.status == "failed")
     counts = {"ok": len(samples) - failed, "failed": failed, "skipped": skipped}
-    images = pa.Table.from_pylist(list(ctx.images.values()), schema=IMAGE_SCHEMA)
+    # stored relative to the workspace, so the workspace can move (polite/workspace.py)
+    images = pa.Table.from_pylist(
+        [row | {"path": ws.stored(row["path"])} for row in ctx.images.values()], schema=IMAGE_SCHEMA
+    )
     write_table_atomic(images, item["images_url"])
     table = samples_to_table(samples)
     # the shard's own (deterministic) URL travels with its rows, so the flow can bulk-load files directly
-    table = table.append_column("shard", pa.array([item["samples_url"]] * table.num_rows, type=pa.string()))
+    table = table.append_column("shard", pa.array([ws.stored(item["samples_url"])] * table.num_rows, pa.string()))
     # each sample's row in the source: where a key repeats, the lineage keeps the first row (lineage/store.py)
     table = table.append_column("source_row", pa.array(source_rows, type=pa.int64()))
     table = table.replace_schema_metadata({COUNTS_KEY: json.dumps(counts).encode()})

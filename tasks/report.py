@@ -16,6 +16,7 @@ import pyarrow as pa
 from filters.chain import CHAIN_ORDER  # the funnel lists scorers in the order the chain runs them
 from lineage.store import LineageStore
 from polite.shards import write_bytes_atomic
+from polite.workspace import Workspace
 
 INFO_SCORERS = ("reward_raw", "rouge", "rouge_l")  # recorded for reference, never a gate
 
@@ -254,8 +255,10 @@ def write_report(
     fmt: str = "markdown",
     n_cards: int = 6,
     selection: pa.Table | None = None,
+    workspace: Workspace | None = None,
 ) -> str:
-    """Write the report (``report.md`` or ``report.html`` + PNGs) into ``folder``; returns its URL."""
+    """Write the report (``report.md`` or ``report.html`` + PNGs) into ``folder``; returns its URL. Image paths
+    stored relative to ``workspace`` (polite/workspace.py) are read from it."""
     steps = funnel(store)
     sources = per_source(store)
     cards = sample_cards(store, n_cards)
@@ -265,7 +268,8 @@ def write_report(
         "sources.png": plot_sources(sources),
     }
     for i, card in enumerate(cards):
-        thumb = _thumbnail(card["image_path"]) if card["image_path"] else None
+        path = workspace.locate(card["image_path"]) if workspace else card["image_path"]
+        thumb = _thumbnail(path) if path else None
         card["picture"] = f"card-{i}.png" if thumb else None
         pictures[f"card-{i}.png"] = thumb
     for name, data in pictures.items():

@@ -34,7 +34,8 @@ def populate(ws, rewards: bool = True) -> LineageStore:
     store.migrate()
     images = ImageStore(ws.images)
     stored = [images.put(_png(c)) for c in [(200, 30, 30), (30, 200, 30), (30, 30, 200)]]
-    store.ingest_arrow("images", pa.Table.from_pylist([s.to_row() for s in stored]))
+    # as the ingest stores them: relative to the workspace (the legacy absolute form: test_lineage_store)
+    store.ingest_arrow("images", pa.Table.from_pylist([s.to_row() | {"path": ws.stored(s.path)} for s in stored]))
     samples = []
     for i in range(4):
         samples.append(
@@ -323,7 +324,31 @@ def test_a_copied_workspace_exports_into_its_own_folder(workspace, prefect_harne
         assert again["exports"][fmt]["path"] == first["exports"][fmt]["path"].replace(str(workspace.root), str(copy))
         assert _tree(again["exports"][fmt]["path"]) == _tree(first["exports"][fmt]["path"])
     paths = LineageStore(Workspace.resolve(str(copy)).db_path).query("SELECT format, path FROM exports").to_pylist()
-    assert {r["format"]: r["path"] for r in paths} == {f: e["path"] for f, e in again["exports"].items()}
+    assert {r["format"]: r["path"] for r in paths} == {f: f"exports/{f}-{e['export_id']}" for f, e in again["exports"].items()}
+
+
+def test_a_moved_workspace_reads_its_images_and_exports_where_they_are_now(workspace, prefect_harness, tmp_path):
+    """Paths inside the workspace are stored relative to it: after a move (nothing left at the old path), a new
+    export reads the images from the new place and the report draws them, and the old exports are found done."""
+    import shutil
+
+    from flows.export import export_flow
+
+    populate(workspace)
+    config = {"export": {"report": "markdown"}}
+    first = export_flow(config=config, workspace=workspace.root, formats=["pf1m"])
+    moved = Path(shutil.move(workspace.root, tmp_path / "moved"))
+    assert not Path(workspace.root).exists()
+    again = export_flow(config=config, workspace=str(moved), formats=["pf1m", "llava"])
+    assert again["exports"]["pf1m"]["export_id"] == first["exports"]["pf1m"]["export_id"]
+    llava = Path(again["exports"]["llava"]["path"])
+    assert llava.parent == moved / "exports"
+    pictures = sorted(p.name for p in (llava / "images").iterdir())
+    assert len(pictures) == 2  # the 5 kept samples show 2 of the 3 images
+    assert all((llava / "images" / p).stat().st_size > 0 for p in pictures)
+    report = Path(again["report"])
+    assert report.is_relative_to(moved) and len(list(report.parent.glob("card-*.png"))) > 0
+    assert not any(str(workspace.root) in p.read_text(errors="ignore") for p in llava.rglob("*.json"))
 
 
 def test_a_failing_gate_stops_the_export_and_names_the_check(workspace, prefect_harness):

@@ -116,6 +116,54 @@ def test_migrations_007_008_keep_existing_decisions_and_their_thresholds(workspa
         assert con.execute("SELECT thresholds FROM latest_decisions").fetchall() == [("{}",)]
 
 
+def test_migration_010_stores_the_factory_s_own_paths_relative_to_the_workspace(workspace, monkeypatch):
+    """Absolute paths (and URLs) in the layout only the factory writes become relative to the workspace root;
+    a model folder passed with --model, and anything else, stays as it was."""
+    import lineage.store as store_module
+
+    real = store_module._migrations
+    monkeypatch.setattr(store_module, "_migrations", lambda: [m for m in real() if m[0] < 10])
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    old = "/data/old place/ws"  # where the workspace was when these rows were written
+    image = "i_" + "ab" * 16
+    with store.writer() as con:
+        con.executemany("INSERT INTO images (image_id, path) VALUES (?, ?)", [
+            (image, f"{old}/images/ab/{image}.png"), ("i_s3", f"s3://bucket/ws/images/cd/i_{'cd' * 16}.jpg"),
+            ("i_user", "/elsewhere/pictures/cat.jpg"), ("i_rel", f"images/ef/i_{'ef' * 16}.png")])
+        con.executemany("INSERT INTO models (model_id, kind, path, training_set, created_by_run) "
+                        "VALUES (?, 'rewriter', ?, ?, ?)", [
+            ("m_trained", f"{old}/models/rewriter-0123456789ab",
+             f"{old}/models/rewriter-0123456789ab/training_set.parquet", "run_t"),
+            ("m_given", "/home/me/models/rewriter-0123456789ab", None, None)])
+        con.execute("INSERT INTO exports (export_id, format, path) VALUES ('x_1', 'pf1m', ?)",
+                    [f"{old}/exports/pf1m-x_00112233aabbccdd"])
+        result = f"{old}/shards/rewrites/results/m_a/pf-v1-h/0123.parquet"
+        con.execute("INSERT INTO rewrite_result_files (path, model_id, n_rows) VALUES (?, 'm_a', 3)", [result])
+        con.execute("INSERT INTO samples (sample_id, source, status, shard) VALUES ('s_1', 'x', 'ok', ?)",
+                    [f"{old}/shards/samples/x/s-0-10.parquet"])
+    monkeypatch.undo()
+    assert store.migrate() == ["010_relative_paths.sql"]
+    rows = lambda sql: store.query(sql).to_pylist()  # noqa: E731
+    assert rows("SELECT image_id, path FROM images ORDER BY image_id") == [
+        {"image_id": image, "path": f"images/ab/{image}.png"},
+        {"image_id": "i_rel", "path": f"images/ef/i_{'ef' * 16}.png"},
+        {"image_id": "i_s3", "path": f"images/cd/i_{'cd' * 16}.jpg"},
+        {"image_id": "i_user", "path": "/elsewhere/pictures/cat.jpg"},
+    ]
+    assert rows("SELECT model_id, path, training_set FROM models ORDER BY model_id") == [
+        {"model_id": "m_given", "path": "/home/me/models/rewriter-0123456789ab", "training_set": None},
+        {"model_id": "m_trained", "path": "models/rewriter-0123456789ab",
+         "training_set": "models/rewriter-0123456789ab/training_set.parquet"},
+    ]  # fmt: skip
+    assert rows("SELECT path FROM exports") == [{"path": "exports/pf1m-x_00112233aabbccdd"}]
+    assert rows("SELECT path, model_id, n_rows FROM rewrite_result_files") == [
+        {"path": "shards/rewrites/results/m_a/pf-v1-h/0123.parquet", "model_id": "m_a", "n_rows": 3}]
+    assert rows("SELECT shard FROM samples") == [{"shard": "shards/samples/x/s-0-10.parquet"}]
+    assert workspace.locate(rows("SELECT path FROM images WHERE image_id = 'i_rel'")[0]["path"]) == (
+        f"{workspace.root}/images/ef/i_{'ef' * 16}.png")
+
+
 def test_ingest_rejects_a_shard_without_the_key(workspace):
     store = LineageStore(workspace.db_path)
     store.migrate()

@@ -109,3 +109,39 @@ def test_a_remote_database_made_before_the_hashed_name_is_still_found(tmp_path, 
     legacy.parent.mkdir(parents=True)
     legacy.write_bytes(b"")
     assert Workspace.resolve("s3://bucket/old").db_path == legacy
+
+
+def test_a_workspace_stores_its_own_paths_relative_and_locates_them_after_a_move(tmp_path):
+    """`stored` makes paths inside the root relative (outside ones and URLs elsewhere stay); `locate` and
+    `locate_paths` (vectorized, lists too, a sliced table too) read them back against wherever the root is now."""
+    import pyarrow as pa
+
+    from polite.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    assert ws.stored(f"{ws.root}/images/ab/i_ab.png") == "images/ab/i_ab.png"
+    assert ws.stored(f"file://{ws.root}/models/m") == "models/m"
+    assert ws.stored(f"{ws.root}/../ws/exports/e") == "exports/e"
+    assert ws.stored(f"{ws.root}-other/x") == f"{ws.root}-other/x"  # a sibling whose name starts the same
+    assert ws.stored("/elsewhere/model") == "/elsewhere/model"
+    remote = Workspace.resolve("s3://bucket/ws")
+    assert remote.stored("s3://bucket/ws/images/a.png") == "images/a.png"
+    assert remote.stored("s3://bucket/ws2/a.png") == "s3://bucket/ws2/a.png"
+    assert remote.locate("images/a.png") == "s3://bucket/ws/images/a.png"
+
+    moved = Workspace.resolve(tmp_path / "moved")
+    assert moved.locate(ws.stored(f"{ws.root}/images/ab/i_ab.png")) == f"{moved.root}/images/ab/i_ab.png"
+    assert moved.locate("/elsewhere/model") == "/elsewhere/model" and moved.locate(None) is None
+    table = pa.table({
+        "image_paths": pa.array([["images/a.png", "/abs/b.png", ""], None, [], ["s3://x/y", None]],
+                                pa.list_(pa.string())),
+        "path": ["images/x", None, "/y", ""],
+    })  # fmt: skip
+    located = moved.locate_paths(moved.locate_paths(table, "image_paths"), "path")
+    assert located.to_pylist() == [
+        {"image_paths": [f"{moved.root}/images/a.png", "/abs/b.png", ""], "path": f"{moved.root}/images/x"},
+        {"image_paths": None, "path": None},
+        {"image_paths": [], "path": "/y"},
+        {"image_paths": ["s3://x/y", None], "path": ""},
+    ]
+    assert moved.locate_paths(table.slice(3, 1), "image_paths").column("image_paths").to_pylist() == [["s3://x/y", None]]

@@ -15,7 +15,14 @@ import duckdb
 import pytest
 import torch
 import yaml
-from test_rewrite_fixtures import FAST_REWRITE, make_samples, png, register_model, tiny_model
+from test_rewrite_fixtures import (
+    FAST_REWRITE,
+    hold_rewrite_lock,
+    make_samples,
+    png,
+    register_model,
+    tiny_model,
+)
 
 from lineage.store import LineageStore
 from polite.images import ImageStore
@@ -353,23 +360,11 @@ def test_a_second_flow_on_the_same_key_stops_before_any_work(prefect_harness, wo
     """Another process rewriting the same samples with the same model and settings holds the key's lock: this
     flow stops at once, naming it, and creates no run. The OS drops the lock when the holder dies (kill -9)."""
     from flows.rewrite import rewrite_flow
-    from models.generation import resolve_generation
-    from models.prompts import PROMPT_VERSION
-    from polite.ids import settings_hash
     from polite.locks import WorkspaceBusy
 
     make_samples(workspace, n=4)
-    model_id = register_model(workspace, model_path)
-    settings = resolve_generation("greedy", {"max_new_tokens": 12})
-    key = {"model_id": model_id, "prompt_version": PROMPT_VERSION, "settings_hash": settings_hash(settings)}
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from flows.rewrite import rewrite_lock; "
-         "from polite.workspace import Workspace; lock = rewrite_lock(Workspace.resolve(sys.argv[1]), "
-         f"{key!r}); lock.__enter__(); print('held', flush=True); time.sleep(120)", workspace.root],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = hold_rewrite_lock(workspace, register_model(workspace, model_path))
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WorkspaceBusy, match=rf"already running in this workspace \(pid {holder.pid} on "):
             rewrite_flow(config=_config(), workspace=workspace.root)
         assert _rows(workspace, "SELECT count(*) AS n FROM runs WHERE flow = 'rewrite'") == [{"n": 0}]
@@ -651,5 +646,9 @@ def test_an_interrupted_request_is_found_behind_many_later_runs(workspace):
             "INSERT INTO runs (run_id, flow, status, started_at, config) VALUES (?, 'rewrite', ?, ?, ?)",
             [(r, s, t, json.dumps(c)) for r, s, t, c in rows],
         )
-    assert _pending_manifest(store, "q_old") == manifest
-    assert _pending_manifest(store, "q_7") is None  # completed
+    assert _pending_manifest(store, workspace, "q_old") == manifest
+    assert _pending_manifest(store, workspace, "q_7") is None  # completed
+    with store.writer() as con:  # as the flow records it now: relative to the workspace, so it survives a move
+        con.execute("UPDATE runs SET config = ? WHERE run_id = 'run_old'",
+                    [json.dumps({"request": {"key": "q_old", "manifest": "manifest.parquet"}})])  # fmt: skip
+    assert _pending_manifest(store, workspace, "q_old") == manifest

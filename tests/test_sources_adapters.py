@@ -47,7 +47,8 @@ def test_named_adapter_on_its_real_layout(name, tmp_path, workspace):
         assert s.source == name and s.task_type in TASK_TYPES
         assert s.raw_response.strip() and s.instruction.count(IMAGE_MARKER) == len(s.images) >= 1
         for image_id in s.images:  # every referenced image is in the images shard and readable from the store
-            assert store.open(known[image_id]["path"]).size[0] > 0
+            assert known[image_id]["path"].startswith("images/")  # stored relative to the workspace
+            assert store.open(workspace.locate(known[image_id]["path"])).size[0] > 0
     for s in failed:
         assert s.error and not s.images and s.raw_response == ""
 

@@ -42,7 +42,7 @@ def _seed_lineage(ws, n=24):
     return store
 
 
-def test_flow_trains_records_and_reuses(prefect_harness, workspace):
+def test_flow_trains_records_and_reuses(prefect_harness, workspace, tmp_path):
     from flows.train_rewriter import train_rewriter_flow
     from models.flamingo import FlamingoSpec
     from models.loader import fingerprint, load_rewriter
@@ -61,7 +61,9 @@ def test_flow_trains_records_and_reuses(prefect_harness, workspace):
     assert len(row) == 1
     row = row[0]
     assert (
-        row["model_id"] == result["model_id"] and row["kind"] == "rewriter" and row["path"] == result["path"]
+        row["model_id"] == result["model_id"] and row["kind"] == "rewriter"
+        and row["path"] == "models/" + Path(result["path"]).name  # relative: the workspace can move
+        and row["training_set"] == row["path"] + "/training_set.parquet"
     )
     assert "p.method = 'augment'" in row["pairs_query"]
     assert row["final_loss"] == pytest.approx(result["final_loss"])
@@ -83,6 +85,17 @@ def test_flow_trains_records_and_reuses(prefect_harness, workspace):
         store.query("SELECT count(*) AS n FROM runs WHERE flow = 'train_rewriter'").column("n")[0].as_py()
         == 2
     )
+
+    # moved whole (nothing left at the old path): the rewrite stage finds the rewriter, and its tiny base, anew
+    import shutil
+
+    from flows.rewrite import model_folder
+    from polite.workspace import Workspace
+
+    moved = Workspace.resolve(shutil.move(workspace.root, tmp_path / "moved"))
+    found_row, found = model_folder(LineageStore(moved.db_path), moved, None)
+    assert found_row[0] == result["model_id"] and found == f"{moved.models}/{Path(result['path']).name}"
+    assert load_rewriter(found, device="cpu").fingerprint == result["model_id"]
 
 
 def test_flow_fails_before_work_on_bad_settings(prefect_harness, workspace):
