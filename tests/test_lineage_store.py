@@ -164,6 +164,12 @@ def test_migration_010_stores_the_factory_s_own_paths_relative_to_the_workspace(
         f"{workspace.root}/images/ef/i_{'ef' * 16}.png")
 
 
+def test_relocate_benchmark_leaves_no_old_path_and_locates_under_the_new_root(bench_script):
+    figures = bench_script("relocate").main(["--n", "3000", "--rounds", "1"])
+    assert figures["old_paths_left"] == 0
+    assert figures["first"].startswith(figures["root"] + "/images/") and figures["first"].endswith(".jpg")
+
+
 def test_ingest_rejects_a_shard_without_the_key(workspace):
     store = LineageStore(workspace.db_path)
     store.migrate()
