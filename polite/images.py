@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -74,7 +75,10 @@ def decode_check(data: bytes | None) -> Image.Image:
         # not an OSError: a few corrupt header bytes claiming a huge size would crash the whole shard
         raise BadImageError(f"image too large to decode: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadImageError(f"image cannot be decoded: {exc}") from exc
+        # PIL names the buffer by its address ("<_io.BytesIO object at 0x7f...>"): the same bad row would get
+        # another error text on every ingest
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        raise BadImageError(f"image cannot be decoded: {reason}") from exc
     if image.width == 0 or image.height == 0:
         raise BadImageError("image has zero width or height")
     return image

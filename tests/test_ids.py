@@ -57,3 +57,14 @@ def test_stable_hash_of_a_set_is_the_same_in_every_process():
     }
     assert len(got) == 1
     assert stable_hash(frozenset({"b", "a"})) == stable_hash({"a", "b"})
+
+
+def test_ids_are_pinned_across_versions():
+    """Resume matches ids made by earlier versions: a change to the hash (algorithm, digest size, encoding)
+    that both hashers share would keep them equal to each other yet orphan every id already in a lineage."""
+    from polite.ids import sample_id
+
+    # blake2b-256 of the compact JSON '["rewrite","s_00ab","m_{x}","pf-v1","h",1]', first 16 hex digits
+    assert stable_hash("rewrite", "s_00ab", "m_{x}", "pf-v1", "h", 1) == "6041ce14f15586f2"
+    assert stable_hashes("rewrite", ["s_00ab"], "m_{x}", "pf-v1", "h", [1]) == ["6041ce14f15586f2"]
+    assert sample_id("vqav2", "train", 262148000) == "s_e409d9f860c3624d"

@@ -47,10 +47,20 @@ def test_demo_ingest_ids_counts_and_shape(tmp_path, workspace):
         text = format_captions_and_boxes(s.meta["captions"], s.meta["boxes"])  # what distortion method 3 builds
         assert parse_captions_and_boxes(text)[0] == s.meta["captions"]
     assert all(len(s.raw_response.split()) <= 2 for s in by_type[("raw", "vqa")])
+    counted = 0
     for s in by_type[("hq", "conversation")]:  # polite answers: full sentences that contain the short answer
         assert s.raw_response[0].isupper() and s.raw_response.endswith(".") and len(s.raw_response.split()) >= 6
         short = s.meta["short_answer"]
-        assert short in s.raw_response.lower() or short in ("1", "2", "3", "4", "0", "yes", "no")
+        if short.isdigit():  # "How many circles are there?" "2" -> "There are two circles ..."
+            noun = s.instruction.removeprefix("<image>How many ").removesuffix(" are there?")
+            said = {"0": "no", "1": "one", "2": "two", "3": "three", "4": "four"}[short]
+            assert f"{said} {noun.removesuffix('s') if short == '1' else noun}" in s.raw_response.lower(), s
+            counted += 1
+        elif short in ("yes", "no"):
+            assert s.raw_response.startswith(f"{short.capitalize()}, "), s
+        else:
+            assert short in s.raw_response.lower(), s
+    assert counted  # the count answers were met
     assert len({s.raw_response for s in by_type[("hq", "detailed_caption")]}) == 30
     # a second workspace generates the same data again and gets the same ids
     _, again, _ = run_source(spec, type(workspace).resolve(str(tmp_path / "other")).ensure(), shard_size=50)

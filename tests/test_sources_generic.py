@@ -116,6 +116,13 @@ def test_paths_and_templates_are_deterministic():
     assert get_path({"a": {"b": [None, {"c": 1}]}}, "a.b[1].c") == 1
     first = render_instruction("vqa", "s_1", question="Is it red?")
     assert first == render_instruction("vqa", "s_1", question="Is it red?")
+    # and across processes and versions (a re-ingest must give the same instructions): pinned
+    assert [render_instruction("vqa", f"s_{i}", question="Is it red?") for i in range(4)] == [
+        "<image>Question about the image: Is it red?",
+        "<image>Based on what you see, is it red?",
+        "<image>Is it red?",
+        "<image>Look at the picture and answer: Is it red?",
+    ]
     wordings = {render_instruction("vqa", f"s_{i}", question="Is it red?") for i in range(40)}
     assert len(wordings) == len(TEMPLATES["vqa"])  # several paraphrases are used across ids
     assert all(w.startswith("<image>") and "red?" in w for w in wordings)
