@@ -157,12 +157,11 @@ def test_beam_search_keeps_each_rows_image(loaded):
     vision_x, ids, mask = _batch(loaded, PROMPTS, seed=3)
     kw = dict(max_new_tokens=8, do_sample=False, num_beams=3)
     together = generate(loaded.model, vision_x, ids, mask, **kw)[:, ids.shape[1] :]
-    one = loaded.tokenizer([PROMPTS[1]], return_tensors="pt")
-    alone = generate(loaded.model, vision_x[1:], one["input_ids"], one["attention_mask"], **kw)
-    assert (
-        together[1].tolist()[: alone.shape[1] - one["input_ids"].shape[1]]
-        == alone[0, one["input_ids"].shape[1] :].tolist()
-    )
+    for row, prompt in enumerate(PROMPTS):  # each row, the unpadded one and the left-padded one
+        one = loaded.tokenizer([prompt], return_tensors="pt")
+        alone = generate(loaded.model, vision_x[row : row + 1], one["input_ids"], one["attention_mask"], **kw)
+        alone = alone[0, one["input_ids"].shape[1] :].tolist()
+        assert alone and together[row].tolist()[: len(alone)] == alone, row
 
 
 def test_sampling_settings_are_honoured(loaded):
@@ -218,6 +217,14 @@ def test_spec_file_with_a_bad_value_is_rejected_naming_it(tmp_path, field, value
         FlamingoSpec.from_file(tmp_path)
 
 
-def test_spec_file_with_good_values_loads(tiny):
+def test_spec_file_with_good_values_loads(tiny, tmp_path):
     spec = FlamingoSpec.from_file(tiny)
     assert FlamingoSpec.from_dict(spec.to_dict()) == spec
+    # every checked field with a good value other than the tiny model's (and its default): loaded as written
+    good = dict(lm="some/lm", v1_masking=True, merge_lora=False, allow_download=True, extra_checkpoints=["a.pt", "b.pt"],
+                cross_attn_every_n_layers=3, perceiver_depth=2, perceiver_latents=5, lm_config={"model_type": "llama"},
+                vision="ViT-B-32", decoder_layers_attr_name="model.layers")  # fmt: skip
+    (tmp_path / "flamingo.json").write_text(json.dumps(good))
+    loaded = FlamingoSpec.from_file(tmp_path)
+    assert {k: getattr(loaded, k) for k in good} == good
+    assert loaded.root == str(tmp_path.resolve())

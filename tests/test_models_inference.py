@@ -37,9 +37,15 @@ def test_single_call_returns_response_and_full_text(inferencer, images):
         prompt=prompt, imgpaths=images[:1], max_new_token=6, num_beams=1, do_sample=False,
         response_split="(Revised Response):",
     )  # fmt: skip
-    assert full_text.startswith("A chat between")
-    assert "(Drafted Response): red" in full_text
-    assert response == full_text.rsplit("(Revised Response):", 1)[1].strip()
+    # full_text is the prompt (special tokens dropped) followed by what the model wrote; response is the latter
+    shown_prompt = inferencer.tokenizer.decode(inferencer.tokenizer(prompt)["input_ids"], skip_special_tokens=True)
+    assert shown_prompt.startswith("A chat between") and "(Drafted Response): red" in shown_prompt
+    assert full_text.startswith(shown_prompt) and shown_prompt.endswith("(Revised Response): ")
+    generated = full_text[len(shown_prompt) :]
+    assert generated.strip() and response == generated.strip()  # the greedy tokens are there, none lost
+    shorter, _ = inferencer(prompt=prompt, imgpaths=images[:1], max_new_token=3, num_beams=1, do_sample=False,
+                            response_split="(Revised Response):")  # fmt: skip
+    assert shorter and response.startswith(shorter) and len(shorter) < len(response)  # max_new_token is honoured
 
 
 def test_batch_equals_calls_one_by_one(inferencer, images):

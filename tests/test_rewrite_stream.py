@@ -190,13 +190,31 @@ def test_compiled_layers_stream_the_eager_tokens(loaded, images, alone):  # noqa
     assert min(fetched[:-1]) < 3  # partial refills: prefills of fewer rows than the batch
 
 
+def _grow_case(loaded, images):  # noqa: F811
+    """The batch of the cache-growing tests: 24 samples, the generator, and its per-row limits (varied, full)."""
+    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 40}), backend="plain")
+    items = _items(gen, images, 24)
+    varied = [2 * new + 5 for _, new in items]  # 7..37 new tokens
+    return gen, items, {"varied": varied, "full": [37] * len(items)}
+
+
+@pytest.fixture(scope="module")
+def roomy(loaded, images):  # noqa: F811
+    """The reference for the cache-growing tests, computed once: the eager SDPA decoder's tokens for each set of
+    limits with room for every row's tokens from the start (the same for either attention: see above)."""
+    gen, items, limits = _grow_case(loaded, images)
+    ids, mask, media = gen._collate([p for p, _ in items])
+    decoder = FastFlamingoDecoder(loaded.model, cuda_graphs=False, kv_block=16)
+    return {name: decoder.generate(ids, mask, media, lim, gen.eos_ids, 0, min_new_tokens=lim).tokens
+            for name, lim in limits.items()}  # fmt: skip
+
+
 @pytest.mark.parametrize("attention,bucketed", [("sdpa", False), ("flex", False), ("sdpa", True)])
-def test_static_batches_grow_their_cache_when_rows_outlive_it(loaded, images, attention, bucketed):  # noqa: F811
+def test_static_batches_grow_their_cache_when_rows_outlive_it(loaded, images, roomy, attention, bucketed):  # noqa: F811
     """A batch whose cache first holds 4 new tokens per row grows it when rows outlive it: into the arena's room
     left by finished rows (lengths vary), or by a larger arena (every row runs to the end). Every row gets the
     tokens it gets with room for all its tokens from the start, and a NaN row still fails alone."""
-    gen = RewriteGenerator(loaded, resolve_generation("greedy", {"max_new_tokens": 40}), backend="plain")
-    items = _items(gen, images, 24)
+    gen, items, limits = _grow_case(loaded, images)
     ids, mask, media = gen._collate([p for p, _ in items])
 
     def decode(limits, cache_new, media=media):
@@ -206,23 +224,18 @@ def test_static_batches_grow_their_cache_when_rows_outlive_it(loaded, images, at
                                cache_new_tokens=cache_new)  # fmt: skip
         return decoder, out
 
-    varied = [2 * new + 5 for _, new in items]  # 7..37 new tokens
-    grown_clean = {}
-    for limits in (varied, [37] * len(items)):
-        _, roomy = decode(limits, None)
-        grown, out = decode(limits, 4)
-        assert grown.grows >= 1 and torch.equal(out.tokens, roomy.tokens) and not out.nan.any()
-        grown_clean.setdefault("varied", out)  # the first pass: varied limits, a cache of 4 that grows
+    for name in ("varied", "full"):
+        grown, out = decode(limits[name], 4)
+        assert grown.grows >= 1 and torch.equal(out.tokens, roomy[name]) and not out.nan.any()
     # every row was live when the cache filled: the arena grew to the full prompt + 37 for all of them
     assert grown._cache.slots_per_row(len(items)) >= ids.shape[1] + 37
 
     poisoned = media.clone()
     poisoned[5] = float("nan")
-    clean = grown_clean["varied"]  # the same decode without the NaN, done above
-    grown, out = decode(varied, 4, poisoned)
+    grown, out = decode(limits["varied"], 4, poisoned)
     assert grown.grows >= 1 and out.nan.nonzero().flatten().tolist() == [5]
     keep = [r for r in range(len(items)) if r != 5]
-    assert torch.equal(out.tokens[keep], clean.tokens[keep])
+    assert torch.equal(out.tokens[keep], roomy["varied"][keep])
 
 
 def test_batches_are_planned_for_the_first_cache(loaded):  # noqa: F811

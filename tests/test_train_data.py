@@ -37,9 +37,13 @@ def test_labels_cover_exactly_the_target_and_eos(tok):
 
 def test_long_examples_are_cut_or_skipped(tok):
     prompt = rewrite_prompt("Describe.", "bus")
-    n_prompt = len(tok(prompt)["input_ids"])
-    ids, labels = build_example(tok, prompt, "a red bus on the street " * 20, max_length=n_prompt + 5)
-    assert len(ids) == n_prompt + 5 and sum(x != IGNORE for x in labels) == 5
+    prompt_ids = tok(prompt)["input_ids"]
+    n_prompt = len(prompt_ids)
+    long_target = "a red bus on the street " * 20
+    ids, labels = build_example(tok, prompt, long_target, max_length=n_prompt + 5)
+    # the whole prompt, then the target's first 5 tokens: the end of the target (and its eos) is what goes
+    kept = tok(long_target, add_special_tokens=False)["input_ids"][:5]
+    assert ids == prompt_ids + kept and labels == [IGNORE] * n_prompt + kept
     assert build_example(tok, prompt, "x", max_length=n_prompt) is None
 
 
@@ -60,6 +64,10 @@ def test_masked_loss_ignores_prompt_and_padding(tok):
     logits = torch.randn(2, ids.shape[1], len(tok))
     total, count = masked_loss_sum(logits, labels)
     assert count == examples[0].n_target + examples[1].n_target
+    # the sum of -log p(target) over the target tokens, each predicted from the position before it
+    expected = sum(-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for b in range(2)
+                   for t in range(1, ids.shape[1]) if labels[b, t] != IGNORE)  # fmt: skip
+    torch.testing.assert_close(total, expected)
     # changing logits where the next token is not a target changes nothing
     poked = logits.clone()
     free = torch.ones_like(labels, dtype=torch.bool)
@@ -127,7 +135,7 @@ def test_image_cache_is_bounded(tmp_path):
 
     def processor(im):
         calls.append(im)
-        return torch.zeros(3, 4, 4)
+        return torch.full((3, 4, 4), float(im.getpixel((0, 0))[0]))  # image k's pixels are all k
 
     paths = []
     for k in range(4):
@@ -137,5 +145,7 @@ def test_image_cache_is_bounded(tmp_path):
     for p in paths + paths[-2:]:
         cache.pixels(p)
     assert len(calls) == 4 and len(cache._pixels) == 2  # the last two came from the cache
-    cache.pixels(paths[0])
+    # most recently used, not first in: 2 was used after 3, so reading 1 drops 3 and keeps 2
+    assert [int(cache.pixels(paths[k])[0, 0, 0]) for k in (2, 1, 2)] == [2, 1, 2]
     assert len(calls) == 5
+    assert int(cache.pixels(paths[3]).max()) == 3 and len(calls) == 6

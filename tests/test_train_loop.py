@@ -224,8 +224,13 @@ def test_a_checkpoint_restores_the_cuda_random_state_too(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     ckpt = save_checkpoint(tmp_path, model, optimizer, {"step": 1, "history": [], "heldout": []})
+    cpu_state = torch.get_rng_state()
+    # the generators move on after the save (as training does): the resume must put back the saved states
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.zeros(16, dtype=torch.uint8)])
+    torch.rand(3)
     load_checkpoint(ckpt, model, optimizer)
-    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_state[0])
+    assert len(restored) == 1 and torch.equal(restored[0][0], torch.arange(16, dtype=torch.uint8))
+    assert torch.equal(torch.get_rng_state(), cpu_state)
 
 
 def test_a_crash_while_writing_training_json_leaves_a_folder_that_resumes(data, tmp_path, monkeypatch):
