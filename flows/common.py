@@ -80,6 +80,18 @@ class StageRun:
         self.summary[key] = round(total, 6) if isinstance(total, float) else total
 
 
+def _stored_paths_in(ws: Workspace, value: Any) -> Any:
+    """``value`` (a run's summary) with every path inside the workspace as the lineage stores paths, relative to
+    it: the runs of a moved or copied workspace say where things are in it (polite/workspace.py)."""
+    if isinstance(value, dict):
+        return {k: _stored_paths_in(ws, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_stored_paths_in(ws, v) for v in value]
+    if isinstance(value, str | Path) and str(value).startswith(ws.root + "/"):
+        return ws.stored(value)
+    return value
+
+
 @contextmanager
 def stage_run(
     flow: str, config: dict[str, Any], workspace: str | Workspace | None, parent_run_id: str | None = None
@@ -109,7 +121,7 @@ def stage_run(
         with store.writer() as con:
             con.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, summary = ? WHERE run_id = ?",
-                [status, utcnow(), json.dumps(run.summary, default=str, sort_keys=True), run_id],
+                [status, utcnow(), json.dumps(_stored_paths_in(ws, run.summary), default=str, sort_keys=True), run_id],
             )
 
 

@@ -408,7 +408,7 @@ def rewrite_flow(
 
         request = {"mode": mode, "where": where, "limit": limit, "key": request_key,
                    "manifest": manifest and ws.stored(manifest), **key,
-                   "model_path": model_path, "settings": settings}  # fmt: skip
+                   "model_path": ws.stored(model_path), "settings": settings}  # fmt: skip
         with stage_run("rewrite", {**cfg.model_dump(mode="json"), "request": request}, ws, parent_run_id) as run:
             run.summary.update(
                 mode=mode, selected=work.num_rows, recovered_files=recovered, model_registered=registered, **key

@@ -4,13 +4,15 @@ The flow exports the ok pairs as the training set (``flows.distort.write_trainin
 model in the workspace when the config asks for it and none exists, trains inside ONE Prefect task (the model
 lives in that task's process), then records a ``models`` row keyed by the trained model's fingerprint.
 
-Resume is by folder: the output folder is named by (base fingerprint, training-set content, settings, seed), so
-the same inputs continue the same run from its last checkpoint, or return the finished model at once.
+Resume is by folder: the output folder is named by (base fingerprint, training-set content with its image paths
+relative to the workspace, settings, seed), so the same inputs continue the same run from its last checkpoint, or
+return the finished model at once (a moved or copied workspace finds it too).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +32,16 @@ _RUNTIME_ONLY = ("enabled", "device", "num_threads", "checkpoint_every", "eval_e
 
 @task(name="train-rewriter")
 def train_rewriter_task(
-    training_set: str, base: str, out_dir: str, settings: dict, seed: int, base_is_tiny: bool
+    training_set: str, base: str, out_dir: str, settings: dict, seed: int, base_is_tiny: bool,
+    training_digest: str | None = None,
 ) -> dict:
     """Train (or resume) in ``out_dir``; the model is built, trained and saved in this task's process."""
     from models.train import train_rewriter
 
     log = logger()
-    return train_rewriter(training_set, base, out_dir, settings, seed, base_is_tiny, log=log.info)
+    return train_rewriter(
+        training_set, base, out_dir, settings, seed, base_is_tiny, log=log.info, training_digest=training_digest
+    )
 
 
 def ensure_tiny_base(ws: Workspace, training_set: str, seed: int, vocab_size: int) -> str:
@@ -57,17 +62,30 @@ def ensure_tiny_base(ws: Workspace, training_set: str, seed: int, vocab_size: in
     return str(folder)
 
 
-def keep_training_set(training_set: str, out_dir: Path) -> str:
-    """A copy of the training set beside the model: the export path is reused by later runs, the model's own
-    record of which pairs it saw must not change."""
-    import shutil
+def portable_training_set(ws: Workspace, training_set: str) -> Path:
+    """``training_set`` with its image paths as the lineage stores them (relative to the workspace), in a new
+    file under ``models/``: it names the rewriter's folder and is kept there, and is the same wherever the
+    workspace is, so a moved or copied workspace finds its rewriter (training reads ``training_set``, whose
+    paths say where the images are now)."""
+    import tempfile
 
+    from polite.shards import read_table, write_table_atomic
+
+    fd, name = tempfile.mkstemp(prefix=".training_set-", suffix=".parquet", dir=ws.models)
+    os.close(fd)
+    write_table_atomic(ws.stored_paths(read_table(training_set), "images"), name)
+    return Path(name)
+
+
+def keep_training_set(portable: Path, out_dir: Path) -> str:
+    """The portable training set kept beside the model (moved there; dropped if one is there already): the
+    export path is reused by later runs, the model's own record of which pairs it saw must not change."""
     kept = out_dir / "training_set.parquet"
-    if not kept.exists():
+    if kept.exists():
+        portable.unlink()
+    else:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = kept.with_name(".training_set.parquet.tmp")
-        shutil.copyfile(training_set, tmp)
-        tmp.replace(kept)
+        portable.replace(kept)
     return str(kept)
 
 
@@ -137,12 +155,21 @@ def train_rewriter_flow(
         )
         base_fp = fingerprint(as_spec(base_path))
         learned = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _RUNTIME_ONLY}
-        tag = stable_hash("rewriter", base_fp, file_digest(training_set), learned, cfg.seed, length=12)
-        out_dir = Path(ws.models) / f"rewriter-{tag}"
-        training_set = keep_training_set(training_set, out_dir)
+        portable = portable_training_set(ws, training_set)
+
+        def folder(training: str | Path) -> Path:
+            tag = stable_hash("rewriter", base_fp, file_digest(training), learned, cfg.seed, length=12)
+            return Path(ws.models) / f"rewriter-{tag}"
+
+        out_dir = folder(portable)
+        # named by a version that hashed the image paths as they were then: found while the workspace stays put
+        if not out_dir.exists() and folder(training_set).exists():
+            out_dir = folder(training_set)
+        kept = keep_training_set(portable, out_dir)
         log.info("training the rewriter on %d pairs from %s into %s", n_pairs, base_path, out_dir)
         summary = train_rewriter_task.submit(
-            training_set, base_path, str(out_dir), settings.model_dump(mode="json"), cfg.seed, is_tiny
+            training_set, base_path, str(out_dir), settings.model_dump(mode="json"), cfg.seed, is_tiny,
+            file_digest(kept),  # resume by the workspace-relative content: a moved workspace resumes too
         ).result()
         spec = as_spec(out_dir)
         model_id = fingerprint(spec)
@@ -155,13 +182,13 @@ def train_rewriter_flow(
                 "VALUES (?, 'rewriter', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [model_id, base_fp, spec.adapter, ws.stored(out_dir), json.dumps(params, sort_keys=True),
                  pairs_query(settings.pairs_where), summary["final_loss"], run.run_id, summary["heldout_loss_start"],
-                 summary["heldout_loss_end"], n_pairs, ws.stored(training_set), summary["steps"]],
+                 summary["heldout_loss_end"], n_pairs, ws.stored(kept), summary["steps"]],
             )  # fmt: skip
         result: dict[str, Any] = {
             "model_id": model_id,
             "path": str(out_dir),
             "base": base_fp,
-            "training_set": training_set,
+            "training_set": kept,
             "n_pairs": n_pairs,
             **{
                 k: summary.get(k)

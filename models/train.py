@@ -153,11 +153,16 @@ def train_rewriter(
     base_is_tiny: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     log: Callable[[str], None] = print,
+    training_digest: str | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume, or return the finished) rewriter in ``out_dir``; returns a JSON-able summary."""
+    """Train (or resume, or return the finished) rewriter in ``out_dir``; returns a JSON-able summary.
+
+    ``training_digest`` names the training set's content for resuming (default: the file's digest). The flow
+    passes the digest of its copy with image paths relative to the workspace, so a moved or copied workspace
+    resumes its checkpoint, while ``training_set`` says where the images are now."""
     import torch
 
-    from models.loader import default_device_dtype
+    from models.loader import default_device_dtype, file_digest
     from polite.config.train import TrainSettings
 
     s = TrainSettings.model_validate(settings or {})
@@ -169,7 +174,8 @@ def train_rewriter(
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cpu_threads(s.num_threads) if device.type == "cpu" else threads_before)
     try:
-        return _train(training_set, base, out_dir, s, seed, base_is_tiny, on_step, log, device)
+        digest = training_digest or file_digest(training_set)
+        return _train(training_set, digest, base, out_dir, s, seed, base_is_tiny, on_step, log, device)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -197,10 +203,12 @@ def cpu_threads(asked: int | None, window_s: float = 0.5) -> int:
     return max(1, min(default, round(cores - busy)))
 
 
-def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, log, device) -> dict[str, Any]:
+def _train(
+    training_set, training_digest: str, base, out_dir: Path, s, seed, base_is_tiny, on_step, log, device
+) -> dict[str, Any]:
     import torch
 
-    from models.loader import as_spec
+    from models.loader import as_spec, file_digest
 
     bf16 = s.precision == "bf16" or (s.precision == "auto" and device.type == "cuda")
     groups = default_groups(s.train_groups, base_is_tiny)
@@ -218,7 +226,9 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
         p.data = p.data.float()  # master weights of what we train stay fp32
 
     rows = read_training_set(training_set)
-    run_key = _run_key(training_set, base_spec, s, seed, groups)
+    run_key = _run_key(training_digest, base_spec, s, seed, groups)
+    # a checkpoint written before training_digest existed carries the key of the file as it was then
+    resumable_keys = {run_key, _run_key(file_digest(training_set), base_spec, s, seed, groups)}
     train_rows, held_rows = split_heldout(rows, s.heldout_fraction, s.heldout_max, seed)
     train, skipped = make_examples(train_rows, tokenizer, s.max_length)
     heldout, skipped_held = make_examples(held_rows, tokenizer, s.max_length)
@@ -274,11 +284,12 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None:
         state = {"skipped": {}, **load_checkpoint(ckpt, model, optimizer)}
-        if state.setdefault("run_key", run_key) != run_key:
+        if state.setdefault("run_key", run_key) not in resumable_keys:
             raise ValueError(
                 f"{ckpt} is a checkpoint of another run (other base, training set, settings or seed): resuming "
                 f"it would mix two runs. Delete {out_dir / 'checkpoints'} or train into another out_dir."
             )
+        state["run_key"] = run_key
         resumed_from = state["step"]
         log(f"resuming from {ckpt} (step {state['step']})")
     if not state["heldout"]:
@@ -346,14 +357,14 @@ def _train(training_set, base, out_dir: Path, s, seed, base_is_tiny, on_step, lo
     return summary
 
 
-def _run_key(training_set: str, base_spec: FlamingoSpec, s, seed: int, groups: list[str]) -> str:
+def _run_key(training_digest: str, base_spec: FlamingoSpec, s, seed: int, groups: list[str]) -> str:
     """What a checkpoint must have been trained on to be resumed: base, training-set content, learning settings,
     seed and trained groups."""
-    from models.loader import file_digest, fingerprint
+    from models.loader import fingerprint
     from polite.ids import stable_hash
 
     learned = {k: v for k, v in s.model_dump(mode="json").items() if k not in _RESUMABLE_ACROSS}
-    return stable_hash("train-run", fingerprint(base_spec), file_digest(training_set), learned, seed, groups)
+    return stable_hash("train-run", fingerprint(base_spec), training_digest, learned, seed, groups)
 
 
 def _reasons(skipped: dict[str, str]) -> dict[str, int]:

@@ -83,19 +83,31 @@ class Workspace:
     def locate_paths(self, table: pa.Table, column: str) -> pa.Table:
         """``table`` with `locate` applied to its ``column`` of paths or of lists of paths (a sample's images),
         vectorized: a rewrite selection has a million of them."""
-        import pyarrow as pa
         import pyarrow.compute as pc
 
-        paths = table.column(column).combine_chunks()
-        is_list = pa.types.is_list(paths.type) or pa.types.is_large_list(paths.type)
-        values = paths.values if is_list else paths  # with .offsets, right for a sliced array too
-        as_is = pc.or_kleene(
-            pc.or_kleene(pc.equal(values, ""), pc.starts_with(values, "/")), pc.match_substring(values, "://")
+        def locate(values):
+            as_is = pc.or_kleene(
+                pc.or_kleene(pc.equal(values, ""), pc.starts_with(values, "/")), pc.match_substring(values, "://")
+            )
+            return pc.if_else(pc.fill_null(as_is, True), values, pc.binary_join_element_wise(self.root + "/", values, ""))
+
+        return _map_paths(table, column, locate)
+
+    def stored_paths(self, table: pa.Table, column: str) -> pa.Table:
+        """``table`` with `stored` applied to its ``column`` of paths or of lists of paths as `locate_paths` gives
+        them (under ``root/``, not otherwise normalized), vectorized."""
+        import pyarrow.compute as pc
+
+        prefix = self.root + "/"
+        return _map_paths(
+            table,
+            column,
+            lambda values: pc.if_else(
+                pc.fill_null(pc.starts_with(values, prefix), False),
+                pc.utf8_slice_codeunits(values, len(prefix)),
+                values,
+            ),
         )
-        located = pc.if_else(pc.fill_null(as_is, True), values, pc.binary_join_element_wise(self.root + "/", values, ""))
-        if is_list:
-            located = type(paths).from_arrays(paths.offsets, located, mask=paths.is_null() if paths.null_count else None)
-        return table.set_column(table.schema.get_field_index(column), column, located.cast(paths.type))
 
     @property
     def db_path(self) -> Path:
@@ -134,3 +146,17 @@ class Workspace:
             self.fs.makedirs(d, exist_ok=True)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         return self
+
+
+def _map_paths(table: pa.Table, column: str, fn) -> pa.Table:
+    """``table`` with ``fn`` (string array -> string array) applied to its ``column`` of strings or of lists of
+    strings."""
+    import pyarrow as pa
+
+    paths = table.column(column).combine_chunks()
+    is_list = pa.types.is_list(paths.type) or pa.types.is_large_list(paths.type)
+    values = paths.values if is_list else paths  # with .offsets, right for a sliced array too
+    mapped = fn(values)
+    if is_list:
+        mapped = type(paths).from_arrays(paths.offsets, mapped, mask=paths.is_null() if paths.null_count else None)
+    return table.set_column(table.schema.get_field_index(column), column, mapped.cast(paths.type))

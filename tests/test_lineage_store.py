@@ -164,6 +164,23 @@ def test_migration_010_stores_the_factory_s_own_paths_relative_to_the_workspace(
         f"{workspace.root}/images/ef/i_{'ef' * 16}.png")
 
 
+def test_a_run_s_summary_records_paths_inside_the_workspace_relative(workspace):
+    """`polite explain`/`polite sql` on `runs` of a moved or copied workspace: the summary says where the model,
+    report and sources are inside it, not where the workspace was; paths elsewhere stay as they are."""
+    import json
+
+    from flows.common import stage_run
+
+    with stage_run("train_rewriter", {}, workspace) as run:
+        run.summary.update(path=str(Path(workspace.models) / "rewriter-0123456789ab"), model="/elsewhere/m", n=3,
+                           sources={"demo": {"from": f"{workspace.root}/sources/demo"}},
+                           reports=[Path(workspace.reports) / "r" / "report.md"], name=workspace.root + "-other/x")
+    (summary,) = LineageStore(workspace.db_path).query("SELECT summary FROM runs").column("summary").to_pylist()
+    assert json.loads(summary) == {"path": "models/rewriter-0123456789ab", "model": "/elsewhere/m", "n": 3,
+                                   "sources": {"demo": {"from": "sources/demo"}}, "reports": ["reports/r/report.md"],
+                                   "name": workspace.root + "-other/x"}  # fmt: skip
+
+
 def test_relocate_benchmark_leaves_no_old_path_and_locates_under_the_new_root(bench_script):
     figures = bench_script("relocate").main(["--n", "3000", "--rounds", "1"])
     assert figures["old_paths_left"] == 0

@@ -145,3 +145,34 @@ def test_a_workspace_stores_its_own_paths_relative_and_locates_them_after_a_move
         {"image_paths": ["s3://x/y", None], "path": ""},
     ]
     assert moved.locate_paths(table.slice(3, 1), "image_paths").column("image_paths").to_pylist() == [["s3://x/y", None]]
+
+
+def test_stored_paths_undoes_locate_paths(tmp_path):
+    """`stored_paths` (vectorized, lists too) gives back the stored form of located paths; paths outside the
+    root, a sibling whose name starts the same included, stay as they are."""
+    import pyarrow as pa
+
+    from polite.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "wé s")
+    table = pa.table({
+        "images": pa.array([["images/a.png", "/abs/b.png", ""], None, [], ["s3://x/y", None]], pa.list_(pa.string())),
+        "path": ["images/x", None, f"{ws.root}-other/y", "."],
+    })  # fmt: skip
+    located = ws.locate_paths(ws.locate_paths(table, "images"), "path")
+    assert located.column("images")[0].as_py()[0] == f"{ws.root}/images/a.png"
+    assert ws.stored_paths(ws.stored_paths(located, "images"), "path").equals(table)
+    assert ws.stored_paths(located.slice(0, 1), "images").column("images").to_pylist() == [
+        ["images/a.png", "/abs/b.png", ""]]
+
+
+def test_an_undecodable_image_s_error_is_the_same_text_every_time():
+    """PIL's message names the buffer by its memory address; the stored reason leaves it out."""
+    from polite.images import decode_check
+
+    reasons = set()
+    for _ in range(3):
+        with pytest.raises(BadImageError) as caught:
+            decode_check(b"this is not an image")
+        reasons.add(str(caught.value))
+    assert reasons == {"image cannot be decoded: cannot identify image file"}

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from lineage.store import LineageStore
+from polite.shards import read_table
 
 SETTINGS = dict(max_steps=6, batch_size=4, micro_batch_size=4, heldout_fraction=0.2, heldout_max=4, lora_rank=8,
                 checkpoint_every=3, eval_every=3, time_budget_s=None, num_threads=1, tiny_vocab_size=400)  # fmt: skip
@@ -24,7 +25,7 @@ def _seed_lineage(ws, n=24):
         for c in ("red", "blue"):
             path = f"{ws.images}/{c}.png"
             Image.new("RGB", (32, 32), c).save(path)
-            con.execute("INSERT INTO images (image_id, path) VALUES (?, ?)", [f"i_{c}", path])
+            con.execute("INSERT INTO images (image_id, path) VALUES (?, ?)", [f"i_{c}", ws.stored(path)])
         for i in range(n):
             c = rng.choice(("red", "blue"))
             original = f"The picture shows a {c} square on a plain background."
@@ -96,6 +97,37 @@ def test_flow_trains_records_and_reuses(prefect_harness, workspace, tmp_path):
     found_row, found = model_folder(LineageStore(moved.db_path), moved, None)
     assert found_row[0] == result["model_id"] and found == f"{moved.models}/{Path(result['path']).name}"
     assert load_rewriter(found, device="cpu").fingerprint == result["model_id"]
+    # and training there finds it too: its folder is named by the training set with the image paths as the
+    # lineage stores them (relative), so nothing is trained again
+    there = train_rewriter_flow(config=config, workspace=moved.root, where="p.method = 'augment'")
+    assert there["path"] == found and there["resumed_from"] is None
+    assert [p.name for p in Path(moved.models).glob("rewriter-*")] == [Path(found).name]
+    kept = read_table(there["training_set"]).column("images").to_pylist()
+    assert {tuple(i) for i in kept} == {("images/red.png",), ("images/blue.png",)}
+
+
+def test_flow_finds_a_rewriter_named_by_absolute_image_paths_in_place(prefect_harness, workspace, monkeypatch):
+    """A workspace trained by a version that named the folder by the training set as exported (absolute image
+    paths) and kept that copy: where it has not moved, training again returns that rewriter."""
+    import shutil
+
+    import flows.train_rewriter as train_module
+
+    def as_exported(ws, training_set):  # what those versions hashed and kept
+        copy = Path(ws.models) / ".training_set-old.parquet"
+        shutil.copyfile(training_set, copy)
+        return copy
+
+    _seed_lineage(workspace)
+    config = {"train": {**SETTINGS, "max_steps": 2}}
+    monkeypatch.setattr(train_module, "portable_training_set", as_exported)
+    old = train_module.train_rewriter_flow(config=config, workspace=workspace.root)
+    assert read_table(old["training_set"]).column("images")[0].as_py()[0].startswith(workspace.root + "/")
+    monkeypatch.undo()
+    again = train_module.train_rewriter_flow(config=config, workspace=workspace.root)
+    assert again["path"] == old["path"] and again["model_id"] == old["model_id"] and again["resumed_from"] is None
+    assert len(list(Path(workspace.models).glob("rewriter-*"))) == 1
+    assert not list(Path(workspace.models).glob(".training_set-*"))  # the portable copy was dropped, not left
 
 
 def test_flow_fails_before_work_on_bad_settings(prefect_harness, workspace):

@@ -273,3 +273,40 @@ def test_a_checkpoint_of_another_run_is_not_resumed(data, tmp_path):
             train_rewriter(path, base, tmp_path / "run", other, seed=seed, base_is_tiny=True)
     longer = train_rewriter(path, base, tmp_path / "run", dict(settings, max_steps=5), seed=0, base_is_tiny=True)
     assert longer["resumed_from"] == 2 and longer["steps"] == 5
+
+
+def test_a_checkpoint_resumes_by_the_training_digest_wherever_the_images_are_now(data, tmp_path):
+    """The flow names the training set by its workspace-relative content (``training_digest``): after a move the
+    file's image paths differ and the checkpoint still resumes; another digest is another run. A checkpoint from
+    before the digest was passed (the file's own digest) resumes too."""
+    import shutil
+    from pathlib import Path
+
+    path, base = data
+    settings = dict(SMALL, max_steps=4, checkpoint_every=2, eval_every=2)
+
+    def crash_at_3(step, loss):
+        if step == 3:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        train_rewriter(path, base, tmp_path / "run", settings, seed=0, base_is_tiny=True, on_step=crash_at_3,
+                       training_digest="relative-content")  # fmt: skip
+    moved = tmp_path / "moved"
+    shutil.copytree(Path(path).parent, moved, ignore=shutil.ignore_patterns("base", "*.parquet"))
+    table = pq.read_table(path)
+    images = [[str(moved / Path(p).name) for p in ps] for ps in table.column("images").to_pylist()]
+    moved_set = moved / "train.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("images"), "images", pa.array(images)), moved_set)
+    with pytest.raises(ValueError, match="another run"):
+        train_rewriter(str(moved_set), base, tmp_path / "run", settings, seed=0, base_is_tiny=True,
+                       training_digest="other-content")  # fmt: skip
+    resumed = train_rewriter(str(moved_set), base, tmp_path / "run", settings, seed=0, base_is_tiny=True,
+                             training_digest="relative-content")  # fmt: skip
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
+
+    with pytest.raises(Crash):  # a checkpoint keyed by the file itself, as before training_digest
+        train_rewriter(path, base, tmp_path / "old", settings, seed=0, base_is_tiny=True, on_step=crash_at_3)
+    upgraded = train_rewriter(path, base, tmp_path / "old", settings, seed=0, base_is_tiny=True,
+                              training_digest="relative-content")  # fmt: skip
+    assert upgraded["resumed_from"] == 2 and upgraded["steps"] == 4
