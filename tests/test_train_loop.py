@@ -53,16 +53,18 @@ class Crash(RuntimeError):
     pass
 
 
+def crash_at_3(step, loss):
+    """``on_step`` of a run that dies at step 3, after its checkpoint at step 2."""
+    if step == 3:
+        raise Crash("simulated crash")
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_run(data, tmp_path):
     path, base = data
     settings = dict(SMALL, max_steps=4, checkpoint_every=2, eval_every=2)
     whole = train_rewriter(
         path, base, tmp_path / "whole", settings, seed=0, base_is_tiny=True, log=lambda m: None
     )
-
-    def crash_at_3(step, loss):
-        if step == 3:
-            raise Crash("simulated crash")
 
     with pytest.raises(Crash):
         train_rewriter(
@@ -262,10 +264,6 @@ def test_a_checkpoint_of_another_run_is_not_resumed(data, tmp_path):
     path, base = data
     settings = dict(SMALL, max_steps=4, checkpoint_every=2, eval_every=2)
 
-    def crash_at_3(step, loss):
-        if step == 3:
-            raise Crash("simulated crash")
-
     with pytest.raises(Crash):
         train_rewriter(path, base, tmp_path / "run", settings, seed=0, base_is_tiny=True, on_step=crash_at_3)
     for other, seed in ((dict(settings, learning_rate=1e-4), 0), (settings, 1)):
@@ -284,10 +282,6 @@ def test_a_checkpoint_resumes_by_the_training_digest_wherever_the_images_are_now
 
     path, base = data
     settings = dict(SMALL, max_steps=4, checkpoint_every=2, eval_every=2)
-
-    def crash_at_3(step, loss):
-        if step == 3:
-            raise Crash("simulated crash")
 
     with pytest.raises(Crash):
         train_rewriter(path, base, tmp_path / "run", settings, seed=0, base_is_tiny=True, on_step=crash_at_3,
