@@ -297,13 +297,13 @@ def recover_results(store: LineageStore, ws: Workspace, results_dir: str, run_id
     """Ingest result files of this key that a killed run wrote but never ingested. Returns how many."""
     from fsspec.core import url_to_fs
 
-    from polite.workspace import is_local
-
     fs, root = url_to_fs(results_dir)
     if not fs.exists(root):
         return 0
     listed = [f for f in fs.ls(root, detail=False) if f.endswith(".parquet") and "/.tmp-" not in f]
-    files = listed if is_local(results_dir) else [fs.unstrip_protocol(f) for f in listed]
+    # named under results_dir as the flow names them: unstrip_protocol spells some URLs otherwise (memory:///x),
+    # and a file recorded under another spelling would be ingested again on every run
+    files = [f"{results_dir.rstrip('/')}/{f.rsplit('/', 1)[-1]}" for f in listed]
     with store.reader() as con:
         seen = {r[0] for r in con.execute("SELECT path FROM rewrite_result_files").fetchall()}
     orphans = sorted(f for f in files if ws.stored(f) not in seen and f not in seen)
