@@ -1,5 +1,5 @@
-"""A workspace on fsspec storage (``memory://`` here, ``s3://`` for a cluster; docs/factory.md): ingest, rewrite,
-a rerun, filter and export run on it, the lineage stores its paths relative to it, and the export carries the
+"""A workspace on fsspec storage (``memory://`` here, ``s3://`` for a cluster; docs/factory.md): ingest,
+distortion and its training set, rewrite, a rerun, filter and export run on it, the lineage stores its paths relative to it, and the export carries the
 very image bytes the ingest stored."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from test_rewrite_fixtures import tiny_model
 
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def test_every_stage_but_training_runs_on_a_remote_workspace(tmp_path, monkeypatch, prefect_harness):
+    from flows.distort import distort_flow, write_training_set
     from flows.export import export_flow
     from flows.filter import filter_flow
     from flows.ingest import ingest_flow
@@ -30,6 +32,7 @@ def test_every_stage_but_training_runs_on_a_remote_workspace(tmp_path, monkeypat
     model = tiny_model(tmp_path / "models")
     config = {
         "ingest": {"sources": [built.spec]},
+        "distort": {"task_types": ["vqa"], "mix": [{"method": "augment"}]},
         "rewrite": {"preset": "greedy", "overrides": {"max_new_tokens": 8}},
         "export": {"formats": ["llava", "parquet"], "where": "rewrite_status = 'ok'", "report": "none",
                    "checks": {"min_keep_rate": 0.0}},
@@ -37,6 +40,13 @@ def test_every_stage_but_training_runs_on_a_remote_workspace(tmp_path, monkeypat
 
     ingested = ingest_flow(config=config, workspace=ws.root)
     assert ingested["ok"] == built.ok and ingested["failed"] == built.failed
+    distorted = distort_flow(config=config, workspace=ws.root)
+    # one-word answers rarely survive augmentation ("unchanged: no step was drawn"): those pairs fail
+    assert distorted["augment_selected"] == built.ok and distorted["augment_ok"] >= 1
+    assert distorted["augment_ok"] + distorted["augment_failed"] == built.ok
+    training = pq.read_table(write_training_set(config, ws.root, out=str(tmp_path / "training.parquet")))
+    assert training.num_rows == distorted["augment_ok"]  # its images are where the workspace keeps them
+    assert all(Workspace.resolve(ws.root).fs.exists(p) for ps in training.column("images").to_pylist() for p in ps)
     rewritten = rewrite_flow(config=config, workspace=ws.root, model=model)
     assert rewritten["ok"] == rewritten["selected"] == built.ok
     rerun = rewrite_flow(config=config, workspace=ws.root, model=model, where="sample_id IN "
