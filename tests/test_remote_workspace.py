@@ -46,7 +46,7 @@ def test_every_stage_but_training_runs_on_a_remote_workspace(tmp_path, monkeypat
     assert distorted["augment_ok"] + distorted["augment_failed"] == built.ok
     training = pq.read_table(write_training_set(config, ws.root, out=str(tmp_path / "training.parquet")))
     assert training.num_rows == distorted["augment_ok"]  # its images are where the workspace keeps them
-    assert all(Workspace.resolve(ws.root).fs.exists(p) for ps in training.column("images").to_pylist() for p in ps)
+    assert all(ws.fs.exists(p) for ps in training.column("images").to_pylist() for p in ps)
     rewritten = rewrite_flow(config=config, workspace=ws.root, model=model)
     assert rewritten["ok"] == rewritten["selected"] == built.ok
     rerun = rewrite_flow(config=config, workspace=ws.root, model=model, where="sample_id IN "
