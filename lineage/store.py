@@ -400,14 +400,19 @@ class LineageStore:
         with self.reader(timeout_s=timeout_s) as con:
             return con.sql(sql, params=params or None).to_arrow_table()
 
-    def user_query(self, sql: str, timeout_s: float | None = None, time_limit_s: float | None = None) -> pa.Table:
-        """Run user SQL: a single SELECT, read-only, without file or network access.
+    def user_query(
+        self, sql: str, timeout_s: float | None = None, time_limit_s: float | None = None, setup: str | None = None
+    ) -> pa.Table:
+        """Run user SQL: a single SELECT, read-only, without file or network access. ``setup``: our own SQL run
+        first on the same connection (``Workspace.locate_macro``).
 
         ``time_limit_s``: stop the query after this long (None or 0: no limit). While any connection has the file
         open no flow can write it, and a flow's writer gives up after ``LOCK_TIMEOUT_S``: a query that runs longer
         would fail a running flow."""
         check_read_only_sql(sql)
         with self.reader(timeout_s=timeout_s, sandboxed=True) as con:
+            if setup:
+                con.execute(setup)
             timer = threading.Timer(time_limit_s, con.interrupt) if time_limit_s else None
             if timer is not None:
                 timer.daemon = True

@@ -80,6 +80,14 @@ class Workspace:
             return stored
         return self.root if stored == "." else self.url(stored)
 
+    def locate_macro(self) -> str:
+        """SQL that defines ``workspace_path(path)``, `locate` in a query (``polite sql`` offers it)."""
+        root = "'" + (self.root + "/").replace("'", "''") + "'"
+        return (
+            "CREATE OR REPLACE TEMP MACRO workspace_path(p) AS CASE WHEN p IS NULL OR p = '' OR starts_with(p, '/') "
+            f"OR contains(p, '://') THEN p ELSE {root} || p END"
+        )
+
     def locate_paths(self, table: pa.Table, column: str) -> pa.Table:
         """``table`` with `locate` applied to its ``column`` of paths or of lists of paths (a sample's images),
         vectorized: a rewrite selection has a million of them."""

@@ -514,6 +514,34 @@ def test_sql_writes_list_columns_as_csv_and_explain_prints_every_part(workspace)
     assert "models (0)" in shown.output and "rewrites (3)" in shown.output and '"image_id": "i_b"' in shown.output
 
 
+def test_sql_offers_workspace_path_for_paths_stored_relative_to_a_moved_workspace(workspace, tmp_path):
+    """`polite sql` defines workspace_path(path): a relative path under the workspace's root as it is now, an
+    absolute path or a URL as it is; a quote in the root is no injection."""
+    import csv
+    import io
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from polite.cli import app
+    from polite.workspace import Workspace
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    with store.writer() as con:
+        con.executemany("INSERT INTO images (image_id, path) VALUES (?, ?)",
+                        [("i_a", "images/aa/i_a.png"), ("i_b", "/elsewhere/b.png"), ("i_c", "s3://bucket/c.png")])  # fmt: skip
+    moved = Workspace.resolve(shutil.move(workspace.root, tmp_path / "it's moved"))
+    out = CliRunner().invoke(app, ["sql", "SELECT image_id, workspace_path(path) AS file FROM images ORDER BY 1",
+                                   "-f", "csv", "-w", moved.root])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert list(csv.DictReader(io.StringIO(out.stdout))) == [
+        {"image_id": "i_a", "file": f"{moved.root}/images/aa/i_a.png"},
+        {"image_id": "i_b", "file": "/elsewhere/b.png"},
+        {"image_id": "i_c", "file": "s3://bucket/c.png"},
+    ]
+
+
 def test_sql_prints_a_result_too_wide_for_a_table_one_field_a_line(workspace):
     """38 columns of `SELECT * FROM lineage` in a table of 80 characters were cells folded to nothing."""
     from typer.testing import CliRunner

@@ -121,6 +121,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Query the lineage database, read-only (safe while a run is going).
 
+        Paths inside the workspace are stored relative to it; workspace_path(path) gives where the file is now.
+
         Example: polite sql "SELECT source, count(*) FROM samples GROUP BY source"
         """
         import duckdb
@@ -128,7 +130,10 @@ def register(app: typer.Typer) -> None:
         from lineage.store import sql_error_summary
 
         try:
-            result = _store(workspace).user_query(query, time_limit_s=time_limit)
+            from polite.workspace import Workspace
+
+            macro = Workspace.resolve(workspace).locate_macro()  # workspace_path(path): where a stored path is
+            result = _store(workspace).user_query(query, time_limit_s=time_limit, setup=macro)
         except duckdb.Error as exc:  # the user's SQL: a line that says what is wrong, not a traceback
             raise ValueError(f"{sql_error_summary(exc)}. Tables and views: polite sql \"SHOW TABLES\"; "
                              f'a table\'s columns: polite sql "DESCRIBE rewrites"') from None  # fmt: skip
