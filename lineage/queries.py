@@ -8,6 +8,7 @@ from typing import Any
 import duckdb
 
 from lineage.store import LineageStore
+from polite.workspace import Workspace
 
 _EXPLAIN_PARTS: dict[str, str] = {
     "sample": "SELECT * FROM samples WHERE sample_id = $id",
@@ -53,8 +54,9 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def explain(store: LineageStore, sample_id: str) -> dict[str, Any]:
-    """Everything known about one sample, stage by stage. Raises KeyError for an unknown id."""
+def explain(store: LineageStore, sample_id: str, workspace: Workspace | None = None) -> dict[str, Any]:
+    """Everything known about one sample, stage by stage. Raises KeyError for an unknown id. With the
+    ``workspace``, each image also says where its ``file`` is now (paths are stored relative to the workspace)."""
     report: dict[str, Any] = {}
     with store.reader() as con:
         for part, sql in _EXPLAIN_PARTS.items():
@@ -69,6 +71,8 @@ def explain(store: LineageStore, sample_id: str) -> dict[str, Any]:
     if not report["sample"]:
         raise KeyError(f"no sample with id {sample_id!r} in {store.db_path}")
     report["sample"] = report["sample"][0]
+    if workspace is not None:
+        report["images"] = [{**r, "file": workspace.locate(r.get("path"))} for r in report["images"]]
     return report
 
 

@@ -502,6 +502,7 @@ def test_sql_writes_list_columns_as_csv_and_explain_prints_every_part(workspace)
     _history(store)
     with store.writer() as con:
         con.execute("UPDATE samples SET images = ['i_b', 'i_a'] WHERE sample_id = 's_a'")
+        con.execute("INSERT INTO images (image_id, path) VALUES ('i_a', 'images/a.jpg'), ('i_b', '/abs/b.jpg')")
         con.execute("UPDATE decisions SET removed_paragraphs = [0, 2] WHERE decision_id = 'd_a2_2'")
     ws = ["-w", str(workspace.root)]
     out = CliRunner().invoke(app, ["sql", "SELECT * FROM lineage ORDER BY sample_id", "-f", "csv", *ws])
@@ -512,6 +513,9 @@ def test_sql_writes_list_columns_as_csv_and_explain_prints_every_part(workspace)
     shown = CliRunner().invoke(app, ["explain", "s_a", *ws])
     assert shown.exit_code == 0, shown.output
     assert "models (0)" in shown.output and "rewrites (3)" in shown.output and '"image_id": "i_b"' in shown.output
+    as_json = CliRunner().invoke(app, ["explain", "s_a", "--json", *ws])
+    assert [(i["path"], i["file"]) for i in json.loads(as_json.stdout)["images"]] == [
+        ("/abs/b.jpg", "/abs/b.jpg"), ("images/a.jpg", f"{workspace.root}/images/a.jpg")]  # where each file is now
 
 
 def test_sql_offers_workspace_path_for_paths_stored_relative_to_a_moved_workspace(workspace, tmp_path):

@@ -167,8 +167,9 @@ def register(app: typer.Typer) -> None:
         Example: polite explain s_0123456789abcdef
         """
         from lineage.queries import explain as explain_sample
+        from polite.workspace import Workspace
 
-        report = explain_sample(_store(workspace), sample_id)
+        report = explain_sample(_store(workspace), sample_id, Workspace.resolve(workspace))
         if as_json:
             console.print_json(json.dumps(report, default=str))
             return
