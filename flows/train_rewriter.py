@@ -77,6 +77,30 @@ def portable_training_set(ws: Workspace, training_set: str) -> Path:
     return Path(name)
 
 
+def named_by_absolute_paths(ws: Workspace, portable: Path, folder) -> Path | None:
+    """The rewriter folder that an earlier version trained on this training set, if there is one.
+
+    Those versions named the folder by the training set as exported (image paths absolute, under the root the
+    workspace had then) and kept that very file in it. A candidate must carry the name ``folder`` gives its kept
+    file, and that file, with its paths made relative to its own root, must be ``portable``: so a workspace
+    trained by such a version and then moved or copied reuses its rewriter instead of training it again."""
+    from polite.shards import read_table
+
+    wanted = None
+    for kept in sorted(Path(ws.models).glob("rewriter-*/training_set.parquet")):
+        if folder(kept) != kept.parent:
+            continue  # other inputs (base, settings, seed, pairs), or named by its relative copy already
+        table = read_table(kept)
+        paths = [p for ps in table.column("images").to_pylist() for p in ps or [] if "/images/" in p]
+        if not paths:
+            continue
+        then = Workspace(paths[0][: paths[0].rindex("/images/")])
+        wanted = wanted if wanted is not None else read_table(str(portable)).to_pylist()
+        if then.stored_paths(table, "images").to_pylist() == wanted:
+            return kept.parent
+    return None
+
+
 def keep_training_set(portable: Path, out_dir: Path) -> str:
     """The portable training set kept beside the model (moved there; dropped if one is there already): the
     export path is reused by later runs, the model's own record of which pairs it saw must not change."""
@@ -162,9 +186,8 @@ def train_rewriter_flow(
             return Path(ws.models) / f"rewriter-{tag}"
 
         out_dir = folder(portable)
-        # named by a version that hashed the image paths as they were then: found while the workspace stays put
-        if not out_dir.exists() and folder(training_set).exists():
-            out_dir = folder(training_set)
+        if not out_dir.exists():  # or one named by a version that hashed the image paths as they were then
+            out_dir = named_by_absolute_paths(ws, portable, folder) or out_dir
         kept = keep_training_set(portable, out_dir)
         log.info("training the rewriter on %d pairs from %s into %s", n_pairs, base_path, out_dir)
         summary = train_rewriter_task.submit(

@@ -106,9 +106,9 @@ def test_flow_trains_records_and_reuses(prefect_harness, workspace, tmp_path):
     assert {tuple(i) for i in kept} == {("images/red.png",), ("images/blue.png",)}
 
 
-def test_flow_finds_a_rewriter_named_by_absolute_image_paths_in_place(prefect_harness, workspace, monkeypatch):
+def test_flow_finds_a_rewriter_named_by_absolute_image_paths(prefect_harness, workspace, monkeypatch, tmp_path):
     """A workspace trained by a version that named the folder by the training set as exported (absolute image
-    paths) and kept that copy: where it has not moved, training again returns that rewriter."""
+    paths) and kept that copy: training again returns that rewriter, where it was made and after a move."""
     import shutil
 
     import flows.train_rewriter as train_module
@@ -128,6 +128,13 @@ def test_flow_finds_a_rewriter_named_by_absolute_image_paths_in_place(prefect_ha
     assert again["path"] == old["path"] and again["model_id"] == old["model_id"] and again["resumed_from"] is None
     assert len(list(Path(workspace.models).glob("rewriter-*"))) == 1
     assert not list(Path(workspace.models).glob(".training_set-*"))  # the portable copy was dropped, not left
+
+    from polite.workspace import Workspace
+
+    moved = Workspace.resolve(shutil.move(workspace.root, tmp_path / "moved"))
+    there = train_module.train_rewriter_flow(config=config, workspace=moved.root)
+    assert there["path"] == f"{moved.models}/{Path(old['path']).name}" and there["model_id"] == old["model_id"]
+    assert there["resumed_from"] is None and len(list(Path(moved.models).glob("rewriter-*"))) == 1
 
 
 def test_flow_fails_before_work_on_bad_settings(prefect_harness, workspace):
