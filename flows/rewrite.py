@@ -217,6 +217,21 @@ def _pending_manifest(store: LineageStore, ws: Workspace, request_key: str) -> s
     return manifest if status != "completed" and manifest and exists(manifest) else None
 
 
+def pending_work(
+    store: LineageStore, ws: Workspace, rs, key: dict[str, str], mode: str, where: str | None, limit: int | None
+) -> tuple[pa.Table, str | None, str]:
+    """``(work, manifest, request key)``: what a rewrite of ``mode`` does now, read-only. An interrupted
+    retry/rerun of the same request resumes the work it chose (its ``manifest``, else None); "first" work is its
+    own resume query. The same request is the same mode, predicate, key, limit and (but for a rerun) source and
+    task-type filters."""
+    filters = None if mode == "rerun" else [rs.sources, rs.task_types, rs.exclude_sources, rs.exclude_task_types]
+    request_key = stable_hash("rewrite-request", mode, where, key, filters, limit)
+    manifest = _pending_manifest(store, ws, request_key) if mode != "first" else None
+    if manifest:
+        return _not_done(store, read_table(manifest).cast(WORK_SCHEMA)), manifest, request_key
+    return select_work(store, rs, key, mode, where, limit), None, request_key
+
+
 def _not_done(store: LineageStore, work: pa.Table) -> pa.Table:
     """Work rows whose rewrite_id is not in the lineage yet."""
     with store.reader() as con:
@@ -293,20 +308,25 @@ def ingest_result(
     return new
 
 
-def recover_results(store: LineageStore, ws: Workspace, results_dir: str, run_id: str, key: dict[str, str]) -> int:
-    """Ingest result files of this key that a killed run wrote but never ingested. Returns how many."""
+def orphan_results(store: LineageStore, ws: Workspace, results_dir: str) -> list[str]:
+    """Result files in ``results_dir`` that a killed run wrote but never ingested."""
     from fsspec.core import url_to_fs
 
     fs, root = url_to_fs(results_dir)
     if not fs.exists(root):
-        return 0
+        return []
     listed = [f for f in fs.ls(root, detail=False) if f.endswith(".parquet") and "/.tmp-" not in f]
     # named under results_dir as the flow names them: unstrip_protocol spells some URLs otherwise (memory:///x),
     # and a file recorded under another spelling would be ingested again on every run
     files = [f"{results_dir.rstrip('/')}/{f.rsplit('/', 1)[-1]}" for f in listed]
     with store.reader() as con:
         seen = {r[0] for r in con.execute("SELECT path FROM rewrite_result_files").fetchall()}
-    orphans = sorted(f for f in files if ws.stored(f) not in seen and f not in seen)
+    return sorted(f for f in files if ws.stored(f) not in seen and f not in seen)
+
+
+def recover_results(store: LineageStore, ws: Workspace, results_dir: str, run_id: str, key: dict[str, str]) -> int:
+    """Ingest result files of this key that a killed run wrote but never ingested. Returns how many."""
+    orphans = orphan_results(store, ws, results_dir)
     for path in orphans:
         ingest_result(store, path, run_id, key, recorded_as=ws.stored(path))
     return len(orphans)
@@ -323,6 +343,11 @@ def outcome_counts(store: LineageStore, work: pa.Table) -> dict[str, int]:
         )
     ok, failed = int(counts.get("ok", 0)), int(counts.get("failed", 0))
     return {"ok": ok, "failed": failed, "unattempted": work.num_rows - ok - failed}
+
+
+def results_folder(ws: Workspace, key: dict[str, str]) -> str:
+    """Where the shards of one key write their results (a killed run's are found here again)."""
+    return f"{ws.stage_dir('rewrites')}/results/{key['model_id']}/{key['prompt_version']}-{key['settings_hash']}"
 
 
 def generation_settings(rs) -> dict[str, Any]:
@@ -386,25 +411,18 @@ def rewrite_flow(
     model_id, model_path, registered = resolve_model(store, ws, model or rs.model)
     key = rewrite_key(model_id, settings)
     base = ws.stage_dir("rewrites")
-    results_dir = f"{base}/results/{model_id}/{PROMPT_VERSION}-{key['settings_hash']}"
+    results_dir = results_folder(ws, key)
     log = logger()
 
     with rewrite_lock(ws, key):
-        # an interrupted retry/rerun resumes the work it chose; "first" work is its own resume query
-        # the same request = the same selection: a retry's source/type filters (a rerun ignores them) and limit
-        filters = None if mode == "rerun" else [rs.sources, rs.task_types, rs.exclude_sources, rs.exclude_task_types]
-        request_key = stable_hash("rewrite-request", mode, where, key, filters, limit)
-        manifest = _pending_manifest(store, ws, request_key) if mode != "first" else None
         recovered = recover_results(store, ws, results_dir, run_id="recovered", key=key)
+        work, manifest, request_key = pending_work(store, ws, rs, key, mode, where, limit)
         if manifest:
-            work = _not_done(store, read_table(manifest).cast(WORK_SCHEMA))
             log.info("resuming an interrupted %s: %d samples left of %s", mode, work.num_rows, manifest)
-        else:
-            work = select_work(store, rs, key, mode, where, limit)
-            if mode != "first" and work.num_rows:
-                manifest = f"{base}/manifests/{stable_hash('manifest', request_key, work.column('rewrite_id').to_pylist())}.parquet"
-                if not exists(manifest):
-                    write_table_atomic(work, manifest)
+        elif mode != "first" and work.num_rows:
+            manifest = f"{base}/manifests/{stable_hash('manifest', request_key, work.column('rewrite_id').to_pylist())}.parquet"
+            if not exists(manifest):
+                write_table_atomic(work, manifest)
 
         request = {"mode": mode, "where": where, "limit": limit, "key": request_key,
                    "manifest": manifest and ws.stored(manifest), **key,

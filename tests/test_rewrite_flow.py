@@ -179,13 +179,27 @@ def test_rerun_where_redoes_exactly_the_selection(prefect_harness, workspace, mo
     from polite.cli import app
 
     make_samples(workspace, n=9)
-    register_model(workspace, model_path)
-    rewrite_flow(config=_config(shard_size=4), workspace=workspace.root)
-    before = {r["rewrite_id"]: r for r in _rows(workspace, "SELECT * FROM rewrites")}
-    gqa = {r["sample_id"] for r in _rows(workspace, "SELECT sample_id FROM samples WHERE source = 'gqa'")}
-
+    model_id = register_model(workspace, model_path)
     sets = ["--set", "rewrite.overrides.max_new_tokens=12", "--set", "rewrite.token_budget=2048",
             "--set", "rewrite.max_batch_size=8", "--set", "rewrite.shard_size=4"]  # fmt: skip
+
+    def dry_run(*args: str) -> str:  # one line per fact, however wide the terminal
+        shown = CliRunner().invoke(app, [*args, "--dry-run", "--workspace", workspace.root, *sets])
+        assert shown.exit_code == 0, shown.output
+        return " ".join(shown.output.split())
+
+    planned = dry_run("rewrite")
+    assert f"dry run, rewrite (first): 9 samples in 3 shards of up to 4, with model {model_id}" in planned
+    assert "gqa / vqa: 3" in planned and "coco / caption: 3" in planned
+    assert _rows(workspace, "SELECT count(*) AS n FROM runs") == [{"n": 0}]  # nothing written, no flow
+    assert not Path(workspace.stage_dir("rewrites")).exists()
+    rewrite_flow(config=_config(shard_size=4), workspace=workspace.root)
+    assert "rewrite (first): 0 samples in 0 shards" in dry_run("rewrite")
+    before = {r["rewrite_id"]: r for r in _rows(workspace, "SELECT * FROM rewrites")}
+    gqa = {r["sample_id"] for r in _rows(workspace, "SELECT sample_id FROM samples WHERE source = 'gqa'")}
+    assert f"rewrite (rerun): {len(gqa)} samples in 1 shards" in dry_run("rerun", "--where", "source = 'gqa'")
+    assert len(_rows(workspace, "SELECT * FROM rewrites")) == len(before)
+
     result = CliRunner().invoke(
         app, ["rerun", "--where", "source = 'gqa'", "--workspace", workspace.root, *sets]
     )

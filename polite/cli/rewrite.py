@@ -15,12 +15,14 @@ Examples:
   polite rewrite --preset paper         # the released decoding: 3 beams, sampling, no-repeat 3-grams
   polite rewrite --set rewrite.overrides.max_new_tokens=256 --set rewrite.token_budget=32768
   polite rewrite --retry-failed         # only samples whose attempts all failed
+  polite rewrite --dry-run              # how many samples, by source and task, with which model and settings
 """
 RERUN_EXAMPLES = """
 Examples:
   polite rerun --where "source = 'gqa' AND reward < -2"
   polite rerun --where "rewrite_status = 'ok' AND length(rewrite) < 20" --preset beam
   polite rerun --where "sample_id = 's_0123456789abcdef'"
+  polite rerun --where "source = 'gqa'" --dry-run   # what it would redo, without doing it
 """
 
 ModelOpt = Annotated[
@@ -43,6 +45,11 @@ SetOpt = Annotated[
 LimitOpt = Annotated[
     int | None, typer.Option("--limit", min=1, help="Rewrite at most N samples (first by sample_id).")
 ]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option("--dry-run", help="Print what would be rewritten (samples by source and task, shards, model, "
+                 "settings) and stop: nothing is written and no flow starts."),
+]  # fmt: skip
 
 
 def _config(path: str | None, preset: str | None, sets: list[str] | None) -> dict[str, Any]:
@@ -69,6 +76,20 @@ def _run(config: dict[str, Any], workspace: str | None, **kwargs: Any) -> dict[s
         return flow(config=config, workspace=workspace, **kwargs)
 
 
+def _key(cfg, workspace: str, model: str | None) -> tuple[dict[str, str], str]:
+    """The key (model, prompt, settings) and model folder the flow would use; a missing rewriter is one line.
+    A registered model's id is its row's (the flow stops when the files no longer fingerprint as that), an
+    unregistered folder's the fingerprint it would be registered under (cached for the flow)."""
+    from flows.rewrite import generation_settings, model_folder, rewrite_key
+    from lineage.store import LineageStore
+    from models.loader import as_spec, fingerprint
+    from polite.workspace import Workspace
+
+    ws = Workspace.resolve(workspace)
+    row, path = model_folder(LineageStore(ws.db_path), ws, model)
+    return rewrite_key(row[0] if row else fingerprint(as_spec(path)), generation_settings(cfg.rewrite)), path
+
+
 def _check_model_and_lock(cfg, workspace: str, model: str | None) -> None:
     """A missing rewriter, or a rewrite of the same key (model, prompt, settings) already running in the workspace,
     is one line before the flow (and a Prefect server) starts, not a flow run's traceback.
@@ -76,18 +97,51 @@ def _check_model_and_lock(cfg, workspace: str, model: str | None) -> None:
     The lock is only probed (taken and dropped at once): the flow takes it for itself, and a rewrite that starts
     between the two is still stopped by the flow's own lock (polite/locks.py).
     """
-    from flows.rewrite import generation_settings, model_folder, rewrite_key, rewrite_lock
-    from lineage.store import LineageStore
-    from models.loader import as_spec, fingerprint
+    from flows.rewrite import rewrite_lock
     from polite.workspace import Workspace
 
-    ws = Workspace.resolve(workspace)
-    row, path = model_folder(LineageStore(ws.db_path), ws, model)
-    # the flow's key: a registered model's id is its row's (the flow stops when the files no longer fingerprint
-    # as that), an unregistered folder's the fingerprint it would be registered under (cached for the flow)
-    key = rewrite_key(row[0] if row else fingerprint(as_spec(path)), generation_settings(cfg.rewrite))
-    with rewrite_lock(ws, key):
+    key, _ = _key(cfg, workspace, model)
+    with rewrite_lock(Workspace.resolve(workspace), key):
         pass
+
+
+def _dry_run(config: dict[str, Any], workspace: str | None, model: str | None, mode: str, where: str | None,
+             limit: int | None) -> None:  # fmt: skip
+    """What the command would rewrite now, read from the lineage without writing anything or starting a flow."""
+    from flows.rewrite import orphan_results, pending_work, results_folder
+    from lineage.store import LineageStore
+    from polite.config import parse_config
+    from polite.workspace import Workspace
+
+    cfg = parse_config(config)
+    ws = Workspace.resolve(workspace or cfg.workspace)
+    rs = cfg.rewrite
+    key, path = _key(cfg, ws.root, model or rs.model)
+    store = LineageStore(ws.db_path)
+    work, manifest, _ = pending_work(store, ws, rs, key, mode, where, limit)
+    with store.reader() as con:
+        con.register("_work", work.select(["sample_id"]))
+        groups = con.execute(
+            "SELECT source, task_type, count(*) FROM samples WHERE sample_id IN (SELECT sample_id FROM _work) "
+            "GROUP BY ALL ORDER BY 3 DESC, 1, 2"
+        ).fetchall()
+    shards = -(-work.num_rows // rs.shard_size)
+    console.print(
+        f"dry run, rewrite ({mode}): {work.num_rows} samples in {shards} shards of up to {rs.shard_size}, with "
+        f"model {key['model_id']} ({path}), prompt {key['prompt_version']}, settings {key['settings_hash']} "
+        f"(preset {rs.preset})",
+        highlight=False,
+    )
+    for source, task_type, n in groups:
+        console.print(f"  {source} / {task_type}: {n}", highlight=False)
+    if manifest:
+        console.print(f"resumes an interrupted {mode} of the same request ({ws.stored(manifest)})", highlight=False)
+    orphans = orphan_results(store, ws, results_folder(ws, key))
+    if orphans:
+        console.print(
+            f"{len(orphans)} result files a killed run left are ingested first: their samples are not redone",
+            highlight=False,
+        )
 
 
 def _run_and_report(config: dict[str, Any], workspace: str | None, **kwargs: Any) -> None:
@@ -144,6 +198,7 @@ def register(app: typer.Typer) -> None:
         preset: PresetOpt = None,
         set_: SetOpt = None,
         limit: LimitOpt = None,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Rewrite raw annotations with the rewriter, batched on the GPU; resumes where it stopped.
 
@@ -151,6 +206,8 @@ def register(app: typer.Typer) -> None:
         and only unfinished shards are redone.
         """
         data = _config(config, preset, set_)
+        if dry_run:
+            return _dry_run(data, workspace, model, "retry-failed" if retry_failed else "first", None, limit)
         _run_and_report(data, workspace, model=model, retry_failed=retry_failed, limit=limit)
 
     @app.command("rerun", epilog=RERUN_EXAMPLES)
@@ -165,6 +222,7 @@ def register(app: typer.Typer) -> None:
         preset: PresetOpt = None,
         set_: SetOpt = None,
         limit: LimitOpt = None,
+        dry_run: DryRunOpt = False,
     ) -> None:
         """Redo the rewrites of exactly the samples a SQL predicate selects, recording why (`rerun: <predicate>`).
 
@@ -172,4 +230,6 @@ def register(app: typer.Typer) -> None:
         """
         data = _config(config, preset, set_)
         check_predicate(workspace, data["workspace"], where, "lineage", "--where")
+        if dry_run:
+            return _dry_run(data, workspace, model, "rerun", where, limit)
         _run_and_report(data, workspace, model=model, where=where, limit=limit)
