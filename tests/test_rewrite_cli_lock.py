@@ -1,5 +1,6 @@
-"""`polite rewrite` and `polite rerun` in a real process while another process holds the rewrite's lock: one line
-and exit code 2 before any flow run, not Prefect's traceback of a failed flow run first."""
+"""`polite rewrite`, `polite rerun` and `polite run` (given a rewriter) in a real process while another process
+holds the rewrite's lock: one line and exit code 2 before any flow run, not Prefect's traceback of a failed flow
+run first."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def test_a_held_rewrite_lock_is_one_line_from_the_command_without_a_flow_run(wor
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     sets = ["--set", "rewrite.overrides.max_new_tokens=12"]
     try:
-        for args in (["rewrite"], ["rerun", "--where", "source = 'gqa'"]):
+        # `polite run` with a rewriter given (nothing to train) knows the key before its first stage too
+        for args in (["rewrite"], ["rerun", "--where", "source = 'gqa'"], ["run", "--model", model_path]):
             done = subprocess.run(
                 [str(BIN / "polite"), *args, "-w", workspace.root, *sets],
                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,

@@ -248,6 +248,12 @@ def register(app: typer.Typer) -> None:
             print_plan(plan(cfg, workspace, model))
             return
         check_models(cfg, ws, stages, chosen)
+        if "rewrite" in stages and "train" not in stages and ws.db_path.exists():
+            # the rewriter is known now: a rewrite of the same key already running is one line before any stage
+            # (where training comes first, the key is known only after it; the stage's own lock stops it then)
+            from polite.cli.rewrite import _check_model_and_lock
+
+            _check_model_and_lock(cfg, ws.root, chosen)
         from flows.export import ExportCheckFailed
         from flows.factory import factory_flow
 
