@@ -208,8 +208,7 @@ class LineageStore:
             return 0
         if all(is_local(u) for u in urls):
             paths = [u[len("file://") :] if u.startswith("file://") else u for u in urls]
-            source = f"read_parquet({paths!r}, union_by_name = true)"
-            return self._insert_from(table, source, con, replace)
+            return self._insert_from(table, _read_parquet_sql(paths), con, replace)
         data = pa.concat_tables([read_table(u) for u in urls], promote_options="default")
         return self.ingest_arrow(table, data, con=con, replace=replace)
 
@@ -282,7 +281,7 @@ class LineageStore:
             return []
         if all(is_local(u) for u in urls):
             paths = [u[len("file://") :] if u.startswith("file://") else u for u in urls]
-            return self._ingest_samples_from(f"read_parquet({paths!r}, union_by_name = true)", run_id, con)
+            return self._ingest_samples_from(_read_parquet_sql(paths), run_id, con)
         data = pa.concat_tables([read_table(u) for u in urls], promote_options="default")
         con.register("_arrow_samples", data)
         try:
@@ -451,6 +450,13 @@ class LineageStore:
                 f"{option} {where!r} is not a predicate over {source}: {sql_error_summary(exc)}"
                 f'. Its columns: polite sql "DESCRIBE SELECT * FROM {source}"'
             ) from None
+
+
+def _read_parquet_sql(paths: list[str]) -> str:
+    """``read_parquet`` of local files, each path a SQL string literal (Python's repr double-quotes a path with an
+    apostrophe: an identifier in SQL, which DuckDB happens to accept as a string there)."""
+    files = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
+    return f"read_parquet([{files}], union_by_name = true)"
 
 
 def sql_error_summary(exc: BaseException) -> str:

@@ -62,6 +62,24 @@ def test_ingest_parquet_is_idempotent_on_keys(workspace):
     assert store.query("SELECT count(*) AS n FROM samples").column("n")[0].as_py() == 150
 
 
+def test_shards_ingest_from_a_workspace_whose_path_has_an_apostrophe(tmp_path):
+    """DuckDB reads the shard files by name: a quote in the folder (/home/o'brien/ws) is part of the path."""
+    from polite.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "o'brien's ws").ensure()
+    store = LineageStore(ws.db_path)
+    store.migrate()
+    url = write_table_atomic(samples_to_table(make_samples(20)), ws.url("shards", "t", "a.parquet"))
+    assert store.ingest_parquet("samples", url) == 20
+    url2 = write_table_atomic(
+        samples_to_table(make_samples(30)).append_column("source_row", pa.array(range(30), pa.int64())),
+        ws.url("shards", "t", "b.parquet"),
+    )
+    with store.writer() as con:
+        assert store.ingest_samples([url2], "run_x", con=con) == []
+    assert store.query("SELECT count(*) AS n FROM samples").column("n")[0].as_py() == 30
+
+
 def decision_rows(ids, reason: str) -> pa.Table:
     return pa.table(
         {

@@ -236,6 +236,45 @@ def test_rerun_where_redoes_exactly_the_selection(prefect_harness, workspace, mo
     assert len(_rows(workspace, "SELECT * FROM runs")) == runs
 
 
+def test_a_dry_run_counts_what_a_killed_run_left_as_done_and_names_a_running_rewrite(
+    prefect_harness, workspace, model_path
+):
+    """The flow ingests a killed run's result files before it picks work: the dry run leaves their samples out
+    too, so its count is what the flow then does; a rewrite of the key running now is named, not "resumed"."""
+    from typer.testing import CliRunner
+
+    from flows.rewrite import rewrite_flow
+    from polite.cli import app
+    from polite.shards import read_table
+
+    make_samples(workspace, n=9)
+    model_id = register_model(workspace, model_path)
+    rewrite_flow(config=_config(shard_size=4), workspace=workspace.root)
+    (lost,) = _rows(workspace, "SELECT path, n_rows FROM rewrite_result_files ORDER BY path LIMIT 1")
+    ids = read_table(workspace.locate(lost["path"])).column("rewrite_id").to_pylist()
+    with LineageStore(workspace.db_path).writer() as con:  # as if the run was killed before ingesting it
+        con.execute("DELETE FROM rewrites WHERE list_contains(?, rewrite_id)", [ids])
+        con.execute("DELETE FROM rewrite_result_files WHERE path = ?", [lost["path"]])
+    sets = ["--set", "rewrite.overrides.max_new_tokens=12", "--set", "rewrite.shard_size=4"]
+
+    def dry_run() -> str:
+        shown = CliRunner().invoke(app, ["rewrite", "--dry-run", "--workspace", workspace.root, *sets])
+        assert shown.exit_code == 0, shown.output
+        return " ".join(shown.output.split())
+
+    planned = dry_run()
+    assert "rewrite (first): 0 samples in 0 shards" in planned and "1 result files a killed run left" in planned
+    holder = hold_rewrite_lock(workspace, model_id)
+    try:
+        assert f"now: a rewrite with model {model_id}" in dry_run() and f"(pid {holder.pid} on" in dry_run()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    done = rewrite_flow(config=_config(shard_size=4), workspace=workspace.root)
+    assert done["selected"] == 0 and done["recovered_files"] == 1
+    assert len(_rows(workspace, "SELECT * FROM rewrites")) == 9
+
+
 def test_a_missing_rewriter_stops_before_a_flow_starts(workspace, monkeypatch):
     """One line naming the folder, not a flow run's traceback: the command line checks the model first."""
     from typer.testing import CliRunner

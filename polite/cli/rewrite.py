@@ -107,10 +107,18 @@ def _check_model_and_lock(cfg, workspace: str, model: str | None) -> None:
 
 def _dry_run(config: dict[str, Any], workspace: str | None, model: str | None, mode: str, where: str | None,
              limit: int | None) -> None:  # fmt: skip
-    """What the command would rewrite now, read from the lineage without writing anything or starting a flow."""
-    from flows.rewrite import orphan_results, pending_work, results_folder
+    """What the command would rewrite now, read from the lineage without writing anything or starting a flow.
+
+    The flow first ingests the result files a killed run left; their samples are taken out here as it would
+    (any attempt for a first rewrite, an ok one for a retry; a rerun redoes its selection regardless)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from flows.rewrite import orphan_results, pending_work, results_folder, rewrite_lock
     from lineage.store import LineageStore
     from polite.config import parse_config
+    from polite.locks import WorkspaceBusy
+    from polite.shards import read_table
     from polite.workspace import Workspace
 
     cfg = parse_config(config)
@@ -118,7 +126,17 @@ def _dry_run(config: dict[str, Any], workspace: str | None, model: str | None, m
     rs = cfg.rewrite
     key, path = _key(cfg, ws.root, model or rs.model)
     store = LineageStore(ws.db_path)
+    try:
+        with rewrite_lock(ws, key):
+            running = None
+    except WorkspaceBusy as exc:
+        running = str(exc)
     work, manifest, _ = pending_work(store, ws, rs, key, mode, where, limit)
+    orphans = orphan_results(store, ws, results_folder(ws, key))
+    if orphans and mode != "rerun":
+        left = [read_table(f, columns=["sample_id", "status"]) for f in orphans]
+        done = {r["sample_id"] for t in left for r in t.to_pylist() if mode == "first" or r["status"] == "ok"}
+        work = work.filter(pc.invert(pc.is_in(work.column("sample_id"), value_set=pa.array(sorted(done), pa.string()))))
     with store.reader() as con:
         con.register("_work", work.select(["sample_id"]))
         groups = con.execute(
@@ -134,12 +152,13 @@ def _dry_run(config: dict[str, Any], workspace: str | None, model: str | None, m
     )
     for source, task_type, n in groups:
         console.print(f"  {source} / {task_type}: {n}", highlight=False)
-    if manifest:
+    if running:
+        console.print(f"now: {running}; the command would stop at once", highlight=False)
+    elif manifest:
         console.print(f"resumes an interrupted {mode} of the same request ({ws.stored(manifest)})", highlight=False)
-    orphans = orphan_results(store, ws, results_folder(ws, key))
     if orphans:
         console.print(
-            f"{len(orphans)} result files a killed run left are ingested first: their samples are not redone",
+            f"{len(orphans)} result files a killed run left are ingested first (their samples are not counted above)",
             highlight=False,
         )
 
