@@ -230,10 +230,6 @@ def export_flow(
                     ),
                     con=con,
                 )
-                # an export found done in a workspace copied before paths were stored relative: its row says
-                # where it is now
-                con.execute("UPDATE exports SET path = ? WHERE export_id = ? AND path <> ?",
-                            [ws.stored(job["out_dir"]), job["export_id"], ws.stored(job["out_dir"])])  # fmt: skip
                 store.ingest_arrow(
                     "export_items",
                     items.append_column(
