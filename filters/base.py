@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from polite.errors import UserError
 from polite.ids import stable_hash
 
 # The same sets as polite.record's (a test keeps them in step). polite.record needs pyarrow, which a bare
@@ -30,7 +31,7 @@ except ImportError:
     CAPTION_TYPES, QA_TYPES = _CAPTION_TYPES, _QA_TYPES
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(UserError, ImportError):
     """An optional dependency of one scorer is not installed."""
 
 

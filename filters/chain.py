@@ -24,6 +24,7 @@ from filters.reward import RawRewardScorer, RewardScorer
 from filters.semantic import SemanticScorer, semantic_model_ref
 from filters.text import LengthScorer, RepetitionScorer, TruncatedScorer, UnchangedScorer
 from polite.config.filters import FilterSettings
+from polite.errors import UserError
 from polite.ids import settings_hash as hash_settings
 
 CHAIN_ORDER = (
@@ -52,7 +53,7 @@ SCORER_CLASSES: dict[str, type[Scorer]] = {
 }
 
 
-class ScorerUnavailableError(ValueError):
+class ScorerUnavailableError(UserError, ValueError):
     """A scorer was enabled explicitly (``enabled: true``) but its model cannot be loaded offline."""
 
 

@@ -7,6 +7,7 @@ shard's result files into DuckDB as it completes (the flow process is the only w
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,33 @@ from pathlib import Path
 from typing import Any
 
 from lineage.store import LineageStore
+from polite.errors import UserError
 from polite.workspace import Workspace
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs the exception that ends a flow or task run with its traceback. A ``UserError`` is raised on
+    purpose and its message says what to do (polite/errors.py): keep the record and its level, so the run
+    still reads as failed in the terminal, the UI and any alert on errors, but drop the traceback that would
+    bury the message under screens of engine frames (once per flow level: a stage stopped inside ``polite run``
+    printed two)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_errors() -> None:
+    """Install the filter on Prefect's run loggers (once per process; every flow module imports this one, so a
+    worker serving a deployment gets it too)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        run_logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForUserErrors) for f in run_logger.filters):
+            run_logger.addFilter(_NoTracebackForUserErrors())
+
+
+quiet_user_errors()
 
 
 def code_version() -> str:
@@ -53,8 +80,6 @@ def utcnow() -> datetime:
 
 def logger():
     """Prefect's run logger inside a flow or task, a plain logger elsewhere."""
-    import logging
-
     try:
         from prefect import get_run_logger
 
@@ -125,7 +150,7 @@ def stage_run(
             )
 
 
-class ShardFailures(RuntimeError):
+class ShardFailures(UserError, RuntimeError):
     """Some shards failed as a whole (not sample by sample); the rest were ingested. Re-run to resume.
 
     ``summary``: the stage run's summary (what landed before the failure), filled in by ``stage_run``.

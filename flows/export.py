@@ -18,6 +18,7 @@ from flows.common import logger, map_shards, stage_run
 from lineage.store import LineageStore, check_read_only_sql
 from polite.config import resolve_config
 from polite.config.export import ExportChecks, ExportSettings
+from polite.errors import UserError
 from polite.ids import stable_hash
 from polite.shards import write_table_atomic
 from polite.workspace import Workspace
@@ -54,7 +55,7 @@ ORDER BY p.sample_id
 """
 
 
-class ExportCheckFailed(ValueError):
+class ExportCheckFailed(UserError, ValueError):
     """A publishing gate failed; nothing was written. The message names the check and the numbers."""
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from polite.errors import UserError
 from polite.shards import read_table
 from polite.workspace import is_local
 
@@ -42,7 +43,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
 UNINDEXED_TABLES = frozenset({"decisions"})
 
 
-class LineageLockedError(RuntimeError):
+class LineageLockedError(UserError, RuntimeError):
     """Another process held the database for longer than the caller was willing to wait."""
 
 
@@ -50,19 +51,19 @@ class LineageLockedError(RuntimeError):
 LOCK_TIMEOUT_S = 120.0
 
 
-class LineageNotUpgradedError(ValueError):
+class LineageNotUpgradedError(UserError, ValueError):
     """The database has migrations this code has not applied yet; a writing command applies them."""
 
 
-class QueryTimeLimitError(ValueError):
+class QueryTimeLimitError(UserError, ValueError):
     """A user query ran past its time limit and was stopped (it would keep running flows from writing)."""
 
 
-class ReadOnlyQueryError(ValueError):
+class ReadOnlyQueryError(UserError, ValueError):
     """A user query tried to write, attach, copy, install or read outside the database."""
 
 
-class PredicateError(ValueError):
+class PredicateError(UserError, ValueError):
     """A user's SQL predicate (``--where``, ``export.where``, ``train.pairs_where``) that does not parse or bind."""
 
 

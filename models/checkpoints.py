@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from polite.errors import UserError
+
 # peft versions before 0.3 saved adapters without the adapter name; a model wrapped as a whole by PeftModel
 # (as the seed code did with lang_encoder) saves under "lang_encoder.base_model.model."
 _WRAPPER_PREFIXES = ("lang_encoder.base_model.model.",)
@@ -22,7 +24,7 @@ _LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 _PLAIN_LAYER = re.compile(r"(\.layers\.\d+\.)(?!decoder_layer\.|gated_cross_attn_layer\.)")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A checkpoint holds keys that match no parameter of the model (or match with the wrong shape)."""
 
 

@@ -21,8 +21,10 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from polite.errors import UserError
 
-class WorkspaceBusy(RuntimeError):
+
+class WorkspaceBusy(UserError, RuntimeError):
     """Another process holds the lock; the message says which and since when."""
 
 

@@ -72,19 +72,16 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from flows.common import ShardFailures
-        from lineage.store import LineageLockedError, ReadOnlyQueryError
-        from polite.config import ConfigError
-        from polite.locks import WorkspaceBusy
+        from polite.errors import UserError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, ReadOnlyQueryError, LineageLockedError, WorkspaceBusy, FileNotFoundError, KeyError,
-                ValueError) as exc:  # fmt: skip
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-            sys.exit(2)
         except ShardFailures as exc:  # the finished shards are recorded; the message says how to resume
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(1)
+        except (UserError, FileNotFoundError, KeyError, ValueError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            sys.exit(2)
 
     return wrapper

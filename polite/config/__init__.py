@@ -22,6 +22,7 @@ from polite.config.ingest import ColumnMapping, IngestSettings, SourceSpec
 from polite.config.rewrite import RewriteSettings
 from polite.config.runner import RunnerSettings
 from polite.config.train import TrainSettings
+from polite.errors import UserError
 
 __all__ = [
     "ColumnMapping",
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot run: raised before any work, with one line per problem."""
 
 

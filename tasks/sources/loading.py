@@ -14,13 +14,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from polite.errors import UserError
+
 DATA_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".arrow": "arrow"}
 
 _cache: dict[tuple, Any] = {}
 _lock = threading.Lock()
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The source cannot be opened or does not have the columns its adapter maps: fix the command or config."""
 
 
