@@ -75,9 +75,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     fill_old_style(store, old_root, args.n)
     print(f"fill (old-style rows, not measured)  {time.perf_counter() - t0:.2f} s")
 
-    t0 = time.perf_counter()
-    applied = store.migrate()
-    migrate_s = time.perf_counter() - t0
+    store_module._migrations = lambda: [m for m in real() if m[0] <= 10]  # 010 alone is what is timed
+    try:
+        t0 = time.perf_counter()
+        applied = store.migrate()
+        migrate_s = time.perf_counter() - t0
+    finally:
+        store_module._migrations = real
     assert applied == ["010_relative_paths.sql"], applied
     left = store.query(
         "SELECT (SELECT count(*) FROM images WHERE starts_with(path, $r)) + "

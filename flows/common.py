@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -117,11 +118,29 @@ def _stored_paths_in(ws: Workspace, value: Any) -> Any:
     return value
 
 
+def _mark_interrupted(con, host: str) -> None:
+    """Runs of this host still marked running whose process is gone become 'interrupted' (polite/processes.py)."""
+    from polite.processes import INTERRUPTED, has_ended
+
+    rows = con.execute("SELECT run_id, pid FROM runs WHERE status = 'running' AND host = ?", [host]).fetchall()
+    ended = [run_id for run_id, pid in rows if has_ended(host, pid)]
+    if ended:
+        con.execute(
+            "UPDATE runs SET status = 'interrupted', error = coalesce(error, ?) WHERE run_id IN "
+            "(SELECT unnest(?::VARCHAR[]))",
+            [INTERRUPTED, ended],
+        )
+
+
 @contextmanager
 def stage_run(
     flow: str, config: dict[str, Any], workspace: str | Workspace | None, parent_run_id: str | None = None
 ) -> Iterator[StageRun]:
-    """Record a ``runs`` row around a stage: ``running`` now, ``completed``/``failed`` at the end."""
+    """Record a ``runs`` row around a stage: ``running`` now, ``completed``/``failed`` (with the error) at the end.
+
+    The row names its host and process, and first marks this host's runs whose process died as interrupted."""
+    from polite.processes import this_host
+
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     ws.ensure()
     store = LineageStore(ws.db_path)
@@ -129,25 +148,31 @@ def stage_run(
     prefect_id = _prefect_flow_run_id()
     run_id = "run_" + (prefect_id.replace("-", "")[:16] if prefect_id else uuid.uuid4().hex[:16])
     run = StageRun(flow=flow, workspace=ws, store=store, run_id=run_id, parent_run_id=parent_run_id)
+    host = this_host()
     with store.writer() as con:
+        _mark_interrupted(con, host)
         con.execute(
             "INSERT OR REPLACE INTO runs (run_id, flow, status, started_at, config, code_version, "
-            "prefect_flow_run_id, parent_run_id) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
-            [run_id, flow, utcnow(), json.dumps(config, default=str, sort_keys=True), code_version(), prefect_id, parent_run_id],
-        )
-    status = "failed"
+            "prefect_flow_run_id, parent_run_id, host, pid) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, flow, utcnow(), json.dumps(config, default=str, sort_keys=True), code_version(), prefect_id,
+             parent_run_id, host, os.getpid()],
+        )  # fmt: skip
+    status, error = "failed", None
     try:
         yield run
         status = "completed"
-    except ShardFailures as exc:
-        exc.summary = run.summary  # what landed before the failure, for the command to print
+    except BaseException as exc:  # Ctrl-C included: the row says what ended the run
+        if isinstance(exc, ShardFailures):
+            exc.summary = run.summary  # what landed before the failure, for the command to print
+        error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         with store.writer() as con:
             con.execute(
-                "UPDATE runs SET status = ?, finished_at = ?, summary = ? WHERE run_id = ?",
-                [status, utcnow(), json.dumps(_stored_paths_in(ws, run.summary), default=str, sort_keys=True), run_id],
-            )
+                "UPDATE runs SET status = ?, finished_at = ?, summary = ?, error = ? WHERE run_id = ?",
+                [status, utcnow(), json.dumps(_stored_paths_in(ws, run.summary), default=str, sort_keys=True), error,
+                 run_id],
+            )  # fmt: skip
 
 
 class ShardFailures(UserError, RuntimeError):

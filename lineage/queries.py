@@ -8,6 +8,7 @@ from typing import Any
 import duckdb
 
 from lineage.store import LineageStore
+from polite.processes import INTERRUPTED, has_ended
 from polite.workspace import Workspace
 
 _EXPLAIN_PARTS: dict[str, str] = {
@@ -83,12 +84,21 @@ RECENT_RUNS_SQL = """
 SELECT r.run_id, r.flow, r.status, r.started_at, r.finished_at,
        round(epoch(coalesce(r.finished_at, CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)) - r.started_at), 1)
            AS seconds,
-       r.code_version, r.summary
+       r.code_version, r.summary, {outcome}
 FROM runs r ORDER BY r.started_at DESC LIMIT $limit
 """
 
 
 def recent_runs(store: LineageStore, limit: int = 20) -> list[dict[str, Any]]:
+    """The latest runs. One still marked running whose process is gone reads as interrupted at once (the next
+    run on its host records it so, flows/common.py), with no duration: when it stopped is not known."""
     with store.reader() as con:
-        rows = con.sql(RECENT_RUNS_SQL, params={"limit": limit}).to_arrow_table().to_pylist()
-    return [_decode(r) for r in rows]
+        # a reader cannot migrate: on a database older than these columns (011) they read as NULL
+        have = {row[0] for row in con.execute("DESCRIBE runs").fetchall()}
+        outcome = ", ".join(f"r.{c}" if c in have else f"NULL AS {c}" for c in ("error", "host", "pid"))
+        sql = RECENT_RUNS_SQL.format(outcome=outcome)
+        rows = [_decode(r) for r in con.sql(sql, params={"limit": limit}).to_arrow_table().to_pylist()]
+    for row in rows:
+        if row["status"] == "running" and has_ended(row["host"], row["pid"]):
+            row.update(status="interrupted", seconds=None, error=row["error"] or INTERRUPTED)
+    return rows

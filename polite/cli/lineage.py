@@ -92,17 +92,27 @@ def _started(row: dict) -> str:
     return row["started_at"].strftime("%m-%d %H:%M:%S") if row["started_at"] else ""
 
 
+def _seconds(row: dict) -> str:
+    return "-" if row["seconds"] is None else f"{row['seconds']} s"
+
+
+def _error(row: dict, width: int = 400) -> str:
+    """Why a run failed or stopped, on one line: the full text is in SQL (``runs.error``)."""
+    text = " ".join(str(row.get("error") or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def runs_as_lines(rows: list[dict], width: int) -> list[str]:
     """Recent runs for a narrow terminal: a line of run, flow, status, start (UTC) and seconds, then its counts
-    wrapped to ``width`` under it."""
+    and, for a run that failed or was interrupted, its error, wrapped to ``width`` under it."""
     import textwrap
 
     lines = []
     for row in rows:
-        lines.append(f"{row['run_id']}  {row['flow']:<15} {row['status']:<9} {_started(row)}  {row['seconds']} s")
-        summary = compact_summary(row["summary"], width=400)
-        if summary:
-            lines.extend(textwrap.wrap(summary, width=width, initial_indent="    ", subsequent_indent="    "))
+        lines.append(f"{row['run_id']}  {row['flow']:<15} {row['status']:<11} {_started(row)}  {_seconds(row)}")
+        for text in (compact_summary(row["summary"], width=400), _error(row) and f"error: {_error(row)}"):
+            if text:
+                lines.extend(textwrap.wrap(text, width=width, initial_indent="    ", subsequent_indent="    "))
     return lines
 
 
@@ -210,6 +220,7 @@ def register(app: typer.Typer) -> None:
                            ("s", {"justify": "right"}), ("summary", {"overflow": "fold"})):  # fmt: skip
             table.add_column(name, **opts)
         for row in rows:
-            table.add_row(row["run_id"], row["flow"], row["status"], _started(row), str(row["seconds"]),
-                          compact_summary(row["summary"]))  # fmt: skip
+            outcome = "\n".join(t for t in (compact_summary(row["summary"]), _error(row) and f"error: {_error(row)}") if t)
+            table.add_row(row["run_id"], row["flow"], row["status"], _started(row),
+                          "-" if row["seconds"] is None else str(row["seconds"]), outcome)  # fmt: skip
         console.print(table)

@@ -1,0 +1,105 @@
+"""The `runs` table says why a run failed, and tells a run whose process died from one still going."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lineage.store import LineageStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _runs(workspace) -> dict[str, dict]:
+    rows = LineageStore(workspace.db_path).query("SELECT * FROM runs").to_pylist()
+    return {r["run_id"]: r for r in rows}
+
+
+def test_a_failed_stage_records_its_error_and_a_finished_one_none(workspace):
+    from flows.common import stage_run
+    from polite.config import ConfigError
+
+    with stage_run("filter", {}, workspace) as ok:
+        ok.count("decided", 3)
+    with pytest.raises(ConfigError), stage_run("rewrite", {}, workspace) as bad:
+        raise ConfigError("rewrite.device: 'cuda' but no GPU is visible; set rewrite.device: cpu")
+    runs = _runs(workspace)
+    assert runs[ok.run_id]["status"] == "completed" and runs[ok.run_id]["error"] is None
+    assert runs[bad.run_id]["status"] == "failed"
+    assert runs[bad.run_id]["error"] == "ConfigError: rewrite.device: 'cuda' but no GPU is visible; set rewrite.device: cpu"
+    assert {(r["host"], r["pid"]) for r in runs.values()} == {(os.uname().nodename, os.getpid())}
+
+
+def test_a_run_whose_process_was_killed_reads_interrupted_and_the_next_run_records_it(workspace, tmp_path):
+    """kill -9 leaves the row 'running' for ever. `polite runs` shows it interrupted at once, with no duration
+    (when it stopped is unknown); the next run on the host writes that down, so SQL sees it too. A run of
+    another host, whose process cannot be seen from here, is left running."""
+    from typer.testing import CliRunner
+
+    from flows.common import stage_run
+    from lineage.queries import recent_runs
+    from polite.cli import app
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    with store.writer() as con:
+        con.execute("INSERT INTO runs (run_id, flow, status, started_at, host, pid) "
+                    "VALUES ('run_far', 'rewrite', 'running', now(), 'gpu-box-7', 4242)")  # fmt: skip
+    script = (
+        "import sys, time; from flows.common import stage_run\n"
+        "with stage_run('rewrite', {}, sys.argv[1]) as run:\n"
+        "    print(run.run_id, flush=True); time.sleep(300)\n"
+    )
+    victim = subprocess.Popen([sys.executable, "-c", script, workspace.root], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        killed = victim.stdout.readline().strip()
+        assert recent_runs(store)[0]["run_id"] == killed and recent_runs(store)[0]["status"] == "running"
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    shown = {r["run_id"]: r for r in recent_runs(store)}
+    assert shown[killed]["status"] == "interrupted" and shown[killed]["seconds"] is None
+    assert shown[killed]["error"].startswith("the process ended without recording an outcome")
+    assert shown["run_far"]["status"] == "running"
+    assert _runs(workspace)[killed]["status"] == "running"  # only shown so far: a reader writes nothing
+
+    out = CliRunner().invoke(app, ["runs", "-w", workspace.root], env={"COLUMNS": "80"})
+    assert out.exit_code == 0, out.output
+    assert f"{killed}  rewrite         interrupted" in out.output and "  -\n" in out.output
+    assert "    error: the process ended without recording an outcome" in out.output
+
+    with stage_run("filter", {}, workspace):
+        pass
+    runs = _runs(workspace)
+    assert runs[killed]["status"] == "interrupted" and runs[killed]["error"] == shown[killed]["error"]
+    assert runs["run_far"]["status"] == "running"
+
+
+def test_polite_runs_shows_why_a_run_failed_and_reads_a_database_older_than_the_columns(workspace):
+    from typer.testing import CliRunner
+
+    from flows.common import stage_run
+    from polite.cli import app
+    from polite.config import ConfigError
+
+    with pytest.raises(ConfigError), stage_run("export", {}, workspace) as bad:
+        raise ConfigError("export check min_keep_rate: kept 2% of 600 rewrites, needs 5%;\nrelax it or filter again")
+    for columns in ("80", "200"):  # the narrow terminal's lines and the wide one's table
+        out = CliRunner().invoke(app, ["runs", "-w", workspace.root], env={"COLUMNS": columns})
+        assert out.exit_code == 0, out.output
+        assert "error: ConfigError: export check min_keep_rate: kept 2% of 600" in out.output, out.output
+        assert bad.run_id in out.output
+
+    store = LineageStore(workspace.db_path)
+    with store.writer() as con:  # as a database written before migration 011 is
+        for column in ("error", "host", "pid"):
+            con.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+    out = CliRunner().invoke(app, ["runs", "-w", workspace.root], env={"COLUMNS": "80"})
+    assert out.exit_code == 0, out.output
+    assert f"{bad.run_id}  export          failed" in out.output and "error:" not in out.output
