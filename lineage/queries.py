@@ -102,3 +102,74 @@ def recent_runs(store: LineageStore, limit: int = 20) -> list[dict[str, Any]]:
         if row["status"] == "running" and has_ended(row["host"], row["pid"]):
             row.update(status="interrupted", seconds=None, error=row["error"] or INTERRUPTED)
     return rows
+
+
+# -- what changed between two exports (the export_diff macro of views.sql) ----------------------------------
+EXPORT_SIDES_SQL = """
+SELECT coalesce(run_id, export_id) AS ref, run_id, list(export_id ORDER BY format) AS export_ids,
+    list(format ORDER BY format) AS formats, max(n_items) AS n_items, min(created_at) AS created_at
+FROM exports WHERE export_id = $ref OR run_id = $ref GROUP BY ALL
+"""
+LATEST_EXPORT_RUNS_SQL = """
+SELECT coalesce(run_id, export_id) AS ref FROM exports GROUP BY 1 ORDER BY min(created_at) DESC LIMIT 2
+"""
+# why a sample published in a is not in b, read from the lineage now
+REMOVED_WHY_SQL = """
+CASE WHEN rewrite_now IS DISTINCT FROM rewrite_a AND kept_now IS NULL THEN 'rewritten since, not filtered yet'
+     WHEN kept_now = false THEN 'dropped by ' || coalesce(dropped_by_now, 'a filter')
+     WHEN kept_now AND rewrite_now IS DISTINCT FROM rewrite_a THEN 'rewritten since, kept, outside b'
+     WHEN kept_now THEN 'kept, outside b''s selection'
+     ELSE 'no decision now' END
+"""
+
+
+def _export_side(con: duckdb.DuckDBPyConnection, ref: str) -> dict[str, Any]:
+    rows = con.sql(EXPORT_SIDES_SQL, params={"ref": ref}).to_arrow_table().to_pylist()
+    if not rows:
+        raise KeyError(
+            f"no export and no export run with id {ref!r}; the recent ones: polite sql \"SELECT run_id, export_id, "
+            "format, n_items, created_at FROM exports ORDER BY created_at DESC\""
+        )
+    if len(rows) > 1:  # an export id that is also a run id cannot happen; say so rather than pick one
+        raise KeyError(f"{ref!r} names several exports: give one export id")
+    return rows[0]
+
+
+def export_diff(store: LineageStore, a: str | None = None, b: str | None = None, show: int = 3) -> dict[str, Any]:
+    """What changed from export ``a`` to ``b`` (export ids or export run ids; default: the two latest export
+    runs, or ``a`` against the latest): counts per change and source, why removed samples are out now, and up
+    to ``show`` examples of each change with both texts."""
+    with store.reader() as con:
+        if b is None:
+            latest = [r[0] for r in con.execute(LATEST_EXPORT_RUNS_SQL).fetchall()]
+            if a is None and len(latest) < 2 or a is not None and not latest:
+                raise KeyError("polite diff needs two exports to compare; this workspace has "
+                               f"{len(latest)} export run(s). Export again after a change, then diff")  # fmt: skip
+            a, b = (latest[1], latest[0]) if a is None else (a, latest[0])
+        sides = {"a": _export_side(con, a), "b": _export_side(con, b)}
+        try:
+            con.execute("CREATE TEMP TABLE _diff AS SELECT * FROM export_diff($a, $b)", {"a": a, "b": b})
+        except duckdb.CatalogException as exc:
+            upgrade = store.not_upgraded(con)
+            raise (upgrade or KeyError("this workspace's views predate `polite diff`: any command that writes "
+                                       "the lineage (polite filter, polite export, ...) re-creates them")) from exc  # fmt: skip
+        rows = lambda sql: con.sql(sql).to_arrow_table().to_pylist()  # noqa: E731
+        counts = {r["change"]: r["n"] for r in rows("SELECT change, count(*) AS n FROM _diff GROUP BY 1")}
+        report = {
+            **sides,
+            "counts": {c: counts.get(c, 0) for c in ("added", "removed", "rewritten", "same")},
+            "new_samples": rows("SELECT count(*) AS n FROM _diff WHERE change = 'added' AND new_sample")[0]["n"],
+            "by_source": rows("PIVOT (SELECT source, change FROM _diff) ON change IN ('added', 'removed', "
+                              "'rewritten', 'same') USING count(*) ORDER BY source"),  # fmt: skip
+            "removed_why": rows(f"SELECT {REMOVED_WHY_SQL} AS why, count(*) AS n FROM _diff WHERE change = 'removed' "
+                                "GROUP BY 1 ORDER BY 2 DESC, 1"),  # fmt: skip
+            "examples": rows(
+                "SELECT * FROM (SELECT d.change, d.sample_id, d.source, ra.output AS output_a, rb.output AS output_b, "
+                "row_number() OVER (PARTITION BY d.change ORDER BY d.sample_id) AS k FROM _diff d "
+                "LEFT JOIN rewrites ra ON ra.rewrite_id = d.rewrite_a LEFT JOIN rewrites rb ON rb.rewrite_id = d.rewrite_b "
+                f"WHERE d.change <> 'same') WHERE k <= {int(show)} ORDER BY change, sample_id"
+            ),
+        }
+    for example in report["examples"]:
+        example.pop("k")
+    return report

@@ -86,3 +86,31 @@ LEFT JOIN score_columns sc ON sc.rewrite_id = r.rewrite_id
 LEFT JOIN latest_decisions d ON d.rewrite_id = r.rewrite_id
 -- the export only if it holds this rewrite: after a rerun, the sample's earlier export holds an older text
 LEFT JOIN latest_exports x ON x.sample_id = s.sample_id AND x.rewrite_id = r.rewrite_id;
+
+-- What changed between two published datasets: one row per sample in either. a, b: an export id, or the run id
+-- of an export run (its formats hold the same items). change: added | removed | rewritten (another rewrite of the
+-- sample) | same. The *_now columns are the sample's state in the lineage now (why a removed sample is out:
+-- dropped_by_now names the scorer); new_sample: ingested after a was exported.
+-- polite sql "SELECT change, source, count(*) FROM export_diff('run_a', 'run_b') GROUP BY ALL"  (or: polite diff)
+CREATE OR REPLACE MACRO export_diff(a, b) AS TABLE
+WITH side_a AS (
+    SELECT DISTINCT ei.sample_id, ei.rewrite_id FROM export_items ei JOIN exports e USING (export_id)
+    WHERE e.export_id = a OR e.run_id = a
+), side_b AS (
+    SELECT DISTINCT ei.sample_id, ei.rewrite_id FROM export_items ei JOIN exports e USING (export_id)
+    WHERE e.export_id = b OR e.run_id = b
+), a_exported AS (
+    SELECT min(created_at) AS exported_at FROM exports WHERE export_id = a OR run_id = a
+)
+SELECT d.sample_id, s.source, s.task_type,
+    CASE WHEN d.rewrite_a IS NULL THEN 'added' WHEN d.rewrite_b IS NULL THEN 'removed'
+         WHEN d.rewrite_a = d.rewrite_b THEN 'same' ELSE 'rewritten' END AS change,
+    d.rewrite_a, d.rewrite_b,
+    -- as the lineage view has them, without its scores (a diff of 1M items: 2.2 -> 0.9 s)
+    r.rewrite_id AS rewrite_now, ld.kept AS kept_now, ld.dropped_by AS dropped_by_now, ld.reason AS reason_now,
+    s.ingested_at > (SELECT exported_at FROM a_exported) AS new_sample
+FROM (SELECT coalesce(x.sample_id, y.sample_id) AS sample_id, x.rewrite_id AS rewrite_a, y.rewrite_id AS rewrite_b
+      FROM side_a x FULL JOIN side_b y ON x.sample_id = y.sample_id) d
+LEFT JOIN samples s ON s.sample_id = d.sample_id
+LEFT JOIN latest_rewrites r ON r.sample_id = d.sample_id
+LEFT JOIN latest_decisions ld ON ld.rewrite_id = r.rewrite_id;

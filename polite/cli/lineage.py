@@ -1,4 +1,4 @@
-"""Read-only lineage commands: `polite sql`, `polite explain`, `polite runs`."""
+"""Read-only lineage commands: `polite sql`, `polite explain`, `polite diff`, `polite runs`."""
 
 from __future__ import annotations
 
@@ -90,6 +90,11 @@ RUNS_TABLE_WIDTH = 110
 
 def _started(row: dict) -> str:
     return row["started_at"].strftime("%m-%d %H:%M:%S") if row["started_at"] else ""
+
+
+def _clip(text: str, width: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _seconds(row: dict) -> str:
@@ -195,6 +200,48 @@ def register(app: typer.Typer) -> None:
             for row in rows:
                 shown = {k: v for k, v in row.items() if v not in (None, "") and k not in ("config",)}
                 console.print("  " + json.dumps(shown, default=str, ensure_ascii=False), highlight=False, soft_wrap=True)
+
+    @app.command("diff")
+    @user_errors
+    def diff(
+        a: Annotated[str | None, typer.Argument(help="Export id or export run id (default: the export run before b).")] = None,
+        b: Annotated[str | None, typer.Argument(help="Export id or export run id (default: the latest export run).")] = None,
+        workspace: WorkspaceOpt = None,
+        show: Annotated[int, typer.Option(min=0, help="Examples of each change to print.")] = 3,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    ) -> None:
+        """What changed between two exports: samples added, removed (and why, from the lineage now), rewritten,
+        the same; per source, with examples. In SQL: SELECT * FROM export_diff('a', 'b').
+
+        Examples: polite diff | polite diff run_0123456789abcdef | polite diff x_0123456789abcdef x_fedcba9876543210
+        """
+        from lineage.queries import export_diff
+
+        report = export_diff(_store(workspace), a, b, show=show)
+        if as_json:
+            console.print_json(json.dumps(report, default=str))
+            return
+        for arrow, side in (("   ", report["a"]), ("-> ", report["b"])):
+            when = side["created_at"].strftime("%Y-%m-%d %H:%M UTC")
+            console.print(f"{arrow}{side['ref']} ({', '.join(side['formats'])}: {side['n_items']} items, {when})",
+                          highlight=False)  # fmt: skip
+        counts = report["counts"]
+        console.print(f"added {counts['added']} ({report['new_samples']} new samples), removed {counts['removed']}, "
+                      f"rewritten {counts['rewritten']}, same {counts['same']}", highlight=False)  # fmt: skip
+        table = Table(title="by source")
+        for name in ("source", "added", "removed", "rewritten", "same"):
+            table.add_column(name, justify="left" if name == "source" else "right")
+        for row in report["by_source"]:
+            table.add_row(*(str(row[k]) for k in ("source", "added", "removed", "rewritten", "same")))
+        console.print(table)
+        if report["removed_why"]:
+            why = ", ".join(f"{r['why']} {r['n']}" for r in report["removed_why"])
+            console.print(f"removed, why (the lineage now): {why}", highlight=False)
+        marks = {"added": "+", "removed": "-", "rewritten": "~"}
+        for ex in report["examples"]:
+            texts = [repr(_clip(t)) for t in (ex["output_a"], ex["output_b"]) if t is not None]
+            console.print(f"{marks[ex['change']]} {ex['sample_id']} {ex['source']}: {' -> '.join(texts)}",
+                          highlight=False, markup=False, soft_wrap=True)  # fmt: skip
 
     @app.command("runs")
     @user_errors
