@@ -26,7 +26,7 @@ from lineage.store import LineageStore
 from models.prompts import PROMPT_VERSION
 from polite.config import ConfigError, resolve_config
 from polite.ids import settings_hash, stable_hash, stable_hashes
-from polite.locks import exclusive
+from polite.locks import exclusive, probe
 from polite.shards import chunked, exists, read_table, write_table_atomic
 from polite.workspace import Workspace
 from tasks.rewrite import RESULT_SCHEMA, WORK_SCHEMA, rewrite_shard_task
@@ -365,11 +365,20 @@ def rewrite_key(model_id: str, settings: dict[str, Any]) -> dict[str, str]:
     return {"model_id": model_id, "prompt_version": PROMPT_VERSION, "settings_hash": settings_hash(settings)}
 
 
+def _lock_of(key: dict) -> tuple[str, str]:
+    busy = f"a rewrite with model {key['model_id']}, prompt {key['prompt_version']}, settings {key['settings_hash']}"
+    return f"rewrite-{stable_hash('rewrite-lock', key)}", busy
+
+
 def rewrite_lock(ws: Workspace, key: dict):
     """Held by a rewrite flow while it works on ``key``: a second flow with the same key would redo the same
     shards, and its attempt numbers would race (polite/locks.py). Other keys run side by side."""
-    busy = f"a rewrite with model {key['model_id']}, prompt {key['prompt_version']}, settings {key['settings_hash']}"
-    return exclusive(ws.db_path, f"rewrite-{stable_hash('rewrite-lock', key)}", busy)
+    return exclusive(ws.db_path, *_lock_of(key))
+
+
+def check_rewrite_lock(ws: Workspace, key: dict) -> None:
+    """Raise ``WorkspaceBusy`` now if a rewrite of ``key`` is running; take and write nothing."""
+    probe(ws.db_path, *_lock_of(key))
 
 
 # -- the flow -----------------------------------------------------------------------------------------------

@@ -28,29 +28,49 @@ class WorkspaceBusy(UserError, RuntimeError):
     """Another process holds the lock; the message says which and since when."""
 
 
+def _files(db_path: Path, name: str) -> tuple[FileLock, Path]:
+    folder = Path(db_path).parent / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    # the holder's name sits beside the lock: opening a lock file may truncate it
+    return FileLock(folder / f"{name}.lock", timeout=0), folder / f"{name}.holder"
+
+
+def _busy(holder: Path, what: str) -> WorkspaceBusy:
+    try:
+        info = json.loads(holder.read_text())
+        who = f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError):
+        who = "another process"
+    return WorkspaceBusy(
+        f"{what} is already running in this workspace ({who}); wait for it to finish or stop it. "
+        "Resuming afterwards picks up whatever it leaves."
+    )
+
+
 @contextmanager
 def exclusive(db_path: Path, name: str, what: str) -> Iterator[None]:
     """Hold the lock ``name`` of the workspace whose lineage is ``db_path`` while the block runs; raise
     ``WorkspaceBusy`` at once if another process holds it. ``what`` names the work in that message."""
-    folder = Path(db_path).parent / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / f"{name}.lock", timeout=0)
-    holder = folder / f"{name}.holder"  # beside the lock: opening a lock file may truncate it
+    lock, holder = _files(db_path, name)
     try:
         lock.acquire()
     except Timeout:
-        try:
-            info = json.loads(holder.read_text())
-            who = f"pid {info['pid']} on {info['host']} since {info['since']}"
-        except (OSError, ValueError, KeyError):
-            who = "another process"
-        raise WorkspaceBusy(
-            f"{what} is already running in this workspace ({who}); wait for it to finish or stop it. "
-            "Resuming afterwards picks up whatever it leaves."
-        ) from None
+        raise _busy(holder, what) from None
     try:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
         yield
     finally:
         lock.release()
+
+
+def probe(db_path: Path, name: str, what: str) -> None:
+    """Raise ``WorkspaceBusy`` as ``exclusive`` would if the lock is held now; else return at once, holding
+    nothing and naming no holder: a dry run or a command's early check must not pass for the holder of the work
+    it only looks at."""
+    lock, holder = _files(db_path, name)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise _busy(holder, what) from None
+    lock.release()

@@ -214,7 +214,7 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
 def choose_scheduling(requested: str, gen, static_batches: int) -> str:
     """``auto``: continuous where it was measured to pay, or where each row reads only its own span (flex);
     static for sdpa on CUDA until a GPU run compares them (BENCHMARKS.md). On CPU, static batches that shrink
-    as rows finish measured 1.6-1.8x faster than continuous batching, whose sdpa steps attend the whole ring;
+    as rows finish measured 1.3-1.8x faster than continuous batching, whose sdpa steps attend the whole ring;
     without shrinking, continuous was 1.13-1.36x faster than static. Continuous only pays when some row can be
     refilled, that is when the shard needs more than one static batch (with a single batch it measured 30%
     slower on CPU)."""

@@ -94,15 +94,14 @@ def _check_model_and_lock(cfg, workspace: str, model: str | None) -> None:
     """A missing rewriter, or a rewrite of the same key (model, prompt, settings) already running in the workspace,
     is one line before the flow (and a Prefect server) starts, not a flow run's traceback.
 
-    The lock is only probed (taken and dropped at once): the flow takes it for itself, and a rewrite that starts
-    between the two is still stopped by the flow's own lock (polite/locks.py).
+    The lock is only probed (taken and dropped at once, naming no holder): the flow takes it for itself, and a
+    rewrite that starts between the two is still stopped by the flow's own lock (polite/locks.py).
     """
-    from flows.rewrite import rewrite_lock
+    from flows.rewrite import check_rewrite_lock
     from polite.workspace import Workspace
 
     key, _ = _key(cfg, workspace, model)
-    with rewrite_lock(Workspace.resolve(workspace), key):
-        pass
+    check_rewrite_lock(Workspace.resolve(workspace), key)
 
 
 def _dry_run(config: dict[str, Any], workspace: str | None, model: str | None, mode: str, where: str | None,
@@ -114,7 +113,7 @@ def _dry_run(config: dict[str, Any], workspace: str | None, model: str | None, m
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from flows.rewrite import orphan_results, pending_work, results_folder, rewrite_lock
+    from flows.rewrite import check_rewrite_lock, orphan_results, pending_work, results_folder
     from lineage.store import LineageStore
     from polite.config import parse_config
     from polite.locks import WorkspaceBusy
@@ -127,8 +126,8 @@ def _dry_run(config: dict[str, Any], workspace: str | None, model: str | None, m
     key, path = _key(cfg, ws.root, model or rs.model)
     store = LineageStore(ws.db_path)
     try:
-        with rewrite_lock(ws, key):
-            running = None
+        check_rewrite_lock(ws, key)
+        running = None
     except WorkspaceBusy as exc:
         running = str(exc)
     work, manifest, _ = pending_work(store, ws, rs, key, mode, where, limit)

@@ -105,7 +105,7 @@ class FilterSettings(BaseModel):
     enabled: bool = True
     shard_size: int = Field(2000, ge=1)
     device: DeviceOrAuto = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU and on CPUs with native bf16, else fp32
     allow_download: bool = False  # let hub model ids download (never in tests or the offline demo)
     length: LengthSettings = Field(default_factory=LengthSettings)
     unchanged: UnchangedSettings = Field(default_factory=UnchangedSettings)

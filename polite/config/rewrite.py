@@ -81,7 +81,7 @@ class RewriteSettings(BaseModel):
     # static: each batch decodes until its longest rewrite ends. continuous: samples that finish are refilled
     # with the next ones at once (greedy decoding and beam search on the fast decoder; a single sampled row per
     # sample and the plain path stay static). auto: continuous with flex attention (and on CPU with shrink_batches off), else static: every sdpa
-    # continuous step attends the whole ring cache, and on CPU shrinking static batches measured 1.6-1.8x faster
+    # continuous step attends the whole ring cache, and on CPU shrinking static batches measured 1.3-1.8x faster
     scheduling: Literal["auto", "static", "continuous"] = "auto"
     prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
 
