@@ -142,3 +142,15 @@ def test_flops_only_counts_the_prefill_and_its_vision_part(tmp_path, bench_scrip
         and json.loads(out.read_text())["prefill_tflop_per_sample"] == data["prefill_tflop_per_sample"]
     )
     assert 0 < data["prefill_tflop_vision_per_sample"] < data["prefill_tflop_per_sample"]
+
+
+def test_a_larger_batch_is_tried_only_where_the_card_s_memory_allows(bench_script):
+    """Session 1's H200: 17 GB before the batches, 93.7 GB peak at batch 512, 149 GB on the card (139 GiB)."""
+    grown_batch = bench_script("gpu_rewrite").grown_batch
+    gb = 10**9
+    assert grown_batch(512, 17 * gb, int(93.7 * gb), int(149.3 * gb)) == 768  # 17 + 1.5 x 76.7 = 132 < 137 GB
+    assert grown_batch(768, 17 * gb, 132 * gb, int(149.3 * gb)) is None  # 1152 rows: 190 GB
+    assert grown_batch(512, 17 * gb, int(93.7 * gb), 80 * gb) is None  # an H100
+    assert grown_batch(64, 17 * gb, 26 * gb, 80 * gb) == 96
+    assert grown_batch(100, 17 * gb, 26 * gb, 80 * gb) == 128  # 150, rounded down to 32 rows
+    assert grown_batch(20, 1 * gb, 2 * gb, 80 * gb) is None  # 30 rounds down to 0: nothing to try
