@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -99,11 +100,32 @@ class StageRun:
     run_id: str
     parent_run_id: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    _progress_written: float = field(default=0.0, repr=False)
 
     def count(self, key: str, n: int = 1) -> None:
         total = self.summary.get(key, 0) + n
         # seconds add up as floats: keep the summary free of 0.14200000000000002
         self.summary[key] = round(total, 6) if isinstance(total, float) else total
+
+    def progress(self, done: int, total: int) -> None:
+        """Shards finished so far, into the run's row while it runs (``polite runs`` shows them and the time
+        left), at most every ``PROGRESS_EVERY_S``: a PF-1M rewrite runs for days, and another terminal should
+        see how far it is without reading Prefect's UI."""
+        self.summary.update(shards_done=done, shards_total=total)
+        now = time.monotonic()
+        if now - self._progress_written < PROGRESS_EVERY_S:
+            return
+        self._progress_written = now
+        with self.store.writer() as con:
+            con.execute("UPDATE runs SET summary = ? WHERE run_id = ?",
+                        [_summary_json(self.workspace, self.summary), self.run_id])  # fmt: skip
+
+
+PROGRESS_EVERY_S = 10.0
+
+
+def _summary_json(ws: Workspace, summary: dict[str, Any]) -> str:
+    return json.dumps(_stored_paths_in(ws, summary), default=str, sort_keys=True)
 
 
 def _stored_paths_in(ws: Workspace, value: Any) -> Any:
@@ -167,12 +189,14 @@ def stage_run(
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        if status == "completed":  # every shard is done: the progress says nothing more; a failed run keeps it
+            for key in ("shards_done", "shards_total"):
+                run.summary.pop(key, None)
         with store.writer() as con:
             con.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, summary = ?, error = ? WHERE run_id = ?",
-                [status, utcnow(), json.dumps(_stored_paths_in(ws, run.summary), default=str, sort_keys=True), error,
-                 run_id],
-            )  # fmt: skip
+                [status, utcnow(), _summary_json(ws, run.summary), error, run_id],
+            )
 
 
 class ShardFailures(UserError, RuntimeError):
@@ -191,12 +215,14 @@ def map_shards(
     items: Sequence[Any],
     ingest: Callable[[Any], None],
     description: str,
+    stage: StageRun | None = None,
     **task_kwargs: Any,
 ) -> list[Any]:
     """Submit ``task(item, **task_kwargs)`` per shard; ingest each result in the flow as it completes.
 
-    Shows progress on the terminal and as a Prefect progress artifact. A shard whose task raised does
-    not stop the others: every finished shard is ingested first, then ``ShardFailures`` names the rest.
+    Shows progress on the terminal, as a Prefect progress artifact and, given the ``stage`` run, in its row of
+    ``runs``. A shard whose task raised does not stop the others: every finished shard is ingested first, then
+    ``ShardFailures`` names the rest.
     """
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
     from prefect.futures import as_completed
@@ -233,6 +259,8 @@ def map_shards(
                 ingest(result)
                 results.append(result)
             progress.update(bar, advance=1)
+            if stage is not None:
+                stage.progress(done, len(futures))
             if artifact_id is not None:
                 try:
                     update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / len(futures))

@@ -157,7 +157,7 @@ def distort_flow(
             for method, status in zip(table.column("method").to_pylist(), table.column("status").to_pylist(), strict=True):
                 run.count(f"{method}_{status}")
 
-        map_shards(distort_shard_task, jobs, ingest, "distort", settings=settings.model_dump(mode="json"), run_seed=run_seed)
+        map_shards(distort_shard_task, jobs, ingest, "distort", stage=run, settings=settings.model_dump(mode="json"), run_seed=run_seed)
         run.summary["shards"] = len(jobs)
     return run.summary
 

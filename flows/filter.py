@@ -122,6 +122,7 @@ def filter_flow(
                 urls,
                 ingest,
                 "filter",
+                stage=run,
                 spec=chain.spec(),
                 out_dir=f"{folder}/out",
                 run_id=run.run_id,

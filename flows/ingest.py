@@ -146,7 +146,7 @@ def ingest_flow(
         loader = LineageBatcher(run.store, run.run_id, summary["sources"])
         items = [item for plan in plans for item in plan.items]
         try:
-            map_shards(ingest_shard_task, items, loader.add, description=f"ingest {', '.join(labels)}")
+            map_shards(ingest_shard_task, items, loader.add, description=f"ingest {', '.join(labels)}", stage=run)
         finally:
             loader.flush()  # finished shards reach the lineage even when another shard failed
         for key in (*COUNTS, "new_samples", "new_images"):

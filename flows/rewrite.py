@@ -456,7 +456,7 @@ def rewrite_flow(
 
             log.info("rewrite (%s): %d samples in %d shards with %s", mode, work.num_rows, len(jobs), model_id)
             try:
-                map_shards(rewrite_shard_task, jobs, ingest, description=f"rewrite ({mode})")
+                map_shards(rewrite_shard_task, jobs, ingest, description=f"rewrite ({mode})", stage=run)
             finally:
                 # counted even when whole shards failed: the run's record says what landed and what is left
                 run.summary.update(outcome_counts(store, work))

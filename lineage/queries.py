@@ -101,7 +101,17 @@ def recent_runs(store: LineageStore, limit: int = 20) -> list[dict[str, Any]]:
     for row in rows:
         if row["status"] == "running" and has_ended(row["host"], row["pid"]):
             row.update(status="interrupted", seconds=None, error=row["error"] or INTERRUPTED)
+        row["left_s"] = _time_left(row)
     return rows
+
+
+def _time_left(row: dict[str, Any]) -> float | None:
+    """Seconds a running run has left at the pace of its shards so far (flows/common.py writes the progress)."""
+    summary = row["summary"] if isinstance(row["summary"], dict) else {}
+    done, total = summary.get("shards_done"), summary.get("shards_total")
+    if row["status"] != "running" or not done or not total or row["seconds"] is None:
+        return None
+    return round(row["seconds"] * (total - done) / done, 1)
 
 
 # -- what changed between two exports (the export_diff macro of views.sql) ----------------------------------

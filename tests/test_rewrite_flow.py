@@ -569,10 +569,10 @@ def test_an_interrupted_retry_is_resumed_only_by_the_same_request(prefect_harnes
     by_source = {src: sorted(s.sample_id for s in samples if s.source == src) for src in ("gqa", "coco")}
     chosen: list[str] = []
 
-    def interrupted(task, jobs, ingest, description):
+    def interrupted(task, jobs, ingest, description, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    def recorded(task, jobs, ingest, description):
+    def recorded(task, jobs, ingest, description, **kwargs):
         chosen.extend(sid for job in jobs for sid in read_table(job["work"]).column("sample_id").to_pylist())
         return []
 

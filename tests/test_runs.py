@@ -103,3 +103,77 @@ def test_polite_runs_shows_why_a_run_failed_and_reads_a_database_older_than_the_
     out = CliRunner().invoke(app, ["runs", "-w", workspace.root], env={"COLUMNS": "80"})
     assert out.exit_code == 0, out.output
     assert f"{bad.run_id}  export          failed" in out.output and "error:" not in out.output
+
+
+def test_a_running_stage_writes_its_shard_progress_and_drops_it_once_completed(workspace, prefect_harness, monkeypatch):
+    """Another terminal sees how far a run is: each shard's progress reaches the run's row (at most every
+    PROGRESS_EVERY_S; 0 here), then the completed row keeps only its counts. A failed run keeps how far it got."""
+    from prefect import flow, task
+
+    import flows.common
+    from flows.common import ShardFailures, map_shards, stage_run
+
+    monkeypatch.setattr(flows.common, "PROGRESS_EVERY_S", 0.0)
+    seen: list[dict] = []
+
+    @task
+    def square(n: int) -> int:
+        if n == 99:
+            raise ValueError("a poisoned shard")
+        return n * n
+
+    @flow
+    def stage(items: list[int]) -> str:
+        with stage_run("filter", {}, workspace) as run:
+            run.summary["selected"] = len(items)
+
+            def ingest(result: int) -> None:
+                import json as _json
+
+                row = LineageStore(workspace.db_path).query("SELECT status, summary FROM runs WHERE run_id = $id",
+                                                            params={"id": run.run_id}).to_pylist()[0]  # fmt: skip
+                seen.append({"status": row["status"], **_json.loads(row["summary"] or "{}")})
+                run.count("sum", result)
+
+            map_shards(square, items, ingest, "squares", stage=run)
+        return run.run_id
+
+    run_id = stage([1, 2, 3])
+    # before each ingest: the shards done until then (the first had nothing written yet)
+    assert [(s["status"], s.get("shards_done"), s.get("shards_total")) for s in seen] == [
+        ("running", None, None), ("running", 1, 3), ("running", 2, 3)]  # fmt: skip
+    assert seen[2]["sum"] in (1 + 4, 1 + 9, 4 + 9)  # the counts so far ride along: two shards, whichever came first
+    import json as _json
+
+    final = _json.loads(_runs(workspace)[run_id]["summary"])
+    assert final == {"selected": 3, "sum": 14}
+
+    with pytest.raises(ShardFailures):
+        stage([1, 99])
+    failed = [r for r in _runs(workspace).values() if r["status"] == "failed"]
+    assert len(failed) == 1 and _json.loads(failed[0]["summary"])["shards_done"] == 2
+
+
+def test_polite_runs_shows_a_running_run_s_shards_and_the_time_left(workspace):
+    import json as _json
+    from datetime import timedelta
+
+    from typer.testing import CliRunner
+
+    from flows.common import utcnow
+    from lineage.queries import recent_runs
+    from polite.cli import app
+
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    started = utcnow() - timedelta(minutes=30)
+    with store.writer() as con:
+        con.execute("INSERT INTO runs (run_id, flow, status, started_at, host, pid, summary) VALUES "
+                    "('run_live', 'rewrite', 'running', ?, ?, ?, ?)",
+                    [started, os.uname().nodename, os.getpid(),
+                     _json.dumps({"selected": 120000, "shards_done": 10, "shards_total": 60})])  # fmt: skip
+    (row,) = recent_runs(store)
+    assert row["status"] == "running" and 149 * 60 < row["left_s"] < 151 * 60  # 30 min for 10 of 60 shards
+    for columns in ("80", "200"):
+        out = CliRunner().invoke(app, ["runs", "-w", workspace.root], env={"COLUMNS": columns})
+        assert out.exit_code == 0 and "10/60 shards, about 2 h 30 min left" in out.output, out.output

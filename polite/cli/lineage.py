@@ -101,6 +101,19 @@ def _seconds(row: dict) -> str:
     return "-" if row["seconds"] is None else f"{row['seconds']} s"
 
 
+def _progress(row: dict) -> str:
+    """``12/585 shards, about 3 h 10 min left`` for a running run that has written its progress."""
+    summary = row["summary"] if isinstance(row["summary"], dict) else {}
+    if row["status"] != "running" or not summary.get("shards_total"):
+        return ""
+    text = f"{summary.get('shards_done', 0)}/{summary['shards_total']} shards"
+    left = row.get("left_s")
+    if left is None:
+        return text
+    hours, minutes = divmod(round(left / 60), 60)
+    return text + ", about " + (f"{hours} h {minutes} min" if hours else f"{max(minutes, 1)} min") + " left"
+
+
 def _error(row: dict, width: int = 400) -> str:
     """Why a run failed or stopped, on one line: the full text is in SQL (``runs.error``)."""
     text = " ".join(str(row.get("error") or "").split())
@@ -115,7 +128,7 @@ def runs_as_lines(rows: list[dict], width: int) -> list[str]:
     lines = []
     for row in rows:
         lines.append(f"{row['run_id']}  {row['flow']:<15} {row['status']:<11} {_started(row)}  {_seconds(row)}")
-        for text in (compact_summary(row["summary"], width=400), _error(row) and f"error: {_error(row)}"):
+        for text in (_progress(row), compact_summary(row["summary"], width=400), _error(row) and f"error: {_error(row)}"):
             if text:
                 lines.extend(textwrap.wrap(text, width=width, initial_indent="    ", subsequent_indent="    "))
     return lines
@@ -267,7 +280,8 @@ def register(app: typer.Typer) -> None:
                            ("s", {"justify": "right"}), ("summary", {"overflow": "fold"})):  # fmt: skip
             table.add_column(name, **opts)
         for row in rows:
-            outcome = "\n".join(t for t in (compact_summary(row["summary"]), _error(row) and f"error: {_error(row)}") if t)
+            outcome = "\n".join(t for t in (_progress(row), compact_summary(row["summary"]),
+                                             _error(row) and f"error: {_error(row)}") if t)  # fmt: skip
             table.add_row(row["run_id"], row["flow"], row["status"], _started(row),
                           "-" if row["seconds"] is None else str(row["seconds"]), outcome)  # fmt: skip
         console.print(table)
