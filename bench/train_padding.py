@@ -55,10 +55,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     import models.train as train_module
+    from polite.shards import read_table, write_table_atomic
+    from polite.workspace import Workspace
 
-    training_set = sorted(glob.glob(f"{args.workspace}/models/rewriter-*/training_set.parquet"))[-1]
+    kept = sorted(glob.glob(f"{args.workspace}/models/rewriter-*/training_set.parquet"))[-1]
     base = f"{args.workspace}/models/tiny-base"
     scratch = Path(tempfile.mkdtemp(prefix="train-padding-"))
+    # the kept training set stores its image paths relative to the workspace: train on a copy that locates them
+    training_set = str(scratch / "training_set.parquet")
+    write_table_atomic(Workspace.resolve(args.workspace).locate_paths(read_table(kept), "images"), training_set)
     common = {"checkpoint_every": 100_000, "num_threads": args.threads, "time_budget_s": None}
     rows = []
 

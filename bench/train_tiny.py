@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     for h in held[: args.examples]:
         for name, distort in (("lowercase", lowercase), ("shuffle", lambda t: shuffle_sentences(t, rng))):
             distorted = distort(h["target"])
-            cases.append({"kind": name, "target": h["target"], "distorted": distorted, "images": h["images"],
+            images = [ws.locate(p) for p in h["images"]]  # the kept training set stores them workspace-relative
+            cases.append({"kind": name, "target": h["target"], "distorted": distorted, "images": images,
                           "prompt": rewrite_prompt(instructions[h["pair_id"]], distorted)})  # fmt: skip
     base_dir = str(Path(ws.models) / "tiny-base")
     max_new = 140
