@@ -31,6 +31,7 @@ from models.train_data import (
     read_training_set,
     split_heldout,
 )
+from polite.errors import UserError
 
 DONE_FILE = "training.json"
 # settings that say where, how fast or how long training runs: a checkpoint may be resumed with other values
@@ -240,9 +241,15 @@ def _train(
     for pair_id, reason in {**skipped, **skipped_held}.items():
         log(f"skipping pair {pair_id}: {reason}")
     if not train:
-        raise ValueError(
+        raise NoTrainingPairs(
             f"no usable training pairs in {training_set} ({len(rows)} rows; skipped: {_reasons(skipped)})"
         )
+    # the training pairs' images are read as steps need them; a first look at some of them stops a run whose
+    # images are all unreadable (paths relative to a workspace read from elsewhere, say) before it "trains" on
+    # empty batches to a loss of 0
+    probed = {e.pair_id: images.problem(e) for e in train[:PROBE_PAIRS]}
+    if probed and all(probed.values()):
+        _all_unreadable(training_set, len(train), probed)
     total_steps = s.max_steps or max(1, math.ceil(s.epochs * len(train) / s.batch_size))
     lengths = [len(e.input_ids) for e in train] if s.group_by_length else None
     plan = BatchPlan(len(train), seed, s.batch_size, lengths)
@@ -310,6 +317,8 @@ def _train(
             elif e.pair_id not in state["skipped"]:
                 state["skipped"][e.pair_id] = problem
                 log(f"skipping pair {e.pair_id}: {problem}")
+        if not batch and len(state["skipped"]) >= len(train):
+            _all_unreadable(training_set, len(train), state["skipped"])
         batch = by_length(batch)
         n_tokens = max(1, sum(e.n_target for e in batch))
         step_loss = 0.0
@@ -365,6 +374,23 @@ def _run_key(training_digest: str, base_spec: FlamingoSpec, s, seed: int, groups
 
     learned = {k: v for k, v in s.model_dump(mode="json").items() if k not in _RESUMABLE_ACROSS}
     return stable_hash("train-run", fingerprint(base_spec), training_digest, learned, seed, groups)
+
+
+PROBE_PAIRS = 64  # training pairs whose images are read before the first step
+
+
+class NoTrainingPairs(UserError, ValueError):
+    """Nothing in the training set can be trained on; the message says what was skipped and why."""
+
+
+def _all_unreadable(training_set, n_pairs: int, problems: dict[str, str | None]) -> None:
+    example = next(p for p in problems.values() if p)
+    raise NoTrainingPairs(
+        f"no usable training pairs in {training_set}: the images of every training pair read so far are unusable "
+        f"({len(problems)} of {n_pairs}; e.g. {example}). Image paths relative to a workspace are read from the "
+        "working directory: train on the training set the factory exports (polite distort --export-training-set), "
+        "or make the paths absolute"
+    )
 
 
 def _reasons(skipped: dict[str, str]) -> dict[str, int]:

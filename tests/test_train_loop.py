@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -304,3 +305,29 @@ def test_a_checkpoint_resumes_by_the_training_digest_wherever_the_images_are_now
     upgraded = train_rewriter(path, base, tmp_path / "old", settings, seed=0, base_is_tiny=True,
                               training_digest="relative-content")  # fmt: skip
     assert upgraded["resumed_from"] == 2 and upgraded["steps"] == 4
+
+
+@pytest.mark.parametrize("probe", [64, 0])  # found by the first look, or only once the steps met every pair
+def test_a_training_set_whose_images_are_all_unreadable_stops_instead_of_training_on_nothing(
+    data, tmp_path, monkeypatch, probe
+):
+    """Paths relative to a workspace, read from another folder, find no image: the run used to go through all
+    its steps on empty batches and report a loss of 0."""
+    import models.train as train_module
+    from models.train import NoTrainingPairs
+
+    monkeypatch.setattr(train_module, "PROBE_PAIRS", probe)
+    path, base = data
+    rows = pq.read_table(path).to_pylist()
+    for r in rows:
+        r["images"] = [f"images/ab/{Path(r['images'][0]).name}"]  # as a kept training set stores them
+    relative = tmp_path / "relative.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), relative)
+    steps: list[int] = []
+    settings = dict(SMALL, max_steps=50, heldout_fraction=0.0, checkpoint_every=100, eval_every=100)
+    with pytest.raises(NoTrainingPairs, match=r"the images of every training pair read so far are unusable \((\d+) "
+                                              r"of 40; e\.g\. image unreadable: images/ab/"):  # fmt: skip
+        train_rewriter(str(relative), base, tmp_path / "run", settings, seed=0, base_is_tiny=True,
+                       on_step=lambda step, loss: steps.append(step))  # fmt: skip
+    # the probe stops it before any step; without it, one pass over the 40 pairs in steps of 4 does
+    assert steps == ([] if probe else list(range(1, 10)))
