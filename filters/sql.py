@@ -7,6 +7,8 @@ same paragraph cuts.
 
 from __future__ import annotations
 
+from typing import Any
+
 from filters.base import sql_str
 from filters.chain import Chain
 
@@ -247,3 +249,35 @@ err AS (
     if full_scoring:  # every applicable scorer runs: every error is retried
         return "err.first_error IS NOT NULL", cte
     return f"coalesce(err.first_error < coalesce(err.first_drop, {len(chain.scorers)}), FALSE)", cte
+
+
+def preview(con, chain: Chain, scope: str | None = None) -> dict[str, Any]:
+    """What ``rethreshold`` would decide, against the latest decisions, without writing: a read-only connection
+    will do. Tuning thresholds this way leaves no decision rows behind (each real re-decision stores one per
+    rewrite, and the latest wins)."""
+    scope = scope or "r.rewrite_id IN (SELECT rewrite_id FROM decisions)"
+    rows = con.execute(f"""
+        WITH new AS ({decide_sql(chain, scope=scope)})
+        SELECT s.source, c.kept AS kept_now, c.dropped_by AS by_now, n.kept AS kept_new, n.dropped_by AS by_new,
+            count(*) AS n
+        FROM new n
+        JOIN rewrites r ON r.rewrite_id = n.rewrite_id JOIN samples s ON s.sample_id = r.sample_id
+        LEFT JOIN latest_decisions c ON c.rewrite_id = n.rewrite_id
+        GROUP BY ALL
+    """).fetchall()  # fmt: skip
+    out: dict[str, Any] = {"settings_hash": chain.settings_hash, "decided": 0, "kept_now": 0, "kept_new": 0,
+                           "now_kept": {}, "now_dropped": {}, "by_source": {}, "dropped_by": {}}  # fmt: skip
+    for source, kept_now, by_now, kept_new, by_new, n in rows:
+        out["decided"] += n
+        out["kept_now"] += n if kept_now else 0
+        out["kept_new"] += n if kept_new else 0
+        if kept_now and not kept_new:  # kept now, dropped under these thresholds: by which scorer
+            out["now_kept"][by_new] = out["now_kept"].get(by_new, 0) + n
+        if kept_new and not kept_now:  # dropped now (by which scorer), kept under these thresholds
+            key = by_now or "undecided"
+            out["now_dropped"][key] = out["now_dropped"].get(key, 0) + n
+        if not kept_new:
+            out["dropped_by"][by_new] = out["dropped_by"].get(by_new, 0) + n
+        now, new = out["by_source"].get(source, (0, 0))
+        out["by_source"][source] = (now + (n if kept_now else 0), new + (n if kept_new else 0))
+    return out

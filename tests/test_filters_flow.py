@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -436,3 +437,48 @@ def test_an_error_behind_an_earlier_drop_is_not_work_every_run(prefect_harness, 
     assert decisions(store, first["settings_hash"])["r_00"]["reason"] == "kept"
     assert store.query("SELECT count(*) AS n FROM scores WHERE score IS NULL")["n"][0].as_py() == 0
     assert filter_flow(config=loose, workspace=workspace.root)["rewrites"] == 0
+
+
+def test_a_rethreshold_dry_run_says_what_the_real_one_then_does_and_writes_nothing(prefect_harness, workspace, models):
+    from collections import Counter
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from filters.sql import preview
+    from flows.filter import filter_flow
+    from polite.cli import app
+
+    store = populate(workspace)
+    # every scorer scores every rewrite, so a relaxed threshold can keep what it alone dropped
+    filter_flow(config={"filters": {**models, "length": {"min_tokens": 10}}}, workspace=workspace.root,
+                full_scoring=True)  # fmt: skip
+    count = lambda sql: store.query(sql).to_pylist()[0]["n"]  # noqa: E731
+    written = {t: count(f"SELECT count(*) AS n FROM {t}") for t in ("decisions", "decision_settings", "runs")}
+    before = {r["rewrite_id"]: r for r in store.query("SELECT rewrite_id, kept, dropped_by FROM latest_decisions").to_pylist()}
+    # the long caption kept so far is too long now, and a caption semantic similarity dropped (and CLIPScore would)
+    # passes both
+    new = {"filters": {**models, "length": {"min_tokens": 10, "max_tokens": 20}, "semantic": {"threshold": -1.0},
+                       "clipscore": {**models["clipscore"], "threshold": -1000.0}}}  # fmt: skip
+    (config := Path(workspace.root) / "new.yaml").write_text(yaml.safe_dump(new))
+    shown = CliRunner().invoke(app, ["filter", "-w", workspace.root, "-c", str(config), "--rethreshold", "--dry-run"],
+                               env={"COLUMNS": "200"})  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert {t: count(f"SELECT count(*) AS n FROM {t}") for t in written} == written  # nothing written
+    with store.reader() as con:
+        change = preview(con, build_chain(new["filters"]))
+
+    filter_flow(config=new, workspace=workspace.root, rethreshold=True)
+    after = store.query("SELECT rewrite_id, kept, dropped_by FROM latest_decisions").to_pylist()
+    assert change["decided"] == len(after) == len(CASES)
+    assert (change["kept_now"], change["kept_new"]) == (sum(r["kept"] for r in before.values()),
+                                                        sum(r["kept"] for r in after))  # fmt: skip
+    assert change["dropped_by"] == dict(Counter(r["dropped_by"] for r in after if not r["kept"]))
+    lost = Counter(r["dropped_by"] for r in after if before[r["rewrite_id"]]["kept"] and not r["kept"])
+    gained = Counter(before[r["rewrite_id"]]["dropped_by"] for r in after
+                     if r["kept"] and not before[r["rewrite_id"]]["kept"])  # fmt: skip
+    assert change["now_kept"] == dict(lost) == {"length": 1}
+    assert change["now_dropped"] == dict(gained) == {"semantic": 1}
+    assert f"kept {change['kept_now']} -> {change['kept_new']} ({change['kept_new'] - change['kept_now']:+d})" in shown.output
+    assert "would drop 1 kept now, by: length 1" in shown.output
+    assert "would keep 1 dropped now (by: semantic 1)" in shown.output

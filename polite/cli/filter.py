@@ -56,18 +56,28 @@ def register(app: typer.Typer) -> None:
                 help="Override a filters setting, KEY=VALUE (repeatable), e.g. semantic.threshold=0.5.",
             ),
         ] = None,
+        dry_run: Annotated[
+            bool,
+            typer.Option(
+                "--dry-run",
+                help="Write nothing: with --rethreshold, what the thresholds would change; else, what would be scored.",
+            ),
+        ] = False,
     ) -> None:
         """Score the latest rewrites (length, unchanged, repetition, truncated, answer, semantic, nli, clipscore, reward)
         and decide which to keep. Resumable: decided rewrites and stored scores are never redone.
 
-        Example: polite filter --rethreshold --set semantic.threshold=0.5 --set clipscore.threshold=20
+        Example: polite filter --rethreshold --set semantic.threshold=0.5 --set clipscore.threshold=20 --dry-run
         """
         from flows.filter import filter_flow
         from polite.config import parse_config
 
         data = stage_config(config).model_dump(mode="json")
         data = apply_overrides(data, set_ or [])
-        parse_config(data, origin=config or "(demo config + --set)")
+        cfg = parse_config(data, origin=config or "(demo config + --set)")
+        if dry_run:
+            _dry_run(cfg, workspace, rethreshold, full_scoring)
+            return
         summary = filter_flow(
             config=data, workspace=workspace, rethreshold=rethreshold, full_scoring=full_scoring
         )
@@ -79,3 +89,50 @@ def register(app: typer.Typer) -> None:
                 f"filtered {summary.get('rewrites', 0)} rewrites: {summary.get('kept', 0)} of "
                 f"{summary.get('decided', 0)} decided rewrites kept"
             )
+
+
+def _dry_run(cfg, workspace: str | None, rethreshold: bool, full_scoring: bool) -> None:
+    """Read-only: the change new thresholds would make (``filters.sql.preview``), or the rewrites a filter run
+    would score now."""
+    from filters.chain import ScorerUnavailableError, build_chain
+    from filters.sql import preview, work_sql
+    from lineage.store import LineageStore
+    from polite.config import ConfigError
+    from polite.workspace import Workspace
+
+    try:
+        chain = build_chain(cfg.filters)
+    except ScorerUnavailableError as exc:
+        raise ConfigError(str(exc)) from None
+    store = LineageStore(Workspace.resolve(workspace or cfg.workspace).db_path)
+    skipped = ", ".join(s["scorer"] for s in chain.skipped)
+    scorers = ", ".join(s.name for s in chain.scorers) + (f" (skipped: {skipped})" if skipped else "")
+    if not rethreshold:
+        with store.reader() as con:
+            (n,) = con.execute(f"SELECT count(*) FROM ({work_sql(chain, full_scoring)})").fetchone()
+        shards = -(-n // cfg.filters.shard_size)
+        console.print(f"dry run, filter: {n} rewrites to score in {shards} shards; scorers {scorers}", highlight=False)
+        return
+    with store.reader() as con:
+        change = preview(con, chain)
+    if not change["decided"]:
+        console.print("dry run, rethreshold: no rewrite has been filtered yet; run `polite filter` first")
+        return
+    delta = change["kept_new"] - change["kept_now"]
+    console.print(f"dry run, rethreshold (settings {change['settings_hash']}; scorers {scorers}): of "
+                  f"{change['decided']} filtered rewrites, kept {change['kept_now']} -> {change['kept_new']} "
+                  f"({delta:+d}); nothing written", highlight=False)  # fmt: skip
+
+    def by(counts: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+
+    if change["now_kept"]:
+        console.print(f"  would drop {sum(change['now_kept'].values())} kept now, by: {by(change['now_kept'])}",
+                      highlight=False)  # fmt: skip
+    if change["now_dropped"]:
+        console.print(f"  would keep {sum(change['now_dropped'].values())} dropped now (by: "
+                      f"{by(change['now_dropped'])})", highlight=False)  # fmt: skip
+    if change["dropped_by"]:
+        console.print(f"  dropped under these thresholds, by: {by(change['dropped_by'])}", highlight=False)
+    for source, (now, new) in sorted(change["by_source"].items()):
+        console.print(f"  {source}: kept {now} -> {new}", highlight=False)
