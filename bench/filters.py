@@ -149,7 +149,7 @@ def bench_rethreshold(n: int, root: Path, repeat: int = 5) -> dict[str, float]:
     import pyarrow as pa
 
     from filters.chain import build_chain
-    from filters.sql import rethreshold
+    from filters.sql import preview, rethreshold
     from filters.tiny import make_tiny_scorer_models
     from lineage.store import LineageStore
 
@@ -252,12 +252,24 @@ def bench_rethreshold(n: int, root: Path, repeat: int = 5) -> dict[str, float]:
         f"(min {min(times):.3f}s, max {max(times):.3f}s) = {per_100k:.3f}s per 100k  ({kept_new:,} kept)",
         flush=True,
     )
+    # the dry run (`polite filter --rethreshold --dry-run`): the same decisions, compared with the latest ones
+    # (the last run's), on a read-only connection; the first thresholds again, so something changes
+    previews = []
+    for _ in range(repeat):
+        with store.reader() as con:
+            started = time.perf_counter()
+            change = preview(con, chain if repeat % 2 else new)
+            previews.append(time.perf_counter() - started)
+    preview_s = sorted(previews)[len(previews) // 2]
+    print(f"rethreshold --dry-run {n:,} rewrites: median {preview_s:.3f}s of {repeat} "
+          f"(kept {change['kept_now']:,} -> {change['kept_new']:,})", flush=True)  # fmt: skip
     return {
         "rewrites": n,
         "seconds": round(seconds, 4),
         "seconds_all": [round(t, 4) for t in times],
         "seconds_per_100k": round(per_100k, 4),
         "kept": kept_new,
+        "dry_run_seconds": round(preview_s, 4),
     }
 
 
