@@ -92,7 +92,7 @@ def _started(row: dict) -> str:
     return row["started_at"].strftime("%m-%d %H:%M:%S") if row["started_at"] else ""
 
 
-def _clip(text: str, width: int = 120) -> str:
+def _one_line(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -114,10 +114,9 @@ def _progress(row: dict) -> str:
     return text + ", about " + (f"{hours} h {minutes} min" if hours else f"{max(minutes, 1)} min") + " left"
 
 
-def _error(row: dict, width: int = 400) -> str:
-    """Why a run failed or stopped, on one line: the full text is in SQL (``runs.error``)."""
-    text = " ".join(str(row.get("error") or "").split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _error(row: dict) -> str:
+    """``error: ...``, why a run failed or stopped, on one line (the full text is in SQL: ``runs.error``)."""
+    return f"error: {_one_line(row['error'], 400)}" if row.get("error") else ""
 
 
 def runs_as_lines(rows: list[dict], width: int) -> list[str]:
@@ -128,7 +127,7 @@ def runs_as_lines(rows: list[dict], width: int) -> list[str]:
     lines = []
     for row in rows:
         lines.append(f"{row['run_id']}  {row['flow']:<15} {row['status']:<11} {_started(row)}  {_seconds(row)}")
-        for text in (_progress(row), compact_summary(row["summary"], width=400), _error(row) and f"error: {_error(row)}"):
+        for text in (_progress(row), compact_summary(row["summary"], width=400), _error(row)):
             if text:
                 lines.extend(textwrap.wrap(text, width=width, initial_indent="    ", subsequent_indent="    "))
     return lines
@@ -235,7 +234,7 @@ def register(app: typer.Typer) -> None:
             console.print_json(json.dumps(report, default=str))
             return
         for arrow, side in (("   ", report["a"]), ("-> ", report["b"])):
-            when = side["created_at"].strftime("%Y-%m-%d %H:%M UTC")
+            when = side["created_at"].strftime("%Y-%m-%d %H:%M UTC") if side["created_at"] else "time unknown"
             console.print(f"{arrow}{side['ref']} ({', '.join(side['formats'])}: {side['n_items']} items, {when})",
                           highlight=False)  # fmt: skip
         counts = report["counts"]
@@ -252,7 +251,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"removed, why (the lineage now): {why}", highlight=False)
         marks = {"added": "+", "removed": "-", "rewritten": "~"}
         for ex in report["examples"]:
-            texts = [repr(_clip(t)) for t in (ex["output_a"], ex["output_b"]) if t is not None]
+            texts = [repr(_one_line(t, 120)) for t in (ex["output_a"], ex["output_b"]) if t is not None]
             console.print(f"{marks[ex['change']]} {ex['sample_id']} {ex['source']}: {' -> '.join(texts)}",
                           highlight=False, markup=False, soft_wrap=True)  # fmt: skip
 
@@ -280,8 +279,7 @@ def register(app: typer.Typer) -> None:
                            ("s", {"justify": "right"}), ("summary", {"overflow": "fold"})):  # fmt: skip
             table.add_column(name, **opts)
         for row in rows:
-            outcome = "\n".join(t for t in (_progress(row), compact_summary(row["summary"]),
-                                             _error(row) and f"error: {_error(row)}") if t)  # fmt: skip
+            outcome = "\n".join(t for t in (_progress(row), compact_summary(row["summary"]), _error(row)) if t)
             table.add_row(row["run_id"], row["flow"], row["status"], _started(row),
                           "-" if row["seconds"] is None else str(row["seconds"]), outcome)  # fmt: skip
         console.print(table)
