@@ -16,21 +16,25 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     torch.set_num_threads(1)
     out = tmp_path / "rewrite.json"
     bench_script("gpu_rewrite").main(["--tiny", "--device", "cpu", "--no-levers", "--profile-steps", "2", "--seed-samples", "1",
-                   "--attention", "sdpa:64,sdpa:64:unfused,sdpa:64:compiled,flex:32", "--attention-batch", "8",
-                   "--out", str(out)])  # fmt: skip
+                   "--attention", "sdpa:64:unfused,sdpa:64:compiled,flex:32", "--attention-batch", "8",
+                   "--also-batch", "24", "--out", str(out)])  # fmt: skip
     data = json.loads(out.read_text())
     assert "errors" not in data, data.get("errors")
     paths = [r["path"] for r in data["runs"]]
     assert paths[0].startswith("seed") and "naive HF greedy" in paths
     variants = [r for r in data["runs"] if r["path"].startswith("decode attention")]
-    assert [r["path"] for r in variants] == [
-        "decode attention sdpa, kv_block 64",
+    assert [r["path"] for r in variants if r["batch"] == 8] == [
         "decode attention sdpa, kv_block 64, unfused projections",
         "decode attention sdpa, kv_block 64, compiled layers",
         "decode attention flex, kv_block 32",
     ]
+    at_24 = [r for r in variants if r["batch"] == 24]
+    variants = [r for r in variants if r["batch"] == 8]
+    assert [r["batch"] for r in data["runs"] if r["path"].startswith("ours (")] == [4, 16, 24]  # 24: the grown one
+    # the fastest variant runs at the grown batch too (none of these is the decoder that batch already ran with)
+    assert [r["path"] for r in at_24] == [max(variants, key=lambda r: r["tokens_per_s"])["path"]]
     assert all(r["compile_error"] is None for r in variants)
-    assert all(r["tokens_per_s"] > 0 and r["batch"] == 8 for r in variants)
+    assert all(r["tokens_per_s"] > 0 for r in variants)
     scheduling = [r for r in data["runs"] if r["path"].startswith("scheduling")]
     assert [r["path"] for r in scheduling] == ["scheduling: static batches, no shrinking, sdpa",
                                                "scheduling: static batches, sdpa",
