@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lineage.store import LineageStore
+from lineage.store import LineageLockedError, LineageStore
 from polite.errors import UserError
 from polite.workspace import Workspace
 
@@ -116,12 +116,16 @@ class StageRun:
         if now - self._progress_written < PROGRESS_EVERY_S:
             return
         self._progress_written = now
-        with self.store.writer() as con:
-            con.execute("UPDATE runs SET summary = ? WHERE run_id = ?",
-                        [_summary_json(self.workspace, self.summary), self.run_id])  # fmt: skip
+        try:  # a short wait: a reader holding the file (up to 60 s) must not stall the shards behind a progress note
+            with self.store.writer(timeout_s=PROGRESS_WAIT_S) as con:
+                con.execute("UPDATE runs SET summary = ? WHERE run_id = ?",
+                            [_summary_json(self.workspace, self.summary), self.run_id])  # fmt: skip
+        except LineageLockedError as exc:  # a progress note never fails the run: the next one catches up
+            logger().warning("progress not recorded this time: %s", exc)
 
 
 PROGRESS_EVERY_S = 10.0
+PROGRESS_WAIT_S = 5.0
 
 
 def _summary_json(ws: Workspace, summary: dict[str, Any]) -> str:

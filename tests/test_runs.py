@@ -177,3 +177,30 @@ def test_polite_runs_shows_a_running_run_s_shards_and_the_time_left(workspace):
     for columns in ("80", "200"):
         out = CliRunner().invoke(app, ["runs", "-w", workspace.root], env={"COLUMNS": columns})
         assert out.exit_code == 0 and "10/60 shards, about 2 h 30 min left" in out.output, out.output
+
+
+def test_a_progress_note_that_cannot_get_the_file_is_skipped_not_fatal(workspace, monkeypatch):
+    """Another process holding the database (a long `polite sql`) delays a progress note by PROGRESS_WAIT_S at
+    most, and the run goes on; the next note, or the run's end, records the counts."""
+    import json as _json
+
+    import flows.common
+    from flows.common import stage_run
+
+    monkeypatch.setattr(flows.common, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(flows.common, "PROGRESS_WAIT_S", 0.3)
+    with stage_run("filter", {}, workspace) as run:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import duckdb, sys, time; con = duckdb.connect(sys.argv[1]); "
+             "print('held', flush=True); time.sleep(300)", str(workspace.db_path)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            run.progress(1, 4)  # waits 0.3 s, then gives up
+        finally:
+            holder.kill()
+            holder.wait(timeout=30)
+        assert _json.loads(_runs(workspace)[run.run_id]["summary"] or "{}") == {}  # that note was skipped
+        run.progress(2, 4)
+        assert _json.loads(_runs(workspace)[run.run_id]["summary"]) == {"shards_done": 2, "shards_total": 4}
