@@ -22,12 +22,13 @@ from filters.models import available_locally, is_local_path
 from filters.nli import NLIScorer
 from filters.reward import RawRewardScorer, RewardScorer
 from filters.semantic import SemanticScorer, semantic_model_ref
-from filters.text import LengthScorer, RepetitionScorer, TruncatedScorer, UnchangedScorer
+from filters.text import LengthScorer, RepetitionScorer, RougeScorer, TruncatedScorer, UnchangedScorer
 from polite.config.filters import FilterSettings
 from polite.errors import UserError
 from polite.ids import settings_hash as hash_settings
 
 CHAIN_ORDER = (
+    "rouge",  # first: it drops nothing by default, so every rewrite gets one (PF-1M's rouge_score)
     "length",
     "unchanged",
     "repetition",
@@ -40,6 +41,7 @@ CHAIN_ORDER = (
     "reward_raw",
 )
 SCORER_CLASSES: dict[str, type[Scorer]] = {
+    "rouge": RougeScorer,
     "length": LengthScorer,
     "unchanged": UnchangedScorer,
     "repetition": RepetitionScorer,

@@ -1,4 +1,4 @@
-"""The cheap scorers: length, unchanged, repetition, truncated. Pure Python, no model, run first."""
+"""The cheap scorers: rouge, length, unchanged, repetition, truncated. Pure Python, no model, run first."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from difflib import SequenceMatcher
 from typing import Any
 
-from filters.base import ScoreInput, Scorer, fmt, sql_num
+from filters.base import ScoreInput, Scorer, fmt, require, sql_num
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _WORD = re.compile(r"\w+")
@@ -99,6 +99,58 @@ class LengthScorer(Scorer):
             f"WHEN {chars} < {s.min_chars} THEN 'length ' || {chars} || ' chars < {s.min_chars}' "
             f"WHEN {chars} > {s.max_chars} THEN 'length ' || {chars} || ' chars > {s.max_chars}' "
             f"ELSE 'length ok' END"
+        )
+
+
+class RougeScorer(Scorer):
+    """score = Rouge-L F-measure (0..1, longest common subsequence of words) of the rewrite against the raw
+    annotation, by Google's ``rouge-score`` (the implementation summarisation papers report). PF-1M publishes it
+    as ``rouge_score``; here it is stored for every rewrite scored and decides only with ``min_score``."""
+
+    name = "rouge"
+
+    def __init__(self, settings: Any = None, runtime: Any = None):
+        super().__init__(settings, runtime)
+        self._rouge = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"use_stemmer": self.settings.use_stemmer}
+
+    def thresholds(self) -> dict[str, Any]:
+        return {"min_score": self.settings.min_score}
+
+    def threshold_value(self) -> float | None:
+        return self.settings.min_score
+
+    def measure(self, items: Sequence[ScoreInput]) -> list[tuple[float | None, dict[str, Any]]]:
+        if self._rouge is None:
+            module = require("rouge_score.rouge_scorer", "rouge-score", self.name)
+            self._rouge = module.RougeScorer(["rougeL"], use_stemmer=self.settings.use_stemmer)
+        out = []
+        for item in items:
+            rouge_l = self._rouge.score(item.raw_response or "", item.rewrite or "")["rougeL"]
+            out.append((round(rouge_l.fmeasure, 6), {"precision": round(rouge_l.precision, 6),
+                                                     "recall": round(rouge_l.recall, 6)}))  # fmt: skip
+        return out
+
+    def passes(self, score, details) -> bool:
+        minimum = self.settings.min_score
+        return score is not None and (minimum is None or score >= minimum)
+
+    def reason(self, score, details) -> str:
+        if score is None:
+            return super().reason(score, details)
+        return f"rouge {fmt(score)} < {fmt(self.settings.min_score)}"
+
+    def passes_sql(self, score: str, details: str) -> str:
+        minimum = self.settings.min_score
+        floor = "" if minimum is None else f" AND {score} >= {sql_num(float(minimum))}"
+        return f"({score} IS NOT NULL{floor})"
+
+    def reason_sql(self, score: str, details: str) -> str:
+        return (
+            f"CASE WHEN {score} IS NULL THEN {super().reason_sql(score, details)} "
+            f"ELSE 'rouge ' || printf('%.2f', {score}) || ' < {fmt(self.settings.min_score)}' END"
         )
 
 

@@ -39,14 +39,12 @@ image_paths AS (
     GROUP BY u.sample_id
 ),
 extra AS (
-    SELECT rewrite_id,
-        arg_max(score, created_at) FILTER (WHERE scorer IN ('rouge', 'rouge_l')) AS rouge,  -- the newest version's
-        arg_max(details, created_at) FILTER (WHERE scorer = 'clipscore') AS clip_details
+    SELECT rewrite_id, arg_max(details, created_at) FILTER (WHERE scorer = 'clipscore') AS clip_details
     FROM scores WHERE rewrite_id IN (SELECT rewrite_id FROM picked) GROUP BY rewrite_id
 )
 SELECT p.sample_id, p.rewrite_id, p.model_id, p.source, p.split, p.task_type, p.instruction, p.raw_response,
     coalesce(p.final_output, p.rewrite) AS output, p.rewrite,
-    p.reward, p.raw_reward, p.semantic, p.nli, p.clipscore, e.rouge, e.clip_details,
+    p.reward, p.raw_reward, p.semantic, p.nli, p.clipscore, p.rouge, e.clip_details,
     coalesce(ip.image_paths, []::VARCHAR[]) AS image_paths
 FROM picked p
 LEFT JOIN image_paths ip USING (sample_id)

@@ -38,7 +38,8 @@ SELECT sc.rewrite_id,
     arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'unchanged')  AS unchanged,
     arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'repetition') AS repetition,
     arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'truncated')  AS truncated,
-    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'answer')     AS answer
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'answer')     AS answer,
+    arg_max_null(sc.score, sc._rank) FILTER (WHERE sc.scorer = 'rouge')      AS rouge
 FROM (
     -- one integer to rank by (a struct was slower): read by the latest decision first, then the newest
     SELECT s.rewrite_id, s.scorer, s.score,
@@ -73,7 +74,7 @@ SELECT
     r.run_id        AS rewrite_run_id,
     sc.reward, sc.raw_reward, sc.semantic, sc.nli, sc.clipscore,
     sc.length AS length_score, sc.unchanged AS unchanged_score, sc.repetition AS repetition_score,
-    sc.truncated AS truncated_score, sc.answer AS answer_score,
+    sc.truncated AS truncated_score, sc.answer AS answer_score, sc.rouge,
     d.kept,
     d.reason        AS decision_reason,
     CASE WHEN d.rewrite_id IS NOT NULL THEN coalesce(d.final_output, r.output) END AS final_output,  -- NULL stored: uncut

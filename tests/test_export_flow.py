@@ -131,6 +131,8 @@ def populate(ws, rewards: bool = True) -> LineageStore:
             score(rid, "nli", 0.9 if rid != "r_s_gqa_1_1" else 0.1, rid != "r_s_gqa_1_1")
         if rid == "r_s_coco_0_1":
             score(rid, "clipscore", 21.0, True, {"paragraph_scores": [21.0, 12.5]})
+        if rid == "r_s_coco_1_1":
+            score(rid, "rouge", 0.42, True)
         if rewards:
             score(rid, "reward", 1.0, None)
             score(rid, "reward_raw", -2.0, None)
@@ -187,7 +189,7 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
     assert first["paragraph_clip_scores"] == [21.0, 12.5]
     assert first["filtered_paragraphs"] == ["A second paragraph about nothing in the image."]
     assert first["output"] == "The image shows a dog on a couch, seen clearly."  # the decision's final output
-    assert coco[1]["paragraph_clip_scores"] is None
+    assert coco[1]["paragraph_clip_scores"] is None and coco[1]["rouge_score"] == 0.42  # the rouge scorer's
     assert gqa[1]["output"] == "The colour is red."  # the retried attempt, not the failed one
     assert gqa[0]["nli_similarity"] == 0.9 and gqa[0]["sts_similarity"] is None
     for rec in coco + gqa:  # every referenced image is in the export folder

@@ -274,7 +274,7 @@ def test_a_missing_rewriter_stops_polite_run_before_any_stage(tmp_path, monkeypa
             "filters.nli is enabled but model /models/absent-nli is not available locally",
         ),
         (
-            ["run", *[f"--set=filters.{name}.enabled=false" for name in ("length", "unchanged", "repetition",
+            ["run", *[f"--set=filters.{name}.enabled=false" for name in ("rouge", "length", "unchanged", "repetition",
              "truncated", "answer", "semantic", "nli", "clipscore", "reward")]],  # fmt: skip
             "every scorer is disabled",
         ),

@@ -235,6 +235,7 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
     h = summary["settings_hash"]
     names = {r["scorer"] for r in store.query("SELECT DISTINCT scorer FROM scores").to_pylist()}
     assert names == {
+        "rouge",
         "length",
         "unchanged",
         "repetition",

@@ -206,7 +206,7 @@ def test_clipscore_per_paragraph_removal_and_bad_image_isolation(tiny):
 
 def test_chain_skips_missing_models_when_auto_and_fails_when_explicit(tmp_path):
     chain = build_chain(FilterSettings())
-    assert chain.names == ["length", "unchanged", "repetition", "truncated", "answer", "semantic"]
+    assert chain.names == ["rouge", "length", "unchanged", "repetition", "truncated", "answer", "semantic"]
     skipped = {s["scorer"]: s for s in chain.skipped}
     assert set(skipped) == {"nli", "clipscore", "reward"}
     assert skipped["nli"]["enable_with"].startswith("filters.nli.model:")
@@ -222,6 +222,7 @@ def test_chain_enables_local_models_and_orders_them(tiny):
     }
     chain = build_chain(cfg)
     assert chain.names == [
+        "rouge",
         "length",
         "unchanged",
         "repetition",

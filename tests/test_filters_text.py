@@ -153,3 +153,22 @@ def test_scorer_task_type_sets_match_the_sample_record():
     from polite import record
 
     assert base._CAPTION_TYPES == record.CAPTION_TYPES and base._QA_TYPES == record.QA_TYPES
+
+
+def test_rouge_is_the_rouge_l_f_measure_against_the_raw_annotation_and_drops_only_below_its_minimum():
+    """'a dog on a sofa' vs 'A dog is on the sofa.': the longest common word subsequence is 'a dog on sofa'
+    (4 words): precision 4/6, recall 4/5, F 0.727273."""
+    from filters.text import RougeScorer
+    from polite.config.filters import RougeSettings
+
+    item = ScoreInput(rewrite_id="r", rewrite="A dog is on the sofa.", raw_response="a dog on a sofa")
+    ((score, details),) = RougeScorer(RougeSettings()).measure([item])
+    assert score == 0.727273 and details == {"precision": 0.666667, "recall": 0.8}
+    assert RougeScorer(RougeSettings()).passes(score, details)  # no minimum: informational
+    strict = RougeScorer(RougeSettings(min_score=0.8))
+    assert not strict.passes(score, details) and strict.reason(score, details) == "rouge 0.73 < 0.80"
+    # stemming changes the score ("dogs" meets "dog"), so it is part of the version; the minimum is not
+    plural = ScoreInput(rewrite_id="r", rewrite="Two dogs sleep.", raw_response="two dog")
+    assert RougeScorer(RougeSettings()).measure([plural])[0][0] == 0.8
+    assert RougeScorer(RougeSettings(use_stemmer=False)).measure([plural])[0][0] == 0.4
+    assert RougeScorer(RougeSettings()).version == strict.version != RougeScorer(RougeSettings(use_stemmer=False)).version

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
     ) -> None:
-        """Score the latest rewrites (length, unchanged, repetition, truncated, answer, semantic, nli, clipscore, reward)
+        """Score the latest rewrites (rouge, length, unchanged, repetition, truncated, answer, semantic, nli, clipscore, reward)
         and decide which to keep. Resumable: decided rewrites and stored scores are never redone.
 
         Example: polite filter --rethreshold --set semantic.threshold=0.5 --set clipscore.threshold=20 --dry-run

@@ -22,6 +22,14 @@ class _Scorer(BaseModel):
     enabled: Enabled = True
 
 
+class RougeSettings(_Scorer):
+    """Rouge-L F-measure of the rewrite against its raw annotation: PF-1M's ``rouge_score``, for analysis and
+    export. It drops nothing unless ``min_score`` is set."""
+
+    use_stemmer: bool = True  # Porter stemming of both texts (rouge-score's option): changes the score
+    min_score: float | None = Field(None, ge=0.0, le=1.0)
+
+
 class LengthSettings(_Scorer):
     """Whitespace/punctuation tokens and characters, both ends (see docs/filters.md for the reasoning)."""
 
@@ -107,6 +115,7 @@ class FilterSettings(BaseModel):
     device: DeviceOrAuto = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU and on CPUs with native bf16, else fp32
     allow_download: bool = False  # let hub model ids download (never in tests or the offline demo)
+    rouge: RougeSettings = Field(default_factory=RougeSettings)
     length: LengthSettings = Field(default_factory=LengthSettings)
     unchanged: UnchangedSettings = Field(default_factory=UnchangedSettings)
     repetition: RepetitionSettings = Field(default_factory=RepetitionSettings)
