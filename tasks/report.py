@@ -18,19 +18,16 @@ from lineage.store import LineageStore
 from polite.shards import write_bytes_atomic
 from polite.workspace import Workspace
 
-INFO_SCORERS = ("reward_raw", "rouge", "rouge_l")  # recorded for reference, never a gate
+INFO_SCORERS = ("reward_raw", "rouge", "rouge_l")  # recorded for reference; a gate only when set as one
 
 
 def funnel(store: LineageStore) -> list[dict[str, Any]]:
     """Counts left after each step: samples, rewritten, each filter in chain order, kept, exported."""
     with store.reader() as con:
-        scorers = [
-            r[0]
-            for r in con.execute(
-                "SELECT scorer FROM scores UNION SELECT dropped_by FROM lineage WHERE dropped_by IS NOT NULL"
-            ).fetchall()
-        ]
-        scorers = [s for s in scorers if s not in INFO_SCORERS]
+        scored = {r[0] for r in con.execute("SELECT DISTINCT scorer FROM scores").fetchall()}
+        dropping = {r[0] for r in con.execute("SELECT DISTINCT dropped_by FROM lineage WHERE dropped_by IS NOT NULL").fetchall()}
+        # a scorer recorded for reference is a step only where it dropped something (rouge with a min_score)
+        scorers = sorted(dropping | {s for s in scored if s not in INFO_SCORERS})
         scorers.sort(key=lambda s: (CHAIN_ORDER.index(s) if s in CHAIN_ORDER else len(CHAIN_ORDER), s))
         n_samples, n_ok, n_rewritten, n_decided, n_kept, n_exported = con.execute(
             "SELECT count(*), count(*) FILTER (WHERE sample_status = 'ok'), "

@@ -279,6 +279,13 @@ def test_report_funnel_follows_the_latest_decisions_after_a_rethreshold(workspac
     assert steps["passed unchanged"]["note"] == "-1"  # legacy decision without dropped_by: from the scores
     assert steps["passed semantic"]["note"] == "-1" and steps["passed nli"]["note"] == "-0"
     assert steps["passed nli"]["count"] == steps["kept"]["count"] == 5
+    assert "passed rouge" not in steps  # scored (coco_1), but a reference figure while it drops nothing
+    with store.writer() as con:  # rouge with a min_score drops gqa_0
+        con.execute("UPDATE decisions SET kept = false, reason = 'dropped: rouge 0.10 < 0.20', dropped_by = 'rouge' "
+                    "WHERE rewrite_id = 'r_s_gqa_0_1'")  # fmt: skip
+    steps = {s["step"]: s for s in funnel(store)}
+    assert list(steps)[3] == "passed rouge" and steps["passed rouge"]["note"] == "-1"  # first in the chain
+    assert steps["passed nli"]["count"] == steps["kept"]["count"] == 4
 
 
 def test_exporting_twice_gives_the_same_export_and_files(workspace, prefect_harness):
