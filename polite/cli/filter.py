@@ -64,8 +64,9 @@ def register(app: typer.Typer) -> None:
             ),
         ] = False,
     ) -> None:
-        """Score the latest rewrites (rouge, length, unchanged, repetition, truncated, answer, semantic, nli, clipscore, reward)
-        and decide which to keep. Resumable: decided rewrites and stored scores are never redone.
+        """Score the latest rewrites and decide which to keep; resumable (decided rewrites and stored scores stay).
+
+        Scorers in order: rouge, length, unchanged, repetition, truncated, answer, semantic, nli, clipscore, reward.
 
         Example: polite filter --rethreshold --set semantic.threshold=0.5 --set clipscore.threshold=20 --dry-run
         """
