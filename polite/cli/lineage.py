@@ -261,7 +261,7 @@ def register(app: typer.Typer) -> None:
         workspace: WorkspaceOpt = None,
         limit: Annotated[int, typer.Option(help="How many recent runs.")] = 20,
     ) -> None:
-        """Recent flow runs with their status, duration and counts.
+        """Recent flow runs: status, duration, counts, progress of running ones, why one failed.
 
         Example: polite runs --limit 5
         """
