@@ -85,24 +85,34 @@ SELECT r.run_id, r.flow, r.status, r.started_at, r.finished_at,
        round(epoch(coalesce(r.finished_at, CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)) - r.started_at), 1)
            AS seconds,
        r.code_version, r.summary, {outcome}
-FROM runs r ORDER BY r.started_at DESC LIMIT $limit
+FROM runs r WHERE ($flow IS NULL OR r.flow = $flow) AND ($stored IS NULL OR list_contains($stored, r.status))
+ORDER BY r.started_at DESC LIMIT $fetch
 """
+RUN_STATUSES = ("running", "completed", "failed", "interrupted")
 
 
-def recent_runs(store: LineageStore, limit: int = 20) -> list[dict[str, Any]]:
-    """The latest runs. One still marked running whose process is gone reads as interrupted at once (the next
-    run on its host records it so, flows/common.py), with no duration: when it stopped is not known."""
+def recent_runs(
+    store: LineageStore, limit: int = 20, flow: str | None = None, status: str | None = None
+) -> list[dict[str, Any]]:
+    """The latest runs, of one ``flow`` and in one ``status`` if given. One still marked running whose process is
+    gone reads as interrupted at once (the next run on its host records it so, flows/common.py), with no
+    duration: when it stopped is not known."""
+    if status is not None and status not in RUN_STATUSES:
+        raise ValueError(f"unknown run status {status!r}; one of {', '.join(RUN_STATUSES)}")
+    # a row stored as running may read as interrupted: those two are fetched together and told apart below
+    stored = None if status is None else ["running", "interrupted"] if status in ("running", "interrupted") else [status]
     with store.reader() as con:
         # a reader cannot migrate: on a database older than these columns (011) they read as NULL
         have = {row[0] for row in con.execute("DESCRIBE runs").fetchall()}
         outcome = ", ".join(f"r.{c}" if c in have else f"NULL AS {c}" for c in ("error", "host", "pid"))
         sql = RECENT_RUNS_SQL.format(outcome=outcome)
-        rows = [_decode(r) for r in con.sql(sql, params={"limit": limit}).to_arrow_table().to_pylist()]
+        params = {"flow": flow, "stored": stored, "fetch": limit if stored is None else 1 << 31}
+        rows = [_decode(r) for r in con.sql(sql, params=params).to_arrow_table().to_pylist()]
     for row in rows:
         if row["status"] == "running" and has_ended(row["host"], row["pid"]):
             row.update(status="interrupted", seconds=None, error=row["error"] or INTERRUPTED)
         row["left_s"] = _time_left(row)
-    return rows
+    return [r for r in rows if status is None or r["status"] == status][:limit]
 
 
 def _time_left(row: dict[str, Any]) -> float | None:

@@ -204,3 +204,35 @@ def test_a_progress_note_that_cannot_get_the_file_is_skipped_not_fatal(workspace
         assert _json.loads(_runs(workspace)[run.run_id]["summary"] or "{}") == {}  # that note was skipped
         run.progress(2, 4)
         assert _json.loads(_runs(workspace)[run.run_id]["summary"]) == {"shards_done": 2, "shards_total": 4}
+
+
+def test_runs_filter_by_flow_and_status_an_interrupted_one_included(workspace):
+    from datetime import timedelta
+
+    from typer.testing import CliRunner
+
+    from flows.common import utcnow
+    from lineage.queries import recent_runs
+    from polite.cli import app
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, here = int(gone.stdout), os.uname().nodename
+    store = LineageStore(workspace.db_path)
+    store.migrate()
+    t = utcnow() - timedelta(hours=1)
+    rows = [("run_a", "rewrite", "completed", None), ("run_b", "rewrite", "failed", None),
+            ("run_c", "filter", "failed", None), ("run_d", "rewrite", "running", dead_pid),
+            ("run_e", "rewrite", "running", os.getpid())]  # fmt: skip
+    with store.writer() as con:
+        con.executemany("INSERT INTO runs (run_id, flow, status, started_at, host, pid) VALUES (?, ?, ?, ?, ?, ?)",
+                        [(r, f, s, t + timedelta(minutes=k), here, pid) for k, (r, f, s, pid) in enumerate(rows)])  # fmt: skip
+    ids = lambda **kw: [r["run_id"] for r in recent_runs(store, **kw)]  # noqa: E731
+    assert ids(status="failed") == ["run_c", "run_b"]
+    assert ids(status="failed", flow="rewrite") == ["run_b"] and ids(flow="filter") == ["run_c"]
+    assert ids(status="interrupted") == ["run_d"] and ids(status="running") == ["run_e"]
+    assert ids(flow="rewrite", limit=2) == ["run_e", "run_d"] and ids(status="failed", limit=1) == ["run_c"]
+    with pytest.raises(ValueError, match="unknown run status 'done'; one of running, completed, failed, interrupted"):
+        recent_runs(store, status="done")
+    out = CliRunner().invoke(app, ["runs", "-w", workspace.root, "--flow", "rewrite", "--status", "interrupted"],
+                             env={"COLUMNS": "80"})  # fmt: skip
+    assert out.exit_code == 0 and "run_d" in out.output and "run_e" not in out.output, out.output

@@ -260,14 +260,18 @@ def register(app: typer.Typer) -> None:
     def runs(
         workspace: WorkspaceOpt = None,
         limit: Annotated[int, typer.Option(help="How many recent runs.")] = 20,
+        flow: Annotated[str | None, typer.Option(help="Only runs of this flow (rewrite, filter, factory, ...).")] = None,
+        status: Annotated[
+            str | None, typer.Option(help="Only runs in this status: running, completed, failed or interrupted.")
+        ] = None,
     ) -> None:
         """Recent flow runs: status, duration, counts, progress of running ones, why one failed.
 
-        Example: polite runs --limit 5
+        Examples: polite runs --limit 5 | polite runs --flow rewrite --status failed
         """
         from lineage.queries import recent_runs
 
-        rows = recent_runs(_store(workspace), limit)
+        rows = recent_runs(_store(workspace), limit, flow=flow, status=status)
         title = "recent runs (full rows: polite sql \"SELECT * FROM runs\")"
         if console.width < RUNS_TABLE_WIDTH:
             console.print(title, highlight=False)
