@@ -2,8 +2,8 @@
 
 Builds N samples over 12 sources with one ok rewrite each, a second rewrite for 5% of them, 10 scores per
 rewrite and a decision per rewrite; export A publishes the 85% kept at first (two formats, as an export run
-writes them), export B the kept after 5% were rewritten, 3% dropped and 4% newly kept and N/20 samples were
-ingested. Times `lineage.queries.export_diff` (the macro `export_diff` of views.sql and the report on it),
+writes them), export B the kept after 5% were rewritten, 3% dropped, 4% newly kept, 1% re-decided with a
+paragraph cut and N/20 samples were ingested. Times `lineage.queries.export_diff` (the macro `export_diff` of views.sql and the report on it),
 median of the rounds, and checks its counts against the ones built.
 
     .venv/bin/python bench/export_diff.py              # 1M samples
@@ -56,6 +56,10 @@ def fill(store, n: int) -> dict[str, int]:
         con.execute("INSERT INTO decisions (decision_id, rewrite_id, kept, reason, decided_at) SELECT 'd3_' || r.rewrite_id, "
                     "r.rewrite_id, true, 'kept', TIMESTAMP '2026-11-06' FROM rewrites r WHERE r.attempt = 2 "
                     "OR r.sample_id IN (SELECT 's_' || i FROM range($n, $all) t(i))", params)  # fmt: skip
+        # 1% of what A published (k = 50) re-decided later with a paragraph cut: the same rewrite, another text
+        con.execute("INSERT INTO decisions (decision_id, rewrite_id, kept, reason, final_output, decided_at) "
+                    "SELECT 'd4_' || i, 'r_' || i, true, 'kept', 'The answer.', TIMESTAMP '2026-11-07' "
+                    "FROM range($n) t(i) WHERE i % 100 = 50", {"n": n})  # fmt: skip
         for run, at in (("run_a", "2026-11-03"), ("run_b", "2026-11-20")):
             for fmt in ("pf1m", "llava"):
                 con.execute("INSERT INTO exports (export_id, format, path, run_id, created_at) VALUES (?, ?, 'e', ?, ?)",
@@ -68,9 +72,10 @@ def fill(store, n: int) -> dict[str, int]:
     # newly kept; rewritten, every second rewrite (all of them in A: k < 85)
     ks = range(100)
     per_100 = {"removed": sum(k < 3 and k % 20 != 1 for k in ks), "added": sum(85 <= k < 89 for k in ks),
-               "rewritten": sum(k % 20 == 1 for k in ks)}  # fmt: skip
+               "rewritten": sum(k % 20 == 1 for k in ks), "recut": 1}  # fmt: skip
     return {"added": per_100["added"] * (n // 100) + new, "removed": per_100["removed"] * (n // 100),
-            "rewritten": per_100["rewritten"] * (n // 100), "new_samples": new}  # fmt: skip
+            "rewritten": per_100["rewritten"] * (n // 100), "recut": per_100["recut"] * (n // 100),
+            "new_samples": new}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -92,9 +97,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
         report = export_diff(store, "run_a", "run_b")
         times.append(time.perf_counter() - t0)
-    counts = {**{k: report["counts"][k] for k in ("added", "removed", "rewritten")}, "new_samples": report["new_samples"]}
+    counts = {**{k: report["counts"][k] for k in ("added", "removed", "rewritten", "recut")},
+              "new_samples": report["new_samples"]}
     assert counts == expected, (counts, expected)
-    items = report["counts"]["same"] + report["counts"]["removed"] + report["counts"]["rewritten"]
+    items = sum(report["counts"][c] for c in ("same", "recut", "removed", "rewritten"))
     print(f"export A {items:,} items, B {items - report['counts']['removed'] + report['counts']['added']:,}: {counts}")
     print(f"export_diff  median {statistics.median(times):.2f} s  (rounds: {', '.join(f'{t:.2f}' for t in times)})")
     return {"export_diff_s": statistics.median(times)}

@@ -90,8 +90,10 @@ LEFT JOIN latest_exports x ON x.sample_id = s.sample_id AND x.rewrite_id = r.rew
 
 -- What changed between two published datasets: one row per sample in either. a, b: an export id, or the run id
 -- of an export run (its formats hold the same items). change: added | removed | rewritten (another rewrite of the
--- sample) | same. The *_now columns are the sample's state in the lineage now (why a removed sample is out:
--- dropped_by_now names the scorer); new_sample: ingested after a was exported.
+-- sample) | recut (the same rewrite, but the decision each export read kept other paragraphs: a CLIPScore
+-- threshold changed; final_a/final_b are those texts, NULL for the whole rewrite) | same. The *_now columns are
+-- the sample's state in the lineage now (why a removed sample is out: dropped_by_now names the scorer);
+-- new_sample: ingested after a was exported.
 -- polite sql "SELECT change, source, count(*) FROM export_diff('run_a', 'run_b') GROUP BY ALL"  (or: polite diff)
 CREATE OR REPLACE MACRO export_diff(a, b) AS TABLE
 WITH side_a AS (
@@ -100,18 +102,31 @@ WITH side_a AS (
 ), side_b AS (
     SELECT DISTINCT ei.sample_id, ei.rewrite_id FROM export_items ei JOIN exports e USING (export_id)
     WHERE e.export_id = b OR e.run_id = b
-), a_exported AS (
-    SELECT min(created_at) AS exported_at FROM exports WHERE export_id = a OR run_id = a
+), exported AS (
+    SELECT min(created_at) FILTER (WHERE export_id = a OR run_id = a) AS at_a,
+        min(created_at) FILTER (WHERE export_id = b OR run_id = b) AS at_b
+    FROM exports WHERE export_id IN (a, b) OR run_id IN (a, b)
+), pairs AS (
+    SELECT coalesce(x.sample_id, y.sample_id) AS sample_id, x.rewrite_id AS rewrite_a, y.rewrite_id AS rewrite_b
+    FROM side_a x FULL JOIN side_b y ON x.sample_id = y.sample_id
+), cut AS (  -- the text each export read for a rewrite both hold: its latest decision's then
+    SELECT d.rewrite_id,
+        arg_max_null(d.final_output, d.decided_at) FILTER (WHERE d.decided_at <= (SELECT at_a FROM exported)) AS final_a,
+        arg_max_null(d.final_output, d.decided_at) FILTER (WHERE d.decided_at <= (SELECT at_b FROM exported)) AS final_b
+    FROM decisions d
+    WHERE d.rewrite_id IN (SELECT rewrite_a FROM pairs WHERE rewrite_a = rewrite_b)
+    GROUP BY d.rewrite_id
 )
 SELECT d.sample_id, s.source, s.task_type,
     CASE WHEN d.rewrite_a IS NULL THEN 'added' WHEN d.rewrite_b IS NULL THEN 'removed'
-         WHEN d.rewrite_a = d.rewrite_b THEN 'same' ELSE 'rewritten' END AS change,
-    d.rewrite_a, d.rewrite_b,
+         WHEN d.rewrite_a <> d.rewrite_b THEN 'rewritten'
+         WHEN c.final_a IS DISTINCT FROM c.final_b THEN 'recut' ELSE 'same' END AS change,
+    d.rewrite_a, d.rewrite_b, c.final_a, c.final_b,
     -- as the lineage view has them, without its scores (a diff of 1M items: 2.2 -> 0.9 s)
     r.rewrite_id AS rewrite_now, ld.kept AS kept_now, ld.dropped_by AS dropped_by_now, ld.reason AS reason_now,
-    s.ingested_at > (SELECT exported_at FROM a_exported) AS new_sample
-FROM (SELECT coalesce(x.sample_id, y.sample_id) AS sample_id, x.rewrite_id AS rewrite_a, y.rewrite_id AS rewrite_b
-      FROM side_a x FULL JOIN side_b y ON x.sample_id = y.sample_id) d
+    s.ingested_at > (SELECT at_a FROM exported) AS new_sample
+FROM pairs d
+LEFT JOIN cut c ON c.rewrite_id = d.rewrite_a AND d.rewrite_a = d.rewrite_b
 LEFT JOIN samples s ON s.sample_id = d.sample_id
 LEFT JOIN latest_rewrites r ON r.sample_id = d.sample_id
 LEFT JOIN latest_decisions ld ON ld.rewrite_id = r.rewrite_id;

@@ -227,7 +227,7 @@ def register(app: typer.Typer) -> None:
 
         Examples: polite diff | polite diff run_0123456789abcdef | polite diff x_0123456789abcdef x_fedcba9876543210
         """
-        from lineage.queries import export_diff
+        from lineage.queries import CHANGES, export_diff
 
         report = export_diff(_store(workspace), a, b, show=show)
         if as_json:
@@ -238,18 +238,20 @@ def register(app: typer.Typer) -> None:
             console.print(f"{arrow}{side['ref']} ({', '.join(side['formats'])}: {side['n_items']} items, {when})",
                           highlight=False)  # fmt: skip
         counts = report["counts"]
+        recut = f"recut {counts['recut']} (the same rewrite, other paragraphs kept), " if counts["recut"] else ""
         console.print(f"added {counts['added']} ({report['new_samples']} new samples), removed {counts['removed']}, "
-                      f"rewritten {counts['rewritten']}, same {counts['same']}", highlight=False)  # fmt: skip
+                      f"rewritten {counts['rewritten']}, {recut}same {counts['same']}", highlight=False)  # fmt: skip
         table = Table(title="by source")
-        for name in ("source", "added", "removed", "rewritten", "same"):
+        columns = [c for c in CHANGES if c != "recut" or counts["recut"]]
+        for name in ("source", *columns):
             table.add_column(name, justify="left" if name == "source" else "right")
         for row in report["by_source"]:
-            table.add_row(*(str(row[k]) for k in ("source", "added", "removed", "rewritten", "same")))
+            table.add_row(*(str(row[k]) for k in ("source", *columns)))
         console.print(table)
         if report["removed_why"]:
             why = ", ".join(f"{r['why']} {r['n']}" for r in report["removed_why"])
             console.print(f"removed, why (the lineage now): {why}", highlight=False)
-        marks = {"added": "+", "removed": "-", "rewritten": "~"}
+        marks = {"added": "+", "removed": "-", "rewritten": "~", "recut": "%"}
         for ex in report["examples"]:
             texts = [repr(_one_line(t, 120)) for t in (ex["output_a"], ex["output_b"]) if t is not None]
             console.print(f"{marks[ex['change']]} {ex['sample_id']} {ex['source']}: {' -> '.join(texts)}",
