@@ -236,11 +236,12 @@ def register(app: typer.Typer) -> None:
         for arrow, side in (("   ", report["a"]), ("-> ", report["b"])):
             when = side["created_at"].strftime("%Y-%m-%d %H:%M UTC") if side["created_at"] else "time unknown"
             console.print(f"{arrow}{side['ref']} ({', '.join(side['formats'])}: {side['n_items']} items, {when})",
-                          highlight=False)  # fmt: skip
+                          highlight=False, soft_wrap=True)  # fmt: skip
         counts = report["counts"]
         recut = f"recut {counts['recut']} (the same rewrite, other paragraphs kept), " if counts["recut"] else ""
         console.print(f"added {counts['added']} ({report['new_samples']} new samples), removed {counts['removed']}, "
-                      f"rewritten {counts['rewritten']}, {recut}same {counts['same']}", highlight=False)  # fmt: skip
+                      f"rewritten {counts['rewritten']}, {recut}same {counts['same']}", highlight=False,
+                      soft_wrap=True)  # fmt: skip
         table = Table(title="by source")
         columns = [c for c in CHANGES if c != "recut" or counts["recut"]]
         for name in ("source", *columns):
@@ -250,7 +251,7 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         if report["removed_why"]:
             why = ", ".join(f"{r['why']} {r['n']}" for r in report["removed_why"])
-            console.print(f"removed, why (the lineage now): {why}", highlight=False)
+            console.print(f"removed, why (the lineage now): {why}", highlight=False, soft_wrap=True)
         marks = {"added": "+", "removed": "-", "rewritten": "~", "recut": "%"}
         for ex in report["examples"]:
             texts = [repr(_one_line(t, 120)) for t in (ex["output_a"], ex["output_b"]) if t is not None]
