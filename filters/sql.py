@@ -25,6 +25,8 @@ DECISION_COLUMNS = (
 )
 
 
+# what --rethreshold re-decides by default: every rewrite filtered before
+DECIDED = "r.rewrite_id IN (SELECT rewrite_id FROM decisions)"
 NOW_UTC = "CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)"
 
 
@@ -144,7 +146,7 @@ def rethreshold(con, chain: Chain, run_id: str | None = None, scope: str | None 
     settings are replaced (delete + insert: an upsert of 100k rows is ten times slower in DuckDB) with a
     fresh ``decided_at``, so thresholds that come back (A -> B -> A) become the latest decisions again.
     """
-    scope = scope or "r.rewrite_id IN (SELECT rewrite_id FROM decisions)"
+    scope = scope or DECIDED
     h = sql_str(chain.settings_hash)
     cols = ", ".join(DECISION_COLUMNS)
     con.execute("BEGIN TRANSACTION")
@@ -255,7 +257,7 @@ def preview(con, chain: Chain, scope: str | None = None) -> dict[str, Any]:
     """What ``rethreshold`` would decide, against the latest decisions, without writing: a read-only connection
     will do. Tuning thresholds this way leaves no decision rows behind (each real re-decision stores one per
     rewrite, and the latest wins)."""
-    scope = scope or "r.rewrite_id IN (SELECT rewrite_id FROM decisions)"
+    scope = scope or DECIDED
     rows = con.execute(f"""
         WITH new AS ({decide_sql(chain, scope=scope)})
         SELECT s.source, c.kept AS kept_now, c.dropped_by AS by_now, n.kept AS kept_new, n.dropped_by AS by_new,

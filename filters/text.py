@@ -108,10 +108,7 @@ class RougeScorer(Scorer):
     as ``rouge_score``; here it is stored for every rewrite scored and decides only with ``min_score``."""
 
     name = "rouge"
-
-    def __init__(self, settings: Any = None, runtime: Any = None):
-        super().__init__(settings, runtime)
-        self._rouge = None
+    _rouge: Any = None  # rouge_score's scorer, made at the first measure
 
     def identity(self) -> dict[str, Any]:
         return {"use_stemmer": self.settings.use_stemmer}

@@ -112,8 +112,8 @@ def check_models(cfg: FactoryConfig, ws: Workspace, stages: list[str], chosen: s
 
     Each stage looks for its models only when it starts: a ``--model`` naming no folder, or a config that trains
     nothing in a workspace with no rewriter yet (the nightly run's first night), would cost every stage before
-    the rewrite, and a scorer enabled without its model every stage before the filter. Raises ``ConfigError``
-    or ``FileNotFoundError``."""
+    the rewrite, and a scorer enabled without its model every stage before the filter. Raises ``ConfigError``,
+    ``ScorerUnavailableError`` or ``FileNotFoundError``."""
     if "train" in stages:  # what the train stage checks first
         if not ws.local:
             raise ConfigError(
@@ -129,12 +129,9 @@ def check_models(cfg: FactoryConfig, ws: Workspace, stages: list[str], chosen: s
         with _checking_store(ws) as store:
             model_folder(store, ws, chosen)
     if "filter" in stages:  # what the filter stage checks first
-        from filters.chain import ScorerUnavailableError, build_chain
+        from filters.chain import build_chain
 
-        try:
-            chain = build_chain(cfg.filters)
-        except ScorerUnavailableError as exc:
-            raise ConfigError(str(exc)) from None
+        chain = build_chain(cfg.filters)  # a scorer enabled without its model: ScorerUnavailableError, a UserError
         if not chain.scorers:
             raise ConfigError(
                 "every scorer is disabled: enable at least one under `filters:` (e.g. filters.length.enabled: true)"

@@ -69,16 +69,13 @@ def filter_flow(
     ``rethreshold``: re-decide every filtered rewrite from stored scores with the config's thresholds.
     ``full_scoring``: score every applicable scorer even after an earlier scorer dropped the rewrite.
     """
-    from filters.chain import ScorerUnavailableError, build_chain
+    from filters.chain import build_chain
     from filters.funnel import funnel, reward_distribution
     from filters.sql import record_settings, work_sql
     from filters.sql import rethreshold as redecide
 
     cfg = resolve_config(config)
-    try:
-        chain = build_chain(cfg.filters)
-    except ScorerUnavailableError as exc:
-        raise ConfigError(str(exc)) from None
+    chain = build_chain(cfg.filters)  # a scorer enabled without its model: ScorerUnavailableError, a UserError
     if cfg.filters.enabled and not chain.scorers:
         raise ConfigError(
             "every scorer is disabled: enable at least one under `filters:` (e.g. filters.length.enabled: true)"

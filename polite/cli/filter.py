@@ -95,16 +95,12 @@ def register(app: typer.Typer) -> None:
 def _dry_run(cfg, workspace: str | None, rethreshold: bool, full_scoring: bool) -> None:
     """Read-only: the change new thresholds would make (``filters.sql.preview``), or the rewrites a filter run
     would score now."""
-    from filters.chain import ScorerUnavailableError, build_chain
+    from filters.chain import build_chain
     from filters.sql import preview, work_sql
     from lineage.store import LineageStore
-    from polite.config import ConfigError
     from polite.workspace import Workspace
 
-    try:
-        chain = build_chain(cfg.filters)
-    except ScorerUnavailableError as exc:
-        raise ConfigError(str(exc)) from None
+    chain = build_chain(cfg.filters)
     store = LineageStore(Workspace.resolve(workspace or cfg.workspace).db_path)
     skipped = ", ".join(s["scorer"] for s in chain.skipped)
     scorers = ", ".join(s.name for s in chain.scorers) + (f" (skipped: {skipped})" if skipped else "")
