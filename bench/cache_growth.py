@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = demo_parser(__doc__)
     parser.add_argument("--preset", default="greedy", help="greedy, beam or paper (3 sampled beams)")
     parser.add_argument("--scheduling", choices=("static", "continuous"), default="static",
-                        help="continuous (greedy or beams): the ring holds prompt + cache_new_tokens, and rows that "
+                        help="continuous: the ring holds prompt + cache_new_tokens, and rows that "
                              "outlive it go on in static batches")  # fmt: skip
     parser.add_argument("--cache-new-tokens", type=int, default=64,
                         help="the growing run's first room (the ratio 224:64 is about the paper's 1024:256)")  # fmt: skip

@@ -9,6 +9,7 @@ whether both schedulings wrote the same rewrites.
     .venv/bin/polite run --workspace /tmp/demo_ws               # once: a trained tiny rewriter and 600 samples
     .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --rounds 3
     .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --preset beam --cache-new-tokens 64
+    .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --no-repeat-ngram-size 3   # single rows
     .venv/bin/python bench/rewrite_scheduling.py --workspace /tmp/demo_ws --limit 64 --rounds 1   # a quick check
 """
 
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--order", choices=("image", "sample"), default="image",
                         help="work order: the flow's (by first image, then sample id) or by sample id alone")  # fmt: skip
     parser.add_argument("--preset", default="greedy", help="greedy, beam or paper (3 sampled beams)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                        help="an override of the preset's (greedy with it picks tokens with a search, on the host)")  # fmt: skip
+    parser.add_argument("--sample", action="store_true", help="do_sample on: one sampled row per sample with "
+                        "greedy (rewrites then depend on the batch, so they differ between schedulings)")  # fmt: skip
     parser.add_argument("--token-budget", type=int, default=65536)
     parser.add_argument("--cache-new-tokens", type=int, default=None,
                         help="room for this many new tokens first (the ring's too); default: max_new_tokens")  # fmt: skip
@@ -49,11 +54,14 @@ def main(argv: list[str] | None = None) -> dict:
     demo = DemoShards(args.workspace, WORK_ORDER if args.order == "image" else "sample_id", args.shard_size, args.limit,
                       prefix="rewrite-scheduling-")  # fmt: skip
     model, first, tmp, shards = demo.model, demo.work, demo.folder, demo.shards
-    settings = resolve_generation(args.preset, {"max_new_tokens": args.max_new_tokens})
+    settings = resolve_generation(args.preset, {"max_new_tokens": args.max_new_tokens,
+                                                "no_repeat_ngram_size": args.no_repeat_ngram_size,
+                                                "do_sample": True if args.sample else None})  # fmt: skip
     base = demo.job(settings, backend="auto", token_budget=args.token_budget, max_batch_size=args.max_batch_size,
                     cache_new_tokens=args.cache_new_tokens)  # fmt: skip
     print(f"{first.num_rows} samples, model {model['model_id']}, {args.preset}, max_new_tokens "
-          f"{args.max_new_tokens}, cache_new_tokens {args.cache_new_tokens}, token_budget {args.token_budget}",
+          f"{args.max_new_tokens}, no_repeat {settings.get('no_repeat_ngram_size')}, sampled {settings['do_sample']}, "
+          f"cache_new_tokens {args.cache_new_tokens}, token_budget {args.token_budget}",
           flush=True)  # fmt: skip
     demo.warm_up()
     runs, outputs = [], {}
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "samples": first.num_rows,
         "preset": args.preset,
+        "no_repeat_ngram_size": settings.get("no_repeat_ngram_size"),
+        "do_sample": settings["do_sample"],
         "cache_new_tokens": args.cache_new_tokens,
         "token_budget": args.token_budget,
         "order": args.order,

@@ -6,7 +6,7 @@ beam continues from.
   as samples finish and its cache grows when rows outlive it. It also continues searches that left a ring
   (``resumed``): then every beam's row is its prompt plus its own tokens.
 * ``stream_search``: continuous batching. Samples join the decoder's ring cache as others finish; a sample whose
-  next key would not fit its row leaves with its search's state (``BeamState``).
+  next key would not fit its row leaves with its search's state (``BeamState``; ``RowState`` for one row).
 
 After each step a beam that continues another copies that beam's keys from the first token where their
 histories differ (``_continue_beams``).
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from models.fast_cache import Admission, DecodeOutput, Session
-from models.search import BeamSearch, BeamState, TokenSearch
+from models.search import BeamSearch, Sampler, SearchState, TokenSearch
 
 
 class SearchDecoding:
@@ -56,7 +56,7 @@ class SearchDecoding:
         if resumed is not None:
             generated = torch.as_tensor(resumed, dtype=torch.long, device=self.device).repeat_interleave(k)
             start -= generated
-            for r, g in enumerate(generated.tolist()):
+            for r, g in enumerate(generated.tolist() if history is not None else []):
                 history[r, :g] = input_ids[r, n - g :]
         elif k > 1:  # every beam starts as a copy of its sample's prefilled row
             source = torch.arange(b, device=self.device).repeat_interleave(k)
@@ -129,17 +129,18 @@ class SearchDecoding:
         history[rows, :most] = history[source, :most]
 
     @torch.inference_mode()
-    def stream_search(self, fetch: Callable[[int], Admission | None], search: BeamSearch, cache_len: int,
-                      refill_at: int | None = None) -> Iterator[tuple[Any, list[int] | BeamState, bool]]:  # fmt: skip
-        """Continuous batching for beam search: keep up to ``search.batch`` samples (``search.width`` rows each)
-        decoding and refill the rows of samples that finish.
+    def stream_search(self, fetch: Callable[[int], Admission | None], search: BeamSearch | Sampler, cache_len: int,
+                      refill_at: int | None = None) -> Iterator[tuple[Any, list[int] | SearchState, bool]]:  # fmt: skip
+        """Continuous batching for beam search and for single-row searches (sampling, n-gram constraints): keep
+        up to ``search.batch`` samples (``search.width`` rows each) decoding and refill the rows of samples that
+        finish.
 
-        ``search``: a ``BeamSearch`` made for streaming (``make_search`` with empty prompts and a span of at
-        least ``cache_len``). ``fetch(k)`` returns up to ``k`` new samples (an ``Admission``: one prompt and its
+        ``search``: a search made for streaming (``make_search`` with empty prompts and a span of at least
+        ``cache_len``). ``fetch(k)`` returns up to ``k`` new samples (an ``Admission``: one prompt and its
         token limits per sample), or None when there are no more. Yields ``(key, result, nan)`` per sample as it
         leaves: ``result`` is its best hypothesis's token ids, the ones ``generate`` gives it (deterministic
         beams: the same tokens; sampled ones draw from one random stream for the whole run), or, for a sample
-        whose next key would not fit its row of the ring, its search's state (``BeamState``), which
+        whose next key would not fit its row of the ring, its search's state (a ``SearchState``), which
         ``search(..., resumed=)`` continues; ``nan``: its logits saw NaN.
 
         Each joining prompt is prefilled once into its sample's first row, ending at the current slot of the
@@ -152,7 +153,8 @@ class SearchDecoding:
         owner: list[Any] = [None] * samples
         room = [0] * samples  # tokens a sample can generate before its row of the ring is full
         start = torch.zeros(rows, dtype=torch.long, device=self.device)  # the slot of each row's first new key
-        history = torch.zeros((rows, sess.cache_len + 1), dtype=torch.long, device=self.device)
+        # beams only: per row, the generated tokens whose keys it holds (``_continue_beams``)
+        history = torch.zeros((rows, sess.cache_len + 1), dtype=torch.long, device=self.device) if k > 1 else None
         logits = torch.zeros((rows, self.vocab), dtype=torch.float32, device=self.device)
         beams = torch.arange(k, device=self.device)
 
@@ -205,13 +207,15 @@ class SearchDecoding:
                 if not busy:
                     continue
             sess.tok[:rows] = search.next_tokens
-            live = rows_of(busy)
-            written = sess.slot_host - start[live]
-            moving = search.source_rows[live] != live
-            if bool(moving.any()):
-                moved = live[moving]
-                self._continue_beams(sess, history, moved, search.source_rows[moved], start[moved], written[moving])
-            history[live, written] = sess.tok[live]
+            if history is not None:
+                live = rows_of(busy)
+                written = sess.slot_host - start[live]
+                moving = search.source_rows[live] != live
+                if bool(moving.any()):
+                    moved = live[moving]
+                    self._continue_beams(sess, history, moved, search.source_rows[moved], start[moved],
+                                         written[moving])  # fmt: skip
+                history[live, written] = sess.tok[live]
             self._run_step(sess)
             sess.slot_host += 1
             logits.copy_(sess.logits[:rows])

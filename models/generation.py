@@ -5,8 +5,9 @@
 * prompts are ``models.prompts.rewrite_prompt`` tokenized and padded left; a prompt longer than
   ``max_prompt_tokens`` fails alone ('too long'), so does a bad image (``polite.images.BadImageError``);
 * each distinct image of a batch is encoded once (vision tower + perceiver), then gathered per row;
-* the fast decoder (models/fast_decode.py) runs every preset: greedy entirely on the device, beams, sampling
-  and no-repeat n-grams with Hugging Face's selection semantics (models/search.py); a repetition penalty, or a
+* the fast decoder (models/fast_decode.py) runs every preset, in static batches or continuously (``stream``):
+  greedy entirely on the device, beams, sampling and no-repeat n-grams with Hugging Face's selection semantics
+  (models/search.py); a repetition penalty, or a
   language model it does not support, goes to Hugging Face ``generate`` on the same precomputed image latents
   (the plain path);
 * a row whose logits turn NaN fails alone.
@@ -81,8 +82,8 @@ def fast_supported(settings: dict[str, Any]) -> bool:
 
 
 def greedy_on_device(settings: dict[str, Any]) -> bool:
-    """Plain greedy search (optionally with a minimum length): picked inside the captured decode step, and the
-    only kind continuous batching streams."""
+    """Plain greedy search (optionally with a minimum length): picked inside the captured decode step. Every
+    other setting picks its tokens with a search of models/search.py."""
     return (
         fast_supported(settings)
         and settings["num_beams"] == 1
@@ -302,9 +303,8 @@ class RewriteGenerator:
 
     @property
     def can_stream(self) -> bool:
-        """Whether ``stream`` (continuous batching) runs these settings: greedy decoding and beam search on the
-        fast decoder (a single sampled or n-gram-constrained row per sample batches statically)."""
-        return self.decoder is not None and (greedy_on_device(self.settings) or self.beams > 1)
+        """Whether ``stream`` (continuous batching) runs these settings: any the fast decoder runs."""
+        return self.decoder is not None
 
     def runtime(self) -> dict[str, Any]:
         """What ran the settings (recorded next to them; not part of the settings hash)."""
@@ -470,31 +470,29 @@ class RewriteGenerator:
 
         The ring cache holds ``longest_prompt`` plus ``planned_new_tokens`` per row (``cache_new_tokens``, else
         ``max_new_tokens``). A sample that outlives it leaves the ring with what it wrote (greedy) or its
-        search's state (beams); once the stream has run dry, those samples go on in static batches whose rows'
+        search's state (beams, sampling, n-gram constraints); once the stream has run dry, those samples go on in static batches whose rows'
         prompts are their prompts plus what they wrote, prefilled and decoded on with a growing cache: the tokens
         decoding would have given, as a static batch that grows its cache gives them."""
         from models.fast_cache import round_up
-        from models.search import BeamState
+        from models.search import SearchState
 
         if not self.can_stream:
-            raise ValueError(
-                "continuous batching needs the fast decoder and greedy or beam-search settings (one sampled or "
-                "n-gram-constrained row per sample batches statically)"
-            )
+            raise ValueError("continuous batching needs the fast decoder (these settings take the plain path)")
         max_new = int(self.settings["max_new_tokens"])
         ring = round_up(longest_prompt + self.planned_new_tokens, self.decoder.kv_block)
         joined: dict[Any, tuple[Prepared, int]] = {}  # each sample and how many tokens the ring allows it
-        admission = self._admission(fetch, ring, joined, clip=self.beams == 1)
-        outlived: list[tuple[Any, Prepared, list[int] | BeamState]] = []
+        on_device = greedy_on_device(self.settings)
+        admission = self._admission(fetch, ring, joined, clip=on_device)
+        outlived: list[tuple[Any, Prepared, list[int] | SearchState]] = []
         try:
-            if self.beams > 1:
-                left = self._stream_beams(admission, rows, ring)
+            if not on_device:
+                left = self._stream_search(admission, rows, ring)
             else:
                 left = ((key, tokens.tolist(), nan)
                         for key, tokens, nan in self.decoder.stream(admission, rows, ring, max_new, self.eos_ids, PAD_ID))  # fmt: skip
             for key, written, nan in left:
                 prepared, limit = joined.pop(key)
-                if isinstance(written, BeamState):
+                if isinstance(written, SearchState):
                     outlived_ring = not nan
                 else:  # a greedy row stopped at the ring's limit, not at an end token
                     ended = bool(written) and written[-1] in self.eos_ids
@@ -502,13 +500,13 @@ class RewriteGenerator:
                 if outlived_ring:
                     outlived.append((key, prepared, written))
                 else:
-                    yield key, self._result(prepared, [] if isinstance(written, BeamState) else written, nan)
+                    yield key, self._result(prepared, [] if isinstance(written, SearchState) else written, nan)
             # as many samples per batch as take the ring's memory at first (their caches start at prompt +
             # written + planned_new_tokens)
             size = max(1, rows * ring // (ring + self.planned_new_tokens))
             for start in range(0, len(outlived), size):
                 chunk = outlived[start : start + size]
-                go_on = self._continue_search if self.beams > 1 else self._continue
+                go_on = self._continue if on_device else self._continue_search
                 results = go_on([(p, written) for _, p, written in chunk])
                 yield from zip([key for key, _, _ in chunk], results, strict=True)
         except BaseException as exc:
@@ -518,8 +516,8 @@ class RewriteGenerator:
     def _admission(self, fetch, ring: int, joined: dict[Any, tuple[Prepared, int]], clip: bool = True):
         """``fetch`` as the decoder's stream wants it: the samples collated into an ``Admission`` (each noted in
         ``joined`` with the tokens the ring allows it). ``clip``: its token limits keep each prompt plus its new
-        tokens within the ring (greedy rows stop there); else they are the settings' (a beam search leaves the
-        ring with its state)."""
+        tokens within the ring (greedy rows stop there); else they are the settings' (a search leaves the ring
+        with its state)."""
         from models.fast_decode import Admission
 
         max_new = int(self.settings["max_new_tokens"])
@@ -540,8 +538,8 @@ class RewriteGenerator:
         return admission
 
     def _new_search(self, samples: int, span: int):
-        """A beam search with these settings that ``samples`` samples join later (``BeamSearch.admit`` or
-        ``restore``), guarded against NaN logits (the decoder flags the rows)."""
+        """A search with these settings that ``samples`` samples join later (``admit`` or ``restore``), guarded
+        against NaN logits (the decoder flags the rows)."""
         import torch
 
         from models.search import SearchSettings, make_search
@@ -550,7 +548,7 @@ class RewriteGenerator:
                            SearchSettings.from_settings(self.settings), self.eos_ids, PAD_ID,
                            extra_processors=[_nan_guard([], self.beams)], span=span)  # fmt: skip
 
-    def _stream_beams(self, admission, samples: int, ring: int):
+    def _stream_search(self, admission, samples: int, ring: int):
         """``FastFlamingoDecoder.stream_search`` over ``samples`` samples at a time."""
         import torch
 
@@ -560,10 +558,10 @@ class RewriteGenerator:
         yield from self.decoder.stream_search(admission, search, ring)
 
     def _continue_search(self, rows: list[tuple[Prepared, Any]]) -> list[Generated | Exception]:
-        """Beam searches that left the ring (``BeamState``s) go on in one static batch: each beam's row is its
-        prompt plus its generated tokens, prefilled, and the search resumes where it stopped (``generate``'s
-        beams, as for ``_continue``). A sample one of whose beams wrote an ``<image>`` token starts again
-        instead: in a prompt that token would be read as one more image."""
+        """Searches that left the ring (``SearchState``s) go on in one static batch: each beam's (or single row's)
+        row is its prompt plus its generated tokens, prefilled, and the search resumes where it stopped
+        (``generate``'s tokens, as for ``_continue``). A sample one of whose rows wrote an ``<image>`` token
+        starts again instead: in a prompt that token would be read as one more image."""
         media_id = int(self.loaded.model.media_token_id)
         again = [i for i, (_, st) in enumerate(rows) if bool((st.histories() == media_id).any())]
         self.rows_continued += len(rows)

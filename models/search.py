@@ -7,8 +7,10 @@ classes in ``generate``'s order (``logits_processors``); the two searches follow
 tokens (tests/test_rewrite_search.py checks it against ``generate`` itself). Transformers has no public beam
 search component to call: its beam search lives inside ``generate``'s loop, which owns the model call.
 
-A search holds every sequence in a fixed (rows, prompt + max_new) buffer, so one search serves a whole batch
-without reallocating; ``step`` reports when every row (or every beam group) is done.
+A search holds every sequence right-aligned in a fixed (rows, span) buffer, so one search serves a whole batch
+without reallocating; ``step`` reports when every row (or every beam group) is done. Both searches count each
+sample's tokens and limits apart, so samples can join and leave a running search (continuous batching,
+``FastFlamingoDecoder.stream_search``) and carry their state to another (``export``, ``restore``).
 """
 
 from __future__ import annotations
@@ -123,41 +125,174 @@ class TokenSearch(ABC):
         """(batch,) bool: samples whose result can still change. The others' rows may get any logits."""
 
 
-class Sampler(TokenSearch):
-    """One row per sample: ``generate``'s ``_sample`` (greedy with constraints, or multinomial sampling)."""
+class SampleSearch(TokenSearch):
+    """A search whose samples join (``admit``), leave (``retire``) and carry their state elsewhere (``export``,
+    ``restore``) at different steps: each keeps its own count of generated tokens and its own limits, and its
+    tokens right-aligned in ``span`` columns, so every history ends in the same column whatever its prompt
+    length and age. ``FastFlamingoDecoder.stream_search`` streams such a search."""
+
+    def _per_sample(self, span: int | None) -> None:
+        b, dev = self.batch, self.device
+        self.span = span or self.max_length
+        self.gen = torch.zeros(b, dtype=torch.long, device=dev)  # tokens generated so far, per sample
+        self.max_new = torch.full((b,), self.s.max_new_tokens, dtype=torch.long, device=dev)
+        self.min_new = torch.full((b,), self.s.min_new_tokens, dtype=torch.long, device=dev)
+        self._tokens_host = [0] * b  # prompt + generated tokens per sample (the columns the processors read)
+        self._active_host = [False] * b
+
+    def _join(self, samples: Sequence[int], tokens: int, what: str, generated: int = 0,
+              max_new: Sequence[int] | None = None, min_new: Sequence[int] | int | None = None) -> None:  # fmt: skip
+        """The bookkeeping of ``samples`` starting with ``tokens`` tokens (``generated`` of them written);
+        per-sample limits default to the settings'."""
+        if tokens > self.span:
+            raise ValueError(f"a {what} of {tokens} tokens does not fit a search of span {self.span}")
+        for name, value, default in (("max_new", max_new, self.s.max_new_tokens),
+                                     ("min_new", min_new, self.s.min_new_tokens)):  # fmt: skip
+            limit = default if value is None else torch.as_tensor(value, dtype=torch.long, device=self.device)
+            getattr(self, name)[samples] = limit
+        self.gen[samples] = generated
+        for i in samples:
+            self._tokens_host[i], self._active_host[i] = tokens, True
+
+    def admit(self, samples: torch.Tensor, input_ids: torch.Tensor, max_new: Sequence[int] | None = None,
+              min_new: Sequence[int] | None = None) -> None:  # fmt: skip
+        """Start ``samples`` (indices) afresh with these left-padded prompts and per-sample limits (default: the
+        settings'). Their first ``step`` reads the logits after their prompts."""
+        self._join(samples.tolist(), input_ids.shape[1], "prompt", max_new=max_new, min_new=min_new)
+        self._start(samples, input_ids)
+
+    @abstractmethod
+    def _start(self, samples: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """The search's own state for ``samples`` starting with these prompts."""
+
+    def _columns(self) -> int:
+        """The columns the processors read: the longest live history (``generate``'s ``input_ids`` width)."""
+        return max((t for t, live in zip(self._tokens_host, self._active_host, strict=True) if live), default=1)
+
+    def retire(self, samples: Sequence[int]) -> None:
+        """Samples whose results were taken: their rows are free, and the processors stop reading them."""
+        for i in samples:
+            self._active_host[i] = False
+
+
+class SearchState:
+    """One sample's search between two steps (``export``), enough to go on elsewhere (``restore``)."""
+
+    generated: int
+    prompt_tokens: int
+    min_new: int
+
+    def histories(self) -> torch.Tensor:
+        """(rows, generated): each row's (beam's) generated tokens."""
+        raise NotImplementedError
+
+
+@dataclass
+class RowState(SearchState):
+    """A single-row search's sample between two steps (``Sampler.export``): its prompt and generated tokens,
+    (1, tokens), and its counters. Sampling keeps no other state: its random stream is the process's."""
+
+    tokens: torch.Tensor
+    generated: int
+    prompt_tokens: int
+    min_new: int
+
+    def histories(self) -> torch.Tensor:
+        return self.tokens[:, self.tokens.shape[1] - self.generated :]
+
+
+class Sampler(SampleSearch):
+    """One row per sample: ``generate``'s ``_sample`` (greedy with constraints, or multinomial sampling). For a
+    batch that starts together the processors read exactly ``generate``'s ``input_ids``."""
 
     width = 1
 
-    def __init__(self, input_ids, s, eos_token_ids, pad_token_id, processors) -> None:
+    def __init__(self, input_ids, s, eos_token_ids, pad_token_id, processors, span: int | None = None) -> None:
+        """A batch whose samples start now with the prompts ``input_ids`` (left-padded); an empty ``input_ids`` of
+        shape (samples, 0) with ``span`` makes room for samples that ``admit`` adds later."""
         super().__init__(input_ids, s, eos_token_ids, pad_token_id, processors)
-        self.sequences = torch.full((self.batch, self.max_length), self.pad_token_id, dtype=torch.long,
-                                    device=self.device)  # fmt: skip
-        self.sequences[:, : self.prompt_len] = input_ids
-        self.unfinished = torch.ones(self.batch, dtype=torch.long, device=self.device)
+        b, dev = self.batch, self.device
+        self._per_sample(span)
+        self.sequences = torch.full((b, self.span), self.pad_token_id, dtype=torch.long, device=dev)
+        self.unfinished = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.tail = torch.zeros(b, dtype=torch.long, device=dev)  # per sample, steps since it finished
+        if input_ids.shape[1]:
+            self.admit(torch.arange(b, device=dev), input_ids)
+
+    def _start(self, samples: torch.Tensor, input_ids: torch.Tensor) -> None:
+        n = input_ids.shape[1]
+        self.sequences[samples] = self.pad_token_id
+        self.sequences[samples, self.span - n :] = input_ids
+        self.tail[samples] = 0
+        self.unfinished[samples] = self.max_new[samples] > 0
+
+    def export(self, sample: int) -> RowState:
+        """Sample ``sample``'s state after a ``step`` (its next token picked, not yet fed to the model)."""
+        width = self._tokens_host[sample]
+        generated = int(self.gen[sample])
+        return RowState(tokens=self.sequences[sample, self.span - width :].view(1, -1).clone(),
+                        generated=generated, prompt_tokens=width - generated,
+                        min_new=int(self.min_new[sample]))  # fmt: skip
+
+    def restore(self, samples: Sequence[int], states: Sequence[RowState]) -> None:
+        """Go on with exported states in ``samples``: their next ``step`` reads the logits after each sample's
+        prompt and tokens (a prefill of both). ``max_new_tokens`` still counts from its first generated token."""
+        for i, st in zip(samples, states, strict=True):
+            width = st.tokens.shape[1]
+            self._join([i], width, "state", generated=st.generated, min_new=st.min_new)
+            self.sequences[i] = self.pad_token_id
+            self.sequences[i, self.span - width :] = st.tokens[0]
+            self.tail[i] = 0
+            self.unfinished[i] = st.generated < self.s.max_new_tokens
+
+    def retire(self, samples: Sequence[int]) -> None:
+        super().retire(samples)
+        self.unfinished[list(samples)] = False
 
     def step(self, logits: torch.Tensor) -> bool:
-        scores = self.processors(self.sequences[:, : self.cur_len], logits)
+        # generate's input_ids: every sample's prompt and tokens, shorter histories left-filled with padding
+        scores = self.processors(self.sequences[:, self.span - self._columns() :], logits)
         if self.s.do_sample:
             tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
             tokens = torch.argmax(scores, dim=-1)
-        if len(self.eos):
-            tokens = tokens * self.unfinished + self.pad_token_id * (1 - self.unfinished)
-        self.sequences[:, self.cur_len] = tokens
-        self.cur_len += 1
-        self.unfinished = self.unfinished & ~self._hits_eos(tokens)
+        # a finished sample gets padding, as in generate (where every sample's limit is the same)
+        tokens = torch.where(self.unfinished, tokens, self.pad_token_id)
+        self.sequences = torch.cat((self.sequences[:, 1:], tokens.view(-1, 1)), dim=1)
+        self.gen += self.unfinished  # the tokens it wrote, its end token included
+        self.tail += ~self.unfinished  # ... and the padding after them
+        self.unfinished &= ~self._hits_eos(tokens) & (self.gen < self.max_new)
         self.next_tokens = tokens
-        return self.cur_len >= self.max_length or not bool(self.unfinished.any())
+        self.cur_len += 1
+        self._tokens_host = [t + 1 for t in self._tokens_host]
+        return not bool(self.unfinished.any())
 
-    def result(self) -> torch.Tensor:
-        return self.sequences[:, self.prompt_len : self.cur_len]
+    def done(self) -> torch.Tensor:
+        """(batch,) bool: samples whose result is final (an end token, or their limit)."""
+        return ~self.unfinished
 
     def live_samples(self) -> torch.Tensor:
-        return self.unfinished.bool()
+        return self.unfinished.clone()
+
+    def tokens_of(self, samples: Sequence[int]) -> list[list[int]]:
+        """Each sample's generated token ids."""
+        ends = (self.span - self.tail[list(samples)]).tolist()
+        gen = self.gen[list(samples)].tolist()
+        rows = self.sequences[list(samples)].tolist()
+        return [row[end - n : end] for row, n, end in zip(rows, gen, ends, strict=True)]
+
+    def result(self) -> torch.Tensor:
+        """(batch, generated) ids, padded after each sample's end, as ``generate`` returns them; a restored
+        sample's include the tokens it wrote before."""
+        longest = int(self.gen.max()) if self.batch else 0
+        offsets = torch.arange(longest, device=self.device).view(1, -1)
+        index = (self.span - self.tail - self.gen).view(-1, 1) + offsets
+        picked = self.sequences.gather(1, index.clamp(max=self.span - 1))
+        return picked.masked_fill(offsets >= self.gen.view(-1, 1), self.pad_token_id)
 
 
 @dataclass
-class BeamState:
+class BeamState(SearchState):
     """One sample's beam search between two steps (``BeamSearch.export``), enough to go on elsewhere
     (``BeamSearch.restore``): its beams' sequences (prompt and generated tokens, right-aligned, (k, tokens)) and
     scores, its finished hypotheses, and its counters."""
@@ -185,7 +320,7 @@ class PerSampleMinNewTokens:
     batch; in a stream (``BeamSearch.admit``) samples join at different steps, so the count comes from the
     search. Same effect for a batch that starts together: the end tokens' scores become -inf."""
 
-    def __init__(self, search: BeamSearch) -> None:
+    def __init__(self, search: SampleSearch) -> None:
         self.search = search
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -196,7 +331,7 @@ class PerSampleMinNewTokens:
         return scores.masked_fill(short.view(-1, 1) & is_eos.view(1, -1), -float("inf"))
 
 
-class BeamSearch(TokenSearch):
+class BeamSearch(SampleSearch):
     """``num_beams`` rows per sample (beam ``j`` of sample ``i`` is row ``i * num_beams + j``): ``generate``'s
     ``_beam_search``, deterministic or sampled, with its length penalty and default early-stop heuristic
     (``early_stopping=False``).
@@ -213,7 +348,7 @@ class BeamSearch(TokenSearch):
         super().__init__(input_ids, s, eos_token_ids, pad_token_id, processors)
         b, k, dev = self.batch, s.num_beams, self.device
         self.width = k
-        self.span = span or self.max_length
+        self._per_sample(span)
         # one continuation per end token plus one, per beam: enough that num_beams of them can go on
         self.keep = max(2, 1 + len(self.eos)) * k
         # generate fills unwritten positions with pad_token_id "or" the first end token: pad id 0 is falsy
@@ -225,30 +360,13 @@ class BeamSearch(TokenSearch):
         self.scores = torch.full((b, k), _NEG, dtype=torch.float, device=dev)
         self.finished = torch.zeros((b, k), dtype=torch.bool, device=dev)
         self.may_improve = torch.zeros((b, 1), dtype=torch.bool, device=dev)
-        self.gen = torch.zeros(b, dtype=torch.long, device=dev)  # tokens generated so far, per sample
-        self.max_new = torch.full((b,), s.max_new_tokens, dtype=torch.long, device=dev)
-        self.min_new = torch.full((b,), s.min_new_tokens, dtype=torch.long, device=dev)
         self.top_beams = torch.arange(self.keep, device=dev) < k
         self.row_offset = torch.arange(b, device=dev).view(b, 1) * k
-        self._tokens_host = [0] * b  # prompt + generated tokens per sample (the columns the processors read)
-        self._active_host = [False] * b
         if input_ids.shape[1]:
             self.admit(torch.arange(b, device=dev), input_ids)
 
-    def admit(self, samples: torch.Tensor, input_ids: torch.Tensor, max_new: Sequence[int] | None = None,
-              min_new: Sequence[int] | None = None) -> None:  # fmt: skip
-        """Start ``samples`` (indices) afresh with these left-padded prompts and per-sample limits (default: the
-        settings'). Their first ``step`` reads the logits after their prompts."""
+    def _start(self, samples: torch.Tensor, input_ids: torch.Tensor) -> None:
         n = input_ids.shape[1]
-        if n > self.span:
-            raise ValueError(f"a prompt of {n} tokens does not fit a search of span {self.span}")
-        for name, value in (("max_new", max_new), ("min_new", min_new)):
-            if value is not None:
-                getattr(self, name)[samples] = torch.as_tensor(value, dtype=torch.long, device=self.device)
-        if max_new is None:
-            self.max_new[samples] = self.s.max_new_tokens
-        if min_new is None:
-            self.min_new[samples] = self.s.min_new_tokens
         self.running[samples] = self.fill
         self.running[samples, :, self.span - n :] = input_ids.view(len(samples), 1, n)
         self.sequences[samples] = self.running[samples]
@@ -259,9 +377,6 @@ class BeamSearch(TokenSearch):
         self.scores[samples] = _NEG
         self.finished[samples] = False
         self.may_improve[samples] = True
-        self.gen[samples] = 0
-        for i in samples.tolist():
-            self._tokens_host[i], self._active_host[i] = n, True
 
     def export(self, sample: int) -> BeamState:
         """Sample ``sample``'s state after a ``step`` (its next tokens picked, not yet fed to the model)."""
@@ -285,8 +400,7 @@ class BeamSearch(TokenSearch):
         each sample's first generated token."""
         for i, st in zip(samples, states, strict=True):
             width = st.running.shape[1]
-            if width > self.span:
-                raise ValueError(f"a state of {width} tokens does not fit a search of span {self.span}")
+            self._join([i], width, "state", generated=st.generated, min_new=st.min_new)
             self.running[i] = self.fill
             self.running[i, :, self.span - width :] = st.running
             self.sequences[i] = self.fill
@@ -296,15 +410,6 @@ class BeamSearch(TokenSearch):
             self.lengths[i] = st.lengths
             self.finished[i] = st.finished
             self.may_improve[i] = st.may_improve
-            self.gen[i] = st.generated
-            self.min_new[i] = st.min_new
-            self.max_new[i] = self.s.max_new_tokens
-            self._tokens_host[i], self._active_host[i] = width, True
-
-    def retire(self, samples: Sequence[int]) -> None:
-        """Samples whose results were taken: their rows are free, and the processors stop reading them."""
-        for i in samples:
-            self._active_host[i] = False
 
     @staticmethod
     def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -321,7 +426,7 @@ class BeamSearch(TokenSearch):
         b, k = self.batch, self.s.num_beams
         # the processors read each sample's prompt and generated tokens (samples with shorter histories see
         # fill tokens before theirs, as left padding; in a batch that started together, there are none)
-        cols = max((t for t, live in zip(self._tokens_host, self._active_host, strict=True) if live), default=1)
+        cols = self._columns()
         log_probs = torch.log_softmax(logits, dim=-1)
         log_probs = self.processors(self.running[:, :, self.span - cols :].reshape(b * k, cols), log_probs)
         vocab = log_probs.shape[-1]
@@ -400,13 +505,10 @@ class BeamSearch(TokenSearch):
 
 def make_search(input_ids: torch.Tensor, s: SearchSettings, eos_token_ids: Sequence[int], pad_token_id: int,
                 extra_processors: Sequence = (), span: int | None = None) -> TokenSearch:  # fmt: skip
-    """The search for these settings over a left-padded batch of prompts ``input_ids`` (batch, prompt_len); for
-    beams, an empty (samples, 0) ``input_ids`` and a ``span`` give a search that samples join later
-    (``BeamSearch.admit``)."""
-    if s.num_beams == 1:
-        processors = logits_processors(s, input_ids.shape[1], eos_token_ids, extra_processors)
-        return Sampler(input_ids, s, eos_token_ids, pad_token_id, processors)
-    search = BeamSearch(input_ids, s, eos_token_ids, pad_token_id, None, span=span)
+    """The search for these settings over a left-padded batch of prompts ``input_ids`` (batch, prompt_len); an
+    empty (samples, 0) ``input_ids`` and a ``span`` give a search that samples join later (``admit``)."""
+    kind = Sampler if s.num_beams == 1 else BeamSearch
+    search = kind(input_ids, s, eos_token_ids, pad_token_id, None, span=span)
     search.processors = logits_processors(s, input_ids.shape[1], eos_token_ids, extra_processors,
                                           min_new=PerSampleMinNewTokens(search))  # fmt: skip
     return search

@@ -218,7 +218,7 @@ def choose_scheduling(requested: str, gen, static_batches: int) -> str:
     without shrinking, continuous was 1.13-1.36x faster than static. Continuous only pays when some row can be
     refilled, that is when the shard needs more than one static batch (with a single batch it measured 30%
     slower on CPU)."""
-    if not gen.can_stream:  # single sampled rows and the plain path batch statically
+    if not gen.can_stream:  # the plain path (a repetition penalty) batches statically
         return "static"
     if requested != "auto":
         return requested

@@ -1,7 +1,7 @@
-"""Continuous batching for beam search (FastFlamingoDecoder.stream_search through RewriteGenerator.stream):
-samples that join a running batch through the ring get the beams of a static batch (which are generate's), with
-either decode attention; samples that outlive the ring go on statically from their search's state; a NaN sample
-fails alone."""
+"""Continuous batching for beam search and single-row searches (sampling, no-repeat n-grams;
+FastFlamingoDecoder.stream_search through RewriteGenerator.stream): samples that join a running batch through the
+ring get the tokens of a static batch (which are generate's), with either decode attention; samples that outlive
+the ring go on statically from their search's state; a NaN sample fails alone."""
 
 from __future__ import annotations
 
@@ -84,10 +84,11 @@ def test_beams_that_outlive_the_ring_go_on_statically_from_their_state(ending, l
     assert 0 < ringed.rows_restarted < ringed.rows_continued
 
 
-def test_a_nan_sample_fails_alone_in_streamed_beams(ending, images):  # noqa: F811
+@pytest.mark.parametrize("preset,overrides", [("beam", {}), ("greedy", {"no_repeat_ngram_size": 2})])
+def test_a_nan_sample_fails_alone_in_streamed_searches(ending, images, preset, overrides):  # noqa: F811
     """NaN image latents poison one sample's logits: it fails, its rows are cleaned before the next sample takes
-    them, and every other sample gets its static beams."""
-    settings = resolve_generation("beam", {"max_new_tokens": 16})
+    them, and every other sample gets its static tokens."""
+    settings = resolve_generation(preset, {**overrides, "max_new_tokens": 16})
     gen = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16)
     batch = _batch(gen, images) * 2
     expected = _run(gen, batch)
@@ -98,12 +99,13 @@ def test_a_nan_sample_fails_alone_in_streamed_beams(ending, images):  # noqa: F8
     assert [g for i, g in enumerate(got) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
 
 
-def test_streamed_sampled_beams_follow_the_seed(ending, images):  # noqa: F811
-    """The paper preset (sampled beams) streams too: one random stream for the run, so the same seed and
-    schedule give the same rewrites, another seed others; every rewrite is a whole one."""
+@pytest.mark.parametrize("preset,overrides", [("paper", {}), ("greedy", {"do_sample": True, "top_p": 0.9})])
+def test_streamed_sampling_follows_the_seed(ending, images, preset, overrides):  # noqa: F811
+    """Sampled beams (the paper preset) and single sampled rows stream too: one random stream for the run, so the
+    same seed and schedule give the same rewrites, another seed others; every rewrite is a whole one."""
 
     def streamed(seed):
-        settings = resolve_generation("paper", {"max_new_tokens": 24, "seed": seed})
+        settings = resolve_generation(preset, {**overrides, "max_new_tokens": 24, "seed": seed})
         gen = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16)
         return _streamed(gen, _batch(gen, images) * 2, samples=3)
 
@@ -113,17 +115,66 @@ def test_streamed_sampled_beams_follow_the_seed(ending, images):  # noqa: F811
     assert all(0 < n <= 24 and len(ids) <= n for ids, n in first)
 
 
-def test_single_sampled_rows_still_batch_statically(ending):  # noqa: F811
+NO_REPEAT = {"max_new_tokens": 24, "no_repeat_ngram_size": 2}
+# sampling from the top token alone draws what greedy picks: sampled rows with a result to compare
+TOP_ONE = {"max_new_tokens": 24, "do_sample": True, "top_k": 1, "temperature": 0.7, "seed": 5}
+
+
+@pytest.mark.parametrize(
+    "overrides,attention",
+    [
+        (NO_REPEAT, "sdpa"),
+        ({**NO_REPEAT, "min_new_tokens": 6}, "sdpa"),
+        (TOP_ONE, "sdpa"),
+        (NO_REPEAT, "flex"),
+    ],
+)
+def test_streamed_single_rows_get_the_tokens_of_a_static_batch(ending, images, overrides, attention):  # noqa: F811
+    """Single-row searches (n-gram constraints, sampling) stream too: samples joining a running batch get the
+    tokens of a static batch, which are generate's (tests/test_rewrite_search.py)."""
+    settings = resolve_generation("greedy", overrides)
+    gen = RewriteGenerator(ending, settings, backend="fast", cuda_graphs=False, kv_block=16,
+                           decode_attention=attention)  # fmt: skip
+    assert gen.can_stream
+    batch = _batch(gen, images) * 3
+    expected = _run(gen, batch)
+    assert _streamed(gen, batch, samples=3) == expected
+    assert gen.rows_continued == 0
+    lengths = [n for _, n in expected]
+    assert len(set(lengths)) > 1 and min(lengths) < 24  # samples finished at different steps
+    assert min(lengths) >= overrides.get("min_new_tokens", 0)
+
+
+@pytest.mark.parametrize("overrides", [NO_REPEAT, TOP_ONE])
+def test_single_rows_that_outlive_the_ring_go_on_statically_from_their_state(ending, loaded, images, overrides):  # noqa: F811
+    """A ring with room for each prompt plus 4 new tokens: single rows that outlive it leave with their tokens
+    and go on in a static batch (prompt plus tokens prefilled), with the tokens of a static batch with room for
+    all of them; the no-repeat rule still sees the tokens written before the move."""
+    for model, new in ((ending, 24), (loaded, 40)):
+        settings = resolve_generation("greedy", {**overrides, "max_new_tokens": new})
+        static = RewriteGenerator(model, settings, backend="fast", cuda_graphs=False, kv_block=16)
+        ringed = RewriteGenerator(model, settings, backend="fast", cuda_graphs=False, kv_block=16,
+                                  cache_new_tokens=4)  # fmt: skip
+        batch = _batch(static, images) * 3
+        assert _streamed(ringed, batch, samples=4) == _run(static, batch)
+        assert 0 < ringed.rows_continued <= len(batch) and ringed.rows_restarted == 0
+    assert ringed.rows_continued == len(batch)  # the random model rarely ends: every sample left the ring
+
+
+def test_every_fast_setting_streams_and_the_plain_path_does_not(ending):  # noqa: F811
     from tasks.rewrite import choose_scheduling
 
-    beams = RewriteGenerator(ending, resolve_generation("paper", {"max_new_tokens": 8}), cuda_graphs=False)
-    assert beams.can_stream and choose_scheduling("continuous", beams, static_batches=5) == "continuous"
-    assert choose_scheduling("auto", beams, static_batches=5) == "static"  # CPU, shrinking static batches
-    sampled = RewriteGenerator(ending, resolve_generation("greedy", {"do_sample": True, "max_new_tokens": 8}),
+    for preset, overrides in (("paper", {}), ("greedy", {"do_sample": True}), ("greedy", {"no_repeat_ngram_size": 3})):
+        gen = RewriteGenerator(ending, resolve_generation(preset, {**overrides, "max_new_tokens": 8}),
                                cuda_graphs=False)  # fmt: skip
-    assert not sampled.can_stream and choose_scheduling("continuous", sampled, static_batches=5) == "static"
-    with pytest.raises(ValueError, match="greedy or beam-search settings"):
-        next(sampled.stream(lambda k: [], rows=2, longest_prompt=8))
+        assert gen.can_stream and choose_scheduling("continuous", gen, static_batches=5) == "continuous"
+        assert choose_scheduling("auto", gen, static_batches=5) == "static"  # CPU, shrinking static batches
+    # a repetition penalty takes Hugging Face generate (the plain path), which batches statically
+    plain = RewriteGenerator(ending, resolve_generation("greedy", {"repetition_penalty": 1.2, "max_new_tokens": 8}),
+                             cuda_graphs=False)  # fmt: skip
+    assert not plain.can_stream and choose_scheduling("continuous", plain, static_batches=5) == "static"
+    with pytest.raises(ValueError, match="needs the fast decoder"):
+        next(plain.stream(lambda k: [], rows=2, longest_prompt=8))
 
 
 @pytest.mark.gpu

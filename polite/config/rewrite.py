@@ -79,9 +79,10 @@ class RewriteSettings(BaseModel):
     # products; compiles for tens of seconds once per worker process
     compile_layers: bool = False
     # static: each batch decodes until its longest rewrite ends. continuous: samples that finish are refilled
-    # with the next ones at once (greedy decoding and beam search on the fast decoder; a single sampled row per
-    # sample and the plain path stay static). auto: continuous with flex attention (and on CPU with shrink_batches off), else static: every sdpa
-    # continuous step attends the whole ring cache, and on CPU shrinking static batches measured 1.3-1.8x faster
+    # with the next ones at once (any setting of the fast decoder; the plain path, for a repetition penalty,
+    # stays static). auto: continuous with flex attention (and on CPU with shrink_batches off), else static:
+    # every sdpa continuous step attends the whole ring cache, and on CPU shrinking static batches measured
+    # 1.3-1.8x faster
     scheduling: Literal["auto", "static", "continuous"] = "auto"
     prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
 
