@@ -7,9 +7,8 @@
 * each distinct image of a batch is encoded once (vision tower + perceiver), then gathered per row;
 * the fast decoder (models/fast_decode.py) runs every preset, in static batches or continuously (``stream``):
   greedy entirely on the device, beams, sampling and no-repeat n-grams with Hugging Face's selection semantics
-  (models/search.py); a repetition penalty, or a
-  language model it does not support, goes to Hugging Face ``generate`` on the same precomputed image latents
-  (the plain path);
+  (models/search.py); a repetition penalty, or a language model it does not support, goes to Hugging Face
+  ``generate`` on the same precomputed image latents (the plain path);
 * a row whose logits turn NaN fails alone.
 
 Batching, prefetching and out-of-memory splitting live in models/batching.py.
@@ -470,9 +469,10 @@ class RewriteGenerator:
 
         The ring cache holds ``longest_prompt`` plus ``planned_new_tokens`` per row (``cache_new_tokens``, else
         ``max_new_tokens``). A sample that outlives it leaves the ring with what it wrote (greedy) or its
-        search's state (beams, sampling, n-gram constraints); once the stream has run dry, those samples go on in static batches whose rows'
-        prompts are their prompts plus what they wrote, prefilled and decoded on with a growing cache: the tokens
-        decoding would have given, as a static batch that grows its cache gives them."""
+        search's state (beams, sampling, n-gram constraints); once the stream has run dry, those samples go on
+        in static batches whose rows' prompts are their prompts plus what they wrote, prefilled and decoded on
+        with a growing cache: the tokens decoding would have given, as a static batch that grows its cache gives
+        them."""
         from models.fast_cache import round_up
         from models.search import SearchState
 
