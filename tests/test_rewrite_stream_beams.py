@@ -180,15 +180,16 @@ def test_every_fast_setting_streams_and_the_plain_path_does_not(ending):  # noqa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
-def test_cuda_graphs_stream_the_eager_beams(images, tmp_path, attention):  # noqa: F811
-    """On a GPU in fp32 (TF32 off): continuous beam search with graph-replayed steps, samples leaving a short ring
-    and going on statically, gives the beams of an eager static batch."""
+@pytest.mark.parametrize("preset,overrides", [("beam", {}), ("greedy", {"no_repeat_ngram_size": 2})])
+def test_cuda_graphs_stream_the_eager_searches(images, tmp_path, attention, preset, overrides):  # noqa: F811
+    """On a GPU in fp32 (TF32 off): continuous beam search (or a single-row search) with graph-replayed steps,
+    samples leaving a short ring and going on statically, gives the tokens of an eager static batch."""
     from models.loader import load_rewriter
     from models.tiny import make_tiny_rewriter
 
     torch.backends.cuda.matmul.allow_tf32 = False
     on_gpu = load_rewriter(make_tiny_rewriter(tmp_path / "tiny", seed=3), device="cuda", dtype=torch.float32)
-    settings = resolve_generation("beam", {"max_new_tokens": 40})
+    settings = resolve_generation(preset, {**overrides, "max_new_tokens": 40})
     eager = RewriteGenerator(on_gpu, settings, backend="fast", cuda_graphs=False, kv_block=16)
     graphs = RewriteGenerator(on_gpu, settings, backend="fast", cuda_graphs=True, kv_block=16,
                               decode_attention=attention, cache_new_tokens=4)  # fmt: skip
