@@ -171,6 +171,16 @@ def rethreshold(con, chain: Chain, run_id: str | None = None, scope: str | None 
     return {"decided": int(n), "kept": int(kept)}
 
 
+def returning_sql(chain: Chain) -> str:
+    """Rewrites decided under ``chain``'s settings before whose latest decision used other settings (a
+    ``--rethreshold --set`` since): a plain filter run makes its settings their latest decision again."""
+    h = sql_str(chain.settings_hash)
+    return (
+        f"r.rewrite_id IN (SELECT rewrite_id FROM latest_decisions WHERE settings_hash IS DISTINCT FROM {h}) "
+        f"AND r.rewrite_id IN (SELECT rewrite_id FROM decisions WHERE settings_hash = {h})"
+    )
+
+
 def work_sql(chain: Chain, full_scoring: bool = False, pending_only: bool = True) -> str:
     """Latest ok rewrites that have no decision under the current settings (or, with ``full_scoring``, miss
     an applicable score), joined with their sample, image paths and the scores already stored.

@@ -71,7 +71,7 @@ def filter_flow(
     """
     from filters.chain import build_chain
     from filters.funnel import funnel, reward_distribution
-    from filters.sql import record_settings, work_sql
+    from filters.sql import preview, record_settings, returning_sql, work_sql
     from filters.sql import rethreshold as redecide
 
     cfg = resolve_config(config)
@@ -126,14 +126,15 @@ def filter_flow(
                 full_scoring=full_scoring,
             )
             run.summary["scored"] = counts
-            # Rewrites decided under these settings before, then re-decided with others (A -> B -> A):
-            # make today's settings their latest decision again, from stored scores.
-            stale = (
-                f"r.rewrite_id IN (SELECT rewrite_id FROM latest_decisions WHERE settings_hash IS DISTINCT FROM '{h}') "
-                f"AND r.rewrite_id IN (SELECT rewrite_id FROM decisions WHERE settings_hash = '{h}')"
-            )
+            # Rewrites decided under these settings before, then re-decided with others (A -> B -> A): the
+            # config is what decides, so its settings become their latest decision again, from stored scores.
+            # The CLI says so: it undoes a `--rethreshold --set` that was never put in the config.
+            returning = returning_sql(chain)
             with store.writer() as con:
-                run.summary["refreshed"] = redecide(con, chain, run.run_id, scope=stale)["decided"]
+                kept_before = preview(con, chain, scope=returning)["kept_now"]
+                back = redecide(con, chain, run.run_id, scope=returning)
+            run.summary["refreshed"] = back["decided"]
+            run.summary["refreshed_kept"] = {"before": kept_before, "after": back["kept"]}
         rows = funnel(store, h)
         rewards = reward_distribution(store, h)
         kept = next((r for r in rows if r["source"] == "(all)" and r["scorer"] == "final"), None)

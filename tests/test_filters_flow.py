@@ -340,6 +340,7 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
     # back to the first thresholds: their decisions become the latest again, from stored scores
     back = filter_flow(config=config, workspace=workspace.root)
     assert back["rewrites"] == 0 and back["refreshed"] == len(CASES)
+    assert back["refreshed_kept"] == {"before": re["rethreshold"]["kept"], "after": back["kept"]}
     latest = store.query("SELECT rewrite_id, settings_hash, thresholds FROM latest_decisions").to_pylist()
     assert {r["settings_hash"] for r in latest if r["rewrite_id"] in first} == {h}
     # thresholds are stored once per settings hash, and the view gives them to every decision
@@ -386,6 +387,19 @@ def test_cli_rethreshold_with_set(prefect_harness, workspace, models):
     )
     assert result.exit_code == 0, result.output
     assert f"re-decided {len(CASES)} rewrites" in result.output and ": 0 kept" in result.output
+    # a plain run with the first thresholds undoes that rethreshold, and says so (its dry run first)
+    first = ["filter", "-w", workspace.root, "--set", "length.min_tokens=3"]
+    shown = runner.invoke(app, [*first, "--dry-run"], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    assert "0 rewrites to score" in shown.output and f"would re-decide {len(CASES)} rewrites" in shown.output
+    kept = int(shown.output.split("kept 0 -> ")[1].split(".")[0])
+    result = runner.invoke(app, first, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert f"re-decided {len(CASES)} rewrites whose latest decision used other thresholds" in result.output
+    (store_kept,) = LineageStore(workspace.db_path).query("SELECT count(*) FILTER (WHERE kept) FROM latest_decisions").to_pylist()[0].values()
+    assert f"kept 0 -> {kept}" in result.output and store_kept == kept > 0
+    again = runner.invoke(app, first, env={"COLUMNS": "300"})
+    assert again.exit_code == 0 and "re-decided" not in again.output  # nothing to undo any more
     bad = runner.invoke(app, ["filter", "-w", workspace.root, "--set", "semantic.threshold=2"])
     assert bad.exit_code == 2 and "semantic.threshold" in bad.output
 

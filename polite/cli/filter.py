@@ -90,13 +90,25 @@ def register(app: typer.Typer) -> None:
                 f"filtered {summary.get('rewrites', 0)} rewrites: {summary.get('kept', 0)} of "
                 f"{summary.get('decided', 0)} decided rewrites kept"
             )
+            if summary.get("refreshed"):
+                console.print(_returning_note(summary["refreshed"], **summary["refreshed_kept"]), highlight=False)
+
+
+def _returning_note(n: int, before: int, after: int, dry: bool = False) -> str:
+    """Why a plain filter run changes decisions it does not score: a ``--rethreshold --set`` it undoes."""
+    return (
+        f"[yellow]{'would re-decide' if dry else 're-decided'} {n} rewrites whose latest decision used other thresholds (a `--rethreshold --set` "
+        f"since): the config's thresholds decide them{' again' if not dry else ''}, kept {before} -> {after}. "
+        f"To keep other "
+        f"thresholds, put them in the config, or pass the same --set to every filter run.[/yellow]"
+    )
 
 
 def _dry_run(cfg, workspace: str | None, rethreshold: bool, full_scoring: bool) -> None:
     """Read-only: the change new thresholds would make (``filters.sql.preview``), or the rewrites a filter run
     would score now."""
     from filters.chain import build_chain
-    from filters.sql import preview, work_sql
+    from filters.sql import preview, returning_sql, work_sql
     from lineage.store import LineageStore
     from polite.workspace import Workspace
 
@@ -107,8 +119,12 @@ def _dry_run(cfg, workspace: str | None, rethreshold: bool, full_scoring: bool) 
     if not rethreshold:
         with store.reader() as con:
             (n,) = con.execute(f"SELECT count(*) FROM ({work_sql(chain, full_scoring)})").fetchone()
+            returning = preview(con, chain, scope=returning_sql(chain))
         shards = -(-n // cfg.filters.shard_size)
         console.print(f"dry run, filter: {n} rewrites to score in {shards} shards; scorers {scorers}", highlight=False)
+        if returning["decided"]:
+            console.print(_returning_note(returning["decided"], returning["kept_now"], returning["kept_new"], dry=True),
+                          highlight=False)  # fmt: skip
         return
     with store.reader() as con:
         change = preview(con, chain)
