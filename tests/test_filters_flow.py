@@ -391,7 +391,7 @@ def test_cli_rethreshold_with_set(prefect_harness, workspace, models):
     first = ["filter", "-w", workspace.root, "--set", "length.min_tokens=3"]
     shown = runner.invoke(app, [*first, "--dry-run"], env={"COLUMNS": "300"})
     assert shown.exit_code == 0, shown.output
-    assert "0 rewrites to score" in shown.output and f"would re-decide {len(CASES)} rewrites" in shown.output
+    assert "0 rewrites to decide" in shown.output and f"would re-decide {len(CASES)} rewrites" in shown.output
     kept = int(shown.output.split("kept 0 -> ")[1].split(".")[0])
     result = runner.invoke(app, first, env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
@@ -402,6 +402,10 @@ def test_cli_rethreshold_with_set(prefect_harness, workspace, models):
     assert again.exit_code == 0 and "re-decided" not in again.output  # nothing to undo any more
     bad = runner.invoke(app, ["filter", "-w", workspace.root, "--set", "semantic.threshold=2"])
     assert bad.exit_code == 2 and "semantic.threshold" in bad.output
+    for value, why in (("semantic.threshold=[1", "is not valid YAML"),
+                       ("semantic.threshold.x=1", "filters.semantic.threshold is a value, not a section")):  # fmt: skip
+        bad = runner.invoke(app, ["filter", "-w", workspace.root, "--set", value], env={"COLUMNS": "300"})
+        assert bad.exit_code == 2 and why in bad.output and "Traceback" not in bad.output
 
 
 def test_a_misspelt_device_is_refused_before_any_work(prefect_harness, workspace):

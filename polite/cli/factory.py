@@ -41,13 +41,13 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"--set {pair!r}: {raw!r} is not valid YAML ({problem})") from None
 
         node: Any = data
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             if isinstance(node, list):
                 node = node[_list_index(node, key, pair)]
                 continue
             child = node.setdefault(key, {})
             if not isinstance(child, dict | list):
-                raise ValueError(f"--set {pair!r}: {key} is not a section")
+                raise ValueError(f"--set {pair!r}: {'.'.join(keys[: depth + 1])} is a value, not a section")
             node = child
         if isinstance(node, list):
             node[_list_index(node, keys[-1], pair)] = value

@@ -11,22 +11,15 @@ from polite.cli.common import ConfigOpt, WorkspaceOpt, console, stage_config, us
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``semantic.threshold=0.5`` sets ``config["filters"]["semantic"]["threshold"]`` (values parsed as YAML)."""
-    import yaml
+    from polite.cli.factory import apply_overrides as apply_sets
 
     for item in overrides:
-        key, sep, value = item.partition("=")
+        key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(
                 f"--set takes KEY=VALUE under `filters.`, e.g. semantic.threshold=0.5; got {item!r}"
             )
-        parts = key.strip().removeprefix("filters.").split(".")
-        node = config.setdefault("filters", {})
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: filters.{part} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
-    return config
+    return apply_sets(config, [item if item.startswith("filters.") else f"filters.{item}" for item in overrides])
 
 
 def register(app: typer.Typer) -> None:
@@ -118,10 +111,15 @@ def _dry_run(cfg, workspace: str | None, rethreshold: bool, full_scoring: bool) 
     scorers = ", ".join(s.name for s in chain.scorers) + (f" (skipped: {skipped})" if skipped else "")
     if not rethreshold:
         with store.reader() as con:
-            (n,) = con.execute(f"SELECT count(*) FROM ({work_sql(chain, full_scoring)})").fetchone()
+            n, stored = con.execute(
+                f"SELECT count(*), count(prior) FROM ({work_sql(chain, full_scoring)})"
+            ).fetchone()
             returning = preview(con, chain, scope=returning_sql(chain))
         shards = -(-n // cfg.filters.shard_size)
-        console.print(f"dry run, filter: {n} rewrites to score in {shards} shards; scorers {scorers}", highlight=False)
+        # new thresholds make every rewrite work again, but its stored scores are reused, not recomputed
+        reused = f" ({stored} of them with stored scores, reused)" if stored else ""
+        console.print(f"dry run, filter: {n} rewrites to decide in {shards} shards{reused}; scorers {scorers}",
+                      highlight=False)  # fmt: skip
         if returning["decided"]:
             console.print(_returning_note(returning["decided"], returning["kept_now"], returning["kept_new"], dry=True),
                           highlight=False)  # fmt: skip
