@@ -160,16 +160,21 @@ def _mark_interrupted(con, host: str) -> None:
 
 @contextmanager
 def stage_run(
-    flow: str, config: dict[str, Any], workspace: str | Workspace | None, parent_run_id: str | None = None
-) -> Iterator[StageRun]:
+    flow: str, config: dict[str, Any], workspace: str | Workspace | None, parent_run_id: str | None = None,
+    starts_workspace: bool = False,
+) -> Iterator[StageRun]:  # fmt: skip
     """Record a ``runs`` row around a stage: ``running`` now, ``completed``/``failed`` (with the error) at the end.
 
-    The row names its host and process, and first marks this host's runs whose process died as interrupted."""
+    The row names its host and process, and first marks this host's runs whose process died as interrupted.
+    Only a stage that ``starts_workspace`` (ingest, the factory) makes the database; the others stop with
+    ``NoLineageError`` on a folder without one (a mistyped --workspace), before writing anything there."""
     from polite.processes import this_host
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
-    ws.ensure()
     store = LineageStore(ws.db_path)
+    if not starts_workspace:
+        store.require()
+    ws.ensure()
     store.migrate()
     prefect_id = _prefect_flow_run_id()
     run_id = "run_" + (prefect_id.replace("-", "")[:16] if prefect_id else uuid.uuid4().hex[:16])

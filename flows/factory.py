@@ -164,7 +164,7 @@ def factory_flow(
     data = cfg.model_dump(mode="json", by_alias=True)
     log = logger()
     stages: dict[str, Any] = {}
-    with stage_run("factory", data, ws, parent_run_id) as run, ray_session(cfg.runner):
+    with stage_run("factory", data, ws, parent_run_id, starts_workspace=True) as run, ray_session(cfg.runner):
         for stage in order:
             runner = runners[stage]
             sub = flows[stage].with_options(task_runner=runner)

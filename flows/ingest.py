@@ -142,7 +142,8 @@ def ingest_flow(
         summary["sources"][plan.label] = {"adapter": plan.adapter, "from": plan.origin, "rows": plan.rows,
                                           "shards": len(plan.items), "new_samples": 0, "new_images": 0,
                                           **dict.fromkeys(COUNTS, 0), "duplicate_ids": []}
-    with stage_run("ingest", cfg.model_dump(mode="json", by_alias=True), ws, parent_run_id) as run:
+    with stage_run("ingest", cfg.model_dump(mode="json", by_alias=True), ws, parent_run_id,
+                   starts_workspace=True) as run:
         loader = LineageBatcher(run.store, run.run_id, summary["sources"])
         items = [item for plan in plans for item in plan.items]
         try:

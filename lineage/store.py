@@ -63,6 +63,10 @@ class ReadOnlyQueryError(UserError, ValueError):
     """A user query tried to write, attach, copy, install or read outside the database."""
 
 
+class NoLineageError(UserError, FileNotFoundError):
+    """A stage other than ingest pointed at a folder with no lineage database."""
+
+
 class PredicateError(UserError, ValueError):
     """A user's SQL predicate (``--where``, ``export.where``, ``train.pairs_where``) that does not parse or bind."""
 
@@ -117,6 +121,15 @@ class LineageStore:
             con.execute("SET TimeZone = 'UTC'")
             return con
 
+    def require(self) -> None:
+        """Stop with ``NoLineageError`` where there is no database yet: only ingest (and ``polite run``) start a
+        workspace, so any other stage pointed at the wrong folder says so instead of making an empty one."""
+        if not self.db_path.exists():
+            raise NoLineageError(
+                f"no lineage database at {self.db_path}; run `polite ingest` or `polite run` first, "
+                "or point --workspace at an existing workspace"
+            )
+
     @contextmanager
     def writer(self, timeout_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived read-write connection. Only flow processes use it, never workers."""
@@ -132,11 +145,7 @@ class LineageStore:
         self, timeout_s: float | None = None, sandboxed: bool = False
     ) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection; ``sandboxed`` also denies file access (for user-supplied SQL)."""
-        if not self.db_path.exists():
-            raise FileNotFoundError(
-                f"no lineage database at {self.db_path}; run `polite ingest` or `polite run` first, "
-                "or point --workspace at an existing workspace"
-            )
+        self.require()
         config = {"enable_external_access": False} if sandboxed else None
         con = self._connect(read_only=True, timeout_s=timeout_s, config=config)
         try:

@@ -36,6 +36,15 @@ def workspace(tmp_path):
 
 
 @pytest.fixture
+def started_workspace(workspace):
+    """A workspace with its (empty) lineage database, as ingest leaves it: stages other than ingest need one."""
+    from lineage.store import LineageStore
+
+    LineageStore(workspace.db_path).migrate()
+    return workspace
+
+
+@pytest.fixture
 def bench_script():
     """Load a script of bench/ as a module by name (they are scripts, not a package)."""
     import importlib.util

@@ -182,12 +182,14 @@ def test_migration_010_stores_the_factory_s_own_paths_relative_to_the_workspace(
         f"{workspace.root}/images/ef/i_{'ef' * 16}.png")
 
 
-def test_a_run_s_summary_records_paths_inside_the_workspace_relative(workspace):
+def test_a_run_s_summary_records_paths_inside_the_workspace_relative(started_workspace):
     """`polite explain`/`polite sql` on `runs` of a moved or copied workspace: the summary says where the model,
     report and sources are inside it, not where the workspace was; paths elsewhere stay as they are."""
     import json
 
     from flows.common import stage_run
+
+    workspace = started_workspace
 
     with stage_run("train_rewriter", {}, workspace) as run:
         run.summary.update(path=str(Path(workspace.models) / "rewriter-0123456789ab"), model="/elsewhere/m", n=3,

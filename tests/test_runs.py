@@ -15,6 +15,12 @@ from lineage.store import LineageStore
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def workspace(started_workspace):
+    """Every test here records stage runs, which need the database ingest would have made."""
+    return started_workspace
+
+
 def _runs(workspace) -> dict[str, dict]:
     rows = LineageStore(workspace.db_path).query("SELECT * FROM runs").to_pylist()
     return {r["run_id"]: r for r in rows}

@@ -9,6 +9,11 @@ import typer
 from polite.cli.common import ConfigOpt, WorkspaceOpt, console, stage_config, user_errors
 
 
+def _say(message: str) -> None:
+    """One line per fact, never wrapped (tests and scripts read these lines whatever the terminal's width)."""
+    console.print(message, highlight=False, soft_wrap=True)
+
+
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``semantic.threshold=0.5`` sets ``config["filters"]["semantic"]["threshold"]`` (values parsed as YAML)."""
     from polite.cli.factory import apply_overrides as apply_sets
@@ -77,14 +82,14 @@ def register(app: typer.Typer) -> None:
         )
         if "rethreshold" in summary:
             r = summary["rethreshold"]
-            console.print(f"re-decided {r['decided']} rewrites in {r['seconds']:.3f}s: {r['kept']} kept")
+            _say(f"re-decided {r['decided']} rewrites in {r['seconds']:.3f}s: {r['kept']} kept")
         else:
-            console.print(
+            _say(
                 f"filtered {summary.get('rewrites', 0)} rewrites: {summary.get('kept', 0)} of "
                 f"{summary.get('decided', 0)} decided rewrites kept"
             )
             if summary.get("refreshed"):
-                console.print(_returning_note(summary["refreshed"], **summary["refreshed_kept"]), highlight=False)
+                _say(_returning_note(summary["refreshed"], **summary["refreshed_kept"]))
 
 
 def _returning_note(n: int, before: int, after: int, dry: bool = False) -> str:
@@ -118,32 +123,29 @@ def _dry_run(cfg, workspace: str | None, rethreshold: bool, full_scoring: bool) 
         shards = -(-n // cfg.filters.shard_size)
         # new thresholds make every rewrite work again, but its stored scores are reused, not recomputed
         reused = f" ({stored} of them with stored scores, reused)" if stored else ""
-        console.print(f"dry run, filter: {n} rewrites to decide in {shards} shards{reused}; scorers {scorers}",
-                      highlight=False)  # fmt: skip
+        _say(f"dry run, filter: {n} rewrites to decide in {shards} shards{reused}; scorers {scorers}")
         if returning["decided"]:
-            console.print(_returning_note(returning["decided"], returning["kept_now"], returning["kept_new"], dry=True),
-                          highlight=False)  # fmt: skip
+            _say(_returning_note(returning["decided"], returning["kept_now"], returning["kept_new"], dry=True))
         return
     with store.reader() as con:
         change = preview(con, chain)
     if not change["decided"]:
-        console.print("dry run, rethreshold: no rewrite has been filtered yet; run `polite filter` first")
+        _say("dry run, rethreshold: no rewrite has been filtered yet; run `polite filter` first")
         return
     delta = change["kept_new"] - change["kept_now"]
-    console.print(f"dry run, rethreshold (settings {change['settings_hash']}; scorers {scorers}): of "
+    _say(f"dry run, rethreshold (settings {change['settings_hash']}; scorers {scorers}): of "
                   f"{change['decided']} filtered rewrites, kept {change['kept_now']} -> {change['kept_new']} "
-                  f"({delta:+d}); nothing written", highlight=False)  # fmt: skip
+                  f"({delta:+d}); nothing written")  # fmt: skip
 
     def by(counts: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0]))))
 
     if change["now_kept"]:
-        console.print(f"  would drop {sum(change['now_kept'].values())} kept now, by: {by(change['now_kept'])}",
-                      highlight=False)  # fmt: skip
+        _say(f"  would drop {sum(change['now_kept'].values())} kept now, by: {by(change['now_kept'])}")
     if change["now_dropped"]:
-        console.print(f"  would keep {sum(change['now_dropped'].values())} dropped now (by: "
-                      f"{by(change['now_dropped'])})", highlight=False)  # fmt: skip
+        _say(f"  would keep {sum(change['now_dropped'].values())} dropped now (by: "
+                      f"{by(change['now_dropped'])})")  # fmt: skip
     if change["dropped_by"]:
-        console.print(f"  dropped under these thresholds, by: {by(change['dropped_by'])}", highlight=False)
+        _say(f"  dropped under these thresholds, by: {by(change['dropped_by'])}")
     for source, (now, new) in sorted(change["by_source"].items()):
-        console.print(f"  {source}: kept {now} -> {new}", highlight=False)
+        _say(f"  {source}: kept {now} -> {new}")
