@@ -89,6 +89,8 @@ FROM runs r WHERE ($flow IS NULL OR r.flow = $flow) AND ($stored IS NULL OR list
 ORDER BY r.started_at DESC LIMIT $fetch
 """
 RUN_STATUSES = ("running", "completed", "failed", "interrupted")
+# the flows that record runs (flows/*.py, stage_run)
+FLOWS = ("factory", "ingest", "distort", "train_rewriter", "rewrite", "filter", "export")
 
 
 def recent_runs(
@@ -108,11 +110,24 @@ def recent_runs(
         sql = RECENT_RUNS_SQL.format(outcome=outcome)
         params = {"flow": flow, "stored": stored, "fetch": limit if stored is None else 1 << 31}
         rows = [_decode(r) for r in con.sql(sql, params=params).to_arrow_table().to_pylist()]
+        if flow is not None and not rows:
+            _check_flow_name(con, flow)
     for row in rows:
         if row["status"] == "running" and has_ended(row["host"], row["pid"]):
             row.update(status="interrupted", seconds=None, error=row["error"] or INTERRUPTED)
         row["left_s"] = _time_left(row)
     return [r for r in rows if status is None or r["status"] == status][:limit]
+
+
+def _check_flow_name(con, flow: str) -> None:
+    """A ``--flow`` that names no flow ever run here is a typo more often than a flow yet to run: say so."""
+    import difflib
+
+    known = sorted({r[0] for r in con.execute("SELECT DISTINCT flow FROM runs").fetchall()} | set(FLOWS))
+    if flow not in known:
+        close = difflib.get_close_matches(flow, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"--flow {flow!r} is not a flow (flows: {', '.join(known)}){hint}")
 
 
 def _time_left(row: dict[str, Any]) -> float | None:

@@ -239,6 +239,11 @@ def test_runs_filter_by_flow_and_status_an_interrupted_one_included(workspace):
     assert ids(flow="rewrite", limit=2) == ["run_e", "run_d"] and ids(status="failed", limit=1) == ["run_c"]
     with pytest.raises(ValueError, match="unknown run status 'done'; one of running, completed, failed, interrupted"):
         recent_runs(store, status="done")
+    # a flow with no runs yet lists nothing; a name no flow has is a typo
+    assert ids(flow="export") == []
+    with pytest.raises(ValueError, match="--flow 'rewirte' is not a flow .*; did you mean 'rewrite'"):
+        recent_runs(store, flow="rewirte")
+    assert CliRunner().invoke(app, ["runs", "-w", workspace.root, "--limit", "0"]).exit_code == 2
     out = CliRunner().invoke(app, ["runs", "-w", workspace.root, "--flow", "rewrite", "--status", "interrupted"],
                              env={"COLUMNS": "80"})  # fmt: skip
     assert out.exit_code == 0 and "run_d" in out.output and "run_e" not in out.output, out.output

@@ -262,7 +262,7 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def runs(
         workspace: WorkspaceOpt = None,
-        limit: Annotated[int, typer.Option(help="How many recent runs.")] = 20,
+        limit: Annotated[int, typer.Option(min=1, help="How many recent runs.")] = 20,
         flow: Annotated[str | None, typer.Option(help="Only runs of this flow (rewrite, filter, factory, ...).")] = None,
         status: Annotated[
             str | None, typer.Option(help="Only runs in this status: running, completed, failed or interrupted.")
