@@ -169,7 +169,9 @@ def train_rewriter_flow(
         training_set = write_training_set(data, ws.root, where=settings.pairs_where)
         n_pairs = pq.ParquetFile(training_set).metadata.num_rows
         if n_pairs == 0:
-            raise ValueError(
+            from models.train import NoTrainingPairs  # torch: only once there is something to say
+
+            raise NoTrainingPairs(
                 "no ok pairs to train on (check train.pairs_where, or run `polite distort` first)"
             )
         base_path = (

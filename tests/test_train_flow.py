@@ -149,7 +149,11 @@ def test_flow_fails_before_work_on_bad_settings(prefect_harness, workspace):
     with pytest.raises(ValueError, match=r"train.pairs_where \(--where\) \"p.methd = 'augment'\" is not a predicate"):
         train_rewriter_flow(config={"train": SETTINGS}, workspace=workspace.root, where="p.methd = 'augment'")
     assert LineageStore(workspace.db_path).query("SELECT * FROM runs WHERE flow = 'train_rewriter'").num_rows == 0
-    with pytest.raises(ValueError, match="no ok pairs"):
+    from models.train import NoTrainingPairs
+    from polite.errors import UserError
+
+    with pytest.raises(NoTrainingPairs, match="no ok pairs") as stopped:
         train_rewriter_flow(
             config={"train": SETTINGS}, workspace=workspace.root, where="p.method = 'retrieve'"
         )
+    assert isinstance(stopped.value, UserError)  # the CLI prints one line, Prefect's log no traceback
