@@ -224,6 +224,23 @@ def test_rerun_where_redoes_exactly_the_selection(prefect_harness, workspace, mo
     latest = _rows(workspace, "SELECT sample_id, attempt FROM lineage WHERE source = 'gqa'")
     assert {r["attempt"] for r in latest} == {2}
 
+    # a rerun whose sample fails keeps its earlier rewrite (--retry-failed does not take it): the command
+    # names the rerun that retries exactly the failed ones, and that rerun works once the image is back
+    (victim,) = _rows(workspace, "SELECT s.images[1] AS image_id, im.path FROM samples s JOIN images im "
+                                 "ON im.image_id = s.images[1] WHERE s.source = 'gqa' ORDER BY 1 LIMIT 1")  # fmt: skip
+    hit = {r["sample_id"] for r in _rows(workspace, "SELECT sample_id FROM samples WHERE source = 'gqa' "
+                                                    f"AND list_contains(images, '{victim['image_id']}')")}  # fmt: skip
+    image = Path(workspace.root) / victim["path"]
+    good = image.read_bytes()
+    image.write_bytes(good[: len(good) // 3])
+    again = CliRunner().invoke(app, ["rerun", "--where", "source = 'gqa'", "--workspace", workspace.root, *sets])
+    assert again.exit_code == 0 and f"{len(gqa) - len(hit)} ok, {len(hit)} failed" in again.output, again.output
+    suggested = " ".join(again.output.split()).split("retry them with `polite rerun --where \"")[1].split('\"`')[0]
+    assert {r["sample_id"] for r in _rows(workspace, f"SELECT sample_id FROM lineage WHERE {suggested}")} == hit
+    image.write_bytes(good)
+    retried = CliRunner().invoke(app, ["rerun", "--where", suggested, "--workspace", workspace.root, *sets])
+    assert retried.exit_code == 0 and f"{len(hit)} selected, {len(hit)} ok" in retried.output, retried.output
+
     refused = CliRunner().invoke(
         app, ["rerun", "--where", "true; DROP TABLE samples", "--workspace", workspace.root]
     )

@@ -194,10 +194,18 @@ def _report(summary: dict[str, Any]) -> None:
     if fitting:
         console.print(", ".join(fitting), highlight=False)
     if summary.get("failed"):
+        if summary.get("mode") == "rerun":
+            # --retry-failed takes samples with no ok rewrite; these keep the rewrite the rerun was to replace
+            failed = f"SELECT sample_id FROM rewrites WHERE run_id = '{summary.get('run_id')}' AND status = 'failed'"
+            retry = ("the failed samples keep their earlier rewrite; retry them with "
+                     f"`polite rerun --where \"sample_id IN ({failed})\"`")  # fmt: skip
+        else:
+            retry = "retry them with `polite rewrite --retry-failed`"
         console.print(
             "failures: polite sql \"SELECT error, count(*) FROM rewrites WHERE status = 'failed' GROUP BY 1\"; "
-            "retry them with `polite rewrite --retry-failed`",
+            + retry,
             highlight=False,
+            soft_wrap=True,
         )
 
 
