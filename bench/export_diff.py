@@ -2,7 +2,7 @@
 
 Builds N samples over 12 sources with one ok rewrite each, a second rewrite for 5% of them, 10 scores per
 rewrite and a decision per rewrite; export A publishes the 85% kept at first (two formats, as an export run
-writes them), export B the kept after 5% were rewritten, 3% dropped, 4% newly kept, 1% re-decided with a
+writes them), export B the kept after 5% were rewritten (half of them to the same text), 3% dropped, 4% newly kept, 1% re-decided with a
 paragraph cut and N/20 samples were ingested. Times `lineage.queries.export_diff` (the macro `export_diff` of views.sql and the report on it),
 median of the rounds, and checks its counts against the ones built.
 
@@ -34,12 +34,14 @@ def fill(store, n: int) -> dict[str, int]:
         con.execute("INSERT INTO samples (sample_id, source, task_type, status, ingested_at) SELECT 's_' || i, "
                     "'src' || (i % 12), 'vqa', 'ok', TIMESTAMP '2026-11-01' + to_days(CAST(i >= $n AS INTEGER) * 10) "
                     "FROM range($all) t(i)", params)  # fmt: skip
-        # first rewrites of every sample; second ones (i % 20 = 1) for 5% of the old samples, made later
+        # first rewrites of every sample; second ones (i % 20 = 1) for 5% of the old samples, made later, half of
+        # them with the same text (i % 40 = 1: a rerun that wrote it again)
         con.execute("INSERT INTO rewrites (rewrite_id, sample_id, model_id, settings_hash, attempt, status, output, "
                     "created_at) SELECT 'r_' || i, 's_' || i, 'm', 'h', 1, 'ok', 'The answer is ' || i || '.', "
                     "TIMESTAMP '2026-11-01' FROM range($all) t(i)", {"all": n + new})  # fmt: skip
         con.execute("INSERT INTO rewrites (rewrite_id, sample_id, model_id, settings_hash, attempt, status, output, "
-                    "created_at) SELECT 'r2_' || i, 's_' || i, 'm', 'h', 2, 'ok', 'It is ' || i || '.', "
+                    "created_at) SELECT 'r2_' || i, 's_' || i, 'm', 'h', 2, 'ok', "
+                    "CASE WHEN i % 40 = 1 THEN 'The answer is ' ELSE 'It is ' END || i || '.', "
                     "TIMESTAMP '2026-11-05' FROM range($n) t(i) WHERE i % 20 = 1", {"n": n})  # fmt: skip
         con.execute("INSERT INTO scores (rewrite_id, scorer, scorer_version, score, passed) SELECT r.rewrite_id, s.name, "
                     "'1', 0.5, true FROM rewrites r, (SELECT unnest($names) AS name) s",
@@ -69,18 +71,18 @@ def fill(store, n: int) -> dict[str, int]:
         con.execute("INSERT INTO export_items SELECT x, l.sample_id, l.rewrite_id FROM lineage l, "
                     "(SELECT unnest(['x_run_b_pf1m', 'x_run_b_llava']) AS x) WHERE l.kept")  # fmt: skip
     # of every 100 old samples (k = i % 100): removed, dropped since unless rewritten (k % 20 = 1, kept); added,
-    # newly kept; rewritten, every second rewrite (all of them in A: k < 85)
-    ks = range(100)
-    per_100 = {"removed": sum(k < 3 and k % 20 != 1 for k in ks), "added": sum(85 <= k < 89 for k in ks),
-               "rewritten": sum(k % 20 == 1 for k in ks), "recut": 1}  # fmt: skip
-    return {"added": per_100["added"] * (n // 100) + new, "removed": per_100["removed"] * (n // 100),
-            "rewritten": per_100["rewritten"] * (n // 100), "recut": per_100["recut"] * (n // 100),
+    # newly kept; rewritten or redone (the same text), every second rewrite (all of them in A: k < 85)
+    ks = range(200)
+    per_200 = {"removed": sum(k % 100 < 3 and k % 20 != 1 for k in ks), "added": sum(85 <= k % 100 < 89 for k in ks),
+               "rewritten": sum(k % 20 == 1 and k % 40 != 1 for k in ks), "redone": sum(k % 40 == 1 for k in ks),
+               "recut": 2}  # fmt: skip
+    return {**{change: count * (n // 200) for change, count in per_200.items()}, "added": per_200["added"] * (n // 200) + new,
             "new_samples": new}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1_000_000, help="samples at export A (a multiple of 100)")
+    parser.add_argument("--n", type=int, default=1_000_000, help="samples at export A (a multiple of 200)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
@@ -97,10 +99,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         t0 = time.perf_counter()
         report = export_diff(store, "run_a", "run_b")
         times.append(time.perf_counter() - t0)
-    counts = {**{k: report["counts"][k] for k in ("added", "removed", "rewritten", "recut")},
+    counts = {**{k: report["counts"][k] for k in ("added", "removed", "rewritten", "redone", "recut")},
               "new_samples": report["new_samples"]}
     assert counts == expected, (counts, expected)
-    items = sum(report["counts"][c] for c in ("same", "recut", "removed", "rewritten"))
+    items = sum(report["counts"][c] for c in ("same", "recut", "removed", "rewritten", "redone"))
     print(f"export A {items:,} items, B {items - report['counts']['removed'] + report['counts']['added']:,}: {counts}")
     print(f"export_diff  median {statistics.median(times):.2f} s  (rounds: {', '.join(f'{t:.2f}' for t in times)})")
     return {"export_diff_s": statistics.median(times)}

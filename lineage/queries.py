@@ -148,7 +148,7 @@ FROM exports WHERE export_id = $ref OR run_id = $ref GROUP BY ALL
 LATEST_EXPORT_RUNS_SQL = """
 SELECT coalesce(run_id, export_id) AS ref FROM exports GROUP BY 1 ORDER BY min(created_at) DESC LIMIT 2
 """
-CHANGES = ("added", "removed", "rewritten", "recut", "same")
+CHANGES = ("added", "removed", "rewritten", "redone", "recut", "same")
 # why a sample published in a is not in b, read from the lineage now
 REMOVED_WHY_SQL = """
 CASE WHEN rewrite_now IS DISTINCT FROM rewrite_a AND kept_now IS NULL THEN 'rewritten since, not filtered yet'
@@ -198,8 +198,8 @@ def export_diff(store: LineageStore, a: str | None = None, b: str | None = None,
             "removed_why": rows(f"SELECT {REMOVED_WHY_SQL} AS why, count(*) AS n FROM _diff WHERE change = 'removed' "
                                 "GROUP BY 1 ORDER BY 2 DESC, 1"),  # fmt: skip
             "examples": rows(
-                "SELECT * FROM (SELECT d.change, d.sample_id, d.source, coalesce(d.final_a, ra.output) AS output_a, "
-                "coalesce(d.final_b, rb.output) AS output_b, "
+                "SELECT * FROM (SELECT d.change, d.sample_id, d.source, coalesce(d.final_a, ra.output) AS text_a, "
+                "coalesce(d.final_b, rb.output) AS text_b, "
                 "row_number() OVER (PARTITION BY d.change ORDER BY d.sample_id) AS k FROM _diff d "
                 "LEFT JOIN rewrites ra ON ra.rewrite_id = d.rewrite_a LEFT JOIN rewrites rb ON rb.rewrite_id = d.rewrite_b "
                 f"WHERE d.change <> 'same') WHERE k <= {int(show)} ORDER BY change, sample_id"

@@ -238,12 +238,13 @@ def register(app: typer.Typer) -> None:
             console.print(f"{arrow}{side['ref']} ({', '.join(side['formats'])}: {side['n_items']} items, {when})",
                           highlight=False, soft_wrap=True)  # fmt: skip
         counts = report["counts"]
+        redone = f"redone {counts['redone']} (a new rewrite, the same text), " if counts["redone"] else ""
         recut = f"recut {counts['recut']} (the same rewrite, other paragraphs kept), " if counts["recut"] else ""
         console.print(f"added {counts['added']} ({report['new_samples']} new samples), removed {counts['removed']}, "
-                      f"rewritten {counts['rewritten']}, {recut}same {counts['same']}", highlight=False,
+                      f"rewritten {counts['rewritten']}, {redone}{recut}same {counts['same']}", highlight=False,
                       soft_wrap=True)  # fmt: skip
         table = Table(title="by source")
-        columns = [c for c in CHANGES if c != "recut" or counts["recut"]]
+        columns = [c for c in CHANGES if c not in ("redone", "recut") or counts[c]]
         for name in ("source", *columns):
             table.add_column(name, justify="left" if name == "source" else "right")
         for row in report["by_source"]:
@@ -252,9 +253,10 @@ def register(app: typer.Typer) -> None:
         if report["removed_why"]:
             why = ", ".join(f"{r['why']} {r['n']}" for r in report["removed_why"])
             console.print(f"removed, why (the lineage now): {why}", highlight=False, soft_wrap=True)
-        marks = {"added": "+", "removed": "-", "rewritten": "~", "recut": "%"}
+        marks = {"added": "+", "removed": "-", "rewritten": "~", "redone": "=", "recut": "%"}
         for ex in report["examples"]:
-            texts = [repr(_one_line(t, 120)) for t in (ex["output_a"], ex["output_b"]) if t is not None]
+            texts = [repr(_one_line(t, 120)) for t in (ex["text_a"], ex["text_b"]) if t is not None]
+            texts = texts[:1] if ex["change"] == "redone" else texts
             console.print(f"{marks[ex['change']]} {ex['sample_id']} {ex['source']}: {' -> '.join(texts)}",
                           highlight=False, markup=False, soft_wrap=True)  # fmt: skip
 
