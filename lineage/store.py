@@ -432,6 +432,14 @@ class LineageStore:
                 raise ReadOnlyQueryError(
                     f"refused: {exc}. `polite sql` only reads the lineage database."
                 ) from exc
+            except duckdb.InvalidInputException as exc:
+                if "read-only mode" not in str(exc):
+                    raise
+                # a SELECT whose CTE writes (WITH x AS (DELETE ... RETURNING *) SELECT ...)
+                raise ReadOnlyQueryError(
+                    "refused: the query writes (an INSERT, UPDATE or DELETE inside it). "
+                    "`polite sql` only reads the lineage database."
+                ) from None
             except (duckdb.CatalogException, duckdb.BinderException) as exc:
                 upgrade = self.not_upgraded(con)
                 if upgrade is None:
@@ -488,9 +496,17 @@ def check_read_only_sql(sql: str) -> None:
     if len(statements) != 1:
         raise ReadOnlyQueryError(f"give exactly one statement, got {len(statements)}")
     kind = statements[0].type.name
+    if kind == "MULTI":  # what DuckDB makes of a PIVOT that must first look up the values it pivots on
+        raise ReadOnlyQueryError(
+            "this statement runs as several (a PIVOT without an IN list first stores the values it pivots on), "
+            "which a read-only database refuses: name the values, e.g. "
+            "PIVOT rewrites ON status IN ('ok', 'failed') USING count(*) GROUP BY model_id"
+        )
     explained = _explained_kind(statements[0].query) if kind == "EXPLAIN" else "SELECT"
     if kind not in _ALLOWED or explained != "SELECT":
-        what = f"EXPLAIN of a {explained} statement is" if kind == "EXPLAIN" else f"{kind} statements are"
+        # the statement's own first word: CHECKPOINT parses as a CALL, which would puzzle its writer
+        said = next((t for t in statements[0].query.split() if t.isalpha()), kind).upper()
+        what = f"EXPLAIN of a {explained} statement is" if kind == "EXPLAIN" else f"{said} statements are"
         raise ReadOnlyQueryError(
             f"{what} refused: `polite sql` is read-only "
             "(no INSERT/UPDATE/DELETE/CREATE, ATTACH, COPY, INSTALL/LOAD or SET). Use SELECT."

@@ -244,6 +244,15 @@ def test_user_sql_explains_a_select_and_says_why_it_refuses_a_write(workspace):
         assert store.user_query(sql).num_rows > 0, sql
     with pytest.raises(ReadOnlyQueryError, match="EXPLAIN of a DELETE statement is refused"):
         store.user_query("EXPLAIN ANALYZE DELETE FROM samples")
+    # each refusal names what the user wrote, not the parser's statement type
+    with pytest.raises(ReadOnlyQueryError, match="^CHECKPOINT statements are refused"):
+        store.user_query("CHECKPOINT")
+    with pytest.raises(ReadOnlyQueryError, match=r"the query writes \(an INSERT, UPDATE or DELETE inside it\)"):
+        store.user_query("WITH gone AS (DELETE FROM samples RETURNING *) SELECT count(*) FROM gone")
+    with pytest.raises(ReadOnlyQueryError, match="a PIVOT without an IN list"):
+        store.user_query("PIVOT rewrites ON status USING count(*)")
+    # ... and the way it names works
+    assert store.user_query("PIVOT rewrites ON status IN ('ok', 'failed') USING count(*) GROUP BY model_id").num_rows == 0
 
 
 def test_user_sql_cannot_read_files(workspace, tmp_path):
