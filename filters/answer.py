@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from filters.base import QA_TYPES, ScoreInput, Scorer, fmt, sql_num, sql_str
+from filters.base import QA_TYPES, ScoreInput, Scorer, fmt, fmt_below, sql_fmt_below, sql_num, sql_str
 
 _WORD = re.compile(r"[a-z0-9]+")
 _NUMBER_WORDS = (
@@ -95,7 +95,7 @@ class AnswerScorer(Scorer):
             return super().reason(score, details)
         if details.get("kind") == "polarity":
             return f"answer {details['answer']!r} flipped to {details['said']!r}"
-        return f"answer {fmt(score)} < {fmt(self.settings.min_recall)} (missing: {', '.join(details.get('missing', []))})"
+        return f"answer {fmt_below(score, self.settings.min_recall)} < {fmt(self.settings.min_recall)} (missing: {', '.join(details.get('missing', []))})"
 
     def passes_sql(self, score: str, details: str) -> str:
         return f"({score} IS NOT NULL AND {score} >= {sql_num(float(self.settings.min_recall))})"
@@ -107,6 +107,6 @@ class AnswerScorer(Scorer):
             f"CASE WHEN {score} IS NULL THEN {super().reason_sql(score, details)} "
             f"WHEN {kind} = 'polarity' THEN 'answer ''' || json_extract_string({details}, '$.answer') "
             f"|| ''' flipped to ''' || json_extract_string({details}, '$.said') || '''' "
-            f"ELSE 'answer ' || printf('%.2f', {score}) || {sql_str(' < ' + fmt(self.settings.min_recall))} "
+            f"ELSE 'answer ' || {sql_fmt_below(score, self.settings.min_recall)} || {sql_str(' < ' + fmt(self.settings.min_recall))} "
             f"|| ' (missing: ' || coalesce({missing}, '') || ')' END"
         )

@@ -80,6 +80,19 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "null" if value is None else f"{value:.{digits}f}"
 
 
+def fmt_below(score: float, threshold: float) -> str:
+    """A score that missed ``threshold``, with the digits that show it: 0.399853 against 0.40 reads "0.3999",
+    not "0.40 < 0.40". ``sql_fmt_below`` writes the same text."""
+    return next((fmt(score, d) for d in (2, 4) if fmt(score, d) != fmt(threshold, d)), fmt(score, 6))
+
+
+def sql_fmt_below(score: str, threshold: float) -> str:
+    """``fmt_below`` in SQL, for a score column or expression."""
+    cases = " ".join(f"WHEN printf('%.{d}f', {score}) <> '{fmt(threshold, d)}' THEN printf('%.{d}f', {score})"
+                     for d in (2, 4))  # fmt: skip
+    return f"(CASE {cases} ELSE printf('%.6f', {score}) END)"
+
+
 def sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 

@@ -15,7 +15,17 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from filters.base import CAPTION_TYPES, Runtime, ScoreInput, Scorer, fmt, require, sql_num
+from filters.base import (
+    CAPTION_TYPES,
+    Runtime,
+    ScoreInput,
+    Scorer,
+    fmt,
+    fmt_below,
+    require,
+    sql_fmt_below,
+    sql_num,
+)
 from filters.models import cached, compute_precision, exclusive, resolve_ref
 from filters.text import split_sentences
 
@@ -184,7 +194,7 @@ class ClipScoreScorer(Scorer):
     def reason(self, score, details) -> str:
         if score is None:
             return super().reason(score, details)
-        return f"clipscore {fmt(score)} < {fmt(self.settings.threshold)} (no paragraph left)"
+        return f"clipscore {fmt_below(score, self.settings.threshold)} < {fmt(self.settings.threshold)} (no paragraph left)"
 
     def passes_sql(self, score: str, details: str) -> str:
         return f"({score} IS NOT NULL AND {score} >= {sql_num(float(self.settings.threshold))})"
@@ -192,7 +202,7 @@ class ClipScoreScorer(Scorer):
     def reason_sql(self, score: str, details: str) -> str:
         return (
             f"CASE WHEN {score} IS NULL THEN {super().reason_sql(score, details)} "
-            f"ELSE 'clipscore ' || printf('%.2f', {score}) || ' < {fmt(self.settings.threshold)} (no paragraph left)' END"
+            f"ELSE 'clipscore ' || {sql_fmt_below(score, self.settings.threshold)} || ' < {fmt(self.settings.threshold)} (no paragraph left)' END"
         )
 
     @staticmethod

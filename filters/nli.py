@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from filters.base import QA_TYPES, ScoreInput, Scorer, fmt, sql_num, strip_image_markers
+from filters.base import (
+    QA_TYPES,
+    ScoreInput,
+    Scorer,
+    fmt,
+    fmt_below,
+    sql_fmt_below,
+    sql_num,
+    strip_image_markers,
+)
 from filters.models import classify_pairs, load_sequence_classifier
 
 LABELS = ("entailment", "neutral", "contradiction")
@@ -95,7 +104,7 @@ class NLIScorer(Scorer):
             return super().reason(score, details)
         if self._contradiction(details):
             return f"nli contradiction {fmt(details['contradiction'])}"
-        return f"nli {fmt(score)} < {fmt(self.settings.min_score)}"
+        return f"nli {fmt_below(score, self.settings.min_score)} < {fmt(self.settings.min_score)}"
 
     def _probs_sql(self, details: str) -> tuple[str, str, str]:
         return tuple(f"CAST(json_extract({details}, '$.{name}') AS DOUBLE)" for name in LABELS)  # type: ignore[return-value]
@@ -112,5 +121,5 @@ class NLIScorer(Scorer):
         return (
             f"CASE WHEN {score} IS NULL THEN {super().reason_sql(score, details)} "
             f"WHEN {c} > {e} AND {c} > {n} THEN 'nli contradiction ' || printf('%.2f', {c}) "
-            f"ELSE 'nli ' || printf('%.2f', {score}) || ' < {fmt(self.settings.min_score)}' END"
+            f"ELSE 'nli ' || {sql_fmt_below(score, self.settings.min_score)} || ' < {fmt(self.settings.min_score)}' END"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from filters.base import ScoreInput, Scorer, fmt, sql_num, strip_image_markers
+from filters.base import ScoreInput, Scorer, fmt, fmt_below, sql_fmt_below, sql_num, strip_image_markers
 from filters.models import classify_pairs, load_sequence_classifier
 
 
@@ -60,7 +60,7 @@ class RewardScorer(Scorer):
     def reason(self, score, details) -> str:
         if score is None:
             return super().reason(score, details)
-        return f"{self.name} {fmt(score)} < {fmt(self.settings.min_score)}"
+        return f"{self.name} {fmt_below(score, self.settings.min_score)} < {fmt(self.settings.min_score)}"
 
     def passes_sql(self, score: str, details: str) -> str:
         if self.settings.min_score is None:
@@ -70,7 +70,7 @@ class RewardScorer(Scorer):
     def reason_sql(self, score: str, details: str) -> str:
         return (
             f"CASE WHEN {score} IS NULL THEN {super().reason_sql(score, details)} "
-            f"ELSE '{self.name} ' || printf('%.2f', {score}) || ' < {fmt(self.settings.min_score)}' END"
+            f"ELSE '{self.name} ' || {sql_fmt_below(score, self.settings.min_score)} || ' < {fmt(self.settings.min_score)}' END"
         )
 
 

@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from filters.base import CAPTION_TYPES, Runtime, ScoreInput, Scorer, fmt, require, sql_num
+from filters.base import (
+    CAPTION_TYPES,
+    Runtime,
+    ScoreInput,
+    Scorer,
+    fmt,
+    fmt_below,
+    require,
+    sql_fmt_below,
+    sql_num,
+)
 from filters.models import available_locally, cached, compute_precision, exclusive, load_kwargs, resolve_ref
 
 
@@ -107,7 +117,7 @@ class SemanticScorer(Scorer):
     def reason(self, score, details) -> str:
         if score is None:
             return super().reason(score, details)
-        return f"semantic {fmt(score)} < {fmt(self.settings.threshold)}"
+        return f"semantic {fmt_below(score, self.settings.threshold)} < {fmt(self.settings.threshold)}"
 
     def passes_sql(self, score: str, details: str) -> str:
         return f"({score} IS NOT NULL AND {score} >= {sql_num(float(self.settings.threshold))})"
@@ -115,5 +125,5 @@ class SemanticScorer(Scorer):
     def reason_sql(self, score: str, details: str) -> str:
         return (
             f"CASE WHEN {score} IS NULL THEN {super().reason_sql(score, details)} "
-            f"ELSE 'semantic ' || printf('%.2f', {score}) || ' < {fmt(self.settings.threshold)}' END"
+            f"ELSE 'semantic ' || {sql_fmt_below(score, self.settings.threshold)} || ' < {fmt(self.settings.threshold)}' END"
         )

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from difflib import SequenceMatcher
 from typing import Any
 
-from filters.base import ScoreInput, Scorer, fmt, require, sql_num
+from filters.base import ScoreInput, Scorer, fmt, fmt_below, require, sql_fmt_below, sql_num
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _WORD = re.compile(r"\w+")
@@ -137,7 +137,7 @@ class RougeScorer(Scorer):
     def reason(self, score, details) -> str:
         if score is None:
             return super().reason(score, details)
-        return f"rouge {fmt(score)} < {fmt(self.settings.min_score)}"
+        return f"rouge {fmt_below(score, self.settings.min_score)} < {fmt(self.settings.min_score)}"
 
     def passes_sql(self, score: str, details: str) -> str:
         minimum = self.settings.min_score
@@ -147,7 +147,7 @@ class RougeScorer(Scorer):
     def reason_sql(self, score: str, details: str) -> str:
         return (
             f"CASE WHEN {score} IS NULL THEN {super().reason_sql(score, details)} "
-            f"ELSE 'rouge ' || printf('%.2f', {score}) || ' < {fmt(self.settings.min_score)}' END"
+            f"ELSE 'rouge ' || {sql_fmt_below(score, self.settings.min_score)} || ' < {fmt(self.settings.min_score)}' END"
         )
 
 

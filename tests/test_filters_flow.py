@@ -228,7 +228,7 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
 
     store = populate(workspace)
     config = {
-        "filters": {**models, "shard_size": 4, "clipscore": {**models["clipscore"], "threshold": -1000.0}}
+        "filters": {**models, "shard_size": 4, "clipscore": {**models["clipscore"], "threshold": -100.0}}
     }
     summary = filter_flow(config=config, workspace=workspace.root)
     assert summary["rewrites"] == len(CASES) and summary["shards"] == 3
@@ -323,7 +323,7 @@ def test_filter_flow_records_resumes_rethresholds_and_reports(prefect_harness, w
         "filters": {
             **config["filters"],
             "semantic": {"threshold": 0.99},
-            "clipscore": {**models["clipscore"], "threshold": 1000.0},
+            "clipscore": {**models["clipscore"], "threshold": 100.0},
             "length": {"min_tokens": 12},
         }
     }
@@ -478,7 +478,7 @@ def test_a_rethreshold_dry_run_says_what_the_real_one_then_does_and_writes_nothi
     # the long caption kept so far is too long now, and a caption semantic similarity dropped (and CLIPScore would)
     # passes both
     new = {"filters": {**models, "length": {"min_tokens": 10, "max_tokens": 20}, "semantic": {"threshold": -1.0},
-                       "clipscore": {**models["clipscore"], "threshold": -1000.0}}}  # fmt: skip
+                       "clipscore": {**models["clipscore"], "threshold": -100.0}}}  # fmt: skip
     (config := Path(workspace.root) / "new.yaml").write_text(yaml.safe_dump(new))
     shown = CliRunner().invoke(app, ["filter", "-w", workspace.root, "-c", str(config), "--rethreshold", "--dry-run"],
                                env={"COLUMNS": "200"})  # fmt: skip

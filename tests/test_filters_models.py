@@ -159,7 +159,7 @@ def test_reward_scores_rewrite_and_raw_with_one_model(tiny):
 
 def test_clipscore_per_paragraph_removal_and_bad_image_isolation(tiny):
     clip = tiny["clip"]
-    settings = FilterSettings(clipscore={**clip, "threshold": -1000.0}).clipscore
+    settings = FilterSettings(clipscore={**clip, "threshold": -100.0}).clipscore
     scorer = ClipScoreScorer(settings)
     text = "A red square fills the frame. It is bright.\n\n  \nThe colour is uniform.\n\nNothing else is visible."
     assert split_paragraphs(text) == [
@@ -192,7 +192,7 @@ def test_clipscore_per_paragraph_removal_and_bad_image_isolation(tiny):
     kept, removed = keep_paragraphs(text, scores, middle)
     assert len(removed) == 1 and kept.count("\n\n") == 1
     con = duckdb.connect()
-    for threshold in (middle, -1000.0, 1000.0):
+    for threshold in (middle, -100.0, 100.0):
         cut = ClipScoreScorer(FilterSettings(clipscore={**clip, "threshold": threshold}).clipscore)
         final_sql, removed_sql = cut.final_output_sql("t", cut.paragraph_scores_sql("d"))
         got = con.execute(

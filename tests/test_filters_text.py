@@ -172,3 +172,22 @@ def test_rouge_is_the_rouge_l_f_measure_against_the_raw_annotation_and_drops_onl
     assert RougeScorer(RougeSettings()).measure([plural])[0][0] == 0.8
     assert RougeScorer(RougeSettings(use_stemmer=False)).measure([plural])[0][0] == 0.4
     assert RougeScorer(RougeSettings()).version == strict.version != RougeScorer(RougeSettings(use_stemmer=False)).version
+
+
+@pytest.mark.parametrize("score", [0.3, 0.399853, 0.39996, 0.4 - 1e-9])
+def test_a_score_just_under_its_threshold_reads_under_it_in_python_and_sql(score):
+    """Two digits made 0.399853 against 0.40 read "0.40 < 0.40": the reason shows the digits that tell them
+    apart, the same in Python and SQL (thresholds are re-decided in SQL)."""
+    from filters.reward import RewardScorer
+    from filters.semantic import SemanticScorer
+    from filters.text import RougeScorer
+
+    settings = FilterSettings(semantic={"threshold": 0.4}, rouge={"min_score": 0.4}, reward={"min_score": 0.4})
+    con = duckdb.connect()
+    for scorer in (SemanticScorer(settings.semantic, model_ref="unused"), RougeScorer(settings.rouge),
+                   RewardScorer(settings.reward)):  # fmt: skip
+        reason = scorer.reason(score, {})
+        sql = f"SELECT {scorer.reason_sql('s', 'NULL')} FROM (SELECT ?::DOUBLE AS s)"
+        assert reason == con.execute(sql, [score]).fetchone()[0]
+        shown = float(reason.split()[1])
+        assert shown < 0.4 or reason.endswith("0.400000 < 0.40"), reason  # beyond 6 digits: as close as it gets
