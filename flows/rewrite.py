@@ -59,6 +59,11 @@ def model_folder(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[t
     if path and not Path(path).exists() and ws.local and (Path(ws.root) / path).exists():
         path = str(Path(ws.root) / path)  # --model models/rewriter-...: a folder named inside the workspace
     if not path or not Path(path).exists():
+        if row is None and ref and ref.startswith("m_") and "/" not in ref:  # an id, not a folder
+            raise ConfigError(
+                f"rewriter {ref!r}: no model with that id in the lineage and no folder of that name; its models: "
+                "polite sql \"SELECT model_id, kind, path, created_at FROM models\""
+            )
         raise ConfigError(f"rewriter {ref or (row and row[0])!r}: no model folder at {path!r}")
     return row, path
 

@@ -306,6 +306,7 @@ def test_a_missing_rewriter_stops_before_a_flow_starts(workspace, monkeypatch):
 
     monkeypatch.setattr(flows.rewrite.rewrite_flow, "with_options", lambda **kw: started)
     for args, message in ((["--model", "/nonexistent"], "rewriter '/nonexistent': no model folder at '/nonexistent'"),
+                          (["--model", "m_deadbeef"], "rewriter 'm_deadbeef': no model with that id in the lineage"),
                           ([], "no rewriter in the lineage yet")):  # fmt: skip
         result = CliRunner().invoke(app, ["rewrite", "--workspace", workspace.root, *args])
         assert result.exit_code == 2 and message in result.output, result.output
