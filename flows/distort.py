@@ -18,6 +18,7 @@ from flows.common import StageRun, logger, map_shards, stage_run
 from lineage.store import LineageStore
 from polite.config import ConfigError, FactoryConfig, resolve_config
 from polite.config.distort import METHODS, DistortSettings, MixEntry
+from polite.errors import NoTrainingPairs
 from polite.ids import stable_hash
 from polite.shards import chunked, read_table, write_table_atomic
 from polite.workspace import Workspace
@@ -202,8 +203,10 @@ def write_training_set(
     where: str | None = None,
     out: str | None = None,
     format: Literal["parquet", "datasets"] = "parquet",
+    allow_empty: bool = True,
 ) -> str:
-    """Export the ok pairs as the rewriter's training set; returns where it was written.
+    """Export the ok pairs as the rewriter's training set; returns where it was written. ``allow_empty=False``:
+    stop with ``NoTrainingPairs`` instead of writing a training set without a row.
 
     Reads the lineage read-only. ``where`` is an SQL predicate over ``pairs p`` and ``samples s`` (e.g.
     ``p.method <> 'retrieve' AND s.source = 'llava'``). Default ``out``: ``<workspace>/exports/training_set/``.
@@ -235,6 +238,9 @@ def write_training_set(
     table, unresolved = training_rows(pairs, {r["image_id"]: ws.locate(r["path"]) for r in images})
     if unresolved:
         logger().warning("%d pairs left out: their images are not in the images table (e.g. %s)", len(unresolved), unresolved[0])
+    if not allow_empty and table.num_rows == 0:
+        raise NoTrainingPairs(f"no ok pairs{' match --where' if where else ''}: nothing written (run "
+                              "`polite distort` first, or loosen --where)")  # fmt: skip
     if out is None:
         tag = stable_hash("training-set", where or "", length=10)
         out = ws.url("exports", "training_set", f"pairs-{tag}" + (".parquet" if format == "parquet" else ""))

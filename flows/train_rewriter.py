@@ -22,6 +22,7 @@ from flows.common import logger, stage_run
 from lineage.store import LineageStore
 from polite.config import ConfigError, resolve_config
 from polite.config.train import TrainSettings
+from polite.errors import NoTrainingPairs
 from polite.ids import stable_hash
 from polite.workspace import Workspace
 
@@ -169,8 +170,6 @@ def train_rewriter_flow(
         training_set = write_training_set(data, ws.root, where=settings.pairs_where)
         n_pairs = pq.ParquetFile(training_set).metadata.num_rows
         if n_pairs == 0:
-            from models.train import NoTrainingPairs  # torch: only once there is something to say
-
             raise NoTrainingPairs(
                 "no ok pairs to train on (check train.pairs_where, or run `polite distort` first)"
             )

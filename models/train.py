@@ -31,7 +31,7 @@ from models.train_data import (
     read_training_set,
     split_heldout,
 )
-from polite.errors import UserError
+from polite.errors import NoTrainingPairs
 
 DONE_FILE = "training.json"
 # settings that say where, how fast or how long training runs: a checkpoint may be resumed with other values
@@ -377,10 +377,6 @@ def _run_key(training_digest: str, base_spec: FlamingoSpec, s, seed: int, groups
 
 
 PROBE_PAIRS = 64  # training pairs whose images are read before the first step
-
-
-class NoTrainingPairs(UserError, ValueError):
-    """Nothing in the training set can be trained on; the message says what was skipped and why."""
 
 
 def _all_unreadable(training_set, n_pairs: int, problems: dict[str, str | None]) -> None:

@@ -10,3 +10,7 @@ it is a bug to read.
 
 class UserError(Exception):
     """A failure whose message says what to fix; mixed into the concrete error classes."""
+
+
+class NoTrainingPairs(UserError, ValueError):
+    """Nothing in the training set can be trained on; the message says what was skipped and why."""

@@ -162,8 +162,22 @@ def test_distort_flow_resumes_retries_and_exports(prefect_harness, workspace, tm
     (written,) = (workspace.db_path.parent / "exports" / "training_set").glob("pairs-*.parquet")
     default = pq.read_table(written)
     assert default.num_rows == 6 and set(default.column("method").to_pylist()) == {"retrieve"}
+    assert "wrote the training set (6 pairs) to" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["distort", "-w", ws, "--where", "true"])
     assert result.exit_code == 2 and "--where only applies" in result.output
+    # a selection without a pair writes nothing and says so
+    empty = CliRunner().invoke(app, ["distort", "-w", ws, "--export-training-set", str(tmp_path / "none.parquet"),
+                                     "--where", "p.method = 'nothing'"])  # fmt: skip
+    assert empty.exit_code == 2 and "no ok pairs match --where: nothing written" in empty.output, empty.output
+    assert not (tmp_path / "none.parquet").exists()
+    # a misspelt method stops before any flow run; a run that has nothing to do says so in words
+    typo = CliRunner().invoke(app, ["distort", "-w", ws, "--method", "augmnt"])
+    assert typo.exit_code == 2 and "--method augmnt: not a method; choose from llm, augment, retrieve" in typo.output
+    made = CliRunner().invoke(app, ["distort", "-w", ws, "--method", "augment"])  # the demo config's variant
+    assert made.exit_code == 0 and "distort augment: 11 samples selected, pairs 11 ok" in made.output, made.output
+    done = CliRunner().invoke(app, ["distort", "-w", ws, "--method", "augment"])
+    assert done.exit_code == 0, done.output
+    assert "distort augment: 0 samples selected" in done.output and "nothing to do" in done.output
 
 
 def test_bad_settings_fail_before_any_work(workspace):

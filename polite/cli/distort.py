@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from typing import Annotated
 
@@ -59,17 +58,49 @@ def register(app: typer.Typer) -> None:
         """
         cfg = stage_config(config)
         if export_training_set is not None:
-            from flows.distort import write_training_set
-
-            out = None if export_training_set == "-" else export_training_set
-            path = write_training_set(cfg.model_dump(mode="json", by_alias=True), workspace, where, out, format.value)
-            console.print(f"wrote the training set to {path}")
+            _export_training_set(cfg, workspace, where, export_training_set, format.value)
             return
         if where is not None:
             raise ValueError("--where only applies with --export-training-set")
-        from flows.distort import distort_flow
+        from flows.distort import METHODS, distort_flow
 
+        unknown = sorted(set(method or []) - set(METHODS))
+        if unknown:  # here, not in the flow: before a Prefect server starts and a flow run fails
+            raise ValueError(f"--method {', '.join(unknown)}: not a method; choose from {', '.join(METHODS)}")
         summary = distort_flow(
             config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace, retry_failed=retry_failed, methods=method or None
         )
-        console.print_json(json.dumps(summary, default=str))
+        for line in summary_lines(summary):
+            console.print(line, highlight=False, soft_wrap=True)
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The distort flow's counts (``<method>_selected``, ``<method>_<status>``), one line per method."""
+    if summary.get("enabled") is False:
+        return ["distort: disabled in the config (distort.enabled: false)"]
+    methods = sorted({key.rsplit("_", 1)[0] for key in summary if key.endswith("_selected")})
+    lines = []
+    for m in methods:
+        made = ", ".join(f"{summary[key]} {key.rsplit('_', 1)[1]}" for key in sorted(summary)
+                         if key.startswith(f"{m}_") and key != f"{m}_selected")  # fmt: skip
+        lines.append(f"distort {m}: {summary[f'{m}_selected']} samples selected" + (f", pairs {made}" if made else ""))
+    if not any(summary.get(f"{m}_selected") for m in methods):
+        lines.append("nothing to do: every selected sample has its pairs under these settings (--retry-failed "
+                     "redoes failed ones)")  # fmt: skip
+    return lines
+
+
+def _export_training_set(cfg, workspace: str | None, where: str | None, out: str, format: str) -> None:
+    from flows.distort import write_training_set
+
+    path = write_training_set(cfg.model_dump(mode="json", by_alias=True), workspace, where,
+                              None if out == "-" else out, format, allow_empty=False)  # fmt: skip
+    if format == "parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(path).metadata.num_rows
+    else:
+        import datasets
+
+        rows = datasets.load_from_disk(path).num_rows
+    console.print(f"wrote the training set ({rows} pairs) to {path}", highlight=False, soft_wrap=True)
