@@ -19,13 +19,16 @@ _EXPLAIN_PARTS: dict[str, str] = {
     "generate_subscripts(images, 1) AS pos FROM samples WHERE sample_id = $id) u "
     "LEFT JOIN images i USING (image_id) ORDER BY u.pos",
     "pairs": "SELECT * FROM pairs WHERE sample_id = $id ORDER BY created_at, pair_id",
-    "rewrites": "SELECT * FROM rewrites WHERE sample_id = $id ORDER BY created_at, attempt, rewrite_id",
+    # current: the rewrite the lineage view reads (the latest ok one), and its latest decision
+    "rewrites": "SELECT *, rewrite_id IN (SELECT rewrite_id FROM latest_rewrites WHERE sample_id = $id) AS current "
+    "FROM rewrites WHERE sample_id = $id ORDER BY created_at, attempt, rewrite_id",
     "models": "SELECT * FROM models WHERE model_id IN (SELECT model_id FROM rewrites WHERE sample_id = $id) "
     "ORDER BY created_at, model_id",
     "scores": "SELECT sc.* FROM scores sc JOIN rewrites r USING (rewrite_id) WHERE r.sample_id = $id "
     "ORDER BY sc.created_at, sc.scorer",
-    "decisions": "SELECT d.* REPLACE (coalesce(d.thresholds, ds.thresholds) AS thresholds) FROM decisions d "
-    "JOIN rewrites r ON r.rewrite_id = d.rewrite_id "
+    "decisions": "SELECT d.* REPLACE (coalesce(d.thresholds, ds.thresholds) AS thresholds), d.decision_id IN ("
+    "SELECT decision_id FROM latest_decisions WHERE rewrite_id IN (SELECT rewrite_id FROM latest_rewrites "
+    "WHERE sample_id = $id)) AS current FROM decisions d JOIN rewrites r ON r.rewrite_id = d.rewrite_id "
     "LEFT JOIN decision_settings ds ON ds.settings_hash = d.settings_hash WHERE r.sample_id = $id "
     "ORDER BY d.decided_at",
     "exports": "SELECT e.*, ei.rewrite_id FROM export_items ei JOIN exports e USING (export_id) "

@@ -513,6 +513,12 @@ def test_explain_names_every_run_model_and_image_of_a_sample(workspace):
     ]  # fmt: skip
     assert [m["model_id"] for m in report["models"]] == ["m"]
     assert [r["rewrite_id"] for r in report["rewrites"]] == ["r_a1", "r_a2", "r_a3"]
+    # `current`: the rewrite and the decision the lineage view reads, one of each
+    (now,) = store.query("SELECT l.rewrite_id, d.decision_id FROM lineage l JOIN latest_decisions d USING (rewrite_id) "
+                         "WHERE l.sample_id = 's_a'").to_pylist()  # fmt: skip
+    assert [r["rewrite_id"] for r in report["rewrites"] if r["current"]] == [now["rewrite_id"]]
+    assert [d["decision_id"] for d in report["decisions"] if d["current"]] == [now["decision_id"]]
+    assert len(report["decisions"]) > 1
 
 
 def test_sql_writes_list_columns_as_csv_and_explain_prints_every_part(workspace):
@@ -542,6 +548,8 @@ def test_sql_writes_list_columns_as_csv_and_explain_prints_every_part(workspace)
     shown = CliRunner().invoke(app, ["explain", "s_a", *ws])
     assert shown.exit_code == 0, shown.output
     assert "models (0)" in shown.output and "rewrites (3)" in shown.output and '"image_id": "i_b"' in shown.output
+    assert sum(line.startswith('* {"rewrite_id"') for line in shown.output.splitlines()) == 1
+    assert '"selection"' not in shown.output and '"current"' not in shown.output
     as_json = CliRunner().invoke(app, ["explain", "s_a", "--json", *ws])
     assert [(i["path"], i["file"]) for i in json.loads(as_json.stdout)["images"]] == [
         ("/abs/b.jpg", "/abs/b.jpg"), ("images/a.jpg", f"{workspace.root}/images/a.jpg")]  # where each file is now

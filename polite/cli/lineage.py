@@ -206,12 +206,19 @@ def register(app: typer.Typer) -> None:
                     "instruction", "raw_response", "meta"):  # fmt: skip
             if sample.get(key) not in (None, "", {}):
                 console.print(f"[bold]{key}:[/] {sample[key]}", highlight=False)
+        # the long ones (a run's whole config, an export's selection SQL, the same for its every format) are in
+        # --json and in SQL; `current` marks the rewrite and decision the lineage view reads, with a `*`
+        left_out = ("config", "selection", "current")
         for part in ("images", "pairs", "rewrites", "models", "scores", "decisions", "exports", "runs"):
             rows = report[part]
             console.print(f"\n[bold]{part}[/] ({len(rows)})")
             for row in rows:
-                shown = {k: v for k, v in row.items() if v not in (None, "") and k not in ("config",)}
-                console.print("  " + json.dumps(shown, default=str, ensure_ascii=False), highlight=False, soft_wrap=True)
+                shown = {k: v for k, v in row.items() if v not in (None, "") and k not in left_out}
+                mark = "* " if row.get("current") else "  "
+                console.print(mark + json.dumps(shown, default=str, ensure_ascii=False), highlight=False,
+                              markup=False, soft_wrap=True)  # fmt: skip
+        console.print("\n* the rewrite and the decision the lineage view reads now. Each export's selection and "
+                      "each run's config: --json", highlight=False, soft_wrap=True)  # fmt: skip
 
     @app.command("diff")
     @user_errors
