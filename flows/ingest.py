@@ -12,6 +12,7 @@ from flows.common import logger, map_shards, stage_run
 from polite.config import ConfigError, SourceSpec, resolve_config
 from polite.workspace import Workspace
 from tasks.ingest import ingest_shard_task, plan_source
+from tasks.sources import get_adapter
 
 COUNTS = ("ok", "failed", "skipped", "duplicates")
 # The summary names at most this many of a source's repeated sample ids; the lineage holds them all
@@ -122,11 +123,14 @@ def ingest_flow(
     workspace: str | None = None,
     parent_run_id: str | None = None,
     sources: list[dict] | None = None,
+    retry_failed: bool = False,
 ) -> dict:
     """Ingest ``sources`` (default: ``config.ingest.sources``) into the workspace's samples and images tables.
 
     Every source is opened and its columns checked before any shard runs. Re-running gives the same sample ids
-    and adds nothing; a run that stopped part-way resumes (finished shards are reused).
+    and adds nothing; a run that stopped part-way resumes (finished shards are reused). ``retry_failed`` reads
+    the finished shards that hold failed samples again (after fixing image files: they are not part of a
+    shard's fingerprint), and failed samples that now map replace their failed records.
     """
     cfg = resolve_config(config)
     specs = _specs(cfg, sources)
@@ -134,8 +138,10 @@ def ingest_flow(
     labels = [spec.label for spec in specs]
     if len(set(labels)) != len(labels):  # checked before any source is opened (a Hub load, the demo's generation)
         raise ConfigError(f"two sources share a label {labels}: give each a distinct `name`")
+    for spec in specs:  # adapter options and mappings, before the workspace is made or a source opened
+        get_adapter(spec)
     ws = Workspace.resolve(workspace or cfg.workspace).ensure()
-    plans = [plan_source(spec, ws.root, cfg.ingest.shard_size) for spec in specs]
+    plans = [plan_source(spec, ws.root, cfg.ingest.shard_size, retry_failed) for spec in specs]
 
     summary: dict[str, Any] = {"sources": {}}
     for plan in plans:

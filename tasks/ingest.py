@@ -50,8 +50,11 @@ def _spec_dict(spec: SourceSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", by_alias=True)
 
 
-def plan_source(spec: SourceSpec, workspace_root: str, shard_size: int) -> SourcePlan:
-    """Open the source and check its columns (raises ``SourceError`` naming the missing ones), then cut shards."""
+def plan_source(spec: SourceSpec, workspace_root: str, shard_size: int, retry_failed: bool = False) -> SourcePlan:
+    """Open the source and check its columns (raises ``SourceError`` naming the missing ones), then cut shards.
+
+    With ``retry_failed`` a finished shard that holds failed samples is read again rather than reused.
+    """
     if spec.from_ and looks_local(spec.from_):  # shard items must mean the same on any worker
         spec = spec.model_copy(update={"from_": str(Path(os.path.expanduser(spec.from_)).resolve())})
     adapter = get_adapter(spec, workspace_root)
@@ -77,6 +80,7 @@ def plan_source(spec: SourceSpec, workspace_root: str, shard_size: int) -> Sourc
                 "stop": stop,
                 "samples_url": ws.url("shards", "samples", spec.label, name),
                 "images_url": ws.url("shards", "images", spec.label, name),
+                "retry_failed": retry_failed,
             }
         )
     return plan
@@ -97,7 +101,12 @@ def ingest_shard(item: dict[str, Any]) -> dict[str, Any]:
     result = {"source": item["label"], "samples": item["samples_url"], "images": item["images_url"],
               "rows": item["stop"] - item["start"]}
     if exists(item["samples_url"]) and exists(item["images_url"]):
-        return result | _read_counts(item["samples_url"]) | {"reused": True}
+        counts = _read_counts(item["samples_url"])
+        # The fingerprint covers the data files, not the image files they name: after fixing an image on disk,
+        # --retry-failed reads the shards that hold failed samples again (the flow then replaces the failed
+        # samples that come back ok; ok samples are never touched).
+        if not (item.get("retry_failed") and counts.get("failed")):
+            return result | counts | {"reused": True}
 
     spec = SourceSpec.model_validate(item["spec"])
     ws = Workspace.resolve(item["workspace"])

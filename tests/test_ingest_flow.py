@@ -40,6 +40,29 @@ def test_re_ingesting_fixed_data_repairs_failed_samples_only(prefect_harness, wo
             assert after[sid] == row
 
 
+def test_retry_failed_reads_again_the_shards_whose_images_were_fixed_on_disk(prefect_harness, workspace, tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "good.png").write_bytes(fixtures.png(1))
+    rows = [{"qid": "a", "image": "img/good.png", "answer": "red"}, {"qid": "b", "image": "img/later.png", "answer": "blue"},
+            {"qid": "c", "image": "img/good.png", "answer": ""}]  # fmt: skip
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"adapter": "generic", "name": "fix", "from": str(tmp_path / "x.jsonl"),
+            "mapping": {"task_type": "caption", "key": "qid", "image": "image", "response": "answer"}}
+    ingest_flow(workspace=workspace.root, sources=[spec])
+    store = LineageStore(workspace.db_path)
+    query = "SELECT source_key, status, error, run_id, ingested_at FROM samples ORDER BY source_key"
+    before = _one(store, query)
+    assert [r["status"] for r in before] == ["ok", "failed", "failed"] and "not found" in before[1]["error"]
+    (tmp_path / "img" / "later.png").write_bytes(fixtures.png(2))  # the data file is unchanged
+    plain = ingest_flow(workspace=workspace.root, sources=[spec])
+    assert plain["failed"] == 2 and _one(store, query) == before  # its shard is reused
+    retried = ingest_flow(workspace=workspace.root, sources=[spec], retry_failed=True)
+    after = _one(store, query)
+    assert retried["failed"] == 1 and [r["status"] for r in after] == ["ok", "ok", "failed"]
+    assert after[0] == before[0] and after[2] == before[2]  # the others are untouched
+    assert after[1]["run_id"] == retried["run_id"]
+
+
 @pytest.mark.slow
 def test_flow_ingests_the_demo_and_re_ingest_adds_nothing(prefect_harness, workspace):
     config = {"ingest": {"sources": [{"adapter": "demo", "options": {"scenes": 40}}], "shard_size": 64}}

@@ -25,6 +25,8 @@ Examples:
 
   polite ingest generic --from data.parquet --mapping mapping.yaml --name my_vqa
 
+  polite ingest generic --from data.parquet --mapping mapping.yaml --name my_vqa --retry-failed
+
   polite ingest --config configs/pf1m.yaml
 """
 
@@ -41,18 +43,56 @@ def _options(pairs: list[str]) -> dict:
     return options
 
 
+# What people call a mapping key, and the key they mean: a spelling match alone suggests 'options' for 'question'.
+MAPPING_SYNONYMS = {
+    "question": "instruction", "prompt": "instruction", "query": "instruction",
+    "answer": "response", "caption": "response", "target": "response", "output": "response",
+    "id": "key", "choices": "options", "img": "image", "image_path": "image",
+}
+
+
 def _mapping(path: str) -> dict:
+    """The ``--mapping`` file, validated here so that its errors name the file (not the command line's config)."""
     from pathlib import Path
 
     import yaml
+    from pydantic import ValidationError
+
+    from polite.config import ConfigError
+    from polite.config.ingest import ColumnMapping
 
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(f"--mapping {path}: no such file")
-    data = yaml.safe_load(file.read_text())
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--mapping {path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--mapping {path} must hold a mapping (task_type, response, ...)")
+    try:
+        ColumnMapping.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_mapping_errors(exc, path)) from None
     return data
+
+
+def _mapping_errors(exc, path: str) -> str:
+    import difflib
+
+    from polite.config.ingest import ColumnMapping
+
+    keys = list(ColumnMapping.model_fields)
+    lines = [f"invalid --mapping {path}:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            name = str(err["loc"][-1])
+            close = MAPPING_SYNONYMS.get(name.lower()) or next(iter(difflib.get_close_matches(name, keys, 1, 0.5)), None)
+            message = "unknown key" + (f"; did you mean {close!r}?" if close else "") + f" (keys: {', '.join(keys)})"
+        lines.append(f"  - {where}: {message}")
+    return "\n".join(lines)
 
 
 def list_adapters() -> None:
@@ -87,6 +127,7 @@ def register(app: typer.Typer) -> None:
         mapping: Annotated[str | None, typer.Option("--mapping", help="YAML column mapping for the generic adapter (see docs/ingest.md).")] = None,
         option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Adapter option KEY=VALUE (repeatable), e.g. image_folder=DIR, boxes_from=DIR.")] = None,
         shard_size: Annotated[int | None, typer.Option("--shard-size", min=1, help="Rows per shard (default from config: 2000).")] = None,
+        retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Read the shards that hold failed samples again (after fixing image files); failed samples that now map replace their failed records.")] = False,
         list_: Annotated[bool, typer.Option("--list", help="List the adapters and exit.")] = False,
         workspace: WorkspaceOpt = None,
         config: ConfigOpt = None,
@@ -103,7 +144,7 @@ def register(app: typer.Typer) -> None:
         data = cfg.model_dump(mode="json", by_alias=True)
         if shard_size:
             data["ingest"]["shard_size"] = shard_size
-        sources = None
+        sources, checked = None, cfg
         if source is not None:
             spec = {"adapter": source, "from": from_, "split": split, "limit": limit, "config_name": config_name,
                     "revision": revision, "name": name, "options": _options(option or [])}
@@ -113,15 +154,20 @@ def register(app: typer.Typer) -> None:
             # validated here, not only in the flow: a bad source is one line, not a flow run's traceback
             from polite.config import parse_config
 
-            parse_config({**data, "ingest": {**data["ingest"], "sources": sources}}, origin="(command line)")
+            checked = parse_config({**data, "ingest": {**data["ingest"], "sources": sources}}, origin="(command line)")
         elif any(v is not None for v in (from_, split, limit, config_name, revision, name, mapping)) or option:
             raise ValueError("--from/--split/--limit/... need a SOURCE (an adapter name; see --list)")
         from prefect.task_runners import ThreadPoolTaskRunner
 
         from flows.ingest import ingest_flow
+        from tasks.sources import get_adapter
 
+        for spec in checked.ingest.sources:  # adapter options too, before a flow run starts
+            get_adapter(spec)
         runner = ThreadPoolTaskRunner(max_workers=cfg.runner.max_workers)
-        summary = ingest_flow.with_options(task_runner=runner)(config=data, workspace=workspace, sources=sources)
+        summary = ingest_flow.with_options(task_runner=runner)(
+            config=data, workspace=workspace, sources=sources, retry_failed=retry_failed
+        )
         if summary.get("failed"):
             console.print(
                 f"{summary['failed']} failed sample(s): polite sql \"SELECT source, error, count(*) FROM samples "

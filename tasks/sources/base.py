@@ -7,6 +7,7 @@ and the bad-input policy (a bad row or image becomes a failed sample with the re
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from polite.config.ingest import SourceSpec
 from polite.ids import sample_id
 from polite.images import BadImageError, ImageStore
 from polite.record import IMAGE_MARKER, Sample
+from tasks.sources.lines import LINE_ERROR
 from tasks.sources.loading import SourceError, load_source, looks_local
 from tasks.sources.templates import render_instruction
 
@@ -68,11 +70,32 @@ class Adapter:
     key_column: ClassVar[str | None] = None
     summary: ClassVar[str] = ""
     version: ClassVar[str] = "1"  # bump when the mapping of rows changes: shard paths depend on it
+    # the options this adapter reads, besides `image_folder`, which every adapter takes (docs/ingest.md)
+    option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: SourceSpec, workspace_root: str | None = None):
         self.spec = spec
         self.workspace_root = workspace_root
         self.options = dict(spec.options)
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Fail before any work on an option this adapter does not read (a typo would be silently ignored)
+        or on an unusable value. Subclasses extend it to check their values."""
+        known = [*self.option_names, "image_folder"]
+        for name in self.options:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+                raise SourceError(
+                    f"source {self.spec.label!r} ({self.name} adapter): unknown option {name!r}"
+                    + (f"; did you mean {close[0]!r}?" if close else "") + f" (options: {', '.join(known)})"
+                )
+        folder = self.options.get("image_folder")
+        if folder is not None and (not isinstance(folder, str) or not Path(os.path.expanduser(folder)).is_dir()):
+            raise SourceError(
+                f"source {self.spec.label!r}: option image_folder {folder!r} is not a folder; "
+                "pass -o image_folder=DIR, the folder that relative image paths resolve against"
+            )
 
     # -- where the data is ---------------------------------------------------------------------------
     @property
@@ -180,8 +203,11 @@ def image_bytes(value: Any, roots: list[Path]) -> bytes:
         raise BadImageError(f"image value of unexpected type {type(value).__name__}")
     candidates = [Path(os.path.expanduser(value))] + [root / value for root in roots]
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate.read_bytes()
+        try:
+            if candidate.is_file():
+                return candidate.read_bytes()
+        except OSError as exc:  # unreadable (permissions, an I/O error): this sample fails, not its shard
+            raise BadImageError(f"cannot read image file {candidate}: {exc.strerror or exc}") from exc
     raise BadImageError(f"image file not found: {value}")
 
 
@@ -208,6 +234,8 @@ def failed_sample(
 
 def build_samples(adapter: Adapter, row: dict, index: int, ctx: RowContext) -> tuple[list[Sample], int]:
     """The records of one row, and 1 if the row was skipped. Never raises for bad input."""
+    if row.get(LINE_ERROR):  # a line of the file that could not be parsed (tasks/sources/lines.py)
+        return [failed_sample(adapter, ctx, str(index), 0, row[LINE_ERROR])], 0
     try:
         key = adapter.row_key(row, index)
     except Exception as exc:  # a broken key column still leaves a traceable record

@@ -123,6 +123,12 @@ class COCOCaptions(Adapter):
     columns = ("image", "answer", "id")
     key_column = "id"
     summary = "COCO captions: five captions (+ boxes via options.boxes_from) per image (caption)"
+    option_names = ("boxes_from", "boxes_split", "box_format", "boxes_revision")
+
+    def check_options(self) -> None:
+        super().check_options()
+        if self.options.get("box_format", "xyxy") not in BOX_FORMATS:
+            raise SourceError(f"options.box_format must be one of {BOX_FORMATS}, got {self.options['box_format']!r}")
 
     def prepare(self, dataset) -> None:
         self._boxes = None

@@ -64,6 +64,12 @@ class Demo(Adapter):
     columns = ("scene_id", "image", "scene")
     key_column = "scene_id"
     summary = "bundled synthetic scenes: 1 description + 2 polite QA answers (hq), 2 VQA + 1 caption (raw) per scene"
+    option_names = ("scenes", "seed")
+
+    def check_options(self) -> None:
+        super().check_options()
+        self._int_option("scenes", DEFAULT_SCENES, 1)
+        self._int_option("seed", 0, 0)
 
     @property
     def source(self) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
 from polite.config.ingest import ColumnMapping
-from tasks.sources.base import Adapter, Draft, RowError
+from polite.images import BadImageError
+from tasks.sources.base import Adapter, Draft, RowError, text_list
 from tasks.sources.loading import SourceError
 
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -48,6 +50,7 @@ class Generic(Adapter):
 
     name = "generic"
     summary = "any dataset, mapped by a ColumnMapping in config (--mapping FILE on the CLI)"
+    version = "2"  # 2: a string in `images` is one image; `options` must be a list; numbers are text
 
     def __init__(self, spec, workspace_root=None):
         super().__init__(spec, workspace_root)
@@ -55,6 +58,12 @@ class Generic(Adapter):
             raise SourceError(f"source {spec.label!r}: the generic adapter needs a `mapping` (see docs/ingest.md)")
         self.mapping: ColumnMapping = spec.mapping
         self.task_type = self.mapping.task_type
+        m = self.mapping
+        if m.task_type == "multiple_choice" and not m.options and not m.instruction_verbatim:
+            raise SourceError(
+                f"source {spec.label!r}: task_type multiple_choice templates list the options: map `options` "
+                "to a list column, or give the whole instruction with `instruction` and `instruction_verbatim: true`"
+            )
 
     @property
     def split(self) -> str | None:
@@ -77,24 +86,49 @@ class Generic(Adapter):
         m = self.mapping
         response = get_path(row, m.response)
         if isinstance(response, list):
-            if not all(isinstance(item, str) for item in response):
-                raise RowError(f"{m.response} holds non-string items")
-            response = m.response_join.join(item.strip() for item in response if item.strip())
-        images: list[Any] = []
-        if m.image:
-            images.append(get_path(row, m.image))
-        if m.images:
-            images.extend(get_path(row, m.images) or [])
+            items = [as_text(item, f"{m.response}[{i}]") for i, item in enumerate(response)]
+            if None in items:
+                raise RowError(f"{m.response}[{items.index(None)}] is missing (null)")
+            response = m.response_join.join(item.strip() for item in items if item.strip())
         instruction = get_path(row, m.instruction) if m.instruction else None
         if instruction is not None and not isinstance(instruction, str):
             raise RowError(f"{m.instruction} is not a string ({type(instruction).__name__})")
         if m.instruction and instruction is None:
             raise RowError(f"{m.instruction} is missing (null)")
-        options = get_path(row, m.options) if m.options else None
         verbatim = m.instruction_verbatim and instruction is not None
         yield Draft(
-            raw=response, task_type=m.task_type, images=images,
+            raw=as_text(response, m.response), task_type=m.task_type, images=self._images(row),
             question=None if verbatim else instruction, instruction=instruction if verbatim else None,
-            options=[str(o) for o in options] if options else None,
+            options=self._options(row) if m.options else None,
             meta={path: get_path(row, path) for path in m.meta},
         )
+
+    def _images(self, row: dict) -> list[Any]:
+        m = self.mapping
+        images: list[Any] = []
+        if m.image:
+            images.append(get_path(row, m.image))  # null fails the row in build_samples, as "image missing"
+        if m.images:
+            value = get_path(row, m.images)
+            if value is None or value == []:  # like a null `image`: a row without its image fails
+                raise BadImageError(f"{m.images} holds no image ({'null' if value is None else 'empty list'})")
+            # a single value (one path, one image struct) is one image, not a sequence of characters or keys
+            images.extend(value if isinstance(value, list) else [value])
+        return images
+
+    def _options(self, row: dict) -> list[str]:
+        name = self.mapping.options
+        value = get_path(row, name)
+        if isinstance(value, list):
+            value = [as_text(option, f"{name}[{i}]") for i, option in enumerate(value)]
+        return text_list(value, name)  # a string is not a list of options: "red or blue" would be r, e, d, ...
+
+
+def as_text(value: Any, what: str) -> Any:
+    """A mapped text value: a number counts as the text it was written as (a JSON answer ``3`` is "3");
+    null and empty strings pass through, for the record's own checks to name; any other type fails the row."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    if value is not None and not isinstance(value, str):
+        raise RowError(f"{what} is not a string ({type(value).__name__}: {str(value)[:40]})")
+    return value

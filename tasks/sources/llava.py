@@ -39,6 +39,7 @@ class LLaVAInstruct(Adapter):
     key_column = "id"
     summary = "LLaVA-Instruct: each gpt turn of a conversation (conversation; the high-quality side)"
     version = "2"  # 2: the row key adds a hash of the conversation (ids repeat across records)
+    option_names = ("file",)
 
     def _file(self) -> str:
         if self.options.get("file"):

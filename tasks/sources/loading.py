@@ -8,7 +8,10 @@ so memory stays flat however large the dataset is.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -24,6 +27,14 @@ _lock = threading.Lock()
 
 class SourceError(UserError, ValueError):
     """The source cannot be opened or does not have the columns its adapter maps: fix the command or config."""
+
+
+def cause(error: BaseException) -> str:
+    """The innermost cause of a loading error, on one line (`datasets` wraps it in a generic message)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
 
 
 def looks_local(from_: str) -> bool:
@@ -85,9 +96,45 @@ def _load_local(path: Path, split: str | None, config_name: str | None, cache_di
         base = path / config_name if config_name and (path / config_name).is_dir() else path
         files = [str(base / data_files)] if data_files else _split_files(base, split)
     builder = _builder_for(files)
+    sep = "\t" if files[0].endswith(".tsv") else ","
+    try:
+        with _quiet("datasets.packaged_modules"):  # its error line would read as fatal: we say what happened
+            return _load_files(builder, files, sep, cache_dir)
+    except datasets.exceptions.DatasetGenerationError as exc:
+        if builder not in ("json", "csv"):
+            raise SourceError(f"cannot read {', '.join(files)}: {cause(exc)}") from None
+        from tasks.sources.lines import set_aside_bad_lines
+
+        # one malformed line fails its own row (tasks/sources/lines.py), not the whole source
+        copies = set_aside_bad_lines(builder, files, sep, cache_dir or str(datasets.config.HF_DATASETS_CACHE), exc)
+    try:
+        return _load_files(builder, copies, sep, cache_dir)
+    except datasets.exceptions.DatasetGenerationError as exc:
+        raise SourceError(f"cannot read {', '.join(files)}: {cause(exc)}") from None
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_files(builder: str, files: list[str], sep: str, cache_dir: str | None):
+    import datasets
+
     kwargs: dict[str, Any] = {}
-    if builder == "csv" and files[0].endswith(".tsv"):
-        kwargs["sep"] = "\t"
+    if builder == "csv":
+        # Every field as the text it was written as: pandas would guess types per column, so an answer "3"
+        # becomes the number 3 (3.0 in a column with an empty cell), "007" becomes 7 and "None" or "NA" null.
+        # An empty field is the empty string.
+        with open(files[0], newline="", encoding="utf-8-sig") as handle:
+            width = len(next(csv.reader(handle, delimiter=sep), []))
+        kwargs = {"sep": sep, "converters": dict.fromkeys(range(width), str), "keep_default_na": False}
     return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
 
 
@@ -150,16 +197,40 @@ def load_source(
     return cached(key, build)
 
 
+def _has_json(feature: Any) -> bool:
+    import datasets
+
+    if isinstance(feature, datasets.Json):
+        return True
+    if isinstance(feature, dict):
+        return any(_has_json(f) for f in feature.values())
+    if isinstance(feature, list | tuple):
+        return any(_has_json(f) for f in feature)
+    inner = getattr(feature, "feature", None)  # List, LargeList, Sequence
+    return inner is not None and _has_json(inner)
+
+
 def arrow_rows(dataset, start: int, stop: int, columns: list[str] | None = None, batch: int = 512):
     """Yield ``(row_index, row_dict)`` for rows ``[start, stop)``, decoding a small Arrow slice at a time.
 
     Image columns come back as their storage (``{"bytes": ..., "path": ...}``), never decoded by `datasets`:
     we check images ourselves so a bad one fails its row instead of the whole shard.
+
+    A JSON file whose field holds different JSON types in different rows (a number among strings, a list in
+    one row) gets a `Json` feature for that field, stored as JSON text: its values are decoded the way
+    `datasets` decodes them, so each row gets back the value it was written with, and only the mistyped row
+    fails, naming the field and the type it has.
     """
+    from datasets.features.features import decode_nested_example
+
     table_view = dataset.with_format("arrow")
     if columns:
         table_view = table_view.select_columns(columns)
+    features = dataset.features or {}
+    json_columns = {c: f for c, f in features.items() if (not columns or c in columns) and _has_json(f)}
     for lo in range(start, stop, batch):
         hi = min(lo + batch, stop)
         for offset, row in enumerate(table_view[lo:hi].to_pylist()):
+            for column, feature in json_columns.items():
+                row[column] = decode_nested_example(feature, row[column])
             yield lo + offset, row

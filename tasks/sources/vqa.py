@@ -59,6 +59,7 @@ class GQA(Adapter):
     columns = ("id", "imageId", "question", "answer")
     key_column = "id"
     summary = "GQA: question -> short answer (vqa); images joined from the *_images config"
+    option_names = ("images_config",)
 
     def _images(self):
         config = self.options.get("images_config") or (self.config_name or "").replace("_instructions", "_images")
