@@ -65,9 +65,19 @@ def test_pf1m_dry_run_prints_the_plan_without_data_or_weights():
     rewriter = next(m for m in p["models"] if m["role"] == "rewriter")
     assert rewriter["model"] == "/models/polite-flamingo" and rewriter["where"].startswith("ABSENT")
     assert p["runner"]["rewrite"] == "RayTaskRunner" and p["runner"]["ingest"] == "ThreadPoolTaskRunner"
+    # what would stop the real run here, each naming its setting: the plan prints, and the dry run exits 2
+    llava = next(s for s in p["sources"] if s["adapter"] == "llava_instruct")
+    assert llava["rows_from"] == "ABSENT on this machine"
+    assert p["problems"] == [
+        "ingest.sources.10 (llava_instruct): from /data/llava-instruct: no such file or folder",
+        "rewrite.model: rewriter '/models/polite-flamingo': no model folder at '/models/polite-flamingo'",
+    ]
     result = CliRunner().invoke(app, ["run", "--config", str(CONFIGS / "pf1m.yaml"), "--dry-run"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 2, result.output
     assert "dry run" in result.output and "vqav2" in result.output
+    said = " ".join(result.output.split())
+    assert "error: the run would stop on this machine: ingest.sources.10 (llava_instruct)" in said
+    assert "Traceback" not in result.output
 
 
 def test_overrides_apply_before_validation_and_bad_values_fail_with_the_key():
@@ -289,9 +299,12 @@ def test_a_missing_rewriter_stops_polite_run_before_any_stage(tmp_path, monkeypa
     monkeypatch.setenv("POLITE_DB_DIR", str(tmp_path / "db"))
     result = CliRunner().invoke(app, ["run", "-w", "memory://polite-factory-test"])
     assert result.exit_code == 2 and "is not a local workspace" in result.output, result.output
-    # the dry run still prints the plan where the weights are absent (it says ABSENT)
+    # the dry run still prints the plan where the weights are absent (it says ABSENT), then exits 2: the real
+    # run would stop at once
     result = CliRunner().invoke(app, ["run", "--model", str(tmp_path / "nope"), "--dry-run", "-w", str(ws)])
-    assert result.exit_code == 0 and "ABSENT" in result.output, result.output
+    assert result.exit_code == 2 and "ABSENT" in result.output, result.output
+    assert "would stop on this machine: --model: rewriter" in " ".join(result.output.split())
+    assert not ws.exists()
 
 
 def test_the_factory_flow_checks_the_rewriter_before_any_stage(tmp_path, monkeypatch, prefect_harness):
@@ -310,3 +323,174 @@ def test_the_factory_flow_checks_the_rewriter_before_any_stage(tmp_path, monkeyp
         factory_flow(config=config, workspace=str(tmp_path / "ws"))
     with pytest.raises(ConfigError, match="no model folder at"):
         factory_flow(config=config, workspace=str(tmp_path / "ws"), model=str(tmp_path / "nope"))
+
+
+def _no_flow(monkeypatch):
+    """`polite run` must stop before the factory flow starts."""
+    import flows.factory
+
+    def no_flow(**kwargs):
+        raise AssertionError("a flow started")
+
+    monkeypatch.setattr(flows.factory, "factory_flow", no_flow)
+
+
+def _local_source(tmp_path, **mapping) -> dict:
+    """A generic source over a two-row JSONL file (its images need not exist: only columns are checked)."""
+    data = tmp_path / "data" / "data.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text('{"qid": "a", "image": "a.png", "question": "What?", "answer": "red"}\n'
+                    '{"qid": "b", "image": "b.png", "question": "Which?", "answer": "blue"}\n')  # fmt: skip
+    columns = {"task_type": "vqa", "key": "qid", "image": "image", "instruction": "question", "response": "answer"}
+    return {"adapter": "generic", "name": "mine", "from": str(data), "mapping": {**columns, **mapping}}
+
+
+def _config_file(tmp_path, config: dict) -> str:
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_bad_source_stops_polite_run_and_its_dry_run_before_any_work(tmp_path, monkeypatch):
+    """A mapped column the data lacks, a `from` that is not there, a bad demo option: `polite run` used to record
+    a failed factory run first (the ingest stage found them), and the dry run exited 0. Now both stop with one
+    line naming the source's key; the run starts no flow and a missing file writes nothing."""
+    _no_flow(monkeypatch)
+    ws = tmp_path / "ws"
+    cases = [
+        ({"ingest": {"sources": [{"adapter": "demo"}, {**_local_source(tmp_path), "from": str(tmp_path / "nope.jsonl")}]}},
+         f"ingest.sources.1 (mine): from {tmp_path / 'nope.jsonl'}: no such file or folder"),
+        ({"ingest": {"sources": [{"adapter": "demo", "options": {"scenes": -3}}]}},
+         "ingest.sources.0 (demo): demo: option scenes must be a whole number >= 1, got -3"),
+        # opened (the demo generated, the file converted into the workspace's datasets cache), then refused
+        ({"ingest": {"sources": [{"adapter": "demo"}, _local_source(tmp_path, response="answr")]}},
+         "ingest.sources.1 (mine): source 'mine' (generic adapter, "),
+    ]  # fmt: skip
+    for config, says in cases:
+        path = _config_file(tmp_path, {**config, "train": {"enabled": False}})
+        for dry in (["--dry-run"], []):
+            result = CliRunner().invoke(app, ["run", "-c", path, "--model", str(_fake_model(tmp_path)), *dry,
+                                              "-w", str(ws)])  # fmt: skip
+            assert result.exit_code == 2, (config, dry, result.output)
+            assert says in " ".join(result.output.split()), (dry, result.output)
+            assert "Traceback" not in result.output
+            assert not (ws / "lineage.duckdb").exists()  # no run recorded
+        if "answr" not in str(config):
+            assert not ws.exists()  # a missing file, a bad option, a dry run: nothing written
+
+
+def test_the_factory_flow_checks_its_sources_before_it_records_a_run(tmp_path, prefect_harness):
+    """The same for deployment runs, which skip the command line: no `factory` run is recorded."""
+    from flows.factory import factory_flow
+    from lineage.store import LineageStore
+    from polite.config import ConfigError
+
+    ws = tmp_path / "ws"
+    config = {"ingest": {"sources": [_local_source(tmp_path, response="answr")]}, "train": {"enabled": False}}
+    with pytest.raises(ConfigError, match=r"ingest.sources.0 \(mine\): .*column\(s\) \['answr'\] not found"):
+        factory_flow(config=config, workspace=str(ws), model=str(_fake_model(tmp_path)))
+    assert LineageStore(ws / "lineage.duckdb").query("SELECT count(*) AS n FROM runs").to_pylist() == [{"n": 0}]
+
+
+def _fake_model(tmp_path, positions: int = 2048):
+    """A model folder the checks can read (flamingo.json and the LM's config), without weights."""
+    import json
+
+    folder = tmp_path / f"model-{positions}"
+    (folder / "lm").mkdir(parents=True, exist_ok=True)
+    (folder / "lm" / "config.json").write_text(json.dumps({"max_position_embeddings": positions}))
+    (folder / "flamingo.json").write_text(json.dumps({"lm": "lm"}))
+    return folder
+
+
+def test_missing_model_and_adapter_paths_stop_the_run_naming_their_key(tmp_path, monkeypatch):
+    """train.init_adapter was found by the training step after ingest and distortion, as six tracebacks; the
+    rewriter and base errors did not say which setting named the path."""
+    _no_flow(monkeypatch)
+    ws = tmp_path / "ws"
+    cases = [
+        (["--set", f"train.init_adapter={tmp_path / 'nope'}"],
+         f"train.init_adapter: no LoRA adapter folder at {tmp_path / 'nope'}"),
+        (["--set", f"rewrite.model={tmp_path / 'nope'}"], "rewrite.model: rewriter"),
+        (["--model", str(tmp_path / "nope")], "--model: rewriter"),
+        (["--set", f"train.base={tmp_path / 'nope'}"], f"train.base: no model spec at {tmp_path / 'nope'}"),
+        (["--set", "train.enabled=false"], "rewrite.model: no rewriter in the lineage yet"),
+    ]  # fmt: skip
+    for args, says in cases:
+        for dry in ([], ["--dry-run"]):
+            result = CliRunner().invoke(app, ["run", *args, *dry, "-w", str(ws)])
+            assert result.exit_code == 2, (args, dry, result.output)
+            assert says in " ".join(result.output.split()), (args, dry, result.output)
+            assert "Traceback" not in result.output
+    assert not ws.exists()
+
+
+def test_a_prompt_budget_past_the_rewriters_context_is_refused_before_any_work(tmp_path, monkeypatch):
+    """max_prompt_tokens + max_new_tokens past the model's positions decoded garbage stored as ok rewrites."""
+    _no_flow(monkeypatch)
+    model = str(_fake_model(tmp_path, positions=512))
+    ws = str(tmp_path / "ws")
+    for dry in ([], ["--dry-run"]):
+        result = CliRunner().invoke(app, ["run", "--model", model, "--set", "rewrite.max_prompt_tokens=400", *dry,
+                                          "-w", ws])  # fmt: skip
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2, result.output
+        assert ("rewrite.max_prompt_tokens 400 + max_new_tokens 224 = 624 exceed the rewriter's context of 512 "
+                f"positions (--model {model}): set rewrite.max_prompt_tokens to at most 288") in said, said  # fmt: skip
+    # the tiny base trained in this run has 2048 positions
+    result = CliRunner().invoke(app, ["run", "--set", "rewrite.max_prompt_tokens=4000", "--dry-run", "-w", ws])
+    assert result.exit_code == 2 and "context of 2048 positions (the tiny base" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["run", "--model", model, "--set", "rewrite.max_prompt_tokens=288",
+                                      "--dry-run", "-w", ws])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+
+def test_a_misspelt_source_to_select_names_the_known_ones(tmp_path, monkeypatch):
+    """rewrite.sources and distort.mix[].sources naming no source selected nothing, silently. Known: the
+    config's ingest sources and the sources already in the lineage."""
+    from flows.factory import check_source_names, stages_to_run
+    from lineage.store import LineageStore
+    from polite.config import ConfigError, parse_config
+    from polite.workspace import Workspace
+
+    _no_flow(monkeypatch)
+    ws = tmp_path / "ws"
+    for args, says in [
+        (["--set", "rewrite.sources=[demoo]"], "rewrite.sources: unknown source 'demoo' (did you mean 'demo'?)"),
+        (["--set", "distort.mix=[{method: augment, sources: [demoo]}]"],
+         "distort.mix.0.sources: unknown source 'demoo' (did you mean 'demo'?); known: demo"),
+    ]:  # fmt: skip
+        for dry in ([], ["--dry-run"]):
+            result = CliRunner().invoke(app, ["run", *args, *dry, "-w", str(ws)])
+            assert result.exit_code == 2, (args, result.output)
+            assert says in " ".join(result.output.split()), (args, result.output)
+    assert not ws.exists()
+    # a source only the lineage knows (ingested by an earlier config) is a source to select
+    store = LineageStore(ws / "lineage.duckdb")
+    store.migrate()
+    with store.writer() as con:
+        con.execute("INSERT INTO samples (sample_id, source, status) VALUES ('s_1', 'gqa', 'ok')")
+    cfg = parse_config({"rewrite": {"sources": ["gqa", "demo"]}})
+    check_source_names(cfg, Workspace.resolve(str(ws)), stages_to_run(cfg, None))
+    with pytest.raises(ConfigError, match="known: demo, gqa"):
+        cfg = parse_config({"rewrite": {"sources": ["gqb"]}})
+        check_source_names(cfg, Workspace.resolve(str(ws)), stages_to_run(cfg, None))
+
+
+def test_the_nightly_dry_run_on_a_fresh_workspace_says_the_run_would_stop(tmp_path):
+    """configs/nightly.yaml on a new machine: its folder is not here and no rewriter is in the lineage. The dry
+    run said OK (the folder as 'unknown split size'); the real run stops at once."""
+    from flows.factory import plan
+
+    ws = tmp_path / "ws"
+    p = plan(load_config(CONFIGS / "nightly.yaml"), str(ws))
+    assert p["sources"][0]["rows_from"] == "ABSENT on this machine"
+    assert p["problems"] == [
+        "ingest.sources.0 (incoming): from /data/incoming: no such file or folder",
+        "rewrite.model: no rewriter in the lineage yet: train one (`polite train-rewriter`) or pass --model PATH",
+    ]
+    result = CliRunner().invoke(app, ["run", "-c", str(CONFIGS / "nightly.yaml"), "--dry-run", "-w", str(ws)])
+    assert result.exit_code == 2 and "no rewriter in the lineage yet" in result.output, result.output
+    assert not ws.exists()

@@ -27,6 +27,8 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
     """``section.key=value`` pairs onto a config dict; values are parsed as YAML (``3``, ``true``, ``[a, b]``)."""
     import yaml
 
+    from polite.config import load_yaml
+
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(
@@ -35,7 +37,7 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
         dotted, raw = pair.split("=", 1)
         keys = dotted.strip().split(".")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise ValueError(f"--set {pair!r}: {raw!r} is not valid YAML ({problem})") from None
@@ -61,8 +63,10 @@ def read_config(
 ):
     """The validated config: file (or demo defaults), then CLI overrides, validated once."""
     from flows.factory import demo_config
-    from polite.config import load_config, parse_config
+    from polite.config import ConfigError, load_config, parse_config
 
+    if limit is not None and limit < 1:  # checked here: on the sources it would name ingest.sources.N.limit
+        raise ConfigError(f"--limit must be at least 1 (rows of every source), got {limit}")
     data = (load_config(path) if path else demo_config()).model_dump(mode="json", by_alias=True)
     apply_overrides(data, sets)
     if limit is not None:
@@ -231,7 +235,15 @@ def register(app: typer.Typer) -> None:
         quiet_library_warnings()
         cfg = read_config(config, set_ or [], limit, runner, ray_address)
         cfg = with_export_options(cfg, formats, where, push_to_hub, origin=config or "(demo)")
-        from flows.factory import check_models, check_predicates, given_model, stages_to_run
+        from flows.factory import (
+            check_models,
+            check_predicates,
+            check_source_names,
+            check_sources,
+            given_model,
+            stages_to_run,
+        )
+        from polite.config import ConfigError
         from polite.workspace import Workspace
 
         ws = Workspace.resolve(workspace or cfg.workspace)
@@ -242,18 +254,23 @@ def register(app: typer.Typer) -> None:
 
         for stage in stages:  # the ray extra installed where a stage runs on Ray
             task_runner_for(cfg.runner, stage)
-        if dry_run:  # the plan says which models are absent
+        if dry_run:  # the plan prints where data and weights are absent; what would stop the run here is an error
             from flows.factory import plan
 
-            print_plan(plan(cfg, workspace, model))
+            planned = plan(cfg, workspace, model)
+            print_plan(planned)
+            if planned["problems"]:
+                raise ConfigError("the run would stop on this machine: " + "; ".join(planned["problems"]))
             return
         check_models(cfg, ws, stages, chosen)
+        check_source_names(cfg, ws, stages)
         if "rewrite" in stages and "train" not in stages and ws.db_path.exists():
             # the rewriter is known now: a rewrite of the same key already running is one line before any stage
             # (where training comes first, the key is known only after it; the stage's own lock stops it then)
             from polite.cli.rewrite import _check_model_and_lock
 
             _check_model_and_lock(cfg, ws.root, chosen)
+        check_sources(cfg, ws, stages)  # last: it opens the local sources (and generates the demo's)
         from flows.export import ExportCheckFailed
         from flows.factory import factory_flow
 

@@ -37,11 +37,49 @@ __all__ = [
     "SourceSpec",
     "TrainSettings",
     "load_config",
+    "load_yaml",
 ]
 
 
 class ConfigError(UserError, ValueError):
     """A config that cannot run: raised before any work, with one line per problem."""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem  # what yaml's own errors carry, and what `--set` prints
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` keeps the last of two equal keys: a second ``rewrite:`` block would silently replace
+    the first one, overrides and exclusions included. This loader refuses the second key, naming both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key: an override, on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise DuplicateKeyError(
+                            f"key {key!r} appears twice (lines {first[key]} and {line}): the second would replace "
+                            "the first; merge them into one"
+                        )
+                    first[key] = line
+                except TypeError:  # an unhashable key: the constructor below says so
+                    break
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (``DuplicateKeyError``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain data only
 
 
 class FactoryConfig(BaseModel):
@@ -134,7 +172,9 @@ def load_config(path: str | Path | None) -> FactoryConfig:
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        data = tomllib.loads(text) if path.suffix == ".toml" else load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"config file {path}: {exc.problem}") from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path} does not parse: {exc}") from None
     if data is not None and not isinstance(data, dict):

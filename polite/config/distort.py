@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from polite.config.device import Device
+from polite.config.names import unknown_names
 from polite.record import TASK_TYPES
 
 Method = Literal["llm", "augment", "retrieve"]
@@ -31,9 +32,9 @@ class MixEntry(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MixEntry:
-        unknown = [t for t in self.task_types or [] if t not in TASK_TYPES]
-        if unknown:
-            raise ValueError(f"unknown task_types {unknown}; known: {list(TASK_TYPES)}")
+        problem = unknown_names(self.task_types or [], TASK_TYPES, "task type")
+        if problem:
+            raise ValueError(f"task_types: {problem}")
         return self
 
 
@@ -129,9 +130,9 @@ class DistortSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> DistortSettings:
-        unknown = [t for t in self.task_types if t not in TASK_TYPES]
-        if unknown:
-            raise ValueError(f"unknown task_types {unknown}; known: {list(TASK_TYPES)}")
+        problem = unknown_names(self.task_types, TASK_TYPES, "task type")
+        if problem:
+            raise ValueError(f"task_types: {problem}")
         if any(e.method == "llm" for e in self.mix) and self.llm is None:
             raise ValueError(
                 "mix has an llm entry but `llm` is not set: add llm.backend (openai|local) and llm.model, "

@@ -93,7 +93,8 @@ class ClipScoreSettings(_Scorer):
     model: str = "ViT-L-14-336"
     pretrained: str = "openai"  # an open_clip tag or a local checkpoint file
     model_config_file: str | None = None  # a JSON open_clip model config to register (custom/tiny models)
-    threshold: float = 17.0  # paragraphs scoring below are removed; no paragraph left drops the sample
+    # paragraphs scoring below are removed; no paragraph left drops the sample. CLIPScore is 100 x cosine
+    threshold: float = Field(17.0, ge=-100.0, le=100.0)
     max_sentences: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from polite.config.device import OptionalDevice
+from polite.config.names import unknown_names
+from polite.record import TASK_TYPES
 
 
 class GenerationOverrides(BaseModel):
@@ -85,6 +87,33 @@ class RewriteSettings(BaseModel):
     # 1.3-1.8x faster
     scheduling: Literal["auto", "static", "continuous"] = "auto"
     prefetch_images: bool = True  # decode the next batch's images on a CPU thread while the GPU works
+
+    @field_validator("task_types", "exclude_task_types")
+    @classmethod
+    def _known_task_types(cls, value: list[str] | None) -> list[str] | None:
+        # a misspelt type selects nothing (or, excluded, excludes nothing: the training targets get rewritten)
+        problem = unknown_names(value or [], TASK_TYPES, "task type")
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("overrides")
+    @classmethod
+    def _resolves(cls, overrides: GenerationOverrides, info: ValidationInfo) -> GenerationOverrides:
+        """The preset with these overrides must resolve (min_new_tokens <= max_new_tokens, ...): found here, not
+        by the rewrite stage after every stage before it has run."""
+        preset = info.data.get("preset")
+        if preset is None:  # the preset itself is wrong: its own error says so
+            return overrides
+        # the one definition of the presets and their rules; it imports no torch, so parsing stays cheap
+        from models.generation import resolve_generation
+
+        given = overrides.model_dump(exclude_none=True)
+        try:
+            resolve_generation(preset, given)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (preset {preset!r} with overrides {given})") from None
+        return overrides
 
     @field_validator("token_budget", mode="before")
     @classmethod
