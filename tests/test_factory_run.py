@@ -450,7 +450,8 @@ def test_a_prompt_budget_past_the_rewriters_context_is_refused_before_any_work(t
 def test_a_misspelt_source_to_select_names_the_known_ones(tmp_path, monkeypatch):
     """rewrite.sources and distort.mix[].sources naming no source selected nothing, silently. Known: the
     config's ingest sources and the sources already in the lineage."""
-    from flows.factory import check_source_names, stages_to_run
+    from flows.factory import stages_to_run
+    from flows.preflight import check_source_names
     from lineage.store import LineageStore
     from polite.config import ConfigError, parse_config
     from polite.workspace import Workspace

@@ -235,14 +235,8 @@ def register(app: typer.Typer) -> None:
         quiet_library_warnings()
         cfg = read_config(config, set_ or [], limit, runner, ray_address)
         cfg = with_export_options(cfg, formats, where, push_to_hub, origin=config or "(demo)")
-        from flows.factory import (
-            check_models,
-            check_predicates,
-            check_source_names,
-            check_sources,
-            given_model,
-            stages_to_run,
-        )
+        from flows.factory import given_model, stages_to_run
+        from flows.preflight import check_models, check_predicates, check_source_names, check_sources
         from polite.config import ConfigError
         from polite.workspace import Workspace
 
