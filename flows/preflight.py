@@ -75,7 +75,7 @@ def _spec(ref: str, key: str):
         raise ConfigError(f"{key}: {exc}") from None
 
 
-def _lm_context(spec) -> int | None:
+def lm_context(spec) -> int | None:
     """The language model's positions, read from its config (no weights); None where it cannot be read here."""
     config = spec.lm_config
     if config is None and spec.lm and (Path(spec.lm) / "config.json").is_file():
@@ -101,7 +101,7 @@ def _check_training(cfg: FactoryConfig, ws: Workspace) -> tuple[int | None, str]
         from models.tiny import TINY_LM
 
         return TINY_LM["max_position_embeddings"], "the tiny base trained in this run"
-    return _lm_context(_spec(cfg.train.base, "train.base")), f"train.base {cfg.train.base}"
+    return lm_context(_spec(cfg.train.base, "train.base")), f"train.base {cfg.train.base}"
 
 
 def _check_rewriter(cfg: FactoryConfig, ws: Workspace, chosen: str | None) -> tuple[int | None, str]:
@@ -114,7 +114,7 @@ def _check_rewriter(cfg: FactoryConfig, ws: Workspace, chosen: str | None) -> tu
             _, path = model_folder(store, ws, chosen)
         except ConfigError as exc:
             raise ConfigError(f"{key}: {exc}") from None
-    return _lm_context(_spec(path, key)), f"{key} {chosen}" if chosen else f"the latest rewriter, {path}"
+    return lm_context(_spec(path, key)), f"{key} {chosen}" if chosen else f"the latest rewriter, {path}"
 
 
 def check_context(cfg: FactoryConfig, context: int, model: str) -> None:

@@ -68,6 +68,17 @@ def model_folder(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[t
     return row, path
 
 
+def check_context_fits(cfg, model_path: str) -> None:
+    """``max_prompt_tokens`` plus ``max_new_tokens`` within the rewriter's positions (``flows.preflight``), for
+    this stage's own runs too (``polite rewrite``, a deployment), before any work."""
+    from flows.preflight import check_context, lm_context
+    from models.loader import as_spec
+
+    context = lm_context(as_spec(model_path))
+    if context is not None:
+        check_context(cfg, context, model_path)
+
+
 def resolve_model(store: LineageStore, ws: Workspace, ref: str | None) -> tuple[str, str, bool]:
     """``(model_id, path, registered_now)`` for a model id from the ``models`` table, a model folder, or (None)
     the latest rewriter in the lineage. ``model_id`` is always the loader's fingerprint of the files."""
@@ -423,6 +434,7 @@ def rewrite_flow(
     store = LineageStore(ws.db_path)
     store.migrate()
     model_id, model_path, registered = resolve_model(store, ws, model or rs.model)
+    check_context_fits(cfg, model_path)
     key = rewrite_key(model_id, settings)
     base = ws.stage_dir("rewrites")
     results_dir = results_folder(ws, key)

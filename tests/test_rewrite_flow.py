@@ -292,7 +292,7 @@ def test_a_dry_run_counts_what_a_killed_run_left_as_done_and_names_a_running_rew
     assert len(_rows(workspace, "SELECT * FROM rewrites")) == 9
 
 
-def test_a_missing_rewriter_stops_before_a_flow_starts(workspace, monkeypatch):
+def test_a_missing_rewriter_stops_before_a_flow_starts(workspace, monkeypatch, model_path):
     """One line naming the folder, not a flow run's traceback: the command line checks the model first."""
     from typer.testing import CliRunner
 
@@ -307,7 +307,10 @@ def test_a_missing_rewriter_stops_before_a_flow_starts(workspace, monkeypatch):
     monkeypatch.setattr(flows.rewrite.rewrite_flow, "with_options", lambda **kw: started)
     for args, message in ((["--model", "/nonexistent"], "rewriter '/nonexistent': no model folder at '/nonexistent'"),
                           (["--model", "m_deadbeef"], "rewriter 'm_deadbeef': no model with that id in the lineage"),
-                          ([], "no rewriter in the lineage yet")):  # fmt: skip
+                          ([], "no rewriter in the lineage yet"),
+                          # a prompt past the model's positions would decode garbage, stored as ok rewrites
+                          (["--model", str(model_path), "--set", "rewrite.max_prompt_tokens=4096"],
+                           "exceed the rewriter's context of 2048 positions")):  # fmt: skip
         result = CliRunner().invoke(app, ["rewrite", "--workspace", workspace.root, *args])
         assert result.exit_code == 2 and message in result.output, result.output
 
