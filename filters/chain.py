@@ -72,7 +72,7 @@ def _availability(name: str, settings: FilterSettings) -> tuple[bool, str, str]:
         ok = semantic_model_ref(s, download) is not None
         return (
             ok,
-            f"model {s.model} is not available locally",
+            f"no model folder at {s.model}" if is_local_path(s.model) else f"model {s.model} is not available locally",
             f"filters.semantic.model: /path/to/{s.model.split('/')[-1]}",
         )
     if name in ("nli", "reward"):
@@ -80,7 +80,7 @@ def _availability(name: str, settings: FilterSettings) -> tuple[bool, str, str]:
         ok = download or available_locally(s.model)
         return (
             ok,
-            f"model {s.model} is not available locally",
+            f"no model folder at {s.model}" if is_local_path(s.model) else f"model {s.model} is not available locally",
             f"filters.{name}.model: /path/to/{s.model.split('/')[-1]}",
         )
     if name == "clipscore":
@@ -100,7 +100,9 @@ def _availability(name: str, settings: FilterSettings) -> tuple[bool, str, str]:
         )
         return (
             ok,
-            f"open_clip weights {s.model}/{s.pretrained} are not available locally",
+            f"no weights file at {s.pretrained} (for open_clip {s.model})"
+            if is_local_path(s.pretrained)
+            else f"open_clip weights {s.model}/{s.pretrained} are not available locally",
             "filters.clipscore.pretrained: /path/to/open_clip_model.safetensors",
         )
     return True, "", ""
@@ -260,9 +262,11 @@ def build_chain(settings: FilterSettings | dict | None = None, only: Iterable[st
         elif flag == "auto":
             skipped.append({"scorer": name, "why": why, "enable_with": line})
         else:
+            # downloading helps only a Hub id: a path that is not there is a path to fix
+            local = why.startswith("no ")
             raise ScorerUnavailableError(
                 f"filters.{name} is enabled but {why}; set `{line}`"
-                + ("" if name == "clipscore" and "pip" in line else " or filters.allow_download: true")
+                + ("" if local or name == "clipscore" and "pip" in line else " or filters.allow_download: true")
                 + f", or `filters.{name}.enabled: auto` to skip it when missing"
             )
     spec = {"settings": settings.model_dump(mode="json"), "enabled": enabled}

@@ -4,6 +4,7 @@ tiny DeBERTa (NLI, reward) and open_clip models made locally. Nothing downloads.
 from __future__ import annotations
 
 import json
+import re
 
 import duckdb
 import pytest
@@ -210,8 +211,15 @@ def test_chain_skips_missing_models_when_auto_and_fails_when_explicit(tmp_path):
     skipped = {s["scorer"]: s for s in chain.skipped}
     assert set(skipped) == {"nli", "clipscore", "reward"}
     assert skipped["nli"]["enable_with"].startswith("filters.nli.model:")
-    with pytest.raises(ScorerUnavailableError, match="filters.reward.model"):
+    with pytest.raises(ScorerUnavailableError, match="filters.reward.model.* or filters.allow_download: true"):
         build_chain(FilterSettings(reward={"enabled": True, "model": "org/not-here"}))
+    # a local path that is not there is named as such, and downloading is no fix for it
+    for settings, says in (({"reward": {"enabled": True, "model": str(tmp_path / "rm")}}, f"no model folder at {tmp_path}/rm"),
+                           ({"clipscore": {"enabled": True, "pretrained": str(tmp_path / "w.safetensors")}},
+                            f"no weights file at {tmp_path}/w.safetensors (for open_clip ViT-L-14-336)")):  # fmt: skip
+        with pytest.raises(ScorerUnavailableError, match=re.escape(says)) as refused:
+            build_chain(FilterSettings(**settings))
+        assert "allow_download" not in str(refused.value)
 
 
 def test_chain_enables_local_models_and_orders_them(tiny):
