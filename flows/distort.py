@@ -128,6 +128,9 @@ def distort_flow(
             f"methods {absent} are not in distort.mix (it has {', '.join(in_mix) or 'none'}); "
             "add an entry for them, or pass the config that has one (--config)"
         )
+    from flows.preflight import check_source_names
+
+    check_source_names(cfg, Workspace.resolve(workspace or cfg.workspace), ["distort"])
     entries = [e for e in settings.mix if not methods or e.method in methods]
     run_seed = cfg.seed if settings.seed is None else settings.seed
     identity = None

@@ -435,6 +435,9 @@ def rewrite_flow(
     store.migrate()
     model_id, model_path, registered = resolve_model(store, ws, model or rs.model)
     check_context_fits(cfg, model_path)
+    from flows.preflight import check_source_names
+
+    check_source_names(cfg, ws, ["rewrite"])  # a misspelt source selects nothing, and says nothing
     key = rewrite_key(model_id, settings)
     base = ws.stage_dir("rewrites")
     results_dir = results_folder(ws, key)

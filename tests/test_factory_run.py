@@ -281,7 +281,7 @@ def test_a_missing_rewriter_stops_polite_run_before_any_stage(tmp_path, monkeypa
         # a scorer enabled explicitly whose model is not here: found by the filter stage after the rewrites
         (
             ["run", "--set", "filters.nli.enabled=true", "--set", "filters.nli.model=/models/absent-nli"],
-            "filters.nli is enabled but model /models/absent-nli is not available locally",
+            "filters.nli is enabled but no model folder at /models/absent-nli",
         ),
         (
             ["run", *[f"--set=filters.{name}.enabled=false" for name in ("rouge", "length", "unchanged", "repetition",

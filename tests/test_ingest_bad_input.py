@@ -164,6 +164,10 @@ def test_cli_names_the_mapping_file_and_suggests_the_key_meant(tmp_path):
     assert f"invalid --mapping {mapping}" in result.output
     assert "question: unknown key; did you mean 'instruction'?" in result.output
     assert "answer: unknown key; did you mean 'response'?" in result.output
+    mapping.write_text("task_type: vqa\ninstruction: q\nresponse: a\nresponse: b\n")  # the second would win
+    twice = CliRunner().invoke(app, ["ingest", "generic", "--from", str(tmp_path), "--mapping", str(mapping),
+                                     "-w", str(tmp_path / "ws")], env={"COLUMNS": "300"})  # fmt: skip
+    assert twice.exit_code == 2 and "key 'response' appears twice (lines 3 and 4)" in twice.output, twice.output
     typo = CliRunner().invoke(app, ["ingest", "demo", "-o", "scnes=5", "-w", str(tmp_path / "ws")])
     assert typo.exit_code == 2 and "did you mean 'scenes'?" in typo.output
     assert not (tmp_path / "ws").exists()  # checked before a flow run

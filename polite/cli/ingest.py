@@ -58,14 +58,16 @@ def _mapping(path: str) -> dict:
     import yaml
     from pydantic import ValidationError
 
-    from polite.config import ConfigError
+    from polite.config import ConfigError, DuplicateKeyError, load_yaml
     from polite.config.ingest import ColumnMapping
 
     file = Path(path)
     if not file.exists():
         raise FileNotFoundError(f"--mapping {path}: no such file")
     try:
-        data = yaml.safe_load(file.read_text())
+        data = load_yaml(file.read_text())
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"--mapping {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--mapping {path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):

@@ -97,11 +97,13 @@ def _check_model_and_lock(cfg, workspace: str, model: str | None) -> None:
     The lock is only probed (taken and dropped at once, naming no holder): the flow takes it for itself, and a
     rewrite that starts between the two is still stopped by the flow's own lock (polite/locks.py).
     """
+    from flows.preflight import check_source_names
     from flows.rewrite import check_context_fits, check_rewrite_lock
     from polite.workspace import Workspace
 
     key, path = _key(cfg, workspace, model)
     check_context_fits(cfg, path)
+    check_source_names(cfg, Workspace.resolve(workspace), ["rewrite"])
     check_rewrite_lock(Workspace.resolve(workspace), key)
 
 
