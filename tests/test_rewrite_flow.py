@@ -310,7 +310,10 @@ def test_a_missing_rewriter_stops_before_a_flow_starts(workspace, monkeypatch, m
                           ([], "no rewriter in the lineage yet"),
                           # a prompt past the model's positions would decode garbage, stored as ok rewrites
                           (["--model", str(model_path), "--set", "rewrite.max_prompt_tokens=4096"],
-                           "exceed the rewriter's context of 2048 positions")):  # fmt: skip
+                           "exceed the rewriter's context of 2048 positions"),
+                          # a misspelt source would select nothing, silently
+                          (["--model", str(model_path), "--set", "rewrite.sources=[gqaa]"],
+                           "rewrite.sources: unknown source 'gqaa' (did you mean 'gqa'?)")):  # fmt: skip
         result = CliRunner().invoke(app, ["rewrite", "--workspace", workspace.root, *args])
         assert result.exit_code == 2 and message in result.output, result.output
 
