@@ -107,16 +107,16 @@ WITH side_a AS (
     SELECT min(created_at) FILTER (WHERE export_id = a OR run_id = a) AS at_a,
         min(created_at) FILTER (WHERE export_id = b OR run_id = b) AS at_b
     FROM exports WHERE export_id IN (a, b) OR run_id IN (a, b)
-), pairs AS (
+), pairs AS MATERIALIZED (
     SELECT coalesce(x.sample_id, y.sample_id) AS sample_id, x.rewrite_id AS rewrite_a, y.rewrite_id AS rewrite_b
     FROM side_a x FULL JOIN side_b y ON x.sample_id = y.sample_id
-), cut AS (  -- the cut text each export read of a sample both hold: its rewrite's latest decision's then
+), cut AS MATERIALIZED (  -- the cut text each export read of a sample both hold: its rewrite's latest decision's then
     SELECT d.rewrite_id,
         arg_max_null(d.final_output, d.decided_at) FILTER (WHERE d.decided_at <= (SELECT at_a FROM exported)) AS final_a,
         arg_max_null(d.final_output, d.decided_at) FILTER (WHERE d.decided_at <= (SELECT at_b FROM exported)) AS final_b
     FROM decisions d
-    WHERE d.rewrite_id IN (SELECT rewrite_a FROM pairs WHERE rewrite_b IS NOT NULL)
-        OR d.rewrite_id IN (SELECT rewrite_b FROM pairs WHERE rewrite_a IS NOT NULL)
+    WHERE d.rewrite_id IN (SELECT rewrite_a FROM pairs WHERE rewrite_b IS NOT NULL
+                           UNION ALL SELECT rewrite_b FROM pairs WHERE rewrite_a <> rewrite_b)
     GROUP BY d.rewrite_id
 ), redo AS (  -- samples both hold with another rewrite: did the text change? (texts read only for these)
     SELECT p.sample_id, coalesce(ca.final_a, ra.output) IS NOT DISTINCT FROM coalesce(cb.final_b, rb.output) AS same_text
