@@ -105,8 +105,7 @@ class RewriteSettings(BaseModel):
         preset = info.data.get("preset")
         if preset is None:  # the preset itself is wrong: its own error says so
             return overrides
-        # the one definition of the presets and their rules; it imports no torch, so parsing stays cheap
-        from models.generation import resolve_generation
+        from polite.config.generation import resolve_generation
 
         given = overrides.model_dump(exclude_none=True)
         try:
