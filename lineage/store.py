@@ -460,6 +460,11 @@ class LineageStore:
 
         Binding it with ``LIMIT 0`` reads no rows, so commands check the user's SQL before any work starts; the
         message names the option, the error and the columns it may have meant."""
+        if _closes_unopened(where):  # `kept) OR (true`: balanced in our parentheses, but not one predicate
+            raise PredicateError(
+                f"{option} {where!r} closes a parenthesis it did not open: give one predicate (the command puts "
+                "it in parentheses and ANDs it with its own conditions)"
+            )
         try:
             # in parentheses: a second statement or a trailing clause (LIMIT, ORDER BY) in it is a syntax error
             self.user_query(f"SELECT 1 FROM {source} WHERE ({where}) LIMIT 0")
@@ -468,6 +473,22 @@ class LineageStore:
                 f"{option} {where!r} is not a predicate over {source}: {sql_error_summary(exc)}"
                 f'. Its columns: polite sql "DESCRIBE SELECT * FROM {source}"'
             ) from None
+
+
+def _closes_unopened(sql: str) -> bool:
+    """Whether ``sql`` closes a parenthesis before opening one (strings and comments aside), which would let a
+    predicate escape the parentheses a command wraps it in."""
+    depth = 0
+    try:
+        tokens = duckdb.tokenize(sql)
+    except duckdb.Error:  # the parser's own error says what is wrong
+        return False
+    for pos, kind in tokens:
+        if kind == duckdb.token_type.operator and sql[pos] in "()":
+            depth += 1 if sql[pos] == "(" else -1
+            if depth < 0:
+                return True
+    return False
 
 
 def _read_parquet_sql(paths: list[str]) -> str:

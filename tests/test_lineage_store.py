@@ -320,10 +320,13 @@ def test_check_predicate_names_the_option_and_what_was_meant(workspace, tmp_path
         "true ORDER BY 1",  # a clause past the predicate
         f"(SELECT count(*) FROM read_csv('{tmp_path / 'secret.csv'}')) > 0",  # file access
         "source =",  # does not parse
+        "true) OR (true",  # balanced inside our parentheses, but out of a command's `ok AND (...)`
     ):
         with pytest.raises(PredicateError, match="train.pairs_where"):
             store.check_predicate(bad, "samples s", "train.pairs_where")
     assert len(store.query("SELECT * FROM samples")) == 3
+    # parentheses inside strings and nested ones are fine
+    store.check_predicate("(source = ')' OR (task_type IN ('vqa')))", "lineage", "--where")
 
 
 def test_the_workspace_option_also_goes_before_the_command(workspace, tmp_path, monkeypatch):
