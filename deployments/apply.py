@@ -152,15 +152,21 @@ def serve_all(specs: list[DeploymentSpec], root: Path = PROJECT_DIR, limit: int 
 
 
 def api_problem() -> str | None:
-    """Why the Prefect API at PREFECT_API_URL cannot be reached, or None (also when none is set: Prefect then
-    starts a temporary server of its own). Checked first, so a server that is not running is one line, not the
-    traceback of the first request that needed it."""
+    """Why the Prefect API at PREFECT_API_URL cannot serve deployments, or None. Checked first, so a server that is
+    not running is one line, not the traceback of the first request that needed it.
+
+    Without PREFECT_API_URL Prefect would start a temporary server of its own: it runs no scheduler (a schedule
+    never fires), and each served run starts another temporary server that cannot see the first one's
+    concurrency slots (a triggered run is cancelled). Deployments need a real server."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if not url:
-        return None
+        return (
+            "deployments need a Prefect server: start one (`prefect server start`) and point PREFECT_API_URL at "
+            "it (export PREFECT_API_URL=http://127.0.0.1:4200/api); Prefect's temporary server runs no schedules"
+        )
     with get_client(sync_client=True) as client:
         exc = client.api_healthcheck()
     if exc is None:

@@ -234,6 +234,12 @@ def test_deploy_and_serve_without_a_reachable_api_say_so_in_one_line(tmp_path, c
     assert done.returncode == 2, output
     assert f"cannot reach the Prefect API at {api}" in " ".join(output.split()), output
     assert "Traceback" not in output and len(output.splitlines()) <= 3, output
+    # no PREFECT_API_URL at all: Prefect's temporary server would run no schedule, so this is refused too
+    env.pop("PREFECT_API_URL")
+    done = subprocess.run([str(BIN / "polite"), command, "--only", "export"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "deployments need a Prefect server" in " ".join(output.split()), output
 
 
 def test_deploy_applies_job_variables_and_schedule_parameters_from_the_yaml(tmp_path, monkeypatch):
