@@ -1,8 +1,10 @@
 """The export flow: select kept rewrites from the lineage, gate on SQL checks, write formats, record, report.
 
 One task per format (a format is the export's "shard"); the flow alone reads and writes DuckDB. The
-export id is a hash of the selection SQL, the format and the selected content (sample, rewrite, output,
-scores), so the same selection exported twice lands in the same folder and the second time is a no-op.
+export id is a hash of the selection SQL, the format, the selected content (sample, rewrite, output,
+scores) and whatever else changes the folder's files (the layout version, the images mode of the JSON
+layouts, the parquet shard size), so the same selection exported twice lands in the same folder and the
+second time only rewrites the dataset card. Every run records the folders it published in `export_runs`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import flow
 
-from flows.common import logger, map_shards, stage_run
+from flows.common import logger, map_shards, stage_run, utcnow
 from lineage.store import LineageStore, check_read_only_sql
 from polite.config import resolve_config
 from polite.config.export import ExportChecks, ExportSettings
@@ -44,7 +47,7 @@ extra AS (
 )
 SELECT p.sample_id, p.rewrite_id, p.model_id, p.source, p.split, p.task_type, p.instruction, p.raw_response,
     coalesce(p.final_output, p.rewrite) AS output, p.rewrite,
-    p.reward, p.raw_reward, p.semantic, p.nli, p.clipscore, p.rouge, e.clip_details,
+    p.kept, p.reward, p.raw_reward, p.semantic, p.nli, p.clipscore, p.rouge, e.clip_details,
     coalesce(ip.image_paths, []::VARCHAR[]) AS image_paths
 FROM picked p
 LEFT JOIN image_paths ip USING (sample_id)
@@ -71,9 +74,23 @@ def select(store: LineageStore, sql: str) -> pa.Table:
         return con.sql(sql).to_arrow_table()
 
 
-def run_checks(store: LineageStore, selection: pa.Table, checks: ExportChecks) -> list[str]:
-    """The publishing gates, in SQL; returns one line per failed check (empty: publish)."""
+def _named(found: list[tuple[str, list[str]]], one: str, many: str) -> str:
+    """Up to five ``sample (what, ...)`` names and how many more: a check's failure stays one line. ``one``,
+    ``many``: the verb phrase for one item, for several."""
+    named = ", ".join(f"{sid} ({', '.join(map(str, items))})" for sid, items in found[:5])
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    return f"{len(found)} selected {'item ' + one if len(found) == 1 else 'items ' + many}: {named}{more}"
+
+
+def run_checks(
+    store: LineageStore, selection: pa.Table, checks: ExportChecks, notes: dict[str, str] | None = None
+) -> list[str]:
+    """The publishing gates, in SQL; returns one line per failed check (empty: publish). ``notes`` gets each
+    threshold check's outcome for the dataset card: passed, off, or why it was skipped."""
     failed: list[str] = []
+    notes = {} if notes is None else notes
+    for name, bound in checks.model_dump().items():
+        notes[name] = "off" if bound is None or bound is False else f"passed (`{bound}`)"
     with store.reader() as con:
         con.register("selection", selection)
         n_items = selection.num_rows
@@ -94,7 +111,9 @@ def run_checks(store: LineageStore, selection: pa.Table, checks: ExportChecks) -
                 "SELECT count(*), median(reward - raw_reward) FROM selection "
                 "WHERE reward IS NOT NULL AND raw_reward IS NOT NULL"
             ).fetchall()[0]
-            if n and gain < checks.min_median_reward_gain:
+            if not n:  # not a pass: the card must not claim it
+                notes["min_median_reward_gain"] = "skipped: no selected item has both rewards"
+            elif gain < checks.min_median_reward_gain:
                 failed.append(
                     f"median_reward_gain: median(reward - raw_reward) = {gain:.3f} over {n} items, "
                     f"below export.checks.min_median_reward_gain = {checks.min_median_reward_gain}"
@@ -114,13 +133,33 @@ def run_checks(store: LineageStore, selection: pa.Table, checks: ExportChecks) -
             "WHERE u.image_id NOT IN (SELECT image_id FROM images) GROUP BY u.sample_id ORDER BY u.sample_id"
         ).fetchall()
         if lost:
-            named = ", ".join(f"{sid} ({', '.join(ids)})" for sid, ids in lost[:5])
-            more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
             failed.append(
-                f"images: {len(lost)} selected item{'s reference' if len(lost) > 1 else ' references'} image "
-                f"ids with no row in `images`: {named}{more}; re-ingest their source, or leave them out with --where"
+                "images: "
+                + _named(lost, *(f"{verb} image ids with no row in `images`" for verb in ("references", "reference")))
+                + "; re-ingest their source, or leave them out with --where"
             )
         con.unregister("selection")
+    return failed
+
+
+def file_checks(located: pa.Table, settings: ExportSettings) -> list[str]:
+    """Gates on what the writers will read, run before any folder is made: the image files (a stat each,
+    for the formats that open them) and, for llava, ``<image>`` markers that match the image count."""
+    from tasks.export import image_marker_mismatch, missing_image_files, reads_images
+
+    failed: list[str] = []
+    if any(reads_images(fmt, settings.images) for fmt in settings.formats):
+        gone = missing_image_files(located)
+        if gone:
+            failed.append("image files: " + _named(gone, "references missing image files", "reference missing image files")
+                          + "; restore the files (or re-ingest their source), or leave them out with --where")  # fmt: skip
+    if "llava" in settings.formats:
+        rows = located.select(["sample_id", "instruction", "image_paths"]).to_pylist()
+        odd = [(r["sample_id"], [why]) for r in rows
+               if (why := image_marker_mismatch(r["instruction"], len(r["image_paths"] or [])))]  # fmt: skip
+        if odd:
+            failed.append("llava: " + _named(odd, *["cannot pair <image> markers with images"] * 2)
+                          + "; fix their instructions at ingest, or leave them out with --where")  # fmt: skip
     return failed
 
 
@@ -134,8 +173,17 @@ def content_digest(selection: pa.Table) -> str:
     return digest.hexdigest()
 
 
-def export_id_for(sql: str, fmt: str, digest: str) -> str:
-    return "x_" + stable_hash("export", sql, fmt, digest)
+def export_id_for(sql: str, fmt: str, digest: str, images: str = "link", shard_bytes: int | None = None) -> str:
+    """The folder's id: everything that changes its files. The images mode matters only to the JSON layouts
+    (the others embed the bytes) and the shard size only to parquet, so neither splits the other formats."""
+    from tasks.export import EMBEDS_IMAGES, LAYOUT_VERSION
+
+    layout = {"version": LAYOUT_VERSION}
+    if fmt not in EMBEDS_IMAGES:
+        layout["images"] = images
+    if fmt == "parquet":
+        layout["shard_bytes"] = shard_bytes
+    return "x_" + stable_hash("export", sql, fmt, digest, json.dumps(layout, sort_keys=True))
 
 
 def _settings(cfg_export: ExportSettings, formats, where, push_to_hub) -> ExportSettings:
@@ -153,6 +201,37 @@ def _settings(cfg_export: ExportSettings, formats, where, push_to_hub) -> Export
     return settings
 
 
+def _warn_not_kept(log, selection: pa.Table, where: str | None) -> None:
+    """A ``--where`` may select rewrites the filters dropped (on purpose or not): say how many it did."""
+    kept = pc.sum(pc.fill_null(selection["kept"], False).cast(pa.int64())).as_py() or 0
+    not_kept = selection.num_rows - kept
+    if not_kept:
+        log.warning("export --where %r selects %d item(s) the filter chain did not keep (of %d)",
+                    where, not_kept, selection.num_rows)  # fmt: skip
+
+
+def record_export(store: LineageStore, ws: Workspace, job: dict, manifest: dict, run_id: str, sql: str,
+                  items: pa.Table) -> None:  # fmt: skip
+    """The folder's `exports` row and its `export_items` (kept as first written when the folder is reused)."""
+    with store.writer() as con:
+        store.ingest_arrow("exports", pa.table({
+            "export_id": [job["export_id"]], "format": [job["format"]], "path": [ws.stored(job["out_dir"])],
+            "run_id": [run_id], "selection": [sql], "n_items": [manifest["n_items"]],
+        }), con=con)  # fmt: skip
+        store.ingest_arrow("export_items", items.append_column(
+            "export_id", pa.array([job["export_id"]] * items.num_rows, pa.string())), con=con)  # fmt: skip
+
+
+def record_publication(store: LineageStore, run_id: str, export_ids: list[str]) -> None:
+    """The run published these folders (new or reused): what `polite diff` and "the latest export" read."""
+    # a plain insert: lineage/store.py's TABLE_KEYS (what ingest_arrow accepts) predates this table
+    with store.writer() as con:
+        con.executemany(
+            "INSERT OR IGNORE INTO export_runs (run_id, export_id, published_at) VALUES (?, ?, ?)",
+            [(run_id, export_id, utcnow()) for export_id in export_ids],
+        )
+
+
 @flow(name="export")
 def export_flow(
     config: dict | str | None = None,
@@ -163,7 +242,7 @@ def export_flow(
     push_to_hub: str | None = None,
 ) -> dict:
     """Export the kept rewrites (or a ``where`` selection over the lineage view) and write the report."""
-    from tasks.export import card_facts, dataset_card, push_folder_to_hub, write_export_task
+    import tasks.export as texport
     from tasks.report import write_report
 
     cfg = resolve_config(config)
@@ -171,16 +250,17 @@ def export_flow(
     if settings.where:
         db_path = Workspace.resolve(workspace or cfg.workspace).db_path
         LineageStore(db_path).check_predicate(settings.where, "lineage", "export.where (--where)")
+    if settings.push_to_hub:  # before the run is recorded and anything is written
+        texport.check_hub_push(settings.push_to_hub)
     sql = selection_sql(settings.where)
+    shard_bytes = texport.SHARD_BYTES  # read now: part of the parquet export id
     with stage_run("export", cfg.model_dump(mode="json"), workspace or cfg.workspace, parent_run_id) as run:
         ws, store, log = run.workspace, run.store, logger()
-        if settings.where and "kept" not in settings.where.lower():
-            log.warning(
-                "export --where %r does not mention `kept`: rewrites the filters dropped may be exported",
-                settings.where,
-            )
         selection = select(store, sql)
-        failures = run_checks(store, selection, settings.checks)
+        _warn_not_kept(log, selection, settings.where)
+        notes: dict[str, str] = {}
+        located = ws.locate_paths(selection, "image_paths")  # the writers read the images: where they are now
+        failures = run_checks(store, selection, settings.checks, notes) + file_checks(located, settings)
         digest = content_digest(selection)
 
         def report(prefix: str) -> str | None:
@@ -199,43 +279,25 @@ def export_flow(
                 + "\n  - ".join(failures)
                 + (f"\nreport: {held}" if held else "")
             )
-        selection_url = write_table_atomic(  # the writers read the images: where they are now
-            ws.locate_paths(selection, "image_paths"), ws.url("shards", "exports", f"selection-{digest}.parquet")
+        # the stored (workspace-relative) paths ride along: `images: none` names them
+        selection_url = write_table_atomic(
+            located.append_column("stored_paths", selection["image_paths"]),
+            ws.url("shards", "exports", f"selection-{digest}.parquet"),
         )
-        facts = card_facts(store, sql, selection)
+        facts = texport.card_facts(store, sql, selection)
         jobs = []
         for fmt in settings.formats:
-            export_id = export_id_for(sql, fmt, digest)
-            jobs.append(
-                {"export_id": export_id, "format": fmt, "out_dir": ws.url("exports", f"{fmt}-{export_id}")}
-            )
+            export_id = export_id_for(sql, fmt, digest, settings.images, shard_bytes)
+            jobs.append({
+                "export_id": export_id, "format": fmt, "out_dir": ws.url("exports", f"{fmt}-{export_id}"),
+                "card": texport.dataset_card(facts, settings, fmt, notes),
+            })  # fmt: skip
         items = selection.select(["sample_id", "rewrite_id"])
         exports: dict[str, dict] = {}
 
         def record(manifest: dict) -> None:
             job = next(j for j in jobs if j["out_dir"] == manifest["path"])
-            with store.writer() as con:
-                store.ingest_arrow(
-                    "exports",
-                    pa.table(
-                        {
-                            "export_id": [job["export_id"]],
-                            "format": [job["format"]],
-                            "path": [ws.stored(job["out_dir"])],
-                            "run_id": [run.run_id],
-                            "selection": [sql],
-                            "n_items": [manifest["n_items"]],
-                        }
-                    ),
-                    con=con,
-                )
-                store.ingest_arrow(
-                    "export_items",
-                    items.append_column(
-                        "export_id", pa.array([job["export_id"]] * items.num_rows, pa.string())
-                    ),
-                    con=con,
-                )
+            record_export(store, ws, job, manifest, run.run_id, sql, items)
             exports[job["format"]] = {
                 "export_id": job["export_id"],
                 "path": job["out_dir"],
@@ -243,20 +305,21 @@ def export_flow(
             }
 
         map_shards(
-            write_export_task,
+            texport.write_export_task,
             jobs,
             record,
             "export",
             selection_url=selection_url,
             images=settings.images,
-            card=dataset_card(facts, settings),
+            shard_bytes=shard_bytes,
         )
+        record_publication(store, run.run_id, [j["export_id"] for j in jobs])
         report_path = report("export")
+        run.summary.update({"n_items": selection.num_rows, "formats": sorted(exports), "report": report_path})
         hub_url = None
         if settings.push_to_hub:
-            hub_url = push_folder_to_hub(exports["parquet"]["path"], settings.push_to_hub, settings.private)
+            hub_url = texport.push_folder_to_hub(exports["parquet"]["path"], settings.push_to_hub, settings.private)
             log.info("pushed %s to %s", exports["parquet"]["path"], hub_url)
-        run.summary.update({"n_items": selection.num_rows, "formats": sorted(exports), "report": report_path})
         return {
             "run_id": run.run_id,
             "n_items": selection.num_rows,

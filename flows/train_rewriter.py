@@ -125,6 +125,22 @@ def pairs_query(where: str | None) -> str:
     )
 
 
+def train_lock(ws: Workspace):
+    """Held while a rewriter trains: two trainings in one workspace would resume from each other's checkpoints
+    into one model folder (the folder is named by the pairs and settings, which two runs of one config share)
+    and register two model ids for one set of weights."""
+    from polite.locks import exclusive
+
+    return exclusive(ws.db_path, "train", "a rewriter training")
+
+
+def check_train_lock(ws: Workspace) -> None:
+    """Raise ``WorkspaceBusy`` now if a training is running in ``ws``; take nothing."""
+    from polite.locks import probe
+
+    probe(ws.db_path, "train", "a rewriter training")
+
+
 @flow(name="train_rewriter")
 def train_rewriter_flow(
     config: dict | str | None = None,
@@ -166,7 +182,7 @@ def train_rewriter_flow(
     data = cfg.model_dump(mode="json")
     data["train"] = settings.model_dump(mode="json")
     log = logger()
-    with stage_run("train_rewriter", data, ws, parent_run_id) as run:
+    with train_lock(ws), stage_run("train_rewriter", data, ws, parent_run_id) as run:
         training_set = write_training_set(data, ws.root, where=settings.pairs_where)
         n_pairs = pq.ParquetFile(training_set).metadata.num_rows
         if n_pairs == 0:

@@ -143,13 +143,23 @@ def _time_left(row: dict[str, Any]) -> float | None:
 
 
 # -- what changed between two exports (the export_diff macro of views.sql) ----------------------------------
+# a side is an export id (its row) or an export run id: the folders that run published, written by it or
+# reused from an earlier run (export_runs, migration 012); a run's formats hold the same items
 EXPORT_SIDES_SQL = """
-SELECT coalesce(run_id, export_id) AS ref, run_id, list(export_id ORDER BY format) AS export_ids,
-    list(format ORDER BY format) AS formats, max(n_items) AS n_items, min(created_at) AS created_at
-FROM exports WHERE export_id = $ref OR run_id = $ref GROUP BY ALL
+WITH side AS (
+    SELECT coalesce(e.run_id, e.export_id) AS ref, e.run_id, e.export_id, e.format, e.n_items, e.created_at
+    FROM exports e WHERE e.export_id = $ref
+    UNION ALL
+    SELECT p.run_id, p.run_id, e.export_id, e.format, e.n_items, p.published_at
+    FROM export_runs p JOIN exports e USING (export_id) WHERE p.run_id = $ref
+)
+SELECT ref, run_id, list(export_id ORDER BY format) AS export_ids, list(format ORDER BY format) AS formats,
+    max(n_items) AS n_items, min(created_at) AS created_at
+FROM side GROUP BY ALL
 """
+# the runs that published last, reused folders included (a run that wrote nothing new is still the latest)
 LATEST_EXPORT_RUNS_SQL = """
-SELECT coalesce(run_id, export_id) AS ref FROM exports GROUP BY 1 ORDER BY min(created_at) DESC LIMIT 2
+SELECT run_id AS ref FROM export_runs GROUP BY 1 ORDER BY max(published_at) DESC, 1 DESC LIMIT 2
 """
 CHANGES = ("added", "removed", "rewritten", "redone", "recut", "same")
 # why a sample published in a is not in b, read from the lineage now
@@ -162,7 +172,19 @@ CASE WHEN rewrite_now IS DISTINCT FROM rewrite_a AND kept_now IS NULL THEN 'rewr
 """
 
 
-def _export_side(con: duckdb.DuckDBPyConnection, ref: str) -> dict[str, Any]:
+def _query(store: LineageStore, con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> list:
+    """``sql``'s rows; a database older than the tables it reads says which command upgrades it."""
+    try:
+        return con.execute(sql, params or {}).fetchall()
+    except duckdb.CatalogException as exc:
+        upgrade = store.not_upgraded(con)
+        if upgrade is None:
+            raise
+        raise upgrade from exc
+
+
+def _export_side(store: LineageStore, con: duckdb.DuckDBPyConnection, ref: str) -> dict[str, Any]:
+    _query(store, con, "SELECT 1 FROM export_runs LIMIT 0")  # an old database: say how to upgrade it
     rows = con.sql(EXPORT_SIDES_SQL, params={"ref": ref}).to_arrow_table().to_pylist()
     if not rows:
         raise KeyError(
@@ -178,14 +200,17 @@ def export_diff(store: LineageStore, a: str | None = None, b: str | None = None,
     to ``show`` examples of each change with both texts."""
     with store.reader() as con:
         if b is None:
-            latest = [r[0] for r in con.execute(LATEST_EXPORT_RUNS_SQL).fetchall()]
+            latest = [r[0] for r in _query(store, con, LATEST_EXPORT_RUNS_SQL)]
             if a is None and len(latest) < 2 or a is not None and not latest:
                 raise KeyError("polite diff needs two exports to compare; this workspace has "
                                f"{len(latest)} export run(s). Export again after a change, then diff")  # fmt: skip
             a, b = (latest[1], latest[0]) if a is None else (a, latest[0])
-        sides = {"a": _export_side(con, a), "b": _export_side(con, b)}
+        sides = {"a": _export_side(store, con, a), "b": _export_side(store, con, b)}
+        # the macro reads exports.run_id, the run that wrote a folder: a run that reused its folders is passed as
+        # one of the export ids it published (each of a run's formats holds the same items)
+        refs = {"a": sides["a"]["export_ids"][0], "b": sides["b"]["export_ids"][0]}
         try:
-            con.execute("CREATE TEMP TABLE _diff AS SELECT * FROM export_diff($a, $b)", {"a": a, "b": b})
+            con.execute("CREATE TEMP TABLE _diff AS SELECT * FROM export_diff($a, $b)", refs)
         except duckdb.CatalogException as exc:
             upgrade = store.not_upgraded(con)
             raise (upgrade or KeyError("this workspace's views predate `polite diff`: any command that writes "

@@ -57,7 +57,7 @@ def exclusive(db_path: Path, name: str, what: str) -> Iterator[None]:
     except Timeout:
         raise _busy(holder, what) from None
     try:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())  # as `polite runs` shows times
         holder.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
         yield
     finally:

@@ -2,37 +2,58 @@
 
 Formats:
 - ``datasets``: ``Dataset.save_to_disk`` with an ``images`` column of the ``Image`` feature (bytes embedded);
-- ``parquet``: the same table as ``data/train-00000-of-00001.parquet`` (what the Hub's viewer reads);
+- ``parquet``: the same table as ``data/train-0000i-of-0000n.parquet`` shards of about ``SHARD_BYTES`` of
+  images each (what the Hub's viewer reads; the Hub refuses files over 50 GB);
 - ``pf1m``: the PF-1M JSON layout, one JSON array per source, fields as published (input, output, original,
   reward, rouge_score, nli_similarity, sts_similarity, filtered_paragraphs, paragraph_clip_scores; null where
-  a scorer did not run) plus ``id``, ``source``, ``task_type`` and ``images``;
-- ``llava``: LLaVA conversation JSON (``id``, ``image``, ``conversations`` of human/gpt turns).
+  a scorer did not run) plus ``id``, ``source``, ``split``, ``task_type`` and ``images``;
+- ``llava``: LLaVA conversation JSON (``id``, ``split``, ``image``, ``conversations`` of human/gpt turns).
 JSON layouts reference images under ``images/`` in the export folder (hard-linked or copied).
 
-The output folder is derived from the export id, and ``_SUCCESS.json`` is written last: a repeated task
-finds it and does nothing, so exporting the same selection twice gives the same files. The dataset card
-(``README.md`` of every export folder) is built here too, from facts read in the lineage.
+``datasets`` and ``parquet`` read the images a batch of rows at a time: no format holds every image at once.
+A format is written into a temporary sibling folder that is renamed into place once complete, with
+``_SUCCESS.json`` written last: a crash leaves no half-written export, and a repeated task finds the folder
+done and only rewrites its dataset card. The card (``README.md`` of every export folder) is built here too,
+from facts read in the lineage.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from tempfile import mkdtemp
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 
 from lineage.store import LineageStore
+from polite.errors import UserError
 from polite.record import CHUNK_END, IMAGE_MARKER
-from polite.shards import read_table, write_bytes_atomic
+from polite.shards import write_bytes_atomic
+from polite.workspace import is_local
 from tasks.report import funnel, md_table
 
 SUCCESS = "_SUCCESS.json"
+# Bumped whenever a format's files change for the same selection (fields, names, manifest): it is part of the
+# export id, so a folder written by an older layout is never taken for a finished one.
+LAYOUT_VERSION = 2
+# Image bytes per parquet file: a few hundred MB keeps every file far below the Hub's 50 GB limit and its
+# viewer responsive, and bounds what one writer holds.
+SHARD_BYTES = 500 * 1024 * 1024
+# Rows read from the selection at a time by the image-embedding formats (one parquet row group each).
+BATCH_ROWS = 256
+# Formats that read the image files (the JSON layouts read them only to link or copy them).
+EMBEDS_IMAGES = ("datasets", "parquet")
 PF1M_FIELDS = (
     "input",
     "output",
@@ -46,12 +67,25 @@ PF1M_FIELDS = (
 )
 
 
+def reads_images(fmt: str, images: str) -> bool:
+    """Whether writing ``fmt`` opens the image files (so a missing one would stop it half-way)."""
+    return fmt in EMBEDS_IMAGES or images != "none"
+
+
 def _join(folder: str, *parts: str) -> str:
     return "/".join([folder.rstrip("/"), *parts])
 
 
 def _image_name(path: str) -> str:
     return path.rsplit("/", 1)[-1]
+
+
+def _image_refs(row: dict[str, Any]) -> list[str]:
+    """The paths a JSON record names: ``images/<file>`` in the export folder, or (``images: none``, when the
+    writer sets ``image_refs``) the image store's paths relative to the workspace root."""
+    if row.get("image_refs") is not None:
+        return list(row["image_refs"])
+    return [f"images/{_image_name(p)}" for p in row.get("image_paths") or []]
 
 
 def _details(text: str | None) -> dict[str, Any]:
@@ -80,8 +114,11 @@ def pf1m_record(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["sample_id"],
         "source": row["source"],
+        # the source's split: an item of an eval split (validation, test) must not be trained on by whoever
+        # evaluates on that benchmark
+        "split": row.get("split"),
         "task_type": row["task_type"],
-        "images": [f"images/{_image_name(p)}" for p in row.get("image_paths") or []],
+        "images": _image_refs(row),
         "input": row["instruction"],
         "output": row["output"],
         "original": row["raw_response"],
@@ -94,17 +131,41 @@ def pf1m_record(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def image_marker_mismatch(instruction: str | None, n_images: int) -> str | None:
+    """Why an instruction's ``<image>`` markers cannot be paired with its images (None: they can).
+
+    No marker at all is fine (LLaVA's layout puts them in front); any other count must be the image count,
+    or the n-th marker would point at another image, or at none.
+    """
+    n_markers = (instruction or "").count(IMAGE_MARKER)
+    if n_markers and n_markers != n_images:
+        return f"{n_markers} {IMAGE_MARKER} marker(s) for {n_images} image(s)"
+    return None
+
+
+def llava_human_turn(instruction: str | None, n_images: int) -> str:
+    """The instruction as LLaVA's human turn: one ``<image>\\n`` per image, chunk breaks as newlines."""
+    text = (instruction or "").replace(CHUNK_END, "\n")
+    if IMAGE_MARKER not in text:
+        text = IMAGE_MARKER * n_images + text
+    # LLaVA's own data writes "<image>\n" before the text each image goes with
+    text = re.sub(re.escape(IMAGE_MARKER) + r"\s*", IMAGE_MARKER + "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
 def llava_record(row: dict[str, Any]) -> dict[str, Any]:
-    """One selected row as a LLaVA conversation; Flamingo's chunk markers are dropped, ``<image>`` kept."""
-    images = [f"images/{_image_name(p)}" for p in row.get("image_paths") or []]
-    human = (row["instruction"] or "").replace(CHUNK_END, "").strip()
-    if images and IMAGE_MARKER not in human:
-        human = IMAGE_MARKER + "\n" + human
-    record: dict[str, Any] = {"id": row["sample_id"]}
+    """One selected row as a LLaVA conversation. Raises ValueError when its markers and images disagree
+    (the export checks this for the whole selection before writing anything)."""
+    images = _image_refs(row)
+    mismatch = image_marker_mismatch(row["instruction"], len(images))
+    if mismatch:
+        raise ValueError(f"{row['sample_id']}: {mismatch}")
+    record: dict[str, Any] = {"id": row["sample_id"], "split": row.get("split")}
     if len(images) == 1:
         record["image"] = images[0]
     elif images:
         record["image"] = images
+    human = llava_human_turn(row["instruction"], len(images))
     record["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": row["output"]}]
     return record
 
@@ -140,18 +201,39 @@ def place_images(rows: list[dict[str, Any]], out_dir: str, mode: str) -> int:
     return len(paths)
 
 
+def missing_image_files(selection: pa.Table) -> list[tuple[str, list[str]]]:
+    """(sample_id, [missing file, ...]) for every row whose ``image_paths`` (located) are not on disk.
+
+    One stat per distinct image: cheap next to reading them, and it lets the export stop before writing.
+    """
+    missing: dict[str, bool] = {}
+    found = []
+    for row in selection.select(["sample_id", "image_paths"]).to_pylist():
+        gone = []
+        for path in row["image_paths"] or []:
+            if path not in missing:
+                fs, local = url_to_fs(path)
+                missing[path] = not fs.exists(local)
+            if missing[path]:
+                gone.append(path)
+        if gone:
+            found.append((row["sample_id"], gone))
+    return found
+
+
 def _write_json(data: Any, url: str) -> None:
     write_bytes_atomic(json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"), url)
 
 
-def _hf_table(rows: list[dict[str, Any]]):
-    """The selection as a `datasets.Dataset` with embedded image bytes (Image feature)."""
+def hf_features():
+    """The `datasets` features of the ``datasets`` and ``parquet`` formats."""
     import datasets
 
-    features = datasets.Features(
+    return datasets.Features(
         {
             "id": datasets.Value("string"),
             "source": datasets.Value("string"),
+            "split": datasets.Value("string"),
             "task_type": datasets.Value("string"),
             "images": datasets.Sequence(datasets.Image()),
             **{f: datasets.Value("string") for f in ("input", "output", "original")},
@@ -164,97 +246,255 @@ def _hf_table(rows: list[dict[str, Any]]):
             "rewrite_id": datasets.Value("string"),
         }
     )
-    records = []
-    for row in rows:
-        rec = pf1m_record(row)
-        images = []
-        for path in row.get("image_paths") or []:
-            fs, local = url_to_fs(path)
-            with fs.open(local, "rb") as handle:
-                images.append({"bytes": handle.read(), "path": _image_name(path)})
-        rec["images"] = images
-        scores = rec["paragraph_clip_scores"]
-        rec["paragraph_clip_scores"] = None if scores is None else [float(s) for s in scores]
-        rec["rewrite_id"] = row["rewrite_id"]
-        records.append(rec)
-    if not records:  # from_list cannot take its columns from no rows
-        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
-    return datasets.Dataset.from_list(records, features=features)
 
 
-def write_export(
-    selection_url: str, fmt: str, out_dir: str, images: str = "link", card: str | None = None
-) -> dict:
-    """Write the rows of ``selection_url`` to ``out_dir`` in format ``fmt``; a no-op when already done.
+def _read_image(path: str) -> dict[str, Any]:
+    fs, local = url_to_fs(path)
+    with fs.open(local, "rb") as handle:
+        return {"bytes": handle.read(), "path": _image_name(path)}
 
-    Returns the manifest: format, folder, files (relative) and item count.
+
+def hf_record(row: dict[str, Any]) -> dict[str, Any]:
+    """One selected row with its images' bytes, as the `datasets` features above take it."""
+    rec = pf1m_record(row)
+    rec["images"] = [_read_image(p) for p in row.get("image_paths") or []]
+    scores = rec["paragraph_clip_scores"]
+    rec["paragraph_clip_scores"] = None if scores is None else [float(s) for s in scores]
+    rec["rewrite_id"] = row["rewrite_id"]
+    return rec
+
+
+def selection_batches(selection_url: str, rows: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    """The selection's rows, ``rows`` (default BATCH_ROWS) at a time, in sample_id order (as the flow wrote it)."""
+    fs, path = url_to_fs(selection_url)
+    with fs.open(path, "rb") as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=rows or BATCH_ROWS):
+            yield batch.to_pylist()
+
+
+def selection_rows(selection_url: str) -> int:
+    fs, path = url_to_fs(selection_url)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def hf_examples(selection_url: str) -> Iterator[dict[str, Any]]:
+    """Every selected row with its image bytes, one at a time (a generator for ``Dataset.from_generator``)."""
+    for batch in selection_batches(selection_url):
+        yield from (hf_record(row) for row in batch)
+
+
+def write_parquet_shards(selection_url: str, out_dir: str, shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """``data/train-0000i-of-0000n.parquet`` files of about ``shard_bytes`` of images each; returns the names.
+
+    Batches are encoded by the features (their schema carries the Image feature in its metadata, so
+    ``load_dataset("parquet")`` decodes images) and appended as row groups: one batch in memory at a time.
     """
-    done = _join(out_dir, SUCCESS)
-    fs, done_path = url_to_fs(done)
-    if fs.exists(done_path):
-        with fs.open(done_path, "rb") as handle:
-            # the folder it is in now: a copied or moved workspace finds its exports done where they are
-            return {**json.loads(handle.read()), "path": out_dir}
-    rows = read_table(selection_url).to_pylist()
-    rows.sort(key=lambda r: r["sample_id"])
+    features = hf_features()
+    schema = features.arrow_schema
+    fs, local = url_to_fs(_join(out_dir, "data"))
+    fs.makedirs(local, exist_ok=True)
+    parts: list[str] = []
+    writer, size = None, 0
+    for batch in selection_batches(selection_url):
+        records = [hf_record(row) for row in batch]
+        table = pa.Table.from_pylist([features.encode_example(r) for r in records], schema=schema)
+        if writer is None:
+            parts.append(_join(out_dir, "data", f".part-{len(parts):05d}.parquet"))
+            writer = pq.ParquetWriter(url_to_fs(parts[-1])[1], schema, filesystem=fs, compression="zstd")
+            size = 0
+        writer.write_table(table)
+        size += sum(len(i["bytes"]) for r in records for i in r["images"])
+        if size >= shard_bytes:
+            writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+    if not parts:  # an empty selection still gives one (empty) file, so the folder loads
+        parts.append(_join(out_dir, "data", ".part-00000.parquet"))
+        pq.write_table(schema.empty_table(), url_to_fs(parts[-1])[1], filesystem=fs)
+    names = [f"data/train-{i:05d}-of-{len(parts):05d}.parquet" for i in range(len(parts))]
+    for part, name in zip(parts, names, strict=True):  # the count is known only now
+        fs.mv(url_to_fs(part)[1], url_to_fs(_join(out_dir, name))[1])
+    return names
+
+
+def write_datasets(selection_url: str, out_dir: str) -> None:
+    """``Dataset.save_to_disk`` built by ``Dataset.from_generator``: datasets writes the rows to an Arrow
+    cache as they come (inside the temporary folder, not ~/.cache), then saves it in shards."""
+    import datasets
+
+    features = hf_features()
+    # the Arrow cache is local (memory-mapped): inside the temporary folder, or a temp dir for remote storage
+    fs, local = url_to_fs(_join(out_dir, ".cache")) if is_local(out_dir) else (LocalFileSystem(), mkdtemp())
+    quiet = not datasets.are_progress_bars_disabled()
+    if quiet:  # the flow shows its own progress: datasets' bars would only fill Prefect's logs
+        datasets.disable_progress_bars()
+    try:
+        if not selection_rows(selection_url):  # from_generator needs a row
+            ds = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+        else:
+            ds = datasets.Dataset.from_generator(
+                hf_examples, features=features, cache_dir=local, gen_kwargs={"selection_url": selection_url}
+            )
+        # An empty table saved as 0 shards cannot be loaded back (datasets' load_from_disk needs one file).
+        ds.save_to_disk(out_dir, num_shards=1 if not ds.num_rows else None)
+        del ds
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+        if fs.exists(local):
+            fs.rm(local, recursive=True)
+
+
+def _write_format(selection_url: str, fmt: str, out_dir: str, images: str, shard_bytes: int) -> dict[str, Any]:
+    """The format's files in ``out_dir``; returns the manifest's ``files`` (relative) and ``n_items``."""
+    if fmt in EMBEDS_IMAGES:
+        n_items = selection_rows(selection_url)
+        if fmt == "parquet":
+            return {"files": write_parquet_shards(selection_url, out_dir, shard_bytes), "n_items": n_items}
+        write_datasets(selection_url, out_dir)
+        fs, local = url_to_fs(out_dir)
+        return {"files": sorted(p.rsplit("/", 1)[-1] for p in fs.ls(local, detail=False)), "n_items": n_items}
+    rows = [row for batch in selection_batches(selection_url) for row in batch]
+    if images == "none":  # no copies here: name the files in the workspace's image store
+        for row in rows:
+            row["image_refs"] = row.get("stored_paths") or []
     files: list[str] = []
     if fmt == "pf1m":
         by_source: dict[str, list[dict]] = {}
         for row in rows:
             by_source.setdefault(row["source"], []).append(pf1m_record(row))
         for source, records in sorted(by_source.items()):
-            name = f"{source}.json"
-            _write_json(records, _join(out_dir, name))
-            files.append(name)
-        place_images(rows, out_dir, images)
+            _write_json(records, _join(out_dir, f"{source}.json"))
+            files.append(f"{source}.json")
     elif fmt == "llava":
         _write_json([llava_record(r) for r in rows], _join(out_dir, "llava.json"))
         files.append("llava.json")
-        place_images(rows, out_dir, images)
-    elif fmt == "datasets":
-        fs.makedirs(url_to_fs(out_dir)[1], exist_ok=True)
-        # An empty table saved as 0 shards cannot be loaded back (datasets' load_from_disk needs one file).
-        _hf_table(rows).save_to_disk(out_dir, num_shards=1 if not rows else None)
-        files.append("dataset_info.json")
-    elif fmt == "parquet":
-        name = "data/train-00000-of-00001.parquet"
-        fs.makedirs(url_to_fs(_join(out_dir, "data"))[1], exist_ok=True)
-        _hf_table(rows).to_parquet(_join(out_dir, name))
-        files.append(name)
     else:
         raise ValueError(f"unknown export format {fmt!r}; use one of datasets, parquet, pf1m, llava")
-    if card is not None:
-        write_bytes_atomic(card.encode("utf-8"), _join(out_dir, "README.md"))
-        files.append("README.md")
-    manifest = {"format": fmt, "path": out_dir, "files": files, "n_items": len(rows)}
-    write_bytes_atomic(json.dumps(manifest, sort_keys=True).encode("utf-8"), done)
-    return manifest
+    if place_images(rows, out_dir, images):
+        files.append("images/")
+    return {"files": files, "n_items": len(rows)}
+
+
+def _write_card(card: str | None, out_dir: str) -> None:
+    if card is None:
+        return
+    url = _join(out_dir, "README.md")
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        with fs.open(path, "rb") as handle:
+            if handle.read() == card.encode("utf-8"):  # unchanged: leave the file (and its mtime) alone
+                return
+    write_bytes_atomic(card.encode("utf-8"), url)
+
+
+def write_export(
+    selection_url: str,
+    fmt: str,
+    out_dir: str,
+    images: str = "link",
+    card: str | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> dict:
+    """Write the rows of ``selection_url`` to ``out_dir`` in format ``fmt``; when already done, only the card
+    (facts of the lineage now: funnel, thresholds) is rewritten.
+
+    The files go to a temporary sibling folder renamed to ``out_dir`` once complete. Returns the manifest:
+    format, files (relative to the folder), item count, and ``path``: the folder now (not stored in it).
+    """
+    fs, local = url_to_fs(out_dir)
+    done = _join(local, SUCCESS)
+    if fs.exists(done):
+        _write_card(card, out_dir)
+        with fs.open(done, "rb") as handle:
+            return {**json.loads(handle.read()), "path": out_dir}
+    parent, name = out_dir.rstrip("/").rsplit("/", 1)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex[:12]}-{name}"  # a URL on the same storage: the writers take URLs
+    tmp_local = url_to_fs(tmp)[1]
+    fs.makedirs(tmp_local, exist_ok=True)
+    try:
+        manifest = {"format": fmt, **_write_format(selection_url, fmt, tmp, images, shard_bytes)}
+        if card is not None:
+            _write_card(card, tmp)
+            manifest["files"].append("README.md")
+        write_bytes_atomic(json.dumps(manifest, sort_keys=True).encode("utf-8"), _join(tmp, SUCCESS))
+        if fs.exists(local):  # a folder without _SUCCESS.json: left by a crash of an older version
+            fs.rm(local, recursive=True)
+        fs.mv(tmp_local, local, recursive=True)
+    except BaseException:
+        if fs.exists(tmp_local):
+            fs.rm(tmp_local, recursive=True)
+        raise
+    return {**manifest, "path": out_dir}
 
 
 @task(name="write-export", retries=1, retry_delay_seconds=2)
-def write_export_task(job: dict, selection_url: str, images: str = "link", card: str | None = None) -> dict:
-    """One format of one export: ``job`` holds ``format`` and ``out_dir``."""
-    return write_export(selection_url, job["format"], job["out_dir"], images, card)
+def write_export_task(
+    job: dict, selection_url: str, images: str = "link", shard_bytes: int = SHARD_BYTES
+) -> dict:
+    """One format of one export: ``job`` holds ``format``, ``out_dir`` and its dataset ``card``."""
+    return write_export(selection_url, job["format"], job["out_dir"], images, job.get("card"), shard_bytes)
+
+
+# -- the Hub push ---------------------------------------------------------------------------------------
+
+
+class HubPushError(UserError, RuntimeError):
+    """A push that cannot start (checked before writing) or that failed (the export is written locally)."""
+
+
+def check_hub_push(repo_id: str) -> None:
+    """What can be known before writing anything: the repo id's shape, offline mode, a token."""
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise HubPushError(f"--push-to-hub {repo_id!r} is not a Hub repo id: {exc}") from None
+    if repo_id.count("/") != 1:
+        raise HubPushError(f"--push-to-hub {repo_id!r}: give the dataset repo as user/name (or org/name)")
+    if constants.HF_HUB_OFFLINE:
+        raise HubPushError("--push-to-hub: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it, or export "
+                           "without --push-to-hub and upload later with `hf upload`")  # fmt: skip
+    if get_token() is None:
+        raise HubPushError("--push-to-hub: no Hugging Face token found; run `hf auth login` (or set HF_TOKEN)")
 
 
 def push_folder_to_hub(folder: str, repo_id: str, private: bool = True, api: Any = None) -> str:
     """Upload an export folder (with its README.md dataset card) to a Hub dataset repo; returns its URL.
 
-    ``api`` is a ``huggingface_hub.HfApi`` (the default) or anything with the same two methods.
+    ``api`` is a ``huggingface_hub.HfApi`` (the default) or anything with the same two methods. A failure
+    of the Hub or the network is a HubPushError that says how to push the written folder later.
     """
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi()
+    from huggingface_hub.errors import HfHubHTTPError
+
+    # HfHubHTTPError derives from its HTTP library's base error (requests' is an OSError, httpx's is not): that
+    # base is what a refused connection raises, so it is caught with the Hub's own errors
+    network_errors = (OSError, ValueError, *HfHubHTTPError.__bases__)
     local = Path(url_to_fs(folder)[1])
-    api.create_repo(repo_id=repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(
-        folder_path=str(local),
-        repo_id=repo_id,
-        repo_type="dataset",
-        commit_message="Polite Flamingo export",
-        ignore_patterns=[SUCCESS, ".tmp-*"],
-    )
+    try:
+        api.create_repo(repo_id=repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(local),
+            repo_id=repo_id,
+            repo_type="dataset",
+            commit_message="Polite Flamingo export",
+            ignore_patterns=[SUCCESS, ".tmp-*"],
+        )
+    except network_errors as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise HubPushError(
+            f"push to {repo_id} failed ({type(exc).__name__}: {reason}); the export is written and recorded at "
+            f"{local}; push it later with: hf upload {repo_id} {local} --repo-type dataset --exclude {SUCCESS}"
+            + (" --private" if private else "")
+        ) from exc
     return f"https://huggingface.co/datasets/{repo_id}"
 
 
@@ -264,24 +504,18 @@ def push_folder_to_hub(folder: str, repo_id: str, private: bool = True, api: Any
 def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, Any]:
     """What a dataset card states, read from the lineage for the selected rewrites."""
     with store.reader() as con:
-        con.register("selection", selection.select(["sample_id", "rewrite_id", "model_id", "source"]))
-        sources = (
-            con.sql("SELECT source, count(*) AS n FROM selection GROUP BY source ORDER BY source")
-            .to_arrow_table()
-            .to_pylist()
-        )
+        con.register("selection", selection.select(["sample_id", "rewrite_id", "model_id", "source", "split", "kept"]))
+        rows = lambda sql: con.sql(sql).to_arrow_table().to_pylist()  # noqa: E731
+        sources = rows("SELECT source, split, count(*) AS n FROM selection GROUP BY ALL ORDER BY source, split")
+        (not_kept,) = con.execute("SELECT count(*) FROM selection WHERE kept IS NOT TRUE").fetchone()
         thresholds = con.execute(
             "SELECT d.thresholds, count(*) AS n FROM selection s JOIN latest_decisions d USING (rewrite_id) "
             "GROUP BY d.thresholds ORDER BY n DESC"
         ).fetchall()
-        models = (
-            con.sql(
-                "SELECT s.model_id, coalesce(m.kind, 'rewriter') AS kind, m.base, m.adapter, count(*) AS n "
-                "FROM selection s LEFT JOIN models m USING (model_id) "
-                "GROUP BY s.model_id, m.kind, m.base, m.adapter ORDER BY s.model_id"
-            )
-            .to_arrow_table()
-            .to_pylist()
+        models = rows(
+            "SELECT s.model_id, coalesce(m.kind, 'rewriter') AS kind, m.base, m.adapter, count(*) AS n "
+            "FROM selection s LEFT JOIN models m USING (model_id) "
+            "GROUP BY s.model_id, m.kind, m.base, m.adapter ORDER BY s.model_id"
         )
         settings = con.execute(
             "SELECT r.settings, r.prompt_version, count(*) AS n FROM selection s JOIN rewrites r USING (rewrite_id) "
@@ -290,6 +524,7 @@ def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, 
         con.unregister("selection")
     return {
         "n_items": selection.num_rows,
+        "n_not_kept": not_kept,
         "sources": sources,
         "funnel": funnel(store),
         "thresholds": [(t, n) for t, n in thresholds],
@@ -299,68 +534,84 @@ def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, 
     }
 
 
-def dataset_card(facts: dict[str, Any], settings: Any = None) -> str:
-    """A Hub dataset card (YAML header + Markdown) from :func:`card_facts`."""
+_HEADER = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*.parquet
+"""
+_TAGS = """task_categories:
+- visual-question-answering
+- image-to-text
+language:
+- en
+tags:
+- polite-flamingo
+- synthetic
+---
+"""
+# what each format holds to find an item in the factory's lineage
+_IDS = {
+    "datasets": "its `id` (sample_id) and `rewrite_id`",
+    "parquet": "its `id` (sample_id) and `rewrite_id`",
+    "pf1m": "its `id` (sample_id)",
+    "llava": "its `id` (sample_id)",
+}
+EVAL_SPLITS = ("validation", "val", "test", "testdev", "test-dev", "minival")
+
+
+def _model_line(model: dict[str, Any]) -> str:
+    adapter = f", adapter `{model['adapter']}`" if model.get("adapter") else ", no adapter"
+    base = f"base `{model['base']}`" if model.get("base") else "base not recorded"
+    return f"- {model['n']:,} items rewritten by `{model['model_id']}` ({model['kind']}): {base}{adapter}"
+
+
+def _intro(facts: dict[str, Any]) -> list[str]:
+    n, not_kept = facts["n_items"], facts.get("n_not_kept", 0)
     lines = [
-        "---",
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        "  - split: train",
-        "    path: data/train-*.parquet",
-        "task_categories:",
-        "- visual-question-answering",
-        "- image-to-text",
-        "language:",
-        "- en",
-        "tags:",
-        "- polite-flamingo",
-        "- synthetic",
-        "---",
+        f"{n:,} raw vision-language annotations rewritten into helpful, well-formed responses by a multimodal "
+        "rewriter (Polite Flamingo, arXiv 2307.01003)"
+        + (" and kept by its filter chain." if not not_kept else
+           f"; **{not_kept:,} of them were not kept by its filter chain** (the selection below asks for them)."),
         "",
-        "# Polite Flamingo rewrites",
-        "",
-        f"{facts['n_items']:,} raw vision-language annotations rewritten into helpful, well-formed responses by a "
-        "multimodal rewriter (Polite Flamingo, arXiv 2307.01003) and kept by its filter chain.",
-        "",
-        "## Sources",
-        "",
-        md_table(facts["sources"]),
-        "## Counts (funnel)",
-        "",
-        md_table([s for s in facts["funnel"] if s["step"] != "exported"]),
-        "## Filters and thresholds",
-        "",
-    ]
+    ]  # fmt: skip
+    evals = sum(s["n"] for s in facts["sources"] if (s.get("split") or "").lower() in EVAL_SPLITS)
+    if evals:
+        lines += [f"**{evals:,} items come from evaluation splits** of their sources (the `split` field): "
+                  "leave them out before training a model you evaluate on those benchmarks.", ""]  # fmt: skip
+    return lines
+
+
+def dataset_card(
+    facts: dict[str, Any], settings: Any = None, fmt: str = "parquet", check_notes: dict[str, str] | None = None
+) -> str:
+    """A Hub dataset card (YAML header + Markdown) for one format's folder, from :func:`card_facts`.
+
+    ``check_notes``: each export check's outcome (passed, off, or why it was skipped), from the flow.
+    """
+    lines = [(_HEADER if fmt == "parquet" else "---\n") + _TAGS, "# Polite Flamingo rewrites", "", *_intro(facts)]
+    lines += ["## Items of this export (source, split)", "", md_table(facts["sources"])]
+    lines += ["## Factory funnel (the whole workspace at export time, not only this export)", "",
+              md_table([s for s in facts["funnel"] if s["step"] != "exported"]),
+              "## Filters and thresholds", ""]  # fmt: skip
     if facts["thresholds"]:
-        for text, n in facts["thresholds"]:
-            lines.append(f"- {n:,} items decided with: `{text}`")
+        lines += [f"- {n:,} items decided with: `{text}`" for text, n in facts["thresholds"]]
     else:
         lines.append("- (no thresholds recorded)")
-    lines += ["", "## Models and settings", ""]
-    for model in facts["models"]:
-        lines.append(
-            f"- {model['n']:,} items rewritten by `{model['model_id']}` ({model['kind']}): "
-            f"base `{model['base']}`, adapter `{model['adapter']}`"
-        )
-    counts = Counter()
+    lines += ["", "## Models and settings", "", *(_model_line(m) for m in facts["models"])]
+    counts: Counter = Counter()
     for text, prompt, n in facts["settings"]:
         counts[(text, prompt)] += n
     for (text, prompt), n in counts.most_common():
         lines.append(f"- {n:,} rewrites with prompt `{prompt}` and generation settings `{text}`")
-    if settings is not None:
-        checks = json.dumps(settings.checks.model_dump(), sort_keys=True)
-        lines.append(f"- export checks: `{checks}`")
-    lines += [
-        "",
-        "## Lineage query that selected this export",
-        "",
-        "```sql",
-        facts["selection"],
-        "```",
-        "",
-        "Every item carries its `id` (sample_id) and `rewrite_id`; `polite explain <sample_id>` in the factory's "
-        "workspace shows its source row, distortions, rewrite attempts, scores and decision.",
-        "",
-    ]
+    if check_notes:
+        lines += ["", "## Export checks", "", *(f"- `{name}`: {note}" for name, note in check_notes.items())]
+    lines += ["", "## Lineage query that selected this export", "", "```sql", facts["selection"], "```", "",
+              f"Every item carries {_IDS.get(fmt, _IDS['pf1m'])} and its source `split`; `polite explain "
+              "<sample_id>` in the factory's workspace shows its source row, distortions, rewrite attempts, scores "
+              "and decision.", ""]  # fmt: skip
+    if settings is not None and fmt in ("pf1m", "llava") and settings.images == "none":
+        lines += ["Images are not in this folder (`export.images: none`): the `images` paths are relative to "
+                  "the factory workspace's root (its image store), not to this folder.", ""]  # fmt: skip
     return "\n".join(lines)

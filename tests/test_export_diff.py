@@ -50,6 +50,7 @@ def _lineage_with_two_exports(workspace) -> LineageStore:
                         "VALUES (?, ?, 'exports/x', ?, ?, ?)", exports)  # fmt: skip
         items = {"run_a": [("s1", "r1"), ("s2", "r2"), ("s3", "r3"), ("s6", "r6"), ("s7", "r7")],
                  "run_b": [("s1", "r1"), ("s2", "r2b"), ("s4", "r4"), ("s5", "r5"), ("s6", "r6"), ("s7", "r7b")]}  # fmt: skip
+        con.executemany("INSERT INTO export_runs VALUES (?, ?, ?)", [(run, x, at) for x, _, run, _, at in exports])
         con.executemany("INSERT INTO export_items VALUES (?, ?, ?)",
                         [(x, s, r) for x, _, run, _, _ in exports for s, r in items[run]])  # fmt: skip
     return store
@@ -128,6 +129,7 @@ def test_one_export_run_is_not_enough_to_diff(workspace):
     store.migrate()
     with store.writer() as con:
         con.execute("INSERT INTO exports (export_id, format, path, run_id, n_items) VALUES ('x_1', 'pf1m', 'e', 'run_1', 0)")
+        con.execute("INSERT INTO export_runs (run_id, export_id) VALUES ('run_1', 'x_1')")
     out = CliRunner().invoke(app, ["diff", "-w", workspace.root])
     assert out.exit_code == 2 and "needs two exports to compare; this workspace has 1 export run" in out.output
     assert export_diff(store, "x_1", "run_1")["counts"] == {c: 0 for c in CHANGES}

@@ -196,7 +196,7 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
         assert all(Path(pf1m, p).is_file() for p in rec["images"])
 
     llava = json.loads(Path(out["exports"]["llava"]["path"], "llava.json").read_text())
-    assert llava[0]["conversations"][0] == {"from": "human", "value": "<image>Describe the image."}
+    assert llava[0]["conversations"][0] == {"from": "human", "value": "<image>\nDescribe the image."}
     assert (
         llava[0]["conversations"][1]["from"] == "gpt"
         and Path(out["exports"]["llava"]["path"], llava[0]["image"]).is_file()
@@ -211,7 +211,7 @@ def test_export_writes_every_format_and_records_items(workspace, prefect_harness
     )
     assert pq.num_rows == 5 and pq.features["images"].feature.__class__.__name__ == "Image"
     card = Path(out["exports"]["parquet"]["path"], "README.md").read_text()
-    assert "| coco | 3 |" in card and "kept" in card and "m_tiny" in card and '{"semantic": 0.4}' in card
+    assert "| coco | train | 3 |" in card and "kept" in card and "m_tiny" in card and '{"semantic": 0.4}' in card
 
     items = store.query(
         "SELECT export_id, sample_id, rewrite_id FROM export_items ORDER BY export_id, sample_id"
@@ -424,7 +424,8 @@ def test_a_bad_where_stops_the_export_before_any_work(workspace, prefect_harness
     bad = CliRunner().invoke(
         app, ["export", "-w", workspace.root, "--where", "kept); DELETE FROM samples; SELECT (1"]
     )
-    assert bad.exit_code == 2 and "is not a predicate over lineage" in bad.output
+    # refused as a predicate that escapes the command's parentheses (lineage/store.py check_predicate)
+    assert bad.exit_code == 2 and "closes a parenthesis it did not open" in bad.output
     assert store.query("SELECT * FROM runs WHERE flow = 'export'").num_rows == 0
     assert store.query("SELECT * FROM samples").num_rows > 0
 
@@ -444,6 +445,7 @@ def test_push_uploads_the_folder_with_its_card(workspace, prefect_harness, monke
             calls.append(("upload_folder", kw, sorted(p.name for p in Path(kw["folder_path"]).rglob("*"))))
 
     real = texport.push_folder_to_hub
+    monkeypatch.setattr(texport, "check_hub_push", lambda repo_id: None)  # offline here, and no token
     monkeypatch.setattr(
         texport,
         "push_folder_to_hub",
@@ -469,6 +471,9 @@ def test_push_uploads_the_folder_with_its_card(workspace, prefect_harness, monke
         and "README.md" in calls[1][2]
         and "train-00000-of-00001.parquet" in calls[1][2]
     )
+    assert "path: data/train-*.parquet" in Path(out["exports"]["parquet"]["path"], "README.md").read_text()
+    # the pf1m folder has no parquet files: its card must not point `load_dataset` at any
+    assert "data_files" not in Path(out["exports"]["pf1m"]["path"], "README.md").read_text()
 
 
 def test_polite_export_command(workspace, prefect_harness):

@@ -157,3 +157,39 @@ def test_flow_fails_before_work_on_bad_settings(prefect_harness, workspace):
             config={"train": SETTINGS}, workspace=workspace.root, where="p.method = 'retrieve'"
         )
     assert isinstance(stopped.value, UserError)  # the CLI prints one line, Prefect's log no traceback
+
+
+def test_a_second_training_in_one_workspace_stops_naming_the_first(prefect_harness, workspace, tmp_path):
+    """Two trainings of one config share the model folder (named by pairs and settings): the second resumed
+    from the first's checkpoints and both registered a model for one set of weights. It now stops at once,
+    before recording a run, and `polite run` says so before its first stage."""
+    import os
+    import subprocess
+    import sys
+
+    from flows.train_rewriter import train_rewriter_flow
+    from polite.locks import WorkspaceBusy
+
+    _seed_lineage(workspace, n=8)
+    repo = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from flows.train_rewriter import train_lock; "
+         "from polite.workspace import Workspace; lock = train_lock(Workspace.resolve(sys.argv[1])); "
+         "lock.__enter__(); print('held', flush=True); time.sleep(300)", workspace.root],
+        cwd=repo, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkspaceBusy, match=f"a rewriter training is already running in this workspace "
+                                                f"\\(pid {holder.pid} on .* UTC\\)"):  # fmt: skip
+            train_rewriter_flow(config={"train": SETTINGS}, workspace=workspace.root)
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+        done = subprocess.run([str(Path(sys.executable).parent / "polite"), "run", "-w", workspace.root], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+        output = done.stdout + done.stderr
+        assert done.returncode == 2 and "a rewriter training is already running" in output, output
+        assert "Flow run" not in output, output  # before any stage
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert LineageStore(workspace.db_path).query("SELECT count(*) AS n FROM runs").to_pylist() == [{"n": 0}]

@@ -264,6 +264,10 @@ def register(app: typer.Typer) -> None:
             from polite.cli.rewrite import _check_model_and_lock
 
             _check_model_and_lock(cfg, ws.root, chosen)
+        if "train" in stages and ws.db_path.exists():  # a training already running: one line, before any stage
+            from flows.train_rewriter import check_train_lock
+
+            check_train_lock(ws)
         check_sources(cfg, ws, stages)  # last: it opens the local sources (and generates the demo's)
         from flows.export import ExportCheckFailed
         from flows.factory import factory_flow
