@@ -93,14 +93,18 @@ def factory_flow(
     ``formats``/``where``/``push_to_hub`` are passed to the export stage. Returns each stage's summary.
     """
     cfg = resolve_config(config)
-    ws = Workspace.resolve(workspace or cfg.workspace).ensure()
+    ws = Workspace.resolve(workspace or cfg.workspace)
     chosen = given_model(cfg, model)
     order = stages_to_run(cfg, chosen)
     flows = {s: stage_flow(s) for s in order}  # every stage importable before any work
     runners = {s: task_runner_for(cfg.runner, s) for s in order}  # and its runner installed
-    LineageStore(ws.db_path).migrate()  # the views as this code defines them, before binding the predicates
+    if ws.db_path.exists():  # the views as this code defines them, before binding the predicates
+        LineageStore(ws.db_path).migrate()
+    # a run refused here (a deployment's first night without a rewriter) leaves no workspace behind: the
+    # checks read an empty schema elsewhere where there is no lineage yet (flows/preflight.py)
     check_predicates(cfg, ws, order, where)
     check_run(cfg, ws, order, chosen)
+    ws.ensure()
     data = cfg.model_dump(mode="json", by_alias=True)
     log = logger()
     stages: dict[str, Any] = {}

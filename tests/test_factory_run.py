@@ -323,6 +323,7 @@ def test_the_factory_flow_checks_the_rewriter_before_any_stage(tmp_path, monkeyp
         factory_flow(config=config, workspace=str(tmp_path / "ws"))
     with pytest.raises(ConfigError, match="no model folder at"):
         factory_flow(config=config, workspace=str(tmp_path / "ws"), model=str(tmp_path / "nope"))
+    assert not (tmp_path / "ws").exists()  # a refused deployment run leaves no workspace behind
 
 
 def _no_flow(monkeypatch):
@@ -391,7 +392,8 @@ def test_the_factory_flow_checks_its_sources_before_it_records_a_run(tmp_path, p
     config = {"ingest": {"sources": [_local_source(tmp_path, response="answr")]}, "train": {"enabled": False}}
     with pytest.raises(ConfigError, match=r"ingest.sources.0 \(mine\): .*column\(s\) \['answr'\] not found"):
         factory_flow(config=config, workspace=str(ws), model=str(_fake_model(tmp_path)))
-    assert LineageStore(ws / "lineage.duckdb").query("SELECT count(*) AS n FROM runs").to_pylist() == [{"n": 0}]
+    db = ws / "lineage.duckdb"
+    assert not db.exists() or LineageStore(db).query("SELECT count(*) AS n FROM runs").to_pylist() == [{"n": 0}]
 
 
 def _fake_model(tmp_path, positions: int = 2048):
