@@ -148,8 +148,10 @@ def test_distort_flow_resumes_retries_and_exports(prefect_harness, workspace, tm
     assert len(ds) == 3 and set(ds["method"]) == {"llm"}
     from lineage.store import PredicateError
 
-    with pytest.raises(PredicateError, match=r"--where .* is not a predicate over .*give exactly one statement"):
+    with pytest.raises(PredicateError, match=r"--where .* closes a parenthesis it did not open"):
         write_training_set(None, ws, where="true); DELETE FROM pairs; SELECT (1")
+    with pytest.raises(PredicateError, match=r"--where .* is not a predicate over .*syntax error at or near \";\""):
+        write_training_set(None, ws, where="true; DELETE FROM pairs")
     assert pairs(store) == after  # the smuggled DELETE never ran
 
     # The CLI: export to the default path; --where without an export is a user error, not a traceback.

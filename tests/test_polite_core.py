@@ -176,3 +176,28 @@ def test_an_undecodable_image_s_error_is_the_same_text_every_time():
             decode_check(b"this is not an image")
         reasons.add(str(caught.value))
     assert reasons == {"image cannot be decoded: cannot identify image file"}
+
+
+def test_a_library_s_value_or_key_error_keeps_its_traceback_ours_is_one_line():
+    """The CLI prints a ValueError, KeyError or FileNotFoundError as one line with exit 2 (a user's mistake), but
+    only where our code raised it: pyarrow's KeyError on a missing field is a bug, and cron must see exit 1 and
+    the traceback, not a config error."""
+    import pyarrow as pa
+
+    from polite.cli.common import raised_by_us, user_errors
+    from polite.cli.filter import apply_overrides
+
+    @user_errors
+    def library_bug():
+        pa.table({"a": [1]}).column("kept")
+
+    @user_errors
+    def users_mistake():
+        apply_overrides({}, ["semantic.threshold"])  # no `=`: our own ValueError
+
+    with pytest.raises(KeyError) as bug:
+        library_bug()
+    assert not raised_by_us(bug.value)
+    with pytest.raises(SystemExit) as stopped:
+        users_mistake()
+    assert stopped.value.code == 2

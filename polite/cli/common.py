@@ -66,6 +66,24 @@ def check_predicate(
     )
 
 
+_OUR_PACKAGES = ("polite", "flows", "tasks", "models", "filters", "lineage", "deployments")
+
+
+def raised_by_us(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by this project's code (a message written for the user) rather than inside a
+    library, which is a bug however plain its type (pyarrow's KeyError on a missing field, say)."""
+    from pathlib import Path
+
+    tb = exc.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    root = Path(__file__).resolve().parents[2]
+    path = Path(tb.tb_frame.f_code.co_filename).resolve()
+    return path.is_relative_to(root) and path.relative_to(root).parts[0] in _OUR_PACKAGES
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the errors a user can fix into one red line and exit code 2, without a traceback."""
 
@@ -80,6 +98,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(1)
         except (UserError, FileNotFoundError, KeyError, ValueError) as exc:
+            if not isinstance(exc, UserError) and not raised_by_us(exc):
+                raise  # a library's KeyError or ValueError is a bug to read, with its traceback (exit 1)
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             sys.exit(2)
