@@ -196,6 +196,9 @@ def stage_run(
         if isinstance(exc, ShardFailures):
             exc.summary = run.summary  # what landed before the failure, for the command to print
         error = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM (Prefect's TerminationSignal): stopped, not broken
+            status = "interrupted"
+            error = str(exc) or f"{type(exc).__name__}: stopped (Ctrl-C or a termination signal)"
         raise
     finally:
         if status == "completed":  # every shard is done: the progress says nothing more; a failed run keeps it

@@ -85,7 +85,9 @@ def explain(store: LineageStore, sample_id: str, workspace: Workspace | None = N
 # on a connection that did not set it
 RECENT_RUNS_SQL = """
 SELECT r.run_id, r.flow, r.status, r.started_at, r.finished_at,
-       round(epoch(coalesce(r.finished_at, CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)) - r.started_at), 1)
+       -- a running run is timed to now; one interrupted without an end time (its process died) has no duration
+       round(epoch(coalesce(r.finished_at, CASE WHEN r.status = 'running'
+                                                THEN CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP) END) - r.started_at), 1)
            AS seconds,
        r.code_version, r.summary, {outcome}
 FROM runs r WHERE ($flow IS NULL OR r.flow = $flow) AND ($stored IS NULL OR list_contains($stored, r.status))

@@ -85,6 +85,8 @@ def test_a_run_whose_process_was_killed_reads_interrupted_and_the_next_run_recor
     runs = _runs(workspace)
     assert runs[killed]["status"] == "interrupted" and runs[killed]["error"] == shown[killed]["error"]
     assert runs["run_far"]["status"] == "running"
+    # recorded as interrupted (with no end time), it still has no duration: it did not run until now
+    assert {r["run_id"]: r for r in recent_runs(LineageStore(workspace.db_path))}[killed]["seconds"] is None
 
 
 def test_polite_runs_shows_why_a_run_failed_and_reads_a_database_older_than_the_columns(workspace):
@@ -247,3 +249,13 @@ def test_runs_filter_by_flow_and_status_an_interrupted_one_included(workspace):
     out = CliRunner().invoke(app, ["runs", "-w", workspace.root, "--flow", "rewrite", "--status", "interrupted"],
                              env={"COLUMNS": "80"})  # fmt: skip
     assert out.exit_code == 0 and "run_d" in out.output and "run_e" not in out.output, out.output
+
+
+def test_a_run_stopped_by_ctrl_c_is_recorded_interrupted_not_failed(workspace):
+    from flows.common import stage_run
+
+    with pytest.raises(KeyboardInterrupt), stage_run("rewrite", {}, workspace) as stopped:
+        raise KeyboardInterrupt
+    row = _runs(workspace)[stopped.run_id]
+    assert row["status"] == "interrupted" and row["finished_at"] is not None
+    assert row["error"] == "KeyboardInterrupt: stopped (Ctrl-C or a termination signal)"
