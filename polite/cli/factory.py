@@ -208,7 +208,8 @@ def register(app: typer.Typer) -> None:
             list[str] | None, typer.Option("--set", help="Override a setting: section.key=value (repeat).")
         ] = None,
         model: Annotated[
-            str | None, typer.Option(help="Use this rewriter (path or model_id) instead of training one.")
+            str | None, typer.Option(help="Use this rewriter (path or model_id) instead of training one (distortion still runs: "
+                            "distort.enabled: false skips it).")
         ] = None,
         limit: Annotated[int | None, typer.Option(help="Ingest at most N rows of every source.")] = None,
         runner: Annotated[str | None, typer.Option(help="Task runner: threads or ray.")] = None,
