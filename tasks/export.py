@@ -296,20 +296,22 @@ def write_parquet_shards(selection_url: str, out_dir: str, shard_bytes: int = SH
     fs.makedirs(local, exist_ok=True)
     parts: list[str] = []
     writer, size = None, 0
-    for batch in selection_batches(selection_url):
-        records = [hf_record(row) for row in batch]
-        table = pa.Table.from_pylist([features.encode_example(r) for r in records], schema=schema)
-        if writer is None:
-            parts.append(_join(out_dir, "data", f".part-{len(parts):05d}.parquet"))
-            writer = pq.ParquetWriter(url_to_fs(parts[-1])[1], schema, filesystem=fs, compression="zstd")
-            size = 0
-        writer.write_table(table)
-        size += sum(len(i["bytes"]) for r in records for i in r["images"])
-        if size >= shard_bytes:
+    try:
+        for batch in selection_batches(selection_url):
+            records = [hf_record(row) for row in batch]
+            table = pa.Table.from_pylist([features.encode_example(r) for r in records], schema=schema)
+            if writer is None:
+                parts.append(_join(out_dir, "data", f".part-{len(parts):05d}.parquet"))
+                writer = pq.ParquetWriter(url_to_fs(parts[-1])[1], schema, filesystem=fs, compression="zstd")
+                size = 0
+            writer.write_table(table)
+            size += sum(len(i["bytes"]) for r in records for i in r["images"])
+            if size >= shard_bytes:
+                writer.close()
+                writer = None
+    finally:  # closed on an error too: a writer closed later (on remote storage) could upload a stray part
+        if writer is not None:
             writer.close()
-            writer = None
-    if writer is not None:
-        writer.close()
     if not parts:  # an empty selection still gives one (empty) file, so the folder loads
         parts.append(_join(out_dir, "data", ".part-00000.parquet"))
         pq.write_table(schema.empty_table(), url_to_fs(parts[-1])[1], filesystem=fs)
@@ -420,6 +422,10 @@ def write_export(
             _write_card(card, tmp)
             manifest["files"].append("README.md")
         write_bytes_atomic(json.dumps(manifest, sort_keys=True).encode("utf-8"), _join(tmp, SUCCESS))
+        if fs.exists(done):  # another run finished the same export meanwhile: keep its folder
+            fs.rm(tmp_local, recursive=True)
+            with fs.open(done, "rb") as handle:
+                return {**json.loads(handle.read()), "path": out_dir}
         if fs.exists(local):  # a folder without _SUCCESS.json: left by a crash of an older version
             fs.rm(local, recursive=True)
         fs.mv(tmp_local, local, recursive=True)

@@ -72,16 +72,21 @@ _OUR_PACKAGES = ("polite", "flows", "tasks", "models", "filters", "lineage", "de
 def raised_by_us(exc: BaseException) -> bool:
     """Whether ``exc`` was raised by this project's code (a message written for the user) rather than inside a
     library, which is a bug however plain its type (pyarrow's KeyError on a missing field, say)."""
+    import sysconfig
     from pathlib import Path
 
+    frames = []
     tb = exc.__traceback__
-    if tb is None:
-        return True
-    while tb.tb_next is not None:
+    while tb is not None:
+        frames.append(Path(tb.tb_frame.f_code.co_filename).resolve())
         tb = tb.tb_next
+    if not frames:
+        return True
+    # the standard library raising for our call (Path.read_text, json.loads) is ours: judge the last other frame
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    last = next((f for f in reversed(frames) if not f.is_relative_to(stdlib)), frames[-1])
     root = Path(__file__).resolve().parents[2]
-    path = Path(tb.tb_frame.f_code.co_filename).resolve()
-    return path.is_relative_to(root) and path.relative_to(root).parts[0] in _OUR_PACKAGES
+    return last.is_relative_to(root) and last.relative_to(root).parts[0] in _OUR_PACKAGES
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -132,8 +132,11 @@ def _load_files(builder: str, files: list[str], sep: str, cache_dir: str | None)
         # Every field as the text it was written as: pandas would guess types per column, so an answer "3"
         # becomes the number 3 (3.0 in a column with an empty cell), "007" becomes 7 and "None" or "NA" null.
         # An empty field is the empty string.
-        with open(files[0], newline="", encoding="utf-8-sig") as handle:
-            width = len(next(csv.reader(handle, delimiter=sep), []))
+        try:
+            with open(files[0], newline="", encoding="utf-8-sig") as handle:
+                width = len(next(csv.reader(handle, delimiter=sep), []))
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"cannot read {files[0]}: not UTF-8 text ({exc})") from None
         kwargs = {"sep": sep, "converters": dict.fromkeys(range(width), str), "keep_default_na": False}
     return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
 
