@@ -126,13 +126,12 @@ def recent_runs(
 
 def _check_flow_name(con, flow: str) -> None:
     """A ``--flow`` that names no flow ever run here is a typo more often than a flow yet to run: say so."""
-    import difflib
+    from polite.config.names import unknown_names
 
-    known = sorted({r[0] for r in con.execute("SELECT DISTINCT flow FROM runs").fetchall()} | set(FLOWS))
-    if flow not in known:
-        close = difflib.get_close_matches(flow, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"--flow {flow!r} is not a flow (flows: {', '.join(known)}){hint}")
+    known = {r[0] for r in con.execute("SELECT DISTINCT flow FROM runs").fetchall()} | set(FLOWS)
+    problem = unknown_names([flow], known, "flow")
+    if problem:
+        raise ValueError(f"--flow: {problem}")
 
 
 def _time_left(row: dict[str, Any]) -> float | None:
@@ -153,7 +152,8 @@ WITH side AS (
     FROM exports e WHERE e.export_id = $ref
     UNION ALL
     SELECT p.run_id, p.run_id, e.export_id, e.format, e.n_items, p.published_at
-    FROM export_runs p JOIN exports e USING (export_id) WHERE p.run_id = $ref
+    -- an export from before export runs was backfilled under its own id (run_id = export_id): one side, not two
+    FROM export_runs p JOIN exports e USING (export_id) WHERE p.run_id = $ref AND p.run_id <> p.export_id
 )
 SELECT ref, run_id, list(export_id ORDER BY format) AS export_ids, list(format ORDER BY format) AS formats,
     max(n_items) AS n_items, min(created_at) AS created_at

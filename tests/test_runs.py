@@ -243,7 +243,7 @@ def test_runs_filter_by_flow_and_status_an_interrupted_one_included(workspace):
         recent_runs(store, status="done")
     # a flow with no runs yet lists nothing; a name no flow has is a typo
     assert ids(flow="export") == []
-    with pytest.raises(ValueError, match="--flow 'rewirte' is not a flow .*; did you mean 'rewrite'"):
+    with pytest.raises(ValueError, match=r"--flow: unknown flow 'rewirte' \(did you mean 'rewrite'\?\); known: distort"):
         recent_runs(store, flow="rewirte")
     assert CliRunner().invoke(app, ["runs", "-w", workspace.root, "--limit", "0"]).exit_code == 2
     out = CliRunner().invoke(app, ["runs", "-w", workspace.root, "--flow", "rewrite", "--status", "interrupted"],

@@ -31,8 +31,11 @@ class SourceError(UserError, ValueError):
 
 def cause(error: BaseException) -> str:
     """The innermost cause of a loading error, on one line (`datasets` wraps it in a generic message)."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
+    while True:  # a context hidden by `raise ... from None` stays hidden
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None:
+            break
+        error = inner
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:300]}"
 
