@@ -2,7 +2,8 @@
 # One device-machine session: install the carried wheels, then run the GPU benchmarks, each under its own time
 # box so one slow part cannot starve the others. Results (JSON + logs) land in $OUT (or bench/out/gpu).
 #
-#   carry: .whl (open_flamingo, open_clip, einops_exts, ftfy, wcwidth for Python 3.12; the pip download
+#   carry: .whl (open_flamingo, open_clip, einops_exts, ftfy, wcwidth, and pydantic with its dependencies,
+#          which models/generation.py imports through polite.config, for Python 3.12; the pip download
 #          command is in BENCHMARKS.md, "Next device session")
 #   run:   bash bench/gpu_all.sh              # the rewrite benchmark: paths, attention variants, profile, checks
 #          LEVERS=1 ALL=1 bash bench/gpu_all.sh   # also session 1's per-lever runs, gpu_model and gpu_filters

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-KV_BLOCK = 64  # cache lengths and attention spans are rounded up to this, so few graphs are captured
+# cache lengths and attention spans are rounded up to this: one CUDA graph per block of keys. 16 wastes fewer keys
+# per step than 64 (H200, 9B, batch 512: 35.7 vs 36.3 ms a step) for about 25 ms of capture per extra graph
+KV_BLOCK = 16
 MAX_SESSIONS = 16  # batch shapes kept with their captured graphs (least recently used ones are dropped)
 
 

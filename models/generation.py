@@ -160,15 +160,15 @@ def fast_decoder(
     loaded,
     cuda_graphs: bool = True,
     attention: str = "sdpa",
-    kv_block: int = 64,
+    kv_block: int = 16,
     shrink: bool = True,
-    compile_layers: bool = False,
+    compile_layers: bool | None = None,
 ):
     """One ``FastFlamingoDecoder`` per loaded model, options and process, so captured graphs (and compiled
     layers) survive across shards."""
     from models.fast_decode import FastFlamingoDecoder
 
-    key = (bool(cuda_graphs), attention, int(kv_block), bool(shrink), bool(compile_layers))
+    key = (bool(cuda_graphs), attention, int(kv_block), bool(shrink), compile_layers)
     with _decoders_lock:
         per_model = _decoders.setdefault(loaded.model, {})
         if key not in per_model:
@@ -190,9 +190,9 @@ class RewriteGenerator:
         image_cache_size: int = 256,
         latent_cache_size: int = 1024,
         decode_attention: str = "sdpa",
-        kv_block: int = 64,
+        kv_block: int = 16,
         shrink_batches: bool = True,
-        compile_layers: bool = False,
+        compile_layers: bool | None = None,
         cache_new_tokens: int | None = None,
     ):
         """``cache_new_tokens``: the fast decoder's static batches start with KV-cache room for the prompt and

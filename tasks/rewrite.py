@@ -85,9 +85,9 @@ def rewrite_shard(job: dict[str, Any]) -> dict[str, Any]:
         max_prompt_tokens=int(job.get("max_prompt_tokens", 1024)),
         cuda_graphs=bool(job.get("cuda_graphs", True)),
         decode_attention=str(job.get("decode_attention", "sdpa")),
-        kv_block=int(job.get("kv_block", 64)),
+        kv_block=int(job.get("kv_block", 16)),
         shrink_batches=bool(job.get("shrink_batches", True)),
-        compile_layers=bool(job.get("compile_layers", False)),
+        compile_layers=compile_layers_option(job.get("compile_layers", "auto")),
         cache_new_tokens=job.get("cache_new_tokens"),
     )
     # one generation at a time per loaded model: its layers carry per-call state (image conditioning, the fast
@@ -231,6 +231,11 @@ def choose_scheduling(requested: str, gen, static_batches: int) -> str:
 
 def _dtype(name: str | None):
     return None if name in (None, "auto") else name
+
+
+def compile_layers_option(value: bool | str) -> bool | None:
+    """The config's ``compile_layers`` for the decoder: ``auto`` (None there) compiles on CUDA only."""
+    return None if value == "auto" else bool(value)
 
 
 @task(name="rewrite-shard", task_run_name="rewrite {job[name]}")

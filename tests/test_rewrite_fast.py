@@ -287,6 +287,20 @@ def test_compiled_layers_match_eager_with_graphs_shared_by_every_layer(loaded, i
     assert len(compiled.layers) == 4 and counters["stats"]["unique_graphs"] - graphs == 4
 
 
+def test_compile_layers_auto_compiles_on_cuda_only(loaded):
+    from models.fast_decode import FastFlamingoDecoder
+    from models.fast_layers import LAYER_PARTS
+    from polite.config.rewrite import RewriteSettings
+    from tasks.rewrite import compile_layers_option
+
+    assert RewriteSettings().compile_layers == "auto"
+    assert compile_layers_option("auto") is None and compile_layers_option(False) is False
+    on_cpu = FastFlamingoDecoder(loaded.model, cuda_graphs=False, compile_layers=compile_layers_option("auto"))
+    assert on_cpu.compile_layers is False and not on_cpu._compiled_parts  # no faster on CPU: left eager
+    forced = FastFlamingoDecoder(loaded.model, cuda_graphs=False, compile_layers=compile_layers_option(True))
+    assert forced.compile_layers is True and set(forced._compiled_parts) == set(LAYER_PARTS)
+
+
 def test_a_failing_layer_compiler_falls_back_to_eager(loaded, images):
     from models.fast_decode import FastFlamingoDecoder
 

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from models.fast_cache import KV_BLOCK, round_up
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -36,17 +38,20 @@ def test_tiny_run_measures_every_path_and_profiles(tmp_path, bench_script):
     assert all(r["compile_error"] is None for r in variants)
     assert all(r["tokens_per_s"] > 0 for r in variants)
     scheduling = [r for r in data["runs"] if r["path"].startswith("scheduling")]
+    grown = 16 * round_up(24 + 48, KV_BLOCK) // round_up(24 + 12, KV_BLOCK)
+    assert grown > 16  # a cache that starts shorter holds more rows
     assert [r["path"] for r in scheduling] == ["scheduling: static batches, no shrinking, sdpa",
                                                "scheduling: static batches, sdpa",
-                                               "scheduling: static batches of 32, cache grows from 12, sdpa",
+                                               f"scheduling: static batches of {grown}, cache grows from 12, sdpa",
                                                "scheduling: continuous, sdpa", "scheduling: continuous, flex"]  # fmt: skip
     assert data["kv_bytes_per_token"] > 0 and "token_budget_auto" not in data  # CUDA only
-    # 16 rows x (24 + 48) slots hold 32 rows x (24 + 12)
-    assert data["scheduling"]["grown_cache_rows"] == 32 and data["scheduling"]["cache_new_tokens"] == 12
+    # the KV slots of 16 rows x (24 + 48) hold `grown` rows x (24 + 12), each rounded up to the cache's blocks
+    assert data["scheduling"]["grown_cache_rows"] == grown and data["scheduling"]["cache_new_tokens"] == 12
     assert all(r["batch"] == 48 and r["tokens_per_s"] > 0 for r in scheduling)
     beams = [r for r in data["runs"] if r["path"].startswith("beam scheduling")]
+    grown_samples = 4 * round_up(24 + 48, KV_BLOCK) // round_up(24 + 12, KV_BLOCK)
     assert [r["path"] for r in beams] == ["beam scheduling: static beam batches, sdpa",
-                                          "beam scheduling: static beam batches of 8, cache grows from 12, sdpa",
+                                          f"beam scheduling: static beam batches of {grown_samples}, cache grows from 12, sdpa",
                                           "beam scheduling: continuous beams, sdpa",
                                           "beam scheduling: continuous beams, flex"]  # fmt: skip
     assert all(r["batch"] == 12 and r["tokens_per_s"] > 0 for r in beams)
