@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="on CUDA without --batches, do not try 1.5x the largest batch where memory allows")
     parser.add_argument("--also-batch", type=int, default=None,
                         help="run this batch after the listed ones as the grown one (instead of choosing it by memory)")
-    parser.add_argument("--attention", default="sdpa:64,sdpa:64:unfused,sdpa:16,sdpa:16:compiled,flex:64",
+    # around the defaults (sdpa:16, compiled on CUDA: session 13): what each part adds, and flex compiled
+    parser.add_argument("--attention", default="sdpa:16,sdpa:64:compiled,sdpa:16:unfused:compiled,flex:16:compiled,flex:64:compiled",
                         help="decode variants (kind:kv_block[:unfused][:compiled], compiled: compile_layers) timed at --attention-batch; '' skips")  # fmt: skip
     parser.add_argument("--attention-batch", type=int, default=None,
                         help="batch for the attention variants and the profile, default the best batch above")  # fmt: skip
