@@ -1,10 +1,11 @@
 """The export flow: select kept rewrites from the lineage, gate on SQL checks, write formats, record, report.
 
 One task per format (a format is the export's "shard"); the flow alone reads and writes DuckDB. The
-export id is a hash of the selection SQL, the format, the selected content (sample, rewrite, output,
-scores) and whatever else changes the folder's files (the layout version, the images mode of the JSON
-layouts, the parquet shard size), so the same selection exported twice lands in the same folder and the
-second time only rewrites the dataset card. Every run records the folders it published in `export_runs`.
+export id is a hash of the selection SQL (with `export.dedupe`'s duplicate dropping, when on), the format, the
+selected content (sample, rewrite, output, scores) and whatever else changes the folder's files (the layout
+version, the images mode of the JSON layouts, the parquet shard size), so the same selection exported twice
+lands in the same folder and the second time only rewrites the dataset card. Every run records the folders it
+published in `export_runs`, and its summary the selection's duplicate counts (tasks/export_dedupe.py).
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def export_id_for(sql: str, fmt: str, digest: str, images: str = "link", shard_b
     return "x_" + stable_hash("export", sql, fmt, digest, json.dumps(layout, sort_keys=True))
 
 
-def _settings(cfg_export: ExportSettings, formats, where, push_to_hub) -> ExportSettings:
+def _settings(cfg_export: ExportSettings, formats, where, push_to_hub, dedupe=None) -> ExportSettings:
     update: dict[str, Any] = {}
     if formats:
         update["formats"] = [formats] if isinstance(formats, str) else list(formats)
@@ -194,6 +195,8 @@ def _settings(cfg_export: ExportSettings, formats, where, push_to_hub) -> Export
         update["where"] = where
     if push_to_hub is not None:
         update["push_to_hub"] = push_to_hub
+    if dedupe is not None:
+        update["dedupe"] = dedupe
     settings = ExportSettings.model_validate({**cfg_export.model_dump(), **update})
     if settings.push_to_hub and "parquet" not in settings.formats:
         # The Hub's dataset viewer and `load_dataset(repo)` read parquet under data/.
@@ -240,23 +243,32 @@ def export_flow(
     formats: list[str] | str | None = None,
     where: str | None = None,
     push_to_hub: str | None = None,
+    dedupe: str | None = None,
 ) -> dict:
-    """Export the kept rewrites (or a ``where`` selection over the lineage view) and write the report."""
+    """Export the kept rewrites (or a ``where`` selection over the lineage view) and write the report.
+    ``dedupe`` (none, exact, response) replaces ``export.dedupe``: which duplicate items to drop."""
     import tasks.export as texport
+    from tasks.export_card import card_facts, dataset_card
+    from tasks.export_dedupe import deduped_selection_sql, drop_duplicates, repeat_warning
     from tasks.report import write_report
 
     cfg = resolve_config(config)
-    settings = _settings(cfg.export, formats, where, push_to_hub)
+    settings = _settings(cfg.export, formats, where, push_to_hub, dedupe)
     if settings.where:
         db_path = Workspace.resolve(workspace or cfg.workspace).db_path
         LineageStore(db_path).check_predicate(settings.where, "lineage", "export.where (--where)")
     if settings.push_to_hub:  # before the run is recorded and anything is written
         texport.check_hub_push(settings.push_to_hub)
-    sql = selection_sql(settings.where)
+    base_sql = selection_sql(settings.where)  # what runs: one row per selected sample
+    sql = deduped_selection_sql(base_sql, settings.dedupe)  # what is recorded and hashed: the items exported
     shard_bytes = texport.SHARD_BYTES  # read now: part of the parquet export id
     with stage_run("export", cfg.model_dump(mode="json"), workspace or cfg.workspace, parent_run_id) as run:
         ws, store, log = run.workspace, run.store, logger()
-        selection = select(store, sql)
+        selection, duplicates = drop_duplicates(select(store, base_sql), settings.dedupe)
+        run.summary.update(duplicates.summary())  # a run held by a check below still records them
+        repeats = repeat_warning(duplicates)
+        if repeats:
+            log.warning("export: %s", repeats)
         _warn_not_kept(log, selection, settings.where)
         notes: dict[str, str] = {}
         located = ws.locate_paths(selection, "image_paths")  # the writers read the images: where they are now
@@ -284,13 +296,13 @@ def export_flow(
             located.append_column("stored_paths", selection["image_paths"]),
             ws.url("shards", "exports", f"selection-{digest}.parquet"),
         )
-        facts = texport.card_facts(store, sql, selection)
+        facts = card_facts(store, sql, selection, duplicates)
         jobs = []
         for fmt in settings.formats:
             export_id = export_id_for(sql, fmt, digest, settings.images, shard_bytes)
             jobs.append({
                 "export_id": export_id, "format": fmt, "out_dir": ws.url("exports", f"{fmt}-{export_id}"),
-                "card": texport.dataset_card(facts, settings, fmt, notes),
+                "card": dataset_card(facts, settings, fmt, notes),
             })  # fmt: skip
         items = selection.select(["sample_id", "rewrite_id"])
         exports: dict[str, dict] = {}
@@ -327,4 +339,7 @@ def export_flow(
             "exports": exports,
             "report": report_path,
             "hub_url": hub_url,
+            **duplicates.summary(),
+            "duplicates": duplicates.as_dict(),
+            "duplicate_warning": repeats,
         }

@@ -10,11 +10,12 @@ Formats:
 - ``llava``: LLaVA conversation JSON (``id``, ``split``, ``image``, ``conversations`` of human/gpt turns).
 JSON layouts reference images under ``images/`` in the export folder (hard-linked or copied).
 
-``datasets`` and ``parquet`` read the images a batch of rows at a time: no format holds every image at once.
+Every format reads the selection a batch of rows at a time and writes as it goes: ``datasets`` and ``parquet``
+with the batch's image bytes, the JSON layouts appending records to their arrays (``JsonArrayFile``, the same
+bytes as one ``json.dumps`` of every record), so no format holds every image, or every text, at once.
 A format is written into a temporary sibling folder that is renamed into place once complete, with
 ``_SUCCESS.json`` written last: a crash leaves no half-written export, and a repeated task finds the folder
-done and only rewrites its dataset card. The card (``README.md`` of every export folder) is built here too,
-from facts read in the lineage.
+done and only rewrites its dataset card (``README.md``, rendered by ``tasks/export_card.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import os
 import re
 import shutil
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from tempfile import mkdtemp
@@ -36,12 +36,10 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 
-from lineage.store import LineageStore
 from polite.errors import UserError
 from polite.record import CHUNK_END, IMAGE_MARKER
 from polite.shards import write_bytes_atomic
 from polite.workspace import is_local
-from tasks.report import funnel, md_table
 
 SUCCESS = "_SUCCESS.json"
 # Bumped whenever a format's files change for the same selection (fields, names, manifest): it is part of the
@@ -52,6 +50,8 @@ LAYOUT_VERSION = 2
 SHARD_BYTES = 500 * 1024 * 1024
 # Rows read from the selection at a time by the image-embedding formats (one parquet row group each).
 BATCH_ROWS = 256
+# Rows read at a time by the JSON layouts: text only (a few KB a row), so a batch is a few MB of Python objects.
+JSON_BATCH_ROWS = 1024
 # Formats that read the image files (the JSON layouts read them only to link or copy them).
 EMBEDS_IMAGES = ("datasets", "parquet")
 PF1M_FIELDS = (
@@ -171,7 +171,8 @@ def llava_record(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def place_images(rows: list[dict[str, Any]], out_dir: str, mode: str) -> int:
-    """Hard-link (or copy) every distinct image of ``rows`` into ``out_dir/images``; returns how many."""
+    """Hard-link (or copy) every distinct image of ``rows`` into ``out_dir/images``; returns how many. An image
+    already there (placed for an earlier batch) is left as it is."""
     if mode == "none":
         return 0
     paths = sorted({p for r in rows for p in (r.get("image_paths") or [])})
@@ -221,8 +222,33 @@ def missing_image_files(selection: pa.Table) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _write_json(data: Any, url: str) -> None:
-    write_bytes_atomic(json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"), url)
+class JsonArrayFile:
+    """A JSON array written to ``url`` a batch of records at a time, byte for byte what
+    ``json.dumps(records, ensure_ascii=False, indent=1)`` gives for all of them at once (the layout the JSON
+    formats have always had), so no writer needs every record in memory.
+
+    Written in place: the file is inside the format's temporary folder, which is what makes the export atomic.
+    """
+
+    def __init__(self, url: str) -> None:
+        fs, path = url_to_fs(url)
+        self._handle = fs.open(path, "wb")
+        self.n = 0
+
+    def extend(self, records: list[dict[str, Any]]) -> None:
+        # json.dumps escapes newlines inside strings, so each "\n" of a record is a line break of the layout:
+        # one more space after it nests the record one level (indent=1) inside the array
+        for record in records:  # one record's text at a time (the handle buffers the small writes)
+            text = json.dumps(record, ensure_ascii=False, indent=1).replace("\n", "\n ")
+            self._handle.write((("[\n " if self.n == 0 else ",\n ") + text).encode("utf-8"))
+            self.n += 1
+
+    def close(self) -> None:
+        """End the array (``[]`` when empty, as json.dumps writes it) and close the file."""
+        if self._handle.closed:
+            return
+        self._handle.write(b"\n]" if self.n else b"[]")
+        self._handle.close()
 
 
 def hf_features():
@@ -358,26 +384,46 @@ def _write_format(selection_url: str, fmt: str, out_dir: str, images: str, shard
         write_datasets(selection_url, out_dir)
         fs, local = url_to_fs(out_dir)
         return {"files": sorted(p.rsplit("/", 1)[-1] for p in fs.ls(local, detail=False)), "n_items": n_items}
-    rows = [row for batch in selection_batches(selection_url) for row in batch]
-    if images == "none":  # no copies here: name the files in the workspace's image store
-        for row in rows:
-            row["image_refs"] = row.get("stored_paths") or []
-    files: list[str] = []
-    if fmt == "pf1m":
-        by_source: dict[str, list[dict]] = {}
-        for row in rows:
-            by_source.setdefault(row["source"], []).append(pf1m_record(row))
-        for source, records in sorted(by_source.items()):
-            _write_json(records, _join(out_dir, f"{source}.json"))
-            files.append(f"{source}.json")
-    elif fmt == "llava":
-        _write_json([llava_record(r) for r in rows], _join(out_dir, "llava.json"))
-        files.append("llava.json")
-    else:
+    if fmt not in ("pf1m", "llava"):
         raise ValueError(f"unknown export format {fmt!r}; use one of datasets, parquet, pf1m, llava")
-    if place_images(rows, out_dir, images):
-        files.append("images/")
-    return {"files": files, "n_items": len(rows)}
+    return write_json_layout(selection_url, fmt, out_dir, images)
+
+
+def write_json_layout(selection_url: str, fmt: str, out_dir: str, images: str) -> dict[str, Any]:
+    """``pf1m`` (one array per source, ``<source>.json``) or ``llava`` (``llava.json``), and the images they
+    name, written ``JSON_BATCH_ROWS`` rows at a time; returns the manifest's ``files`` and ``n_items``.
+
+    Rows come in sample_id order, so each array holds its records in that order, as when the whole selection
+    was read at once: the files are the same bytes, only the memory no longer grows with the selection.
+    """
+    arrays: dict[str, JsonArrayFile] = {}
+    n_items = n_images = 0
+    try:
+        if fmt == "llava":  # one file even for an empty selection (an empty array)
+            arrays["llava"] = JsonArrayFile(_join(out_dir, "llava.json"))
+        for batch in selection_batches(selection_url, JSON_BATCH_ROWS):
+            if images == "none":  # no copies here: name the files in the workspace's image store
+                for row in batch:
+                    row["image_refs"] = row.get("stored_paths") or []
+            if fmt == "llava":
+                arrays["llava"].extend([llava_record(r) for r in batch])
+            else:
+                by_source: dict[str, list[dict[str, Any]]] = {}
+                for row in batch:
+                    by_source.setdefault(row["source"], []).append(pf1m_record(row))
+                for source, records in by_source.items():
+                    if source not in arrays:  # a file per source, opened when its first row comes
+                        arrays[source] = JsonArrayFile(_join(out_dir, f"{source}.json"))
+                    arrays[source].extend(records)
+            n_items += len(batch)
+            n_images += place_images(batch, out_dir, images)
+        if not n_items:  # the (empty) images folder an empty selection has always had
+            place_images([], out_dir, images)
+    finally:  # closed on an error too: a file closed later (on remote storage) could upload a stray one
+        for array in arrays.values():
+            array.close()
+    files = [f"{name}.json" for name in sorted(arrays)]
+    return {"files": files + (["images/"] if n_images else []), "n_items": n_items}
 
 
 def _write_card(card: str | None, out_dir: str) -> None:
@@ -502,122 +548,3 @@ def push_folder_to_hub(folder: str, repo_id: str, private: bool = True, api: Any
             + (" --private" if private else "")
         ) from exc
     return f"https://huggingface.co/datasets/{repo_id}"
-
-
-# -- the dataset card (README.md of every export folder; what the Hub shows) ---------------------------
-
-
-def card_facts(store: LineageStore, sql: str, selection: pa.Table) -> dict[str, Any]:
-    """What a dataset card states, read from the lineage for the selected rewrites."""
-    with store.reader() as con:
-        con.register("selection", selection.select(["sample_id", "rewrite_id", "model_id", "source", "split", "kept"]))
-        rows = lambda sql: con.sql(sql).to_arrow_table().to_pylist()  # noqa: E731
-        sources = rows("SELECT source, split, count(*) AS n FROM selection GROUP BY ALL ORDER BY source, split")
-        (not_kept,) = con.execute("SELECT count(*) FROM selection WHERE kept IS NOT TRUE").fetchone()
-        thresholds = con.execute(
-            "SELECT d.thresholds, count(*) AS n FROM selection s JOIN latest_decisions d USING (rewrite_id) "
-            "GROUP BY d.thresholds ORDER BY n DESC"
-        ).fetchall()
-        models = rows(
-            "SELECT s.model_id, coalesce(m.kind, 'rewriter') AS kind, m.base, m.adapter, count(*) AS n "
-            "FROM selection s LEFT JOIN models m USING (model_id) "
-            "GROUP BY s.model_id, m.kind, m.base, m.adapter ORDER BY s.model_id"
-        )
-        settings = con.execute(
-            "SELECT r.settings, r.prompt_version, count(*) AS n FROM selection s JOIN rewrites r USING (rewrite_id) "
-            "GROUP BY r.settings, r.prompt_version ORDER BY n DESC"
-        ).fetchall()
-        con.unregister("selection")
-    return {
-        "n_items": selection.num_rows,
-        "n_not_kept": not_kept,
-        "sources": sources,
-        "funnel": funnel(store),
-        "thresholds": [(t, n) for t, n in thresholds],
-        "models": models,
-        "settings": [(s, p, n) for s, p, n in settings],
-        "selection": sql.strip(),
-    }
-
-
-_HEADER = """---
-configs:
-- config_name: default
-  data_files:
-  - split: train
-    path: data/train-*.parquet
-"""
-_TAGS = """task_categories:
-- visual-question-answering
-- image-to-text
-language:
-- en
-tags:
-- polite-flamingo
-- synthetic
----
-"""
-# what each format holds to find an item in the factory's lineage
-_IDS = {
-    "datasets": "its `id` (sample_id) and `rewrite_id`",
-    "parquet": "its `id` (sample_id) and `rewrite_id`",
-    "pf1m": "its `id` (sample_id)",
-    "llava": "its `id` (sample_id)",
-}
-EVAL_SPLITS = ("validation", "val", "test", "testdev", "test-dev", "minival")
-
-
-def _model_line(model: dict[str, Any]) -> str:
-    adapter = f", adapter `{model['adapter']}`" if model.get("adapter") else ", no adapter"
-    base = f"base `{model['base']}`" if model.get("base") else "base not recorded"
-    return f"- {model['n']:,} items rewritten by `{model['model_id']}` ({model['kind']}): {base}{adapter}"
-
-
-def _intro(facts: dict[str, Any]) -> list[str]:
-    n, not_kept = facts["n_items"], facts.get("n_not_kept", 0)
-    lines = [
-        f"{n:,} raw vision-language annotations rewritten into helpful, well-formed responses by a multimodal "
-        "rewriter (Polite Flamingo, arXiv 2307.01003)"
-        + (" and kept by its filter chain." if not not_kept else
-           f"; **{not_kept:,} of them were not kept by its filter chain** (the selection below asks for them)."),
-        "",
-    ]  # fmt: skip
-    evals = sum(s["n"] for s in facts["sources"] if (s.get("split") or "").lower() in EVAL_SPLITS)
-    if evals:
-        lines += [f"**{evals:,} items come from evaluation splits** of their sources (the `split` field): "
-                  "leave them out before training a model you evaluate on those benchmarks.", ""]  # fmt: skip
-    return lines
-
-
-def dataset_card(
-    facts: dict[str, Any], settings: Any = None, fmt: str = "parquet", check_notes: dict[str, str] | None = None
-) -> str:
-    """A Hub dataset card (YAML header + Markdown) for one format's folder, from :func:`card_facts`.
-
-    ``check_notes``: each export check's outcome (passed, off, or why it was skipped), from the flow.
-    """
-    lines = [(_HEADER if fmt == "parquet" else "---\n") + _TAGS, "# Polite Flamingo rewrites", "", *_intro(facts)]
-    lines += ["## Items of this export (source, split)", "", md_table(facts["sources"])]
-    lines += ["## Factory funnel (the whole workspace at export time, not only this export)", "",
-              md_table([s for s in facts["funnel"] if s["step"] != "exported"]),
-              "## Filters and thresholds", ""]  # fmt: skip
-    if facts["thresholds"]:
-        lines += [f"- {n:,} items decided with: `{text}`" for text, n in facts["thresholds"]]
-    else:
-        lines.append("- (no thresholds recorded)")
-    lines += ["", "## Models and settings", "", *(_model_line(m) for m in facts["models"])]
-    counts: Counter = Counter()
-    for text, prompt, n in facts["settings"]:
-        counts[(text, prompt)] += n
-    for (text, prompt), n in counts.most_common():
-        lines.append(f"- {n:,} rewrites with prompt `{prompt}` and generation settings `{text}`")
-    if check_notes:
-        lines += ["", "## Export checks", "", *(f"- `{name}`: {note}" for name, note in check_notes.items())]
-    lines += ["", "## Lineage query that selected this export", "", "```sql", facts["selection"], "```", "",
-              f"Every item carries {_IDS.get(fmt, _IDS['pf1m'])} and its source `split`; `polite explain "
-              "<sample_id>` in the factory's workspace shows its source row, distortions, rewrite attempts, scores "
-              "and decision.", ""]  # fmt: skip
-    if settings is not None and fmt in ("pf1m", "llava") and settings.images == "none":
-        lines += ["Images are not in this folder (`export.images: none`): the `images` paths are relative to "
-                  "the factory workspace's root (its image store), not to this folder.", ""]  # fmt: skip
-    return "\n".join(lines)

@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EXPORT_FORMATS = ("datasets", "parquet", "pf1m", "llava")
 ExportFormat = Literal["datasets", "parquet", "pf1m", "llava"]
+# Which duplicate items an export drops (tasks/export_dedupe.py): none; exact (same images, instruction and
+# response); response (same response, whatever the images and instruction).
+Dedupe = Literal["none", "exact", "response"]
 
 
 class ExportChecks(BaseModel):
@@ -42,6 +45,12 @@ class ExportSettings(BaseModel):
     # on remote storage), copy, or leave out. `datasets`/`parquet` always embed image bytes.
     images: Literal["link", "copy", "none"] = "link"
     checks: ExportChecks = Field(default_factory=ExportChecks)
+    # Every export counts its duplicate items (responses compared after whitespace normalisation); this drops
+    # them, keeping the first of each group by sample_id. "exact": an item with the same images, instruction and
+    # response as an earlier one; "response": an item whose response repeats an earlier one's, whatever its
+    # images and instruction (a rewriter that gives one answer to many questions; it also drops every exact
+    # duplicate). "none" keeps them all: the default, so an export's items and id change only when asked.
+    dedupe: Dedupe = "none"
     report: Literal["markdown", "html", "none"] = "markdown"
     sample_cards: int = Field(default=6, ge=0, le=100)
     push_to_hub: str | None = None  # "user/name": pushes the parquet export with a dataset card
