@@ -86,19 +86,23 @@ def render(
     from rich.console import Console
     from rich.table import Table
 
+    from polite.printing import print_wide
+
     console = Console()
     table = Table(title="filter funnel")
     for col in ("source", "scorer", "entered", "dropped", "kept"):
         table.add_column(col, justify="right" if col in ("entered", "dropped", "kept") else "left")
     for r in rows:
         table.add_row(r["source"], r["scorer"], str(r["entered"]), str(r["dropped"]), str(r["kept"]))
-    console.print(table)
+    print_wide(table, console)
     if rewards:
         rt = Table(title="reward: raw vs rewritten vs kept")
         for col in ("source", "which", "n", "mean", "p10", "median", "p90"):
             rt.add_column(col)
         for r in rewards:
             rt.add_row(*[str(r[c]) for c in ("source", "which", "n", "mean", "p10", "median", "p90")])
-        console.print(rt)
+        print_wide(rt, console)
+    # also in the flow's log warnings, but those do not reach every console a command prints to (a deployment's
+    # logs go to its worker): under the funnel they always do
     for s in skipped or []:
         console.print(f"[yellow]skipped[/] {s['scorer']}: {s['why']}; enable with `{s['enable_with']}`")

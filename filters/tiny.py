@@ -176,8 +176,11 @@ def make_clip(
     config_file = folder / f"{name}.json"
     config_file.write_text(json.dumps(CLIP_SIZES[size]))
     open_clip.add_model_config(str(config_file))
+    from polite.env import random_init_on_purpose
+
     torch.manual_seed(seed)
-    model = open_clip.create_model(name)
+    with random_init_on_purpose():  # the weights are made here and saved next: open_clip's warning misleads
+        model = open_clip.create_model(name)
     weights = folder / f"{name}.pt"
     torch.save(model.state_dict(), weights)
     return {"model": name, "model_config_file": str(config_file), "pretrained": str(weights)}

@@ -21,6 +21,7 @@ from typing import Any
 
 from lineage.store import LineageLockedError, LineageStore
 from polite.errors import UserError
+from polite.processes import stop_servers_on_sigterm, this_host, watch_temporary_servers
 from polite.workspace import Workspace
 
 
@@ -47,6 +48,9 @@ def quiet_user_errors() -> None:
 
 
 quiet_user_errors()
+# a SIGTERM'd flow process stops Prefect's temporary API server before it ends (polite/processes.py); set here,
+# at import, so it is the handler Prefect finds when a flow run starts
+stop_servers_on_sigterm()
 
 
 def code_version() -> str:
@@ -168,8 +172,7 @@ def stage_run(
     The row names its host and process, and first marks this host's runs whose process died as interrupted.
     Only a stage that ``starts_workspace`` (ingest, the factory) makes the database; the others stop with
     ``NoLineageError`` on a folder without one (a mistyped --workspace), before writing anything there."""
-    from polite.processes import this_host
-
+    watch_temporary_servers()  # the server this flow runs against, if Prefect started one: stopped after a kill -9
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     store = LineageStore(ws.db_path)
     if not starts_workspace:

@@ -12,6 +12,7 @@ The task runner of each stage comes from ``runner`` settings (flows/runners.py):
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import tempfile
 from pathlib import Path
@@ -235,18 +236,31 @@ def plan(cfg: FactoryConfig, workspace: str | None = None, model: str | None = N
     }
 
 
-def _where(ref: str, allow_download: bool = False) -> str:
-    """How a model reference would be found: a local path (present or not) or a Hub id."""
+def _where(ref: str, allow_download: bool = False, cached: bool | None = None) -> str:
+    """How a model reference would be found: a local path (present or not), or a Hub id, in the local cache or
+    not, and if not, whether it can be downloaded (``allow_download``, and the hub not offline)."""
+    from filters.models import available_locally
+    from polite.env import hub_offline
+
     if ref.startswith(("/", "./", "../", "~", "local-dir:", "package:")) or Path(ref).expanduser().exists():
         path = Path(ref.split(":", 1)[1] if ref.startswith("local-dir:") else ref).expanduser()
         if ref.startswith("package:"):
             return "bundled Python package"
         return "present" if path.exists() else "ABSENT on this machine"
-    return (
-        "Hub id, downloaded on first use"
-        if allow_download
-        else "Hub id (local cache only: downloads are off)"
-    )
+    if cached if cached is not None else available_locally(ref):
+        return "Hub id, in the local cache"
+    if not allow_download:
+        return "Hub id, NOT in the local cache (downloads are off)"
+    if hub_offline():
+        return "Hub id, NOT in the local cache, and HF_HUB_OFFLINE is set: cannot be downloaded"
+    return "Hub id, downloaded on first use"
+
+
+def _rewriter_where(ref: str) -> str:
+    """A rewriter is a folder or the id of a model in the lineage, never a Hub id."""
+    if ref.startswith("m_") and "/" not in ref and not Path(ref).exists():
+        return "a model id of the lineage"
+    return "present" if Path(ref).expanduser().exists() else "ABSENT on this machine"
 
 
 def _models(cfg: FactoryConfig, stages: list[str], chosen: str | None) -> list[dict[str, str]]:
@@ -266,17 +280,47 @@ def _models(cfg: FactoryConfig, stages: list[str], chosen: str | None) -> list[d
             }
         )
     if chosen:
-        out.append({"role": "rewriter", "model": chosen, "where": _where(chosen)})
+        out.append({"role": "rewriter", "model": chosen, "where": _rewriter_where(chosen)})
     if "filter" in stages:
+        from flows.preflight import hub_models
+
+        download = cfg.filters.allow_download
+        hub = {m["key"]: m for m in hub_models(cfg, stages)}
         for name in ("semantic", "nli", "clipscore", "reward"):
             scorer = getattr(cfg.filters, name, None)
             if scorer is None or scorer.enabled is False:
                 continue
-            where = _where(scorer.model, cfg.filters.allow_download)
+            model = scorer.model
+            if name == "clipscore":  # an open_clip architecture; its weights are what may be missing
+                model = f"{scorer.model}/{scorer.pretrained}" if scorer.pretrained else scorer.model
+                listed = hub.get("filters.clipscore.pretrained")
+                where = _clip_where(scorer, download) if listed is None else _where(model, True, listed["cached"])
+            else:
+                listed = hub.get(f"filters.{name}.model")
+                where = _where(scorer.model, download, listed["cached"] if listed else None)
+            here = where.startswith(("present", "bundled", "Hub id, in the local cache"))
             fallback = getattr(scorer, "fallback_model", None)
-            if fallback and not where.startswith("present"):
+            if download and not here:
+                pass  # downloads allowed: neither a fallback nor `auto` steps in (the chain takes it as available)
+            elif fallback and not here:
                 where += f"; else {fallback}"
-            elif scorer.enabled == "auto" and not where.startswith("present"):
+            elif scorer.enabled == "auto" and not here:
                 where += "; auto: skipped when not available"
-            out.append({"role": f"filter {name}", "model": scorer.model, "where": where})
+            out.append({"role": f"filter {name}", "model": model, "where": where})
     return out
+
+
+def _clip_where(scorer, allow_download: bool) -> str:
+    """CLIPScore's weights: a local file, or an open_clip tag (a Hub file) in the cache or not."""
+    from filters.models import is_local_path
+
+    pretrained = scorer.pretrained
+    if not pretrained or pretrained == "none":
+        return "no weights (random: set filters.clipscore.pretrained)"
+    if is_local_path(pretrained):
+        return _where(pretrained)
+    if importlib.util.find_spec("open_clip") is None:
+        return "open_clip is not installed (pip install open-clip-torch)"
+    from filters.clipscore import clip_weights_cached
+
+    return _where(f"{scorer.model}/{pretrained}", allow_download, clip_weights_cached(scorer.model, pretrained))

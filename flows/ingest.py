@@ -98,6 +98,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from polite.printing import print_wide
+
     table = Table(title="ingest: what landed")
     keys = ("rows", "ok", "failed", "skipped", "duplicates", "new_samples", "new_images")
     for column in ("source", "rows read", "ok", "failed", "skipped", "duplicates", "new samples", "new images"):
@@ -105,7 +107,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     for label, c in summary["sources"].items():
         table.add_row(label, *[str(c.get(k, 0)) for k in keys])
     console = Console()
-    console.print(table)
+    print_wide(table, console)  # piped or in CI: every column whole (rich would cut them at 80 columns)
     for label, c in summary["sources"].items():
         if c.get("duplicates"):
             console.print(

@@ -6,6 +6,7 @@ first.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import tempfile
 from collections.abc import Iterator
@@ -146,7 +147,8 @@ def check_models(
     cfg: FactoryConfig, ws: Workspace, stages: list[str], chosen: str | None, problems: list[str] | None = None
 ) -> None:
     """Find the rewriter the run needs, the base (and adapter) training starts from and the filters' scorers
-    before any stage works, and check that the rewrite's prompt and new tokens fit the rewriter's context.
+    before any stage works, and check that the rewrite's prompt and new tokens fit the rewriter's context, and
+    that no Hub model the run would download is missing while the hub is offline (``check_hub_offline``).
 
     Each stage looks for its models only when it starts: a ``--model`` naming no folder, or a config that trains
     nothing in a workspace with no rewriter yet (the nightly run's first night), would cost every stage before
@@ -162,6 +164,7 @@ def check_models(
     if "rewrite" in stages and context is not None:
         with _noted(problems):
             check_context(cfg, context, model)
+    check_hub_offline(cfg, stages, problems)
     if "filter" in stages and _chain_can_fail(cfg):  # what the filter stage checks first
         from filters.chain import build_chain
 
@@ -171,6 +174,73 @@ def check_models(
                 raise ConfigError(
                     "every scorer is disabled: enable at least one under `filters:` (e.g. filters.length.enabled: true)"
                 )
+
+
+def hub_models(cfg: FactoryConfig, stages: list[str]) -> list[dict]:
+    """Every model the run would load by Hub id with downloads allowed by its config (``filters.allow_download``,
+    ``distort.llm.allow_download``): ``key`` (the setting), ``ref`` (as the plan shows it), ``stage``,
+    ``allowed_by``, ``cached`` (found in the local Hugging Face cache), and for a scorer ``auto`` (``enabled:
+    auto``) and ``fallback`` (the model used instead when downloads are off). Local folders and files are not here:
+    the other checks look for them. Hub ids without downloads allowed are not either: those load from the
+    cache or are skipped (``auto``) or refused (``enabled: true``) by the filter chain's own check."""
+    from filters.models import available_locally, is_local_path
+
+    found = []
+    llm = cfg.distort.llm
+    uses_llm = any(entry.method == "llm" for entry in cfg.distort.mix)
+    if "distort" in stages and uses_llm and llm is not None and llm.backend == "local" and llm.allow_download:
+        if not Path(llm.model).expanduser().is_dir():
+            found.append({"key": "distort.llm.model", "ref": llm.model, "stage": "distort",
+                          "allowed_by": "distort.llm.allow_download", "cached": available_locally(llm.model)})  # fmt: skip
+    if "filter" not in stages or not cfg.filters.enabled or not cfg.filters.allow_download:
+        return found
+    for name in ("semantic", "nli", "reward", "clipscore"):
+        scorer = getattr(cfg.filters, name)
+        if scorer.enabled is False:
+            continue
+        if name == "clipscore":
+            if not scorer.pretrained or scorer.pretrained == "none" or is_local_path(scorer.pretrained):
+                continue
+            if importlib.util.find_spec("open_clip") is None:  # the chain's own check says what to install
+                continue
+            from filters.clipscore import clip_weights_cached
+
+            key, ref = "filters.clipscore.pretrained", f"{scorer.model}/{scorer.pretrained}"
+            cached = clip_weights_cached(scorer.model, scorer.pretrained)
+        else:
+            if scorer.model.startswith("package:") or is_local_path(scorer.model):
+                continue
+            key, ref, cached = f"filters.{name}.model", scorer.model, available_locally(scorer.model)
+        found.append({"key": key, "ref": ref, "stage": "filter", "allowed_by": "filters.allow_download",
+                      "cached": cached, "auto": scorer.enabled == "auto",
+                      "fallback": getattr(scorer, "fallback_model", None)})  # fmt: skip
+    return found
+
+
+def check_hub_offline(cfg: FactoryConfig, stages: list[str], problems: list[str] | None = None) -> None:
+    """With ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set, a Hub model missing from the local cache cannot
+    be downloaded, whatever ``allow_download`` says: the stage that loads it would fail (an ``auto`` scorer
+    included: downloads allowed, the chain takes it as available and does not skip it). Say so before any
+    stage works, naming the setting. Raises ``ConfigError``; with ``problems``, notes each there instead."""
+    from polite.env import hub_offline
+
+    if not hub_offline():
+        return
+    for model in hub_models(cfg, stages):
+        if model["cached"]:
+            continue
+        if model.get("fallback"):
+            skip = f"; or set {model['allowed_by']}: false to use {model['fallback']} instead"
+        elif model.get("auto"):
+            skip = f"; or set {model['allowed_by']}: false, and `enabled: auto` skips it while it is missing"
+        else:
+            skip = ""
+        with _noted(problems):
+            raise ConfigError(
+                f"{model['key']}: {model['ref']} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, "
+                f"so the {model['stage']} stage cannot download it and would fail; unset HF_HUB_OFFLINE, or point "
+                f"{model['key']} at a local copy{skip}"
+            )
 
 
 def check_source_names(

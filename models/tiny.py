@@ -112,8 +112,11 @@ def make_tiny_rewriter(
         (tmp / "vision" / "open_clip_config.json").write_text(json.dumps(vision_cfg, indent=2))
         import open_clip
 
+        from polite.env import random_init_on_purpose
+
         torch.manual_seed(seed + 1)
-        clip = open_clip.create_model(f"local-dir:{tmp / 'vision'}")
+        with random_init_on_purpose():  # the weights are made here and saved next: open_clip's warning misleads
+            clip = open_clip.create_model(f"local-dir:{tmp / 'vision'}")
         save_file(
             {k: v.contiguous() for k, v in clip.state_dict().items()},
             str(tmp / "vision" / "open_clip_model.safetensors"),

@@ -21,11 +21,12 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from polite.errors import UserError
+from polite.errors import Busy
 
 
-class WorkspaceBusy(UserError, RuntimeError):
-    """Another process holds the lock; the message says which and since when."""
+class WorkspaceBusy(Busy, RuntimeError):
+    """Another process holds the lock; the message says which and since when. The CLI exits 75 (EX_TEMPFAIL)
+    for it, not 2: nothing is wrong with the request, it can run once the other one ends (polite/errors.py)."""
 
 
 def _files(db_path: Path, name: str) -> tuple[FileLock, Path]:

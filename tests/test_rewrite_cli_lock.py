@@ -1,5 +1,5 @@
 """`polite rewrite`, `polite rerun` and `polite run` (given a rewriter) in a real process while another process
-holds the rewrite's lock: one line and exit code 2 before any flow run, not Prefect's traceback of a failed flow
+holds the rewrite's lock: one line and exit code 75 (busy) before any flow run, not Prefect's traceback of a failed flow
 run first."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_a_held_rewrite_lock_is_one_line_from_the_command_without_a_flow_run(wor
                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
             )  # fmt: skip
             output = done.stdout + done.stderr
-            assert done.returncode == 2, output
+            assert done.returncode == 75, output  # EX_TEMPFAIL: busy, try again later
             assert f"already running in this workspace (pid {holder.pid} on " in output, output
             assert "Traceback" not in output and "Flow run" not in output, output
             assert len(output.strip().splitlines()) == 1, output

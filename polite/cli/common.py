@@ -10,8 +10,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from polite.printing import print_wide  # noqa: F401 (the commands print their tables with it)
+
 console = Console()
 err_console = Console(stderr=True)
+
 
 WorkspaceOpt = Annotated[
     str | None,
@@ -89,24 +92,37 @@ def raised_by_us(exc: BaseException) -> bool:
     return last.is_relative_to(root) and last.relative_to(root).parts[0] in _OUR_PACKAGES
 
 
+def is_busy(exc: BaseException) -> bool:
+    """Another process holds what the command needs: a workspace lock (``Busy``), or the lineage database for
+    longer than the command waits (``LineageLockedError``). Retrying later is the fix, not editing anything."""
+    from lineage.store import LineageLockedError
+    from polite.errors import Busy
+
+    return isinstance(exc, Busy | LineageLockedError)
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can fix into one red line and exit code 2, without a traceback."""
+    """Turn the errors a user can fix into one red line without a traceback, and an exit code a scheduler can
+    act on (polite/errors.py): 2 for a request to fix, 75 (EX_TEMPFAIL) for a workspace another process holds,
+    1 for failed shards (the rest recorded)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from flows.common import ShardFailures
-        from polite.errors import UserError
+        from polite.errors import EXIT_BUSY, EXIT_SHARDS_FAILED, EXIT_USER_ERROR, UserError
 
         try:
             return fn(*args, **kwargs)
         except ShardFailures as exc:  # the finished shards are recorded; the message says how to resume
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(1)
+            sys.exit(EXIT_SHARDS_FAILED)
         except (UserError, FileNotFoundError, KeyError, ValueError) as exc:
             if not isinstance(exc, UserError) and not raised_by_us(exc):
                 raise  # a library's KeyError or ValueError is a bug to read, with its traceback (exit 1)
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            if is_busy(exc):
+                message += f" (exit code {EXIT_BUSY}: busy, try again later)"
             err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            sys.exit(EXIT_BUSY if is_busy(exc) else EXIT_USER_ERROR)
 
     return wrapper

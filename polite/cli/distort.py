@@ -67,6 +67,10 @@ def register(app: typer.Typer) -> None:
         unknown = sorted(set(method or []) - set(METHODS))
         if unknown:  # here, not in the flow: before a Prefect server starts and a flow run fails
             raise ValueError(f"--method {', '.join(unknown)}: not a method; choose from {', '.join(METHODS)}")
+        if method is None or "llm" in method:  # a Hub LLM the offline hub cannot fetch: before the flow starts
+            from flows.preflight import check_hub_offline
+
+            check_hub_offline(cfg, ["distort"])
         summary = distort_flow(
             config=cfg.model_dump(mode="json", by_alias=True), workspace=workspace, retry_failed=retry_failed, methods=method or None
         )

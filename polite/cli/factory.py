@@ -7,7 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from polite.cli.common import ConfigOpt, WorkspaceOpt, console, err_console, user_errors, with_export_options
+from polite.cli.common import (
+    ConfigOpt,
+    WorkspaceOpt,
+    console,
+    err_console,
+    print_wide,
+    user_errors,
+    with_export_options,
+)
 
 TRY_SQL = [
     'polite sql "SELECT source, count(*) AS samples, count(*) FILTER (WHERE kept) AS kept FROM lineage GROUP BY source"',
@@ -91,8 +99,9 @@ def print_plan(p: dict[str, Any]) -> None:
 
     console.rule("[bold]plan (dry run: nothing was run)[/]")
     console.print(
-        f"workspace: {p['workspace']}\nstages: {' -> '.join(p['stages'])}\nrewriter: {p['rewriter']}"
-    )
+        f"workspace: {p['workspace']}\nstages: {' -> '.join(p['stages'])}\nrewriter: {p['rewriter']}",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
     table = Table(title="sources")
     for col in ("source", "adapter", "from", "split", "config", "rows", "rows_from", "shards"):
         table.add_column(col)
@@ -103,14 +112,14 @@ def print_plan(p: dict[str, Any]) -> None:
                 for c in ("source", "adapter", "from", "split", "config", "rows", "rows_from", "shards")
             ]
         )
-    console.print(table)
+    print_wide(table)
     models = Table(title="models")
     for col in ("role", "model", "where"):
         models.add_column(col)
     for m in p["models"]:
         models.add_row(m["role"], m["model"], m["where"])
-    console.print(models)
-    console.print(f"task runners: {p['runner']}")
+    print_wide(models)
+    console.print(f"task runners: {p['runner']}", highlight=False, soft_wrap=True)
     for section, values in p["settings"].items():
         console.print(
             f"[bold]{section}[/]: " + json.dumps(values, default=str), highlight=False, soft_wrap=True
@@ -154,14 +163,14 @@ def print_summary(result: dict[str, Any]) -> None:
     ]
     for name, ok, bad in rows:
         table.add_row(name, f"{ok:,}", str(bad))
-    console.print(table)
+    print_wide(table)
     steps = funnel(store)
     ftable = Table(title="funnel")
     for col in ("step", "count", "note"):
         ftable.add_column(col)
     for s in steps:
         ftable.add_row(s["step"], f"{s['count']:,}", s["note"])
-    console.print(ftable)
+    print_wide(ftable)
     console.rule("[bold]before / after[/]")
     for card in sample_cards(store, 3):
         verdict = "[green]kept[/]" if card["kept"] else f"[yellow]{card['decision_reason'] or 'dropped'}[/]"

@@ -74,6 +74,10 @@ def register(app: typer.Typer) -> None:
         data = stage_config(config).model_dump(mode="json")
         data = apply_overrides(data, set_ or [])
         cfg = parse_config(data, origin=config or "(demo config + --set)")
+        if not rethreshold:  # a Hub model the offline hub cannot fetch: before the flow starts, or the dry run ends
+            from flows.preflight import check_hub_offline
+
+            check_hub_offline(cfg, ["filter"])
         if dry_run:
             _dry_run(cfg, workspace, rethreshold, full_scoring)
             return
