@@ -64,9 +64,17 @@ def decision_id(rewrite_id: str, settings_hash: str) -> str:
     return "d_" + hashlib.md5(f"{rewrite_id}:{settings_hash}".encode()).hexdigest()[:20]
 
 
+def can_download(settings: FilterSettings) -> bool:
+    """Whether a missing Hub model may be fetched: allowed by the config, and not ruled out by HF_HUB_OFFLINE
+    (huggingface_hub would refuse the download inside the filter task, after the chain was planned)."""
+    from polite.env import hub_offline
+
+    return settings.allow_download and not hub_offline()
+
+
 def _availability(name: str, settings: FilterSettings) -> tuple[bool, str, str]:
     """(available, why not, the config line that enables it) for a model scorer."""
-    download = settings.allow_download
+    download = can_download(settings)
     if name == "semantic":
         s = settings.semantic
         ok = semantic_model_ref(s, download) is not None
@@ -257,6 +265,8 @@ def build_chain(settings: FilterSettings | dict | None = None, only: Iterable[st
         if flag is False or (wanted is not None and name not in wanted):
             continue
         ok, why, line = _availability(name, settings)
+        if not ok and settings.allow_download and not why.startswith("no "):
+            why += " (filters.allow_download is true, but HF_HUB_OFFLINE is set: nothing can be downloaded)"
         if ok:
             enabled.append(name)
         elif flag == "auto":
@@ -266,12 +276,13 @@ def build_chain(settings: FilterSettings | dict | None = None, only: Iterable[st
             local = why.startswith("no ")
             raise ScorerUnavailableError(
                 f"filters.{name} is enabled but {why}; set `{line}`"
-                + ("" if local or name == "clipscore" and "pip" in line else " or filters.allow_download: true")
+                + ("" if local or settings.allow_download or name == "clipscore" and "pip" in line
+                   else " or filters.allow_download: true")
                 + f", or `filters.{name}.enabled: auto` to skip it when missing"
             )
     spec = {"settings": settings.model_dump(mode="json"), "enabled": enabled}
     if "semantic" in enabled:
-        spec["semantic_model"] = semantic_model_ref(settings.semantic, settings.allow_download)
+        spec["semantic_model"] = semantic_model_ref(settings.semantic, can_download(settings))
     chain = Chain.from_spec(spec)
     chain.skipped = skipped
     return chain

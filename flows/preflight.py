@@ -164,8 +164,9 @@ def check_models(
     if "rewrite" in stages and context is not None:
         with _noted(problems):
             check_context(cfg, context, model)
-    check_hub_offline(cfg, stages, problems)
-    if "filter" in stages and _chain_can_fail(cfg):  # what the filter stage checks first
+    offline = check_hub_offline(cfg, stages, problems)
+    # what the filter stage checks first; a Hub model missing offline was named above (the chain would again)
+    if "filter" in stages and _chain_can_fail(cfg) and not any(p["stage"] == "filter" for p in offline):
         from filters.chain import build_chain
 
         with _noted(problems):
@@ -217,30 +218,30 @@ def hub_models(cfg: FactoryConfig, stages: list[str]) -> list[dict]:
     return found
 
 
-def check_hub_offline(cfg: FactoryConfig, stages: list[str], problems: list[str] | None = None) -> None:
+def check_hub_offline(cfg: FactoryConfig, stages: list[str], problems: list[str] | None = None) -> list[dict]:
     """With ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set, a Hub model missing from the local cache cannot
-    be downloaded, whatever ``allow_download`` says: the stage that loads it would fail (an ``auto`` scorer
-    included: downloads allowed, the chain takes it as available and does not skip it). Say so before any
-    stage works, naming the setting. Raises ``ConfigError``; with ``problems``, notes each there instead."""
+    be downloaded, whatever ``allow_download`` says, and the stage that loads it would fail. Say so before any
+    stage works, naming the setting. An ``auto`` scorer is no problem: offline the filter chain skips it, as when
+    downloads are off (``filters.chain.can_download``), and its warning says so. A semantic model with a fallback
+    is one: the fallback scores differently from the model the thresholds were set for. Raises ``ConfigError``;
+    with ``problems``, notes each there instead. Returns the models it reported."""
     from polite.env import hub_offline
 
     if not hub_offline():
-        return
+        return []
+    reported = []
     for model in hub_models(cfg, stages):
-        if model["cached"]:
+        if model["cached"] or model.get("auto"):
             continue
-        if model.get("fallback"):
-            skip = f"; or set {model['allowed_by']}: false to use {model['fallback']} instead"
-        elif model.get("auto"):
-            skip = f"; or set {model['allowed_by']}: false, and `enabled: auto` skips it while it is missing"
-        else:
-            skip = ""
+        reported.append(model)
+        skip = f"; or set {model['allowed_by']}: false to use {model['fallback']} instead" if model.get("fallback") else ""
         with _noted(problems):
             raise ConfigError(
                 f"{model['key']}: {model['ref']} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, "
                 f"so the {model['stage']} stage cannot download it and would fail; unset HF_HUB_OFFLINE, or point "
                 f"{model['key']} at a local copy{skip}"
             )
+    return reported
 
 
 def check_source_names(

@@ -222,6 +222,23 @@ def test_chain_skips_missing_models_when_auto_and_fails_when_explicit(tmp_path):
         assert "allow_download" not in str(refused.value)
 
 
+def test_chain_knows_downloads_are_off_whatever_allow_download_says(monkeypatch):
+    """A filter deployment builds its chain without the factory's checks: with HF_HUB_OFFLINE set, an `auto`
+    scorer whose model is not cached is skipped (it was planned as downloadable, then failed in its task), and an
+    explicit one stops with a reason that does not suggest allow_download."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = {"allow_download": True, "nli": {"model": "org/nli-not-cached"}}
+    chain = build_chain(FilterSettings(**settings))
+    skipped = {s["scorer"]: s["why"] for s in chain.skipped}
+    assert "nli" in skipped and "HF_HUB_OFFLINE is set" in skipped["nli"], skipped
+    with pytest.raises(ScorerUnavailableError, match="HF_HUB_OFFLINE is set") as refused:
+        build_chain(FilterSettings(**{**settings, "nli": {"model": "org/nli-not-cached", "enabled": True}}))
+    assert "or filters.allow_download: true" not in str(refused.value)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert "nli" in build_chain(FilterSettings(**settings)).names  # online, the download is the plan
+
+
 def test_chain_enables_local_models_and_orders_them(tiny):
     cfg = {
         "nli": {"model": tiny["nli"]},
