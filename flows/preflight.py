@@ -247,11 +247,14 @@ def check_hub_offline(cfg: FactoryConfig, stages: list[str], problems: list[str]
 def check_source_names(
     cfg: FactoryConfig, ws: Workspace, stages: list[str], problems: list[str] | None = None
 ) -> None:
-    """The sources ``rewrite.sources`` and ``distort.mix[].sources`` select must be the config's own or already in
-    the lineage: a misspelt one selects no sample, and the run ends without a word about it."""
+    """The sources ``rewrite.sources``, ``rewrite.exclude_sources`` and ``distort.mix[].sources`` name must be the
+    config's own or already in the lineage: a misspelt one selects no sample, or excludes none (and the training
+    targets it was meant to keep get rewritten), and the run ends without a word about it."""
     lists = []
     if "rewrite" in stages and cfg.rewrite.sources:
         lists.append(("rewrite.sources", cfg.rewrite.sources))
+    if "rewrite" in stages and cfg.rewrite.exclude_sources:
+        lists.append(("rewrite.exclude_sources", cfg.rewrite.exclude_sources))
     if "distort" in stages:
         lists += [(f"distort.mix.{i}.sources", e.sources) for i, e in enumerate(cfg.distort.mix) if e.sources]
     if not lists:

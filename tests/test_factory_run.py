@@ -458,7 +458,8 @@ def test_a_prompt_budget_past_the_rewriters_context_is_refused_before_any_work(t
 
 
 def test_a_misspelt_source_to_select_names_the_known_ones(tmp_path, monkeypatch):
-    """rewrite.sources and distort.mix[].sources naming no source selected nothing, silently. Known: the
+    """rewrite.sources, rewrite.exclude_sources and distort.mix[].sources naming no source selected (or excluded)
+    nothing, silently. Known: the
     config's ingest sources and the sources already in the lineage."""
     from flows.factory import stages_to_run
     from flows.preflight import check_source_names
@@ -470,6 +471,8 @@ def test_a_misspelt_source_to_select_names_the_known_ones(tmp_path, monkeypatch)
     ws = tmp_path / "ws"
     for args, says in [
         (["--set", "rewrite.sources=[demoo]"], "rewrite.sources: unknown source 'demoo' (did you mean 'demo'?)"),
+        (["--set", "rewrite.exclude_sources=[demoo]"],
+         "rewrite.exclude_sources: unknown source 'demoo' (did you mean 'demo'?)"),
         (["--set", "distort.mix=[{method: augment, sources: [demoo]}]"],
          "distort.mix.0.sources: unknown source 'demoo' (did you mean 'demo'?); known: demo"),
     ]:  # fmt: skip
