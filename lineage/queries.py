@@ -31,8 +31,11 @@ _EXPLAIN_PARTS: dict[str, str] = {
     "WHERE sample_id = $id)) AS current FROM decisions d JOIN rewrites r ON r.rewrite_id = d.rewrite_id "
     "LEFT JOIN decision_settings ds ON ds.settings_hash = d.settings_hash WHERE r.sample_id = $id "
     "ORDER BY d.decided_at",
-    "exports": "SELECT e.*, ei.rewrite_id FROM export_items ei JOIN exports e USING (export_id) "
-    "WHERE ei.sample_id = $id ORDER BY e.created_at",
+    # published_by: every export run that published the folder, the ones that found it done and reused it too
+    # (export_runs); exports.run_id is only the run that wrote it
+    "exports": "SELECT e.*, ei.rewrite_id, (SELECT list(p.run_id ORDER BY p.published_at, p.run_id) "
+    "FROM export_runs p WHERE p.export_id = e.export_id AND p.run_id <> p.export_id) AS published_by "
+    "FROM export_items ei JOIN exports e USING (export_id) WHERE ei.sample_id = $id ORDER BY e.created_at",
     # every run that wrote a fact above, the filter and export runs and the rewriters' training runs included
     "runs": "WITH rw AS (SELECT rewrite_id, model_id, run_id FROM rewrites WHERE sample_id = $id) "
     "SELECT * FROM runs WHERE run_id IN ("
@@ -41,7 +44,8 @@ _EXPLAIN_PARTS: dict[str, str] = {
     "UNION SELECT created_by_run FROM models WHERE model_id IN (SELECT model_id FROM rw) "
     "UNION SELECT run_id FROM scores WHERE rewrite_id IN (SELECT rewrite_id FROM rw) "
     "UNION SELECT run_id FROM decisions WHERE rewrite_id IN (SELECT rewrite_id FROM rw) "
-    "UNION SELECT e.run_id FROM exports e JOIN export_items ei USING (export_id) WHERE ei.sample_id = $id) "
+    "UNION SELECT e.run_id FROM exports e JOIN export_items ei USING (export_id) WHERE ei.sample_id = $id "
+    "UNION SELECT p.run_id FROM export_runs p JOIN export_items ei USING (export_id) WHERE ei.sample_id = $id) "
     "ORDER BY started_at, run_id",
 }
 

@@ -503,17 +503,23 @@ def test_explain_names_every_run_model_and_image_of_a_sample(workspace):
         con.execute("UPDATE scores SET run_id = 'run_score'")
         con.execute("UPDATE decisions SET run_id = 'run_decide'")
         con.execute("UPDATE exports SET run_id = 'run_export'")
+        # a later export run found the folder done and reused it: it published the sample too
+        con.execute("INSERT INTO export_runs (run_id, export_id, published_at) SELECT run_id, export_id, "
+                    "TIMESTAMP '2024-01-01' FROM exports UNION ALL SELECT 'run_reexport', export_id, "
+                    "TIMESTAMP '2024-01-02' FROM exports")  # fmt: skip
         con.execute("INSERT INTO models (model_id, kind, created_by_run) VALUES ('m', 'rewriter', 'run_train')")
         con.execute(
             "INSERT INTO runs (run_id, flow, status, started_at) SELECT r, 'x', 'completed', "
             "TIMESTAMP '2024-01-01' + INTERVAL (i) HOUR FROM (VALUES ('run_ingest', 1), ('run_train', 2), "
-            "('run_rewrite', 3), ('run_score', 4), ('run_decide', 5), ('run_export', 6), ('run_other', 7)) t(r, i)"
+            "('run_rewrite', 3), ('run_score', 4), ('run_decide', 5), ('run_export', 6), ('run_other', 7), "
+            "('run_reexport', 8)) t(r, i)"
         )
     report = explain(store, "s_a")
     assert [(i["image_id"], i["path"]) for i in report["images"]] == [("i_b", "b.jpg"), ("i_gone", None), ("i_a", "a.jpg")]
     assert [r["run_id"] for r in report["runs"]] == [
-        "run_ingest", "run_train", "run_rewrite", "run_score", "run_decide", "run_export"
+        "run_ingest", "run_train", "run_rewrite", "run_score", "run_decide", "run_export", "run_reexport"
     ]  # fmt: skip
+    assert report["exports"] and all(e["published_by"] == ["run_export", "run_reexport"] for e in report["exports"])
     assert [m["model_id"] for m in report["models"]] == ["m"]
     assert [r["rewrite_id"] for r in report["rewrites"]] == ["r_a1", "r_a2", "r_a3"]
     # `current`: the rewrite and the decision the lineage view reads, one of each
