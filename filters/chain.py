@@ -265,7 +265,7 @@ def build_chain(settings: FilterSettings | dict | None = None, only: Iterable[st
         if flag is False or (wanted is not None and name not in wanted):
             continue
         ok, why, line = _availability(name, settings)
-        if not ok and settings.allow_download and not why.startswith("no "):
+        if not ok and settings.allow_download and not can_download(settings) and "not available locally" in why:
             why += " (filters.allow_download is true, but HF_HUB_OFFLINE is set: nothing can be downloaded)"
         if ok:
             enabled.append(name)

@@ -282,9 +282,10 @@ def _models(cfg: FactoryConfig, stages: list[str], chosen: str | None) -> list[d
     if chosen:
         out.append({"role": "rewriter", "model": chosen, "where": _rewriter_where(chosen)})
     if "filter" in stages:
+        from filters.chain import can_download
         from flows.preflight import hub_models
 
-        download = cfg.filters.allow_download
+        download = cfg.filters.allow_download  # what the config allows: `where` says if HF_HUB_OFFLINE forbids it
         hub = {m["key"]: m for m in hub_models(cfg, stages)}
         for name in ("semantic", "nli", "clipscore", "reward"):
             scorer = getattr(cfg.filters, name, None)
@@ -300,7 +301,7 @@ def _models(cfg: FactoryConfig, stages: list[str], chosen: str | None) -> list[d
                 where = _where(scorer.model, download, listed["cached"] if listed else None)
             here = where.startswith(("present", "bundled", "Hub id, in the local cache"))
             fallback = getattr(scorer, "fallback_model", None)
-            if download and not here:
+            if can_download(cfg.filters) and not here:
                 pass  # downloads allowed: neither a fallback nor `auto` steps in (the chain takes it as available)
             elif fallback and not here:
                 where += f"; else {fallback}"

@@ -165,13 +165,20 @@ def check_models(
         with _noted(problems):
             check_context(cfg, context, model)
     offline = check_hub_offline(cfg, stages, problems)
-    # what the filter stage checks first; a Hub model missing offline was named above (the chain would again)
-    if "filter" in stages and _chain_can_fail(cfg) and not any(p["stage"] == "filter" for p in offline):
+    if "filter" in stages and _chain_can_fail(cfg):  # what the filter stage checks first
         from filters.chain import build_chain
 
+        settings = cfg.filters
+        # a scorer named above (missing offline) is left out here: the chain stops on the first scorer it cannot
+        # load, so it would name that one again and hide the problems of the others
+        reported = {m["key"].split(".")[1] for m in offline if m["stage"] == "filter"}
+        if reported:
+            settings = settings.model_copy(
+                update={name: getattr(settings, name).model_copy(update={"enabled": False}) for name in reported}
+            )
         with _noted(problems):
-            chain = build_chain(cfg.filters)  # a scorer enabled without its model: ScorerUnavailableError
-            if not chain.scorers:
+            chain = build_chain(settings)  # a scorer enabled without its model: ScorerUnavailableError
+            if not chain.scorers and not reported:
                 raise ConfigError(
                     "every scorer is disabled: enable at least one under `filters:` (e.g. filters.length.enabled: true)"
                 )
@@ -221,10 +228,11 @@ def hub_models(cfg: FactoryConfig, stages: list[str]) -> list[dict]:
 def check_hub_offline(cfg: FactoryConfig, stages: list[str], problems: list[str] | None = None) -> list[dict]:
     """With ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set, a Hub model missing from the local cache cannot
     be downloaded, whatever ``allow_download`` says, and the stage that loads it would fail. Say so before any
-    stage works, naming the setting. An ``auto`` scorer is no problem: offline the filter chain skips it, as when
-    downloads are off (``filters.chain.can_download``), and its warning says so. A semantic model with a fallback
-    is one: the fallback scores differently from the model the thresholds were set for. Raises ``ConfigError``;
-    with ``problems``, notes each there instead. Returns the models it reported."""
+    stage works, naming the setting. An ``auto`` scorer is no problem: offline the filter chain does what it does
+    when downloads are off (``filters.chain.can_download``), skipping it with a warning or, for the semantic
+    scorer, using its fallback model, and the plan says which. An explicitly enabled one is, a semantic model with
+    a fallback too: the fallback scores differently from the model the thresholds were set for. Raises
+    ``ConfigError``; with ``problems``, notes each there instead. Returns the models it reported."""
     from polite.env import hub_offline
 
     if not hub_offline():

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from polite.errors import UserError
+from polite.errors import Busy, UserError
 from polite.shards import read_table
 from polite.workspace import is_local
 
@@ -43,8 +43,8 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
 UNINDEXED_TABLES = frozenset({"decisions"})
 
 
-class LineageLockedError(UserError, RuntimeError):
-    """Another process held the database for longer than the caller was willing to wait."""
+class LineageLockedError(Busy, RuntimeError):
+    """Another process held the database for longer than the caller was willing to wait: retry later (exit 75)."""
 
 
 # How long a connection waits for the file while another process has it (a flow's writer, by default).

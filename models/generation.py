@@ -168,7 +168,11 @@ def fast_decoder(
     layers) survive across shards."""
     from models.fast_decode import FastFlamingoDecoder
 
-    key = (bool(cuda_graphs), attention, int(kv_block), bool(shrink), compile_layers)
+    if compile_layers is None:  # resolved here as the decoder would, so auto and its answer share one decoder
+        import torch
+
+        compile_layers = torch.device(loaded.device).type == "cuda"
+    key = (bool(cuda_graphs), attention, int(kv_block), bool(shrink), bool(compile_layers))
     with _decoders_lock:
         per_model = _decoders.setdefault(loaded.model, {})
         if key not in per_model:
@@ -267,7 +271,11 @@ class RewriteGenerator:
         if self.decoder is not None:
             runtime["decode_attention"] = self.decoder.attention
             runtime["shrink_batches"] = self.decoder.shrink
-            runtime["compile_layers"] = self.decoder.compile_layers
+            # what ran: a compiler that failed left the layers eager (compile_error says why)
+            runtime["compile_layers"] = bool(self.decoder._compiled_parts)
+            if self.decoder.compile_error:
+                runtime["compile_error"] = self.decoder.compile_error
+            runtime["kv_block"] = self.decoder.kv_block
             runtime["cache_new_tokens"] = self.cache_new_tokens
         return runtime
 

@@ -144,6 +144,8 @@ def watch_temporary_servers() -> None:
     """Start one watcher per temporary API server of this process (once per server): when this process ends
     without stopping its server (``kill -9``), the watcher stops it. It ends when the server ends; it ignores
     Ctrl-C (the flow process stops the server itself then)."""
+    if os.name != "posix":  # the watcher's fallback polls with os.kill(pid, 0), which on Windows ends the process
+        return
     for pid, watcher in list(_watchers.items()):  # reap the watchers of servers stopped since
         if watcher.poll() is not None:
             del _watchers[pid]

@@ -20,6 +20,7 @@ done and only rewrites its dataset card (``README.md``, rendered by ``tasks/expo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -247,8 +248,10 @@ class JsonArrayFile:
         """End the array (``[]`` when empty, as json.dumps writes it) and close the file."""
         if self._handle.closed:
             return
-        self._handle.write(b"\n]" if self.n else b"[]")
-        self._handle.close()
+        try:
+            self._handle.write(b"\n]" if self.n else b"[]")
+        finally:  # a failed last write (a full disk) still lets the file go
+            self._handle.close()
 
 
 def hf_features():
@@ -397,7 +400,7 @@ def write_json_layout(selection_url: str, fmt: str, out_dir: str, images: str) -
     was read at once: the files are the same bytes, only the memory no longer grows with the selection.
     """
     arrays: dict[str, JsonArrayFile] = {}
-    n_items = n_images = 0
+    n_items, placed_images = 0, False
     try:
         if fmt == "llava":  # one file even for an empty selection (an empty array)
             arrays["llava"] = JsonArrayFile(_join(out_dir, "llava.json"))
@@ -416,14 +419,15 @@ def write_json_layout(selection_url: str, fmt: str, out_dir: str, images: str) -
                         arrays[source] = JsonArrayFile(_join(out_dir, f"{source}.json"))
                     arrays[source].extend(records)
             n_items += len(batch)
-            n_images += place_images(batch, out_dir, images)
+            placed_images = place_images(batch, out_dir, images) > 0 or placed_images
         if not n_items:  # the (empty) images folder an empty selection has always had
             place_images([], out_dir, images)
     finally:  # closed on an error too: a file closed later (on remote storage) could upload a stray one
-        for array in arrays.values():
-            array.close()
+        with contextlib.ExitStack() as closing:  # every one, even after one fails to close
+            for array in arrays.values():
+                closing.callback(array.close)
     files = [f"{name}.json" for name in sorted(arrays)]
-    return {"files": files + (["images/"] if n_images else []), "n_items": n_items}
+    return {"files": files + (["images/"] if placed_images else []), "n_items": n_items}
 
 
 def _write_card(card: str | None, out_dir: str) -> None:

@@ -152,3 +152,19 @@ def test_the_memory_a_json_layout_holds_does_not_grow_with_the_selection(tmp_pat
         written = sum(p.stat().st_size for p in out.iterdir())
         assert written > 40_000_000
         assert peak < 10_000_000, f"{fmt}: {peak / 1e6:.1f} MB of Python objects at the peak"
+
+
+def test_a_json_array_lets_its_file_go_when_its_last_write_fails(tmp_path):
+    """A full disk at the closing bracket: the error is raised, and the file is closed all the same."""
+    from tasks.export import JsonArrayFile
+
+    array = JsonArrayFile(str(tmp_path / "a.json"))
+    array.extend([{"a": 1}])
+
+    def disk_full(data):
+        raise OSError(28, "No space left on device")
+
+    array._handle.write = disk_full
+    with pytest.raises(OSError, match="No space left"):
+        array.close()
+    assert array._handle.closed

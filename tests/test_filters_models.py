@@ -237,6 +237,11 @@ def test_chain_knows_downloads_are_off_whatever_allow_download_says(monkeypatch)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     assert "nli" in build_chain(FilterSettings(**settings)).names  # online, the download is the plan
+    # online, a missing local file is only that (downloading would not help, and nothing says the hub is offline)
+    with pytest.raises(ScorerUnavailableError, match="does not exist") as refused:
+        build_chain(FilterSettings(allow_download=True,
+                                   clipscore={"enabled": True, "model_config_file": "/nonexistent/cfg.json"}))  # fmt: skip
+    assert "HF_HUB_OFFLINE" not in str(refused.value)
 
 
 def test_chain_enables_local_models_and_orders_them(tiny):

@@ -59,6 +59,15 @@ def test_an_offline_hub_makes_a_missing_hub_model_a_problem_of_the_dry_run_not_a
     )
     # an `auto` scorer is no problem: offline, the chain skips it as when downloads are off, and says so
     assert not [p for p in planned["problems"] if p.startswith("filters.reward.model")]
+    reward = next(m for m in planned["models"] if m["role"] == "filter reward")
+    assert reward["where"].endswith("cannot be downloaded; auto: skipped when not available"), reward
+    # the missing nli model does not hide another scorer's problem (the chain would stop on nli first)
+    missing = tmp_path / "no-weights.safetensors"
+    both = plan(read_config(None, [*OFFLINE_NLI[1::2], "filters.clipscore.enabled=true",
+                                   f"filters.clipscore.pretrained={missing}"], None, None, None), str(ws))  # fmt: skip
+    filters_problems = [p for p in both["problems"] if p.startswith("filters")]
+    assert len(filters_problems) == 2 and filters_problems[0].startswith("filters.nli.model:"), filters_problems
+    assert f"no weights file at {missing}" in filters_problems[1], filters_problems
 
     dry = CliRunner().invoke(app, ["run", "--dry-run", "-w", str(ws), *OFFLINE_NLI])
     assert dry.exit_code == 2, dry.output

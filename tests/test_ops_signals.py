@@ -91,6 +91,10 @@ def test_sigterm_stops_the_temporary_server_and_the_run_reads_interrupted(tmp_pa
     workspace = str(tmp_path / "ws")
     proc, servers = _held_flow(workspace, tmp_path)
     watchers = _watchers(proc.pid)
+    assert watchers  # stopped first: here the SIGTERM handler alone must stop the server, not the kill -9 guard
+    for watcher in watchers:
+        os.kill(watcher, signal.SIGKILL)
+    assert _gone_within(watchers, 10) == []
     try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == -signal.SIGTERM  # still ends as a SIGTERM'd process does

@@ -299,6 +299,12 @@ def test_compile_layers_auto_compiles_on_cuda_only(loaded):
     assert on_cpu.compile_layers is False and not on_cpu._compiled_parts  # no faster on CPU: left eager
     forced = FastFlamingoDecoder(loaded.model, cuda_graphs=False, compile_layers=compile_layers_option(True))
     assert forced.compile_layers is True and set(forced._compiled_parts) == set(LAYER_PARTS)
+    # `auto` and what it means here are one decoder per process (one KV arena, one set of graphs), not two
+    from models.generation import fast_decoder
+
+    assert fast_decoder(loaded, cuda_graphs=False, compile_layers=None) is fast_decoder(
+        loaded, cuda_graphs=False, compile_layers=False
+    )
 
 
 def test_a_failing_layer_compiler_falls_back_to_eager(loaded, images):
@@ -322,3 +328,6 @@ def test_a_failing_layer_compiler_falls_back_to_eager(loaded, images):
     assert torch.equal(tokens, expected)
     assert decoder.compile_error == "RuntimeError: inductor: no C++ compiler found"
     assert decoder._compiled_parts == {}  # not tried again for every layer and step
+    # the record says what ran: eager layers, and why
+    runtime = compiling.runtime()
+    assert runtime["compile_layers"] is False and runtime["compile_error"] == decoder.compile_error

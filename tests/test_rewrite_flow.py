@@ -89,6 +89,7 @@ def test_poisoned_sample_fails_alone_and_retry_failed_redoes_only_it(prefect_har
     assert json.loads(rows[0]["settings"])["runtime"]["compile_layers"] is False
     assert json.loads(new[0]["settings"])["runtime"]["cache_new_tokens"] == 4
     assert json.loads(rows[0]["settings"])["runtime"]["cache_new_tokens"] == 256  # the default
+    assert json.loads(rows[0]["settings"])["runtime"]["kv_block"] == 16  # the default since session 13
     untouched = {r["rewrite_id"]: r for r in rows}
     for r in after:
         if r["rewrite_id"] in untouched:

@@ -93,12 +93,11 @@ def raised_by_us(exc: BaseException) -> bool:
 
 
 def is_busy(exc: BaseException) -> bool:
-    """Another process holds what the command needs: a workspace lock (``Busy``), or the lineage database for
-    longer than the command waits (``LineageLockedError``). Retrying later is the fix, not editing anything."""
-    from lineage.store import LineageLockedError
+    """Another process holds what the command needs: a workspace lock, or the lineage database for longer than
+    the command waits (both ``Busy``). Retrying later is the fix, not editing anything."""
     from polite.errors import Busy
 
-    return isinstance(exc, Busy | LineageLockedError)
+    return isinstance(exc, Busy)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

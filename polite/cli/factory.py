@@ -112,13 +112,13 @@ def print_plan(p: dict[str, Any]) -> None:
                 for c in ("source", "adapter", "from", "split", "config", "rows", "rows_from", "shards")
             ]
         )
-    print_wide(table)
+    print_wide(table, console)
     models = Table(title="models")
     for col in ("role", "model", "where"):
         models.add_column(col)
     for m in p["models"]:
         models.add_row(m["role"], m["model"], m["where"])
-    print_wide(models)
+    print_wide(models, console)
     console.print(f"task runners: {p['runner']}", highlight=False, soft_wrap=True)
     for section, values in p["settings"].items():
         console.print(
@@ -163,14 +163,14 @@ def print_summary(result: dict[str, Any]) -> None:
     ]
     for name, ok, bad in rows:
         table.add_row(name, f"{ok:,}", str(bad))
-    print_wide(table)
+    print_wide(table, console)
     steps = funnel(store)
     ftable = Table(title="funnel")
     for col in ("step", "count", "note"):
         ftable.add_column(col)
     for s in steps:
         ftable.add_row(s["step"], f"{s['count']:,}", s["note"])
-    print_wide(ftable)
+    print_wide(ftable, console)
     console.rule("[bold]before / after[/]")
     for card in sample_cards(store, 3):
         verdict = "[green]kept[/]" if card["kept"] else f"[yellow]{card['decision_reason'] or 'dropped'}[/]"
