@@ -248,6 +248,7 @@ def export_flow(
     """Export the kept rewrites (or a ``where`` selection over the lineage view) and write the report.
     ``dedupe`` (none, exact, response) replaces ``export.dedupe``: which duplicate items to drop."""
     import tasks.export as texport
+    import tasks.export_hub as export_hub
     from tasks.export_card import card_facts, dataset_card
     from tasks.export_dedupe import deduped_selection_sql, drop_duplicates, repeat_warning
     from tasks.report import write_report
@@ -258,7 +259,7 @@ def export_flow(
         db_path = Workspace.resolve(workspace or cfg.workspace).db_path
         LineageStore(db_path).check_predicate(settings.where, "lineage", "export.where (--where)")
     if settings.push_to_hub:  # before the run is recorded and anything is written
-        texport.check_hub_push(settings.push_to_hub)
+        export_hub.check_hub_push(settings.push_to_hub)
     base_sql = selection_sql(settings.where)  # what runs: one row per selected sample
     sql = deduped_selection_sql(base_sql, settings.dedupe)  # what is recorded and hashed: the items exported
     shard_bytes = texport.SHARD_BYTES  # read now: part of the parquet export id
@@ -330,7 +331,7 @@ def export_flow(
         run.summary.update({"n_items": selection.num_rows, "formats": sorted(exports), "report": report_path})
         hub_url = None
         if settings.push_to_hub:
-            hub_url = texport.push_folder_to_hub(exports["parquet"]["path"], settings.push_to_hub, settings.private)
+            hub_url = export_hub.push_folder_to_hub(exports["parquet"]["path"], settings.push_to_hub, settings.private)
             log.info("pushed %s to %s", exports["parquet"]["path"], hub_url)
         return {
             "run_id": run.run_id,

@@ -432,7 +432,7 @@ def test_a_bad_where_stops_the_export_before_any_work(workspace, prefect_harness
 
 def test_push_uploads_the_folder_with_its_card(workspace, prefect_harness, monkeypatch):
     """The Hub client's two calls, against a local fake (no network here)."""
-    import tasks.export as texport
+    import tasks.export_hub as export_hub
     from flows.export import export_flow
 
     calls = []
@@ -444,10 +444,10 @@ def test_push_uploads_the_folder_with_its_card(workspace, prefect_harness, monke
         def upload_folder(self, **kw):
             calls.append(("upload_folder", kw, sorted(p.name for p in Path(kw["folder_path"]).rglob("*"))))
 
-    real = texport.push_folder_to_hub
-    monkeypatch.setattr(texport, "check_hub_push", lambda repo_id: None)  # offline here, and no token
+    real = export_hub.push_folder_to_hub
+    monkeypatch.setattr(export_hub, "check_hub_push", lambda repo_id: None)  # offline here, and no token
     monkeypatch.setattr(
-        texport,
+        export_hub,
         "push_folder_to_hub",
         lambda folder, repo, private=True: real(folder, repo, private, FakeHub()),
     )

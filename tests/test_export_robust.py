@@ -120,7 +120,7 @@ def test_push_checks_run_before_anything_is_written(workspace, prefect_harness, 
 
     from flows.export import export_flow
     from polite.cli import app
-    from tasks.export import HubPushError
+    from tasks.export_hub import HubPushError
 
     store = populate(workspace)
     with pytest.raises(HubPushError, match="not a Hub repo id"):
@@ -129,7 +129,8 @@ def test_push_checks_run_before_anything_is_written(workspace, prefect_harness, 
         export_flow(config=QUIET, workspace=workspace.root, formats=["pf1m"], push_to_hub="notarepo")
     cli = CliRunner().invoke(app, ["export", "-w", workspace.root, "--push-to-hub", "me/polite"])
     assert cli.exit_code == 2 and "HF_HUB_OFFLINE is set" in cli.output and "Traceback" not in cli.output
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # read when the push is checked, not when huggingface_hub was imported
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(HubPushError, match="no Hugging Face token"):
         export_flow(config=QUIET, workspace=workspace.root, formats=["pf1m"], push_to_hub="me/polite")
@@ -140,9 +141,9 @@ def test_push_checks_run_before_anything_is_written(workspace, prefect_harness, 
 def test_a_failed_push_is_one_line_saying_the_export_is_written(workspace, prefect_harness, monkeypatch):
     from huggingface_hub.errors import HfHubHTTPError
 
-    import tasks.export as texport
+    import tasks.export_hub as export_hub
     from flows.export import export_flow
-    from tasks.export import HubPushError
+    from tasks.export_hub import HubPushError
 
     class OfflineHub:
         def create_repo(self, **kw):
@@ -153,9 +154,9 @@ def test_a_failed_push_is_one_line_saying_the_export_is_written(workspace, prefe
         def create_repo(self, **kw):
             raise HfHubHTTPError.__bases__[0]("[Errno 111] Connection refused")
 
-    monkeypatch.setattr(texport, "check_hub_push", lambda repo_id: None)
-    real = texport.push_folder_to_hub
-    monkeypatch.setattr(texport, "push_folder_to_hub", lambda f, repo, private=True: real(f, repo, private, OfflineHub()))
+    monkeypatch.setattr(export_hub, "check_hub_push", lambda repo_id: None)
+    real = export_hub.push_folder_to_hub
+    monkeypatch.setattr(export_hub, "push_folder_to_hub", lambda f, repo, private=True: real(f, repo, private, OfflineHub()))
     populate(workspace)
     with pytest.raises(HubPushError) as failed:
         export_flow(config=QUIET, workspace=workspace.root, formats=["pf1m"], push_to_hub="me/polite")
