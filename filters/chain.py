@@ -272,12 +272,14 @@ def build_chain(settings: FilterSettings | dict | None = None, only: Iterable[st
         elif flag == "auto":
             skipped.append({"scorer": name, "why": why, "enable_with": line})
         else:
-            # downloading helps only a Hub id: a path that is not there is a path to fix
+            # downloading helps only a Hub id (a path that is not there is a path to fix), and only online
             local = why.startswith("no ")
+            from polite.env import hub_offline
+
+            no_download = local or settings.allow_download or hub_offline() or name == "clipscore" and "pip" in line
             raise ScorerUnavailableError(
                 f"filters.{name} is enabled but {why}; set `{line}`"
-                + ("" if local or settings.allow_download or name == "clipscore" and "pip" in line
-                   else " or filters.allow_download: true")
+                + ("" if no_download else " or filters.allow_download: true")
                 + f", or `filters.{name}.enabled: auto` to skip it when missing"
             )
     spec = {"settings": settings.model_dump(mode="json"), "enabled": enabled}

@@ -6,6 +6,7 @@ shard's result files into DuckDB as it completes (the flow process is the only w
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -53,8 +54,11 @@ quiet_user_errors()
 stop_servers_on_sigterm()
 
 
+@functools.cache
 def code_version() -> str:
-    """The git SHA of this checkout when there is one, else the package version."""
+    """The git SHA of this checkout when there is one, else the package version. Read once per process, at its
+    first stage: a commit made while a factory run works must not relabel its later stages, whose code was
+    imported before it."""
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(

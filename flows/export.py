@@ -96,7 +96,7 @@ def run_checks(
         con.register("selection", selection)
         n_items = selection.num_rows
         if n_items < checks.min_items:
-            failed.append(f"min_items: {n_items} items selected, need at least {checks.min_items}")
+            failed.append(f"min_items: {n_items} items to export, need at least {checks.min_items}")
         if checks.min_keep_rate is not None:
             decided, kept = con.execute(
                 "SELECT count(*), count(*) FILTER (WHERE kept) FROM lineage WHERE kept IS NOT NULL"
@@ -274,6 +274,10 @@ def export_flow(
         notes: dict[str, str] = {}
         located = ws.locate_paths(selection, "image_paths")  # the writers read the images: where they are now
         failures = run_checks(store, selection, settings.checks, notes) + file_checks(located, settings)
+        if duplicates.dropped:  # the checks saw the items left after dedupe: say so, or "43 items" reads wrong
+            failures = [f"{line} (after export.dedupe: {settings.dedupe} dropped {duplicates.dropped:,} of "
+                        f"{duplicates.selected:,} selected)" if line.startswith("min_items") else line
+                        for line in failures]  # fmt: skip
         digest = content_digest(selection)
 
         def report(prefix: str) -> str | None:

@@ -201,3 +201,14 @@ def test_the_recorded_sql_without_dedupe_is_the_selection_itself():
         assert wrapped.startswith("SELECT * FROM (\n" + sql.strip()) and "QUALIFY row_number()" in wrapped
     assert "image_paths, instruction" in deduped_selection_sql(sql, "exact")
     assert "image_paths" not in deduped_selection_sql(sql, "response").split("QUALIFY")[1]
+
+
+def test_a_held_export_says_dedupe_left_it_short(workspace, prefect_harness):
+    """`min_items` counts the items left to export: after dedupe, the line says how many it dropped of how many."""
+    from flows.export import ExportCheckFailed, export_flow
+
+    populate_with_duplicates(workspace)
+    config = {"export": {"report": "none", "checks": {"min_items": 3}}}
+    with pytest.raises(ExportCheckFailed, match=r"min_items: 2 items to export, need at least 3 "
+                                                r"\(after export.dedupe: response dropped 3 of 5 selected\)"):  # fmt: skip
+        export_flow(config=config, workspace=workspace.root, formats=["pf1m"], dedupe="response")

@@ -489,4 +489,4 @@ def test_polite_export_command(workspace, prefect_harness):
         {"format": "llava", "n_items": 5}
     ]
     held = CliRunner().invoke(app, ["export", "-w", workspace.root, "--where", "kept AND source = 'none'"])
-    assert held.exit_code == 2 and "min_items: 0 items selected" in held.output  # a red line, not a traceback
+    assert held.exit_code == 2 and "min_items: 0 items to export" in held.output  # a red line, not a traceback

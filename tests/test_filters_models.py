@@ -205,14 +205,21 @@ def test_clipscore_per_paragraph_removal_and_bad_image_isolation(tiny):
     assert keep_paragraphs(text, scores, 1000.0) == ("", [0, 1, 2])
 
 
-def test_chain_skips_missing_models_when_auto_and_fails_when_explicit(tmp_path):
+def test_chain_skips_missing_models_when_auto_and_fails_when_explicit(tmp_path, monkeypatch):
     chain = build_chain(FilterSettings())
     assert chain.names == ["rouge", "length", "unchanged", "repetition", "truncated", "answer", "semantic"]
     skipped = {s["scorer"]: s for s in chain.skipped}
     assert set(skipped) == {"nli", "clipscore", "reward"}
     assert skipped["nli"]["enable_with"].startswith("filters.nli.model:")
-    with pytest.raises(ScorerUnavailableError, match="filters.reward.model.* or filters.allow_download: true"):
+    # offline (as the tests run), downloading is no advice; online it is one
+    with pytest.raises(ScorerUnavailableError, match="filters.reward.model") as refused:
         build_chain(FilterSettings(reward={"enabled": True, "model": "org/not-here"}))
+    assert "allow_download" not in str(refused.value)
+    with monkeypatch.context() as online:
+        online.delenv("HF_HUB_OFFLINE")
+        online.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        with pytest.raises(ScorerUnavailableError, match="filters.reward.model.* or filters.allow_download: true"):
+            build_chain(FilterSettings(reward={"enabled": True, "model": "org/not-here"}))
     # a local path that is not there is named as such, and downloading is no fix for it
     for settings, says in (({"reward": {"enabled": True, "model": str(tmp_path / "rm")}}, f"no model folder at {tmp_path}/rm"),
                            ({"clipscore": {"enabled": True, "pretrained": str(tmp_path / "w.safetensors")}},

@@ -282,6 +282,10 @@ def test_a_dry_run_counts_what_a_killed_run_left_as_done_and_names_a_running_rew
 
     planned = dry_run()
     assert "rewrite (first): 0 samples in 0 shards" in planned and "1 result files a killed run left" in planned
+    # a misspelt source stops the real command, so the dry run says so instead of planning 0 samples
+    typo = CliRunner().invoke(app, ["rewrite", "--dry-run", "--workspace", workspace.root, *sets,
+                                    "--set", "rewrite.exclude_sources=[sorce]"])  # fmt: skip
+    assert typo.exit_code == 2 and "rewrite.exclude_sources: unknown source 'sorce'" in typo.output, typo.output
     holder = hold_rewrite_lock(workspace, model_id)
     try:
         assert f"now: a rewrite with model {model_id}" in dry_run() and f"(pid {holder.pid} on" in dry_run()

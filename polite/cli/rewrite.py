@@ -116,6 +116,7 @@ def _dry_run(config: dict[str, Any], workspace: str | None, model: str | None, m
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from flows.preflight import check_source_names
     from flows.rewrite import check_rewrite_lock, orphan_results, pending_work, results_folder
     from lineage.store import LineageStore
     from polite.config import parse_config
@@ -126,6 +127,7 @@ def _dry_run(config: dict[str, Any], workspace: str | None, model: str | None, m
     cfg = parse_config(config)
     ws = Workspace.resolve(workspace or cfg.workspace)
     rs = cfg.rewrite
+    check_source_names(cfg, ws, ["rewrite"])  # a typo stops the real command: the dry run says so too
     key, path = _key(cfg, ws.root, model or rs.model)
     store = LineageStore(ws.db_path)
     try:
