@@ -45,7 +45,7 @@ def card_facts(
         "n_items": selection.num_rows,
         "n_not_kept": not_kept,
         "sources": sources,
-        "funnel": funnel(store),
+        "funnel": funnel(store, selection.num_rows),
         "thresholds": [(t, n) for t, n in thresholds],
         "models": models,
         "settings": [(s, p, n) for s, p, n in settings],

@@ -21,8 +21,10 @@ from polite.workspace import Workspace
 INFO_SCORERS = ("reward_raw", "rouge", "rouge_l")  # recorded for reference; a gate only when set as one
 
 
-def funnel(store: LineageStore) -> list[dict[str, Any]]:
-    """Counts left after each step: samples, rewritten, each filter in chain order, kept, exported."""
+def funnel(store: LineageStore, exporting: int | None = None, note: str = "in this export") -> list[dict[str, Any]]:
+    """Counts left after each step: samples, rewritten, each filter in chain order, kept, exported.
+    ``exporting``: the items of the export the funnel is shown for (after its dedupe), described by ``note``;
+    None: the kept samples that are in an export, for a report of the workspace alone."""
     with store.reader() as con:
         scored = {r[0] for r in con.execute("SELECT DISTINCT scorer FROM scores").fetchall()}
         dropping = {r[0] for r in con.execute("SELECT DISTINCT dropped_by FROM lineage WHERE dropped_by IS NOT NULL").fetchall()}
@@ -62,7 +64,10 @@ def funnel(store: LineageStore) -> list[dict[str, Any]]:
         left -= dropped
         steps.append({"step": f"passed {scorer}", "count": left, "note": f"-{dropped}"})
     steps.append({"step": "kept", "count": n_kept, "note": ""})
-    steps.append({"step": "exported", "count": n_exported, "note": "in the latest export"})
+    if exporting is None:
+        steps.append({"step": "exported", "count": n_exported, "note": "in the latest export"})
+    else:
+        steps.append({"step": "exported", "count": exporting, "note": note})
     return steps
 
 
@@ -201,12 +206,16 @@ def _thumbnail(path: str) -> bytes | None:
     return buf.getvalue()
 
 
-def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
+def sample_cards(store: LineageStore, n: int, exporting: pa.Table | None = None) -> list[dict[str, Any]]:
     """``n`` rewritten samples (before/after): kept ones first, one per distinct raw annotation, taken in turn
-    from each source and task type, in a stable order."""
+    from each source and task type, in a stable order. ``exporting`` (a table with ``sample_id``): the kept
+    cards come from the items of that export only (an item its dedupe dropped is not shown as published)."""
     if n <= 0:
         return []
     with store.reader() as con:
+        con.register("exporting", exporting.select(["sample_id"]) if exporting is not None else
+                     pa.table({"sample_id": pa.array([], pa.string())}))  # fmt: skip
+        only_exported = exporting is not None
         return (
             con.sql(
                 """WITH candidates AS (
@@ -215,6 +224,7 @@ def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
                    (SELECT i.path FROM images i WHERE i.image_id = l.images[1]) AS image_path,
                    coalesce(l.kept, false) AS is_kept, hash(l.sample_id) AS h
                 FROM lineage l WHERE l.rewrite_status = 'ok'
+                  AND (NOT $only OR NOT coalesce(l.kept, false) OR l.sample_id IN (SELECT sample_id FROM exporting))
                 QUALIFY row_number() OVER (PARTITION BY l.raw_response ORDER BY coalesce(l.kept, false) DESC,
                                            hash(l.sample_id)) = 1
             ), ranked AS (
@@ -223,7 +233,7 @@ def sample_cards(store: LineageStore, n: int) -> list[dict[str, Any]]:
             SELECT sample_id, source, task_type, instruction, raw_response, rewrite, reward, raw_reward, kept,
                    decision_reason, image_path
             FROM ranked ORDER BY is_kept DESC, rn, source, task_type LIMIT $n""",
-                params={"n": n},
+                params={"n": n, "only": only_exported},
             )
             .to_arrow_table()
             .to_pylist()
@@ -256,9 +266,9 @@ def write_report(
 ) -> str:
     """Write the report (``report.md`` or ``report.html`` + PNGs) into ``folder``; returns its URL. Image paths
     stored relative to ``workspace`` (polite/workspace.py) are read from it."""
-    steps = funnel(store)
+    steps = funnel(store, None if selection is None else selection.num_rows)
     sources = per_source(store)
-    cards = sample_cards(store, n_cards)
+    cards = sample_cards(store, n_cards, selection)
     pictures: dict[str, bytes | None] = {
         "funnel.png": plot_funnel(steps),
         "scores.png": plot_histograms(_score_table(store)),

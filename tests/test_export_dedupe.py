@@ -212,3 +212,18 @@ def test_a_held_export_says_dedupe_left_it_short(workspace, prefect_harness):
     with pytest.raises(ExportCheckFailed, match=r"min_items: 2 items to export, need at least 3 "
                                                 r"\(after export.dedupe: response dropped 3 of 5 selected\)"):  # fmt: skip
         export_flow(config=config, workspace=workspace.root, formats=["pf1m"], dedupe="response")
+
+
+def test_the_report_of_a_deduped_export_counts_and_shows_its_items(workspace, prefect_harness):
+    """The report is written for this export: its funnel's `exported` is the items left after dedupe, and a
+    kept sample card is one of those items (not one the dedupe dropped)."""
+    from flows.export import export_flow
+
+    populate_with_duplicates(workspace)
+    out = export_flow(config={"export": {"report": "markdown", "sample_cards": 10}}, workspace=workspace.root,
+                      formats=["pf1m"], dedupe="response")  # fmt: skip
+    text = Path(out["report"]).read_text()
+    assert f"| exported | {out['n_items']} | in this export |" in text, text
+    exported = set(_items(out))
+    shown_kept = {line.split()[1] for line in text.splitlines() if line.startswith("### ") and "; kept)" in line}
+    assert shown_kept and shown_kept <= exported, (shown_kept, exported)

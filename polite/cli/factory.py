@@ -147,7 +147,10 @@ def print_summary(result: dict[str, Any]) -> None:
                 (SELECT count(*) FROM scores),
                 (SELECT count(*) FILTER (WHERE kept) FROM latest_decisions),
                 (SELECT count(*) FILTER (WHERE NOT kept) FROM latest_decisions),
-                (SELECT count(*) FROM export_items)"""
+                -- the items the latest export run published (every format holds the same items), not every
+                -- export ever made here: a rerun with other settings would add its items to the old ones
+                (SELECT count(DISTINCT ei.sample_id) FROM export_items ei JOIN export_runs p USING (export_id)
+                 WHERE p.run_id = (SELECT run_id FROM export_runs ORDER BY published_at DESC, run_id DESC LIMIT 1))"""
         ).fetchall()[0]
     table = Table(title="counts per stage")
     for col in ("stage", "ok", "failed / dropped"):
@@ -159,12 +162,12 @@ def print_summary(result: dict[str, Any]) -> None:
         ("rewrite: rewrites", counts[5], counts[6]),
         ("filter: scores", counts[7], ""),
         ("filter: decisions kept", counts[8], counts[9]),
-        ("export: items (all formats)", counts[10], ""),
+        ("export: items (latest export run)", counts[10], ""),
     ]
     for name, ok, bad in rows:
         table.add_row(name, f"{ok:,}", str(bad))
     print_wide(table, console)
-    steps = funnel(store)
+    steps = funnel(store, counts[10], "in the latest export run")
     ftable = Table(title="funnel")
     for col in ("step", "count", "note"):
         ftable.add_column(col)
