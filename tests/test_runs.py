@@ -259,3 +259,13 @@ def test_a_run_stopped_by_ctrl_c_is_recorded_interrupted_not_failed(workspace):
     row = _runs(workspace)[stopped.run_id]
     assert row["status"] == "interrupted" and row["finished_at"] is not None
     assert row["error"] == "KeyboardInterrupt: stopped (Ctrl-C or a termination signal)"
+
+
+def test_a_run_s_short_settings_show_beside_its_counts():
+    """Two export runs that differ only in `dedupe` looked the same in `polite runs`: short strings show, long
+    ones (ids, hashes, paths) stay in SQL."""
+    from polite.cli.lineage import compact_summary
+
+    summary = {"dedupe": "response", "n_items": 43, "settings_hash": "f" * 16, "report": "reports/export-1/r.md",
+               "ok": True, "skipped": "filters.enabled is false", "seconds": 1.23456}  # fmt: skip
+    assert compact_summary(summary) == "dedupe=response, n_items=43, seconds=1.235"

@@ -72,14 +72,24 @@ def csv_ready(arrow_table):
     return pa.Table.from_arrays(columns, names=arrow_table.column_names)
 
 
+# A summary's string shorter than this is a setting worth a glance (dedupe=response, mode=retry); longer ones
+# are ids, hashes, paths and messages, which stay in SQL
+SHORT_SETTING = 13
+
+
+def _shown(value) -> bool:
+    if isinstance(value, str):
+        return 0 < len(value) < SHORT_SETTING and "/" not in value
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def compact_summary(summary, width: int = 90) -> str:
-    """The numeric counts of a run's summary; paths, hashes and nested detail (funnels) stay in SQL."""
+    """The counts of a run's summary and its short settings; paths, hashes and nested detail (funnels) stay in
+    SQL."""
     if not isinstance(summary, dict):
         return "" if summary is None else str(summary)[:width]
     text = ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in summary.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items() if _shown(v)
     )
     return text if len(text) <= width else text[: width - 1] + "…"
 
