@@ -77,9 +77,10 @@ def csv_ready(arrow_table):
 SHORT_SETTING = 13
 
 
-def _shown(value) -> bool:
-    if isinstance(value, str):
-        return 0 < len(value) < SHORT_SETTING and "/" not in value
+def _shown(key: str, value) -> bool:
+    if isinstance(value, str):  # not an id, a hash or a path, however short
+        named = key.endswith(("id", "hash", "path", "url"))
+        return 0 < len(value) < SHORT_SETTING and "/" not in value and not named
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -89,7 +90,7 @@ def compact_summary(summary, width: int = 90) -> str:
     if not isinstance(summary, dict):
         return "" if summary is None else str(summary)[:width]
     text = ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items() if _shown(v)
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items() if _shown(k, v)
     )
     return text if len(text) <= width else text[: width - 1] + "…"
 
