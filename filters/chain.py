@@ -249,9 +249,12 @@ def build_chain(settings: FilterSettings | dict | None = None, only: Iterable[st
     line that enables them); an explicit ``enabled: true`` with a missing model fails here, before any work."""
     if not isinstance(settings, FilterSettings):
         settings = FilterSettings.model_validate(settings or {})
+    from polite.env import hub_offline
+
     wanted = set(only) if only is not None else None
     enabled: list[str] = []
     skipped: list[dict[str, str]] = []
+    offline = hub_offline()  # downloads are off whatever the config allows: no advice to allow them either
     for name in CHAIN_ORDER:
         if name == "reward_raw":
             if (
@@ -265,7 +268,7 @@ def build_chain(settings: FilterSettings | dict | None = None, only: Iterable[st
         if flag is False or (wanted is not None and name not in wanted):
             continue
         ok, why, line = _availability(name, settings)
-        if not ok and settings.allow_download and not can_download(settings) and "not available locally" in why:
+        if not ok and settings.allow_download and offline and "not available locally" in why:
             why += " (filters.allow_download is true, but HF_HUB_OFFLINE is set: nothing can be downloaded)"
         if ok:
             enabled.append(name)
@@ -274,9 +277,7 @@ def build_chain(settings: FilterSettings | dict | None = None, only: Iterable[st
         else:
             # downloading helps only a Hub id (a path that is not there is a path to fix), and only online
             local = why.startswith("no ")
-            from polite.env import hub_offline
-
-            no_download = local or settings.allow_download or hub_offline() or name == "clipscore" and "pip" in line
+            no_download = local or settings.allow_download or offline or name == "clipscore" and "pip" in line
             raise ScorerUnavailableError(
                 f"filters.{name} is enabled but {why}; set `{line}`"
                 + ("" if no_download else " or filters.allow_download: true")
